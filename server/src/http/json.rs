@@ -1,0 +1,27 @@
+//! A JSON body extractor whose every rejection is an OpenAI-shaped error.
+use super::AppState;
+use crate::error::ApiError;
+use crate::validation::parse_json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        // Content-Type is not required: `curl -d` sends form encoding by default.
+        let body = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge { limit: state.max_body_bytes }
+            } else {
+                ApiError::invalid(format!("Could not read the request body: {}", rejection.body_text()))
+            }
+        })?;
+        parse_json(&body).map(ApiJson)
+    }
+}

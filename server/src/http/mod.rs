@@ -1,0 +1,178 @@
+//! The HTTP edge: router, shared state and middleware (request ids, tracing, metrics,
+//! readiness, API keys). Handlers live in one module per API.
+mod chat;
+mod completions;
+mod embeddings;
+mod generate;
+mod json;
+mod ops;
+
+use crate::admission::Admission;
+use crate::chat_template::ChatTemplate;
+use crate::engine::Health;
+use crate::engine::embedding::EmbeddingEngine;
+use crate::engine::generation::GenerationEngine;
+use crate::error::ApiError;
+use crate::metrics::{Metrics, RouteCode};
+use crate::model::ModelInfo;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub enum Engine {
+    Generation(GenerationEngine),
+    Embedding(EmbeddingEngine),
+}
+
+impl Engine {
+    pub fn health(&self) -> &Health {
+        match self {
+            Self::Generation(e) => e.health(),
+            Self::Embedding(e) => e.health(),
+        }
+    }
+}
+
+pub struct AppState {
+    pub model_name: String,
+    /// Unix time the model was loaded: `created` in `/v1/models`.
+    pub created: u64,
+    pub info: ModelInfo,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    pub engine: Engine,
+    pub admission: Admission,
+    pub metrics: Arc<Metrics>,
+    pub draining: AtomicBool,
+    /// Accepted bearer tokens; empty means the API is open.
+    pub api_keys: Vec<String>,
+    pub max_input_tokens: usize,
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    pub fn is_ready(&self) -> bool {
+        self.engine.health().is_alive() && !self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// When the request arrived, for durations that end with a stream's last event.
+#[derive(Clone, Copy)]
+pub struct RequestStart(pub Instant);
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(ops::models))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                    let request_id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+                }))
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+        .with_state(state)
+}
+
+/// Counts every response by route and code, and times those that are not streams
+/// (streams record their duration when they end).
+async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    req.extensions_mut().insert(RequestStart(start));
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let response = next.run(req).await;
+    let is_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !is_stream {
+        state.metrics.observe_duration(&route, start.elapsed().as_secs_f64());
+    }
+    state
+        .metrics
+        .requests
+        .get_or_create(&RouteCode { route, code: response.status().as_u16() })
+        .inc();
+    response
+}
+
+/// The API is served only while ready, and only to holders of a key when keys are set.
+async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Result<Response, ApiError> {
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable("The server is shutting down"));
+    }
+    if !state.engine.health().is_alive() {
+        return Err(ApiError::Unavailable("The model worker has stopped"));
+    }
+    check_api_key(&state.api_keys, req.headers())?;
+    Ok(next.run(req).await)
+}
+
+fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized("Missing API key: send `Authorization: Bearer KEY`"))?;
+    // Compare every byte of every key so timing does not reveal a matching prefix.
+    let matches = keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), presented.as_bytes()));
+    if matches { Ok(()) } else { Err(ApiError::Unauthorized("Invalid API key")) }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Runs tokenizer or template work on the blocking pool, off tokio's worker threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+    tokenizer
+        .encode_fast(text, add_special_tokens)
+        .map(|enc| enc.get_ids().to_vec())
+        .map_err(|e| ApiError::invalid(format!("Could not tokenize the input: {e}")))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

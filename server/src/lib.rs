@@ -1,0 +1,23 @@
+//! kandle-server: an OpenAI-compatible inference server over candle models.
+//!
+//! Layers, each in its own module: `http` (router, API types, middleware), `validation`
+//! (requests to typed work), `engine` (the threads that run models: a batching embedder and
+//! a step-interleaving generator), `model` (loading and running model families), and the
+//! small pieces they share (`admission`, `metrics`, `error`).
+// Unsafe only where candle requires it to memory-map weights (see `model::weights`).
+#![deny(unsafe_code)]
+
+pub mod admission;
+pub mod api;
+pub mod chat_template;
+pub mod cli;
+pub mod detokenize;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod model;
+pub mod sampling;
+pub mod serve;
+pub mod validation;

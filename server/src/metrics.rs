@@ -1,0 +1,103 @@
+//! Prometheus metrics with stable names: the operator's autoscaler reads
+//! `kandle_requests_in_flight` and `kandle_requests_queued`.
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteCode {
+    pub route: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Route {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+    pub task: String,
+    pub dtype: String,
+    pub device: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_in_flight: Gauge,
+    pub requests_queued: Gauge,
+    pub requests: Family<RouteCode, Counter>,
+    pub request_duration: Family<Route, Histogram>,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub tokens_generated: Counter,
+    pub prompt_tokens: Counter,
+    pub batch_size: Histogram,
+    pub model_load_seconds: Gauge<f64, AtomicU64>,
+    pub model_info: Family<ModelLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kandle");
+        let requests_in_flight = Gauge::default();
+        let requests_queued = Gauge::default();
+        let requests = Family::<RouteCode, Counter>::default();
+        let request_duration =
+            Family::<Route, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)));
+        let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let inter_token_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let tokens_generated = Counter::default();
+        let prompt_tokens = Counter::default();
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        let model_load_seconds = Gauge::<f64, AtomicU64>::default();
+        let model_info = Family::<ModelLabels, Gauge>::default();
+
+        registry.register("requests_in_flight", "Requests being executed", requests_in_flight.clone());
+        registry.register("requests_queued", "Admitted requests waiting to execute", requests_queued.clone());
+        registry.register("requests", "HTTP requests by route and status code", requests.clone());
+        registry.register("request_duration_seconds", "HTTP request duration, streams until their last event", request_duration.clone());
+        registry.register("time_to_first_token_seconds", "Time from queueing to the first generated token", time_to_first_token.clone());
+        registry.register("inter_token_latency_seconds", "Time between generated tokens of one sequence", inter_token_latency.clone());
+        registry.register("tokens_generated", "Tokens generated", tokens_generated.clone());
+        registry.register("prompt_tokens", "Prompt tokens processed", prompt_tokens.clone());
+        registry.register("batch_size", "Sequences per embedding batch", batch_size.clone());
+        registry.register("model_load_seconds", "Time taken to load and warm the model", model_load_seconds.clone());
+        registry.register("model_info", "The served model (value is always 1)", model_info.clone());
+        Self {
+            registry,
+            requests_in_flight,
+            requests_queued,
+            requests,
+            request_duration,
+            time_to_first_token,
+            inter_token_latency,
+            tokens_generated,
+            prompt_tokens,
+            batch_size,
+            model_load_seconds,
+            model_info,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+
+    pub fn observe_duration(&self, route: &str, seconds: f64) {
+        self.request_duration.get_or_create(&Route { route: route.to_string() }).observe(seconds);
+    }
+}

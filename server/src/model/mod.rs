@@ -1,0 +1,185 @@
+//! Model loading: find what a folder holds, load it with candle, and describe it.
+//!
+//! Families: Llama safetensors (`llama`), Llama GGUF (`gguf`), BERT embeddings (`bert`).
+pub mod bert;
+pub mod causal;
+pub mod gguf;
+pub mod llama;
+pub mod weights;
+
+use crate::chat_template::ChatTemplate;
+use crate::cli::{DeviceArg, DtypeArg, TaskArg};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model path {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading weights: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("chat template: {0}")]
+    Template(#[from] minijinja::Error),
+    #[error("this build has no CUDA support; rebuild with `--features cuda`")]
+    NoCuda,
+}
+
+impl LoadError {
+    pub fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Chat,
+    Completion,
+    Embedding,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completion => "completion",
+            Self::Embedding => "embedding",
+        }
+    }
+}
+
+impl From<TaskArg> for Task {
+    fn from(t: TaskArg) -> Self {
+        match t {
+            TaskArg::Chat => Self::Chat,
+            TaskArg::Completion => Self::Completion,
+            TaskArg::Embedding => Self::Embedding,
+        }
+    }
+}
+
+/// What the HTTP layer needs to know of the loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub task: Task,
+    pub dtype: String,
+    pub device: String,
+    /// Most tokens a sequence may hold (prompt plus completion).
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// Tokens that end a generation.
+    pub eos_token_ids: Vec<u32>,
+}
+
+pub enum Backend {
+    Generator(causal::CausalLm),
+    Embedder(bert::Embedder),
+}
+
+pub struct LoadedModel {
+    pub info: ModelInfo,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub backend: Backend,
+}
+
+pub struct LoadOptions {
+    pub path: PathBuf,
+    pub task: Option<TaskArg>,
+    pub dtype: DtypeArg,
+    pub device: DeviceArg,
+}
+
+pub fn device(arg: DeviceArg) -> Result<Device, LoadError> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda if !candle_core::utils::cuda_is_available() => Err(LoadError::NoCuda),
+        DeviceArg::Cuda => Ok(Device::new_cuda(0)?),
+    }
+}
+
+/// `auto` keeps full precision on CPU, where candle's f32 kernels are the fast ones.
+pub fn dtype(arg: DtypeArg, device: &Device) -> DType {
+    match arg {
+        DtypeArg::Auto if device.is_cpu() => DType::F32,
+        DtypeArg::Auto => DType::BF16,
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Bf16 => DType::BF16,
+    }
+}
+
+/// Loads whatever the path holds: a GGUF file, a folder with one, or a safetensors folder.
+pub fn load(opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let path = &opts.path;
+    if !path.exists() {
+        return Err(LoadError::Missing(path.clone()));
+    }
+    let device = device(opts.device)?;
+    let task = opts.task.map(Task::from);
+    if let Some(file) = gguf::find_gguf(path)? {
+        return gguf::load(&file, task, &device);
+    }
+    let config = weights::read_json(&path.join("config.json"))?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let dtype = dtype(opts.dtype, &device);
+    match model_type {
+        "bert" => bert::load(path, &config, task, dtype, &device),
+        "llama" => llama::load(path, &config, task, dtype, &device),
+        other => Err(LoadError::invalid(
+            &path.join("config.json"),
+            format!("model_type `{other}` is not supported (supported: llama, bert)"),
+        )),
+    }
+}
+
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|e| LoadError::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    // Lengths are checked and batches padded by the server, never silently by the tokenizer.
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| LoadError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok(tokenizer)
+}
+
+/// A generation task: chat when the model ships a chat template, else plain completion.
+fn generation_task(asked: Option<Task>, template: &Option<ChatTemplate>, path: &Path) -> Result<Task, LoadError> {
+    match (asked, template) {
+        (Some(Task::Embedding), _) => Err(LoadError::invalid(path, "a generative model cannot serve the embedding task")),
+        (Some(Task::Chat), None) => Err(LoadError::invalid(path, "the chat task needs a chat template, and this model has none")),
+        (Some(t), _) => Ok(t),
+        (None, Some(_)) => Ok(Task::Chat),
+        (None, None) => Ok(Task::Completion),
+    }
+}
+
+fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
+}
+
+fn device_name(device: &Device) -> String {
+    if device.is_cuda() { "cuda" } else { "cpu" }.to_string()
+}

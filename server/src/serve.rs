@@ -1,0 +1,168 @@
+//! `kandle-server serve`: load, warm, bind, serve, and drain on SIGTERM.
+use crate::admission::Admission;
+use crate::cli::ServeArgs;
+use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
+use crate::engine::generation::{Event, GenerationEngine, GenerationJob};
+use crate::http::{AppState, Engine, router};
+use crate::metrics::{Metrics, ModelLabels};
+use crate::model::{self, Backend, LoadOptions};
+use crate::validation::SamplingParams;
+use anyhow::{Context, bail};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let api_keys = match &args.api_key_file {
+        Some(path) => read_api_keys(path)?,
+        None => Vec::new(),
+    };
+    let opts = LoadOptions {
+        path: args.model.clone(),
+        task: args.task,
+        dtype: args.dtype,
+        device: args.device,
+    };
+    tracing::info!(model = %args.model.display(), "loading model");
+    let loaded = tokio::task::spawn_blocking(move || model::load(&opts))
+        .await?
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let info = loaded.info.clone();
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| default_name(&args.model));
+    let max_input_tokens = match args.max_input_tokens {
+        Some(n) if n > info.context_length => {
+            bail!("--max-input-tokens {n} exceeds the model's context of {} tokens", info.context_length)
+        }
+        Some(n) => n,
+        None => info.context_length,
+    };
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let engine = match loaded.backend {
+        Backend::Generator(lm) => Engine::Generation(GenerationEngine::start(
+            lm,
+            tokenizer.clone(),
+            info.eos_token_ids.clone(),
+            metrics.clone(),
+        )),
+        Backend::Embedder(embedder) => Engine::Embedding(EmbeddingEngine::start(
+            embedder,
+            BatchLimits { max_batch_size: args.max_batch_size.max(1), max_batch_tokens: args.max_batch_tokens.max(1) },
+            metrics.clone(),
+        )),
+    };
+    warm_up(&engine).await.context("warming up the model")?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    metrics.model_load_seconds.set(load_seconds);
+    metrics
+        .model_info
+        .get_or_create(&ModelLabels {
+            model: model_name.clone(),
+            task: info.task.as_str().into(),
+            dtype: info.dtype.clone(),
+            device: info.device.clone(),
+        })
+        .set(1);
+    tracing::info!(
+        model = %model_name, task = info.task.as_str(), dtype = %info.dtype, device = %info.device,
+        context_length = info.context_length, load_seconds, "model ready"
+    );
+
+    let state = Arc::new(AppState {
+        model_name,
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        info,
+        tokenizer,
+        chat_template: loaded.chat_template.map(Arc::new),
+        engine,
+        admission: Admission::new(args.max_concurrent_requests, args.max_queue, metrics.clone()),
+        metrics,
+        draining: AtomicBool::new(false),
+        api_keys,
+        max_input_tokens,
+        max_body_bytes: args.max_body_bytes,
+    });
+    let listener = TcpListener::bind((args.host, args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
+    let drained = drain_on_signal(state.clone(), grace);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(drained)
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One real pass through the model so the first client does not pay for lazy setup.
+async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
+    match engine {
+        Engine::Embedding(e) => {
+            e.embed(vec![0, 1]).await?;
+        }
+        Engine::Generation(g) => {
+            let mut events = g.submit(GenerationJob {
+                prompt: vec![0, 1],
+                sampling: SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0, presence_penalty: 0.0, frequency_penalty: 0.0 },
+                max_new_tokens: 1,
+                stop: Vec::new(),
+                span: tracing::Span::none(),
+            })?;
+            while let Some(event) = events.recv().await {
+                match event {
+                    Event::Failed(e) => return Err(e.into()),
+                    Event::Done { .. } => break,
+                    Event::Text(_) => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resolves once a SIGTERM (or Ctrl-C) arrived and the requests in flight finished or the
+/// grace period ran out. Meanwhile `/readyz` and the API answer 503, so the Service stops
+/// routing here while streams already running complete.
+async fn drain_on_signal(state: Arc<AppState>, grace: Duration) {
+    shutdown_signal().await;
+    state.draining.store(true, Ordering::Release);
+    tracing::info!(grace_seconds = grace.as_secs(), "draining: refusing new requests");
+    let deadline = Instant::now() + grace;
+    while !state.admission.is_idle() {
+        if Instant::now() >= deadline {
+            tracing::warn!("grace period over with requests still in flight; stopping");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!("drained");
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn read_api_keys(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading API key file {}", path.display()))?;
+    let keys: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if keys.is_empty() {
+        bail!("API key file {} holds no key", path.display());
+    }
+    Ok(keys)
+}
+
+/// The folder's (or file's) name, the id users know the model by.
+fn default_name(path: &std::path::Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}

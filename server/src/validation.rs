@@ -1,0 +1,437 @@
+//! Requests to typed work: every check a request must pass before it reaches a model,
+//! each failing with a 400 that names the field and the limit.
+use crate::api::{
+    ChatMessage, EmbeddingInput, MessageContent, Prompt, SamplingFields, StringOrList,
+};
+use crate::error::ApiError;
+use serde::de::DeserializeOwned;
+
+/// OpenAI allows at most four stop sequences.
+const MAX_STOP_SEQUENCES: usize = 4;
+/// OpenAI's limit on inputs in one embeddings request.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// Parses a JSON body, naming the offending field on failure.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() || path == "." {
+            ApiError::invalid(format!("Invalid JSON body: {inner}"))
+        } else {
+            ApiError::invalid_param(&path, format!("Invalid value for `{path}`: {inner}"))
+        }
+    })
+}
+
+/// The one model this server serves; any other id is a 404 as in OpenAI.
+pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
+    if requested == served {
+        Ok(())
+    } else {
+        Err(ApiError::ModelNotFound(requested.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub sampling: SamplingParams,
+    /// None: up to the end of the context.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn in_range(param: &str, value: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+    match value {
+        Some(v) if !(lo..=hi).contains(&v) || v.is_nan() => Err(ApiError::invalid_param(
+            param,
+            format!("`{param}` must be between {lo} and {hi}, got {v}"),
+        )),
+        v => Ok(v),
+    }
+}
+
+pub fn generation_params(f: SamplingFields) -> Result<GenerationParams, ApiError> {
+    let temperature = in_range("temperature", f.temperature, 0.0, 2.0)?.unwrap_or(1.0);
+    let top_p = match in_range("top_p", f.top_p, 0.0, 1.0)? {
+        Some(p) if p == 0.0 => {
+            return Err(ApiError::invalid_param(
+                "top_p",
+                "`top_p` must be greater than 0",
+            ));
+        }
+        Some(p) if p < 1.0 => Some(p),
+        _ => None,
+    };
+    let top_k = match f.top_k {
+        Some(k) if k < 0 => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("`top_k` must be 0 (disabled) or positive, got {k}"),
+            ));
+        }
+        Some(k) if k > 0 => Some(k as usize),
+        _ => None,
+    };
+    let presence_penalty = in_range("presence_penalty", f.presence_penalty, -2.0, 2.0)?;
+    let frequency_penalty = in_range("frequency_penalty", f.frequency_penalty, -2.0, 2.0)?;
+    let max_tokens = match f.max_completion_tokens.or(f.max_tokens) {
+        Some(m) if m < 1 => {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                format!("`max_tokens` must be at least 1, got {m}"),
+            ));
+        }
+        m => m.map(|m| m as usize),
+    };
+    if let Some(n) = f.n
+        && n != 1
+    {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("`n` must be 1 (one choice per request), got {n}"),
+        ));
+    }
+    if matches!(f.logprobs, Some(serde_json::Value::Bool(true)))
+        || matches!(f.logprobs, Some(serde_json::Value::Number(_)))
+    {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "`logprobs` is not supported",
+        ));
+    }
+    let stop = f.stop.map(StringOrList::into_vec).unwrap_or_default();
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("At most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}", stop.len()),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_param("stop", "Stop sequences must not be empty"));
+    }
+    let seed = match f.seed {
+        Some(s) => s as u64,
+        None => rand::random(),
+    };
+    Ok(GenerationParams {
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            presence_penalty: presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: frequency_penalty.unwrap_or(0.0) as f32,
+        },
+        max_tokens,
+        stop,
+        include_usage: f.stream && f.stream_options.is_some_and(|o| o.include_usage),
+        stream: f.stream,
+    })
+}
+
+/// A chat message as the chat template sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TemplateMessage {
+    pub role: String,
+    pub content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+pub fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<TemplateMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let param = format!("messages[{i}]");
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid_param(
+                    &format!("{param}.role"),
+                    format!("Unknown role `{}`; expected one of {}", m.role, ROLES.join(", ")),
+                ));
+            }
+            let content = match m.content {
+                Some(MessageContent::Text(t)) => t,
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid_param(
+                                    &format!("{param}.content"),
+                                    format!("Content parts of type `{kind}` are not supported; send text"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+                None if m.role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::invalid_param(
+                        &format!("{param}.content"),
+                        format!("`{param}.content` is required"),
+                    ));
+                }
+            };
+            Ok(TemplateMessage {
+                role: m.role,
+                content,
+                name: m.name,
+            })
+        })
+        .collect()
+}
+
+/// A prompt that still needs tokenizing, or one already given as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+pub fn completion_prompt(prompt: Prompt) -> Result<PromptInput, ApiError> {
+    let mut inputs = prompt_inputs("prompt", prompt_to_inputs(prompt))?;
+    if inputs.len() != 1 {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!("One prompt per request is supported, got {}", inputs.len()),
+        ));
+    }
+    Ok(inputs.remove(0))
+}
+
+fn prompt_to_inputs(prompt: Prompt) -> Vec<PromptInput> {
+    match prompt {
+        Prompt::Text(t) => vec![PromptInput::Text(t)],
+        Prompt::Texts(ts) => ts.into_iter().map(PromptInput::Text).collect(),
+        Prompt::Tokens(ids) => vec![PromptInput::Tokens(ids)],
+        Prompt::TokenLists(ls) => ls.into_iter().map(PromptInput::Tokens).collect(),
+    }
+}
+
+pub fn embedding_inputs(input: EmbeddingInput) -> Result<Vec<PromptInput>, ApiError> {
+    let inputs = match input {
+        EmbeddingInput::Text(t) => vec![PromptInput::Text(t)],
+        EmbeddingInput::Texts(ts) => ts.into_iter().map(PromptInput::Text).collect(),
+        EmbeddingInput::Tokens(ids) => vec![PromptInput::Tokens(ids)],
+        EmbeddingInput::TokenLists(ls) => ls.into_iter().map(PromptInput::Tokens).collect(),
+    };
+    if inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(ApiError::invalid_param(
+            "input",
+            format!("At most {MAX_EMBEDDING_INPUTS} inputs per request, got {}", inputs.len()),
+        ));
+    }
+    prompt_inputs("input", inputs)
+}
+
+fn prompt_inputs(param: &str, inputs: Vec<PromptInput>) -> Result<Vec<PromptInput>, ApiError> {
+    if inputs.is_empty() {
+        return Err(ApiError::invalid_param(param, format!("`{param}` must not be empty")));
+    }
+    for (i, input) in inputs.iter().enumerate() {
+        let empty = match input {
+            PromptInput::Text(t) => t.is_empty(),
+            PromptInput::Tokens(ids) => ids.is_empty(),
+        };
+        if empty {
+            return Err(ApiError::invalid_param(
+                &format!("{param}[{i}]"),
+                format!("`{param}` must not contain empty entries"),
+            ));
+        }
+    }
+    Ok(inputs)
+}
+
+/// Checks token ids given by the client against the vocabulary.
+pub fn check_token_ids(param: &str, ids: &[u32], vocab_size: usize) -> Result<(), ApiError> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(ApiError::invalid_param(
+            param,
+            format!("Token id {id} is out of range; the vocabulary has {vocab_size} tokens"),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub fn check_input_len(prompt_tokens: usize, max_input_tokens: usize) -> Result<(), ApiError> {
+    if prompt_tokens > max_input_tokens {
+        return Err(ApiError::invalid(format!(
+            "The input has {prompt_tokens} tokens, more than this model's limit of \
+             {max_input_tokens} input tokens"
+        )));
+    }
+    Ok(())
+}
+
+/// The number of tokens a generation may produce: what was asked, within the context.
+pub fn completion_budget(
+    prompt_tokens: usize,
+    max_tokens: Option<usize>,
+    context_length: usize,
+) -> Result<usize, ApiError> {
+    let room = context_length.saturating_sub(prompt_tokens);
+    match max_tokens {
+        Some(m) if m > room => Err(ApiError::invalid_param(
+            "max_tokens",
+            format!(
+                "This model's context length is {context_length} tokens; the prompt has \
+                 {prompt_tokens} and max_tokens asks for {m} more"
+            ),
+        )),
+        Some(m) => Ok(m),
+        None if room == 0 => Err(ApiError::invalid(format!(
+            "The prompt's {prompt_tokens} tokens fill this model's context of {context_length}"
+        ))),
+        None => Ok(room),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
+    use proptest::prelude::*;
+
+    fn chat(body: &str) -> Result<GenerationParams, ApiError> {
+        let req: ChatCompletionRequest = parse_json(body.as_bytes())?;
+        chat_messages(req.messages)?;
+        generation_params(req.sampling)
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let p = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(p.sampling.temperature, 1.0);
+        assert_eq!(p.sampling.top_p, None);
+        assert_eq!(p.max_tokens, None);
+        assert!(!p.stream && !p.include_usage);
+    }
+
+    #[test]
+    fn rejects_bad_sampling_values_naming_the_field() {
+        for (body, param) in [
+            (r#""temperature":-1"#, "temperature"),
+            (r#""temperature":2.5"#, "temperature"),
+            (r#""top_p":0"#, "top_p"),
+            (r#""top_p":1.5"#, "top_p"),
+            (r#""top_k":-3"#, "top_k"),
+            (r#""max_tokens":0"#, "max_tokens"),
+            (r#""n":2"#, "n"),
+            (r#""presence_penalty":3"#, "presence_penalty"),
+            (r#""stop":["a","b","c","d","e"]"#, "stop"),
+            (r#""temperature":"hot""#, "temperature"),
+        ] {
+            let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{body}}}"#);
+            match chat(&body) {
+                Err(ApiError::InvalidRequest { param: Some(p), .. }) => assert_eq!(p, param, "{body}"),
+                other => panic!("{body}: expected a 400 naming {param}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_empty_and_malformed_messages() {
+        assert!(chat(r#"{"model":"m","messages":[]}"#).is_err());
+        assert!(chat(r#"{"model":"m"}"#).is_err());
+        assert!(chat(r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#).is_err());
+        assert!(chat(r#"{"model":"m","messages":[{"role":"user"}]}"#).is_err());
+        assert!(chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#).is_err());
+        assert!(chat("{not json").is_err());
+    }
+
+    #[test]
+    fn text_parts_are_joined() {
+        let req: ChatCompletionRequest = parse_json(
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(chat_messages(req.messages).unwrap()[0].content, "ab");
+    }
+
+    #[test]
+    fn budget_respects_context() {
+        assert_eq!(completion_budget(10, Some(5), 100).unwrap(), 5);
+        assert_eq!(completion_budget(10, None, 100).unwrap(), 90);
+        assert!(completion_budget(10, Some(91), 100).is_err());
+        assert!(completion_budget(100, None, 100).is_err());
+        assert!(check_input_len(513, 512).unwrap_err().to_string().contains("512"));
+    }
+
+    #[test]
+    fn embedding_inputs_in_every_form() {
+        let parse = |b: &str| {
+            let r: EmbeddingRequest = parse_json(b.as_bytes())?;
+            embedding_inputs(r.input)
+        };
+        assert_eq!(parse(r#"{"model":"m","input":"a"}"#).unwrap().len(), 1);
+        assert_eq!(parse(r#"{"model":"m","input":["a","b"]}"#).unwrap().len(), 2);
+        assert_eq!(parse(r#"{"model":"m","input":[1,2,3]}"#).unwrap(), vec![PromptInput::Tokens(vec![1, 2, 3])]);
+        assert_eq!(parse(r#"{"model":"m","input":[[1],[2]]}"#).unwrap().len(), 2);
+        assert!(parse(r#"{"model":"m","input":""}"#).is_err());
+        assert!(parse(r#"{"model":"m","input":[]}"#).is_err());
+        assert!(parse(r#"{"model":"m","input":["a",""]}"#).is_err());
+        assert!(parse(r#"{"model":"m","input":7}"#).is_err());
+    }
+
+    proptest! {
+        // Whatever bytes arrive, parsing and validation answer Ok or a 400, and never panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(req) = parse_json::<ChatCompletionRequest>(&body) {
+                let _ = chat_messages(req.messages);
+                let _ = generation_params(req.sampling);
+            }
+            if let Ok(req) = parse_json::<CompletionRequest>(&body) {
+                let _ = completion_prompt(req.prompt);
+            }
+            if let Err(e) = parse_json::<EmbeddingRequest>(&body) {
+                prop_assert_eq!(e.status().as_u16(), 400);
+            }
+        }
+
+        // Structured but hostile JSON: random values in every sampling field.
+        #[test]
+        fn arbitrary_sampling_values_are_validated(
+            t in any::<f64>(), p in any::<f64>(), k in any::<i64>(), m in any::<i64>(), n in any::<i64>()
+        ) {
+            let body = serde_json::json!({
+                "model": "m", "messages": [{"role": "user", "content": "x"}],
+                "temperature": t, "top_p": p, "top_k": k, "max_tokens": m, "n": n,
+            });
+            match chat(&body.to_string()) {
+                Ok(params) => {
+                    prop_assert!((0.0..=2.0).contains(&params.sampling.temperature));
+                    prop_assert!(params.max_tokens.is_none_or(|m| m >= 1));
+                }
+                Err(e) => prop_assert_eq!(e.status().as_u16(), 400),
+            }
+        }
+    }
+}
