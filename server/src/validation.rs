@@ -13,12 +13,20 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
 /// Parses a JSON body, naming the offending field on failure.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        if inner.is_syntax() || inner.is_eof() || path == "." {
-            ApiError::invalid(format!("Invalid JSON body: {inner}"))
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("Invalid JSON body: {e}")))?;
+    serde_path_to_error::deserialize(&value).map_err(|err| {
+        let mut path = err.path().to_string();
+        let mut inner = err.into_inner().to_string();
+        // serde loses the path inside `#[serde(flatten)]`: look for the field there.
+        if path == "."
+            && let Err(flat) = serde_path_to_error::deserialize::<_, SamplingFields>(&value)
+        {
+            path = flat.path().to_string();
+            inner = flat.into_inner().to_string();
+        }
+        if path == "." {
+            ApiError::invalid(format!("Invalid request: {inner}"))
         } else {
             ApiError::invalid_param(&path, format!("Invalid value for `{path}`: {inner}"))
         }

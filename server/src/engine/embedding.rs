@@ -135,6 +135,13 @@ mod tests {
         let (engine, _) = engine(8, 1000);
         assert!(engine.health().is_alive());
         assert!(matches!(engine.embed(vec![666]).await, Err(EngineError::WorkerDead)));
+        // The reply is dropped while the thread unwinds, a moment before the flag clears.
+        for _ in 0..100 {
+            if !engine.health().is_alive() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         assert!(!engine.health().is_alive());
         let err: crate::error::ApiError = engine.embed(vec![1]).await.unwrap_err().into();
         assert_eq!(err.status().as_u16(), 503);
