@@ -46,10 +46,19 @@ impl Admission {
     }
 
     pub async fn admit(&self) -> Result<Permit, ApiError> {
-        let slot = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded)?;
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)?;
         self.metrics.requests_queued.inc();
         let queued = Queued(&self.metrics);
-        let running = self.running.clone().acquire_owned().await.expect("semaphore never closed");
+        let running = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         drop(queued);
         self.metrics.requests_in_flight.inc();
         Ok(Permit {
@@ -85,7 +94,13 @@ mod tests {
         assert_eq!(refused.status().as_u16(), 429);
         drop(first);
         waiting.await.unwrap().unwrap();
-        assert_eq!((metrics.requests_in_flight.get(), metrics.requests_queued.get()), (0, 0));
+        assert_eq!(
+            (
+                metrics.requests_in_flight.get(),
+                metrics.requests_queued.get()
+            ),
+            (0, 0)
+        );
         assert!(admission.is_idle());
     }
 }

@@ -15,15 +15,22 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, minijinja::Error> {
+    pub fn new(
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<Self, minijinja::Error> {
         let mut env = Environment::new();
         // transformers renders with these settings; templates are written for them.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_function("strftime_now", |format: String| {
             // No chrono dependency for one date: templates use it to print today's date.
             let days = std::time::SystemTime::now()
@@ -51,10 +58,12 @@ impl ChatTemplate {
     ) -> Result<Option<Self>, LoadError> {
         let jinja = dir.join("chat_template.jinja");
         let source = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|source| LoadError::Io {
-                path: jinja.clone(),
-                source,
-            })?)
+            Some(
+                std::fs::read_to_string(&jinja).map_err(|source| LoadError::Io {
+                    path: jinja.clone(),
+                    source,
+                })?,
+            )
         } else {
             match tokenizer_config.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -69,12 +78,21 @@ impl ChatTemplate {
         let legacy = dir.join("chat_template.json");
         let source = match (source, read_optional_json(&legacy)?) {
             (Some(s), _) => Some(s),
-            (None, Some(v)) => v.get("chat_template").and_then(|s| s.as_str()).map(String::from),
+            (None, Some(v)) => v
+                .get("chat_template")
+                .and_then(|s| s.as_str())
+                .map(String::from),
             (None, None) => None,
         };
-        let Some(source) = source else { return Ok(None) };
+        let Some(source) = source else {
+            return Ok(None);
+        };
         let token = |key| Self::special_token(tokenizer_config, key).unwrap_or_default();
-        Ok(Some(Self::new(source, token("bos_token"), token("eos_token"))?))
+        Ok(Some(Self::new(
+            source,
+            token("bos_token"),
+            token("eos_token"),
+        )?))
     }
 
     /// A special token from tokenizer_config.json: a string or `{"content": ...}`.
@@ -88,7 +106,10 @@ impl ChatTemplate {
     /// Renders the conversation with the assistant's turn opened. A template that refuses
     /// the conversation (`raise_exception`) is the client's error, a 400.
     pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, ApiError> {
-        let template = self.env.get_template(NAME).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let template = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         template
             .render(context! {
                 messages => messages,
@@ -99,7 +120,10 @@ impl ChatTemplate {
             .map_err(|e| match e.kind() {
                 ErrorKind::InvalidOperation => ApiError::invalid_param(
                     "messages",
-                    format!("The model's chat template rejected the messages: {}", e.detail().unwrap_or_default()),
+                    format!(
+                        "The model's chat template rejected the messages: {}",
+                        e.detail().unwrap_or_default()
+                    ),
                 ),
                 _ => ApiError::Internal(format!("chat template failed: {e}")),
             })
@@ -126,14 +150,21 @@ mod tests {
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'].strip() + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn msg(role: &str, content: &str) -> TemplateMessage {
-        TemplateMessage { role: role.into(), content: content.into(), name: None }
+        TemplateMessage {
+            role: role.into(),
+            content: content.into(),
+            name: None,
+        }
     }
 
     #[test]
     fn renders_chatml_with_python_string_methods() {
         let t = ChatTemplate::new(CHATML.into(), "<s>".into(), "</s>".into()).unwrap();
         let out = t.render(&[msg("user", "  hi  ")]).unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

@@ -4,7 +4,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "kandle-server", version, about = "OpenAI-compatible inference server")]
+#[command(
+    name = "kandle-server",
+    version,
+    about = "OpenAI-compatible inference server"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

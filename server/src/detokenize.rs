@@ -45,7 +45,9 @@ impl<'a> TextStream<'a> {
         let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
         let full = self.decode(&self.tokens[self.prefix_offset..])?;
         let new_text = match full.get(prefix.len()..) {
-            Some(rest) if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') => rest.to_string(),
+            Some(rest) if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') => {
+                rest.to_string()
+            }
             _ => return Ok(Delta::Text(String::new())),
         };
         self.prefix_offset = self.read_offset;
@@ -55,7 +57,12 @@ impl<'a> TextStream<'a> {
 
     fn filter_stops(&mut self, new_text: String) -> Delta {
         self.held.push_str(&new_text);
-        if let Some(at) = self.stop.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.held.truncate(at);
             return Delta::Stopped(std::mem::take(&mut self.held));
         }
@@ -63,7 +70,11 @@ impl<'a> TextStream<'a> {
         let keep = self
             .stop
             .iter()
-            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
             .filter(|p| self.held.ends_with(p))
             .map(str::len)
             .max()
@@ -88,7 +99,11 @@ mod tests {
             .into_iter()
             .map(|(t, i)| (t.to_string(), i))
             .collect();
-        let model = WordLevel::builder().vocab(vocab).unk_token("<unk>".into()).build().unwrap();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("<unk>".into())
+            .build()
+            .unwrap();
         Tokenizer::new(model)
     }
 

@@ -54,8 +54,9 @@ impl Metrics {
         let requests_in_flight = Gauge::default();
         let requests_queued = Gauge::default();
         let requests = Family::<RouteCode, Counter>::default();
-        let request_duration =
-            Family::<Route, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)));
+        let request_duration = Family::<Route, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
         let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let inter_token_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let tokens_generated = Counter::default();
@@ -64,17 +65,61 @@ impl Metrics {
         let model_load_seconds = Gauge::<f64, AtomicU64>::default();
         let model_info = Family::<ModelLabels, Gauge>::default();
 
-        registry.register("requests_in_flight", "Requests being executed", requests_in_flight.clone());
-        registry.register("requests_queued", "Admitted requests waiting to execute", requests_queued.clone());
-        registry.register("requests", "HTTP requests by route and status code", requests.clone());
-        registry.register("request_duration_seconds", "HTTP request duration, streams until their last event", request_duration.clone());
-        registry.register("time_to_first_token_seconds", "Time from queueing to the first generated token", time_to_first_token.clone());
-        registry.register("inter_token_latency_seconds", "Time between generated tokens of one sequence", inter_token_latency.clone());
-        registry.register("tokens_generated", "Tokens generated", tokens_generated.clone());
-        registry.register("prompt_tokens", "Prompt tokens processed", prompt_tokens.clone());
-        registry.register("batch_size", "Sequences per embedding batch", batch_size.clone());
-        registry.register("model_load_seconds", "Time taken to load and warm the model", model_load_seconds.clone());
-        registry.register("model_info", "The served model (value is always 1)", model_info.clone());
+        registry.register(
+            "requests_in_flight",
+            "Requests being executed",
+            requests_in_flight.clone(),
+        );
+        registry.register(
+            "requests_queued",
+            "Admitted requests waiting to execute",
+            requests_queued.clone(),
+        );
+        registry.register(
+            "requests",
+            "HTTP requests by route and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "HTTP request duration, streams until their last event",
+            request_duration.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time from queueing to the first generated token",
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "inter_token_latency_seconds",
+            "Time between generated tokens of one sequence",
+            inter_token_latency.clone(),
+        );
+        registry.register(
+            "tokens_generated",
+            "Tokens generated",
+            tokens_generated.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Sequences per embedding batch",
+            batch_size.clone(),
+        );
+        registry.register(
+            "model_load_seconds",
+            "Time taken to load and warm the model",
+            model_load_seconds.clone(),
+        );
+        registry.register(
+            "model_info",
+            "The served model (value is always 1)",
+            model_info.clone(),
+        );
         Self {
             registry,
             requests_in_flight,
@@ -93,11 +138,16 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 
     pub fn observe_duration(&self, route: &str, seconds: f64) {
-        self.request_duration.get_or_create(&Route { route: route.to_string() }).observe(seconds);
+        self.request_duration
+            .get_or_create(&Route {
+                route: route.to_string(),
+            })
+            .observe(seconds);
     }
 }

@@ -34,7 +34,9 @@ impl Sampler {
 
     /// Picks the next token from last-position logits and remembers it for the penalties.
     pub fn sample(&mut self, logits: &Tensor) -> candle_core::Result<u32> {
-        let token = if self.counts.is_empty() || (self.presence_penalty == 0.0 && self.frequency_penalty == 0.0) {
+        let token = if self.counts.is_empty()
+            || (self.presence_penalty == 0.0 && self.frequency_penalty == 0.0)
+        {
             self.processor.sample(logits)?
         } else {
             let mut values = logits.to_vec1::<f32>()?;
@@ -43,7 +45,8 @@ impl Sampler {
                     *v -= self.presence_penalty + self.frequency_penalty * count as f32;
                 }
             }
-            self.processor.sample(&Tensor::new(values, logits.device())?)?
+            self.processor
+                .sample(&Tensor::new(values, logits.device())?)?
         };
         *self.counts.entry(token).or_default() += 1;
         Ok(token)
@@ -56,7 +59,14 @@ mod tests {
     use candle_core::Device;
 
     fn params(temperature: f64, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_p: None, top_k: None, seed, presence_penalty: 0.0, frequency_penalty: 0.0 }
+        SamplingParams {
+            temperature,
+            top_p: None,
+            top_k: None,
+            seed,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
     }
 
     #[test]
@@ -71,7 +81,9 @@ mod tests {
         let logits = Tensor::new(&[1.0f32, 1.1, 0.9, 1.05], &Device::Cpu).unwrap();
         let run = |seed| {
             let mut s = Sampler::new(&params(1.0, seed));
-            (0..32).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -80,7 +92,10 @@ mod tests {
     #[test]
     fn frequency_penalty_moves_greedy_off_a_repeated_token() {
         let logits = Tensor::new(&[2.0f32, 1.5], &Device::Cpu).unwrap();
-        let mut s = Sampler::new(&SamplingParams { frequency_penalty: 1.0, ..params(0.0, 1) });
+        let mut s = Sampler::new(&SamplingParams {
+            frequency_penalty: 1.0,
+            ..params(0.0, 1)
+        });
         assert_eq!(s.sample(&logits).unwrap(), 0);
         assert_eq!(s.sample(&logits).unwrap(), 1);
     }

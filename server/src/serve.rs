@@ -31,10 +31,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("loading {}", args.model.display()))?;
     let info = loaded.info.clone();
-    let model_name = args.served_model_name.clone().unwrap_or_else(|| default_name(&args.model));
+    let model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_name(&args.model));
     let max_input_tokens = match args.max_input_tokens {
         Some(n) if n > info.context_length => {
-            bail!("--max-input-tokens {n} exceeds the model's context of {} tokens", info.context_length)
+            bail!(
+                "--max-input-tokens {n} exceeds the model's context of {} tokens",
+                info.context_length
+            )
         }
         Some(n) => n,
         None => info.context_length,
@@ -49,7 +55,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )),
         Backend::Embedder(embedder) => Engine::Embedding(EmbeddingEngine::start(
             embedder,
-            BatchLimits { max_batch_size: args.max_batch_size.max(1), max_batch_tokens: args.max_batch_tokens.max(1) },
+            BatchLimits {
+                max_batch_size: args.max_batch_size.max(1),
+                max_batch_tokens: args.max_batch_tokens.max(1),
+            },
             metrics.clone(),
         )),
     };
@@ -72,12 +81,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let state = Arc::new(AppState {
         model_name,
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
         info,
         tokenizer,
         chat_template: loaded.chat_template.map(Arc::new),
         engine,
-        admission: Admission::new(args.max_concurrent_requests, args.max_queue, metrics.clone()),
+        admission: Admission::new(
+            args.max_concurrent_requests,
+            args.max_queue,
+            metrics.clone(),
+        ),
         metrics,
         draining: AtomicBool::new(false),
         api_keys,
@@ -106,7 +121,7 @@ async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
         Engine::Generation(g) => {
             let mut events = g.submit(GenerationJob {
                 prompt: vec![0, 1],
-                sampling: SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0, presence_penalty: 0.0, frequency_penalty: 0.0 },
+                sampling: SamplingParams::greedy(),
                 max_new_tokens: 1,
                 stop: Vec::new(),
                 span: tracing::Span::none(),
@@ -129,7 +144,10 @@ async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
 async fn drain_on_signal(state: Arc<AppState>, grace: Duration) {
     shutdown_signal().await;
     state.draining.store(true, Ordering::Release);
-    tracing::info!(grace_seconds = grace.as_secs(), "draining: refusing new requests");
+    tracing::info!(
+        grace_seconds = grace.as_secs(),
+        "draining: refusing new requests"
+    );
     let deadline = Instant::now() + grace;
     while !state.admission.is_idle() {
         if Instant::now() >= deadline {
@@ -145,7 +163,8 @@ async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
@@ -153,8 +172,14 @@ async fn shutdown_signal() {
 }
 
 fn read_api_keys(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading API key file {}", path.display()))?;
-    let keys: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading API key file {}", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     if keys.is_empty() {
         bail!("API key file {} holds no key", path.display());
     }
@@ -164,5 +189,6 @@ fn read_api_keys(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
 /// The folder's (or file's) name, the id users know the model by.
 fn default_name(path: &std::path::Path) -> String {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    path.file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
 }

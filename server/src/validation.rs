@@ -13,8 +13,8 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
 /// Parses a JSON body, naming the offending field on failure.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("Invalid JSON body: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("Invalid JSON body: {e}")))?;
     serde_path_to_error::deserialize(&value).map_err(|err| {
         let mut path = err.path().to_string();
         let mut inner = err.into_inner().to_string();
@@ -53,6 +53,20 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
 }
 
+impl SamplingParams {
+    /// Deterministic argmax decoding with no penalties.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
     pub sampling: SamplingParams,
@@ -76,7 +90,7 @@ fn in_range(param: &str, value: Option<f64>, lo: f64, hi: f64) -> Result<Option<
 pub fn generation_params(f: SamplingFields) -> Result<GenerationParams, ApiError> {
     let temperature = in_range("temperature", f.temperature, 0.0, 2.0)?.unwrap_or(1.0);
     let top_p = match in_range("top_p", f.top_p, 0.0, 1.0)? {
-        Some(p) if p == 0.0 => {
+        Some(0.0) => {
             return Err(ApiError::invalid_param(
                 "top_p",
                 "`top_p` must be greater than 0",
@@ -126,11 +140,17 @@ pub fn generation_params(f: SamplingFields) -> Result<GenerationParams, ApiError
     if stop.len() > MAX_STOP_SEQUENCES {
         return Err(ApiError::invalid_param(
             "stop",
-            format!("At most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}", stop.len()),
+            format!(
+                "At most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}",
+                stop.len()
+            ),
         ));
     }
     if stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid_param("stop", "Stop sequences must not be empty"));
+        return Err(ApiError::invalid_param(
+            "stop",
+            "Stop sequences must not be empty",
+        ));
     }
     let seed = match f.seed {
         Some(s) => s as u64,
@@ -252,7 +272,10 @@ pub fn embedding_inputs(input: EmbeddingInput) -> Result<Vec<PromptInput>, ApiEr
     if inputs.len() > MAX_EMBEDDING_INPUTS {
         return Err(ApiError::invalid_param(
             "input",
-            format!("At most {MAX_EMBEDDING_INPUTS} inputs per request, got {}", inputs.len()),
+            format!(
+                "At most {MAX_EMBEDDING_INPUTS} inputs per request, got {}",
+                inputs.len()
+            ),
         ));
     }
     prompt_inputs("input", inputs)
@@ -260,7 +283,10 @@ pub fn embedding_inputs(input: EmbeddingInput) -> Result<Vec<PromptInput>, ApiEr
 
 fn prompt_inputs(param: &str, inputs: Vec<PromptInput>) -> Result<Vec<PromptInput>, ApiError> {
     if inputs.is_empty() {
-        return Err(ApiError::invalid_param(param, format!("`{param}` must not be empty")));
+        return Err(ApiError::invalid_param(
+            param,
+            format!("`{param}` must not be empty"),
+        ));
     }
     for (i, input) in inputs.iter().enumerate() {
         let empty = match input {
@@ -356,9 +382,12 @@ mod tests {
             (r#""stop":["a","b","c","d","e"]"#, "stop"),
             (r#""temperature":"hot""#, "temperature"),
         ] {
-            let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{body}}}"#);
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{body}}}"#);
             match chat(&body) {
-                Err(ApiError::InvalidRequest { param: Some(p), .. }) => assert_eq!(p, param, "{body}"),
+                Err(ApiError::InvalidRequest { param: Some(p), .. }) => {
+                    assert_eq!(p, param, "{body}")
+                }
                 other => panic!("{body}: expected a 400 naming {param}, got {other:?}"),
             }
         }
@@ -370,7 +399,10 @@ mod tests {
         assert!(chat(r#"{"model":"m"}"#).is_err());
         assert!(chat(r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#).is_err());
         assert!(chat(r#"{"model":"m","messages":[{"role":"user"}]}"#).is_err());
-        assert!(chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#).is_err());
+        assert!(
+            chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#)
+                .is_err()
+        );
         assert!(chat("{not json").is_err());
     }
 
@@ -389,7 +421,12 @@ mod tests {
         assert_eq!(completion_budget(10, None, 100).unwrap(), 90);
         assert!(completion_budget(10, Some(91), 100).is_err());
         assert!(completion_budget(100, None, 100).is_err());
-        assert!(check_input_len(513, 512).unwrap_err().to_string().contains("512"));
+        assert!(
+            check_input_len(513, 512)
+                .unwrap_err()
+                .to_string()
+                .contains("512")
+        );
     }
 
     #[test]
@@ -399,9 +436,18 @@ mod tests {
             embedding_inputs(r.input)
         };
         assert_eq!(parse(r#"{"model":"m","input":"a"}"#).unwrap().len(), 1);
-        assert_eq!(parse(r#"{"model":"m","input":["a","b"]}"#).unwrap().len(), 2);
-        assert_eq!(parse(r#"{"model":"m","input":[1,2,3]}"#).unwrap(), vec![PromptInput::Tokens(vec![1, 2, 3])]);
-        assert_eq!(parse(r#"{"model":"m","input":[[1],[2]]}"#).unwrap().len(), 2);
+        assert_eq!(
+            parse(r#"{"model":"m","input":["a","b"]}"#).unwrap().len(),
+            2
+        );
+        assert_eq!(
+            parse(r#"{"model":"m","input":[1,2,3]}"#).unwrap(),
+            vec![PromptInput::Tokens(vec![1, 2, 3])]
+        );
+        assert_eq!(
+            parse(r#"{"model":"m","input":[[1],[2]]}"#).unwrap().len(),
+            2
+        );
         assert!(parse(r#"{"model":"m","input":""}"#).is_err());
         assert!(parse(r#"{"model":"m","input":[]}"#).is_err());
         assert!(parse(r#"{"model":"m","input":["a",""]}"#).is_err());

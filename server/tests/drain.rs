@@ -2,22 +2,28 @@
 //! in flight runs to `[DONE]` before the process exits 0.
 mod common;
 
-use common::{Server, TinyLlama, client, status_of};
+use common::{TinyLlama, client, start_tiny, status_of};
 use futures::StreamExt;
 use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test]
 async fn sigterm_lets_a_stream_in_flight_finish() {
-    let dir = tempfile::tempdir().unwrap();
-    TinyLlama::SLOW.write(dir.path());
-    let mut server = Server::start(dir.path(), &["--served-model-name", "tiny", "--shutdown-grace-seconds", "60"]);
+    let (_dir, mut server) = start_tiny(&TinyLlama::SLOW, &["--shutdown-grace-seconds", "60"]);
     let body = json!({"model": "tiny", "prompt": "drain", "temperature": 0, "max_tokens": 300, "stream": true});
-    let response = client().post(server.url("/v1/completions")).json(&body).send().await.unwrap();
+    let response = client()
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let mut stream = response.bytes_stream();
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
 
-    let kill = std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let readyz = server.url("/readyz");
     let mut saw_unready = false;
@@ -37,13 +43,23 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
     }
     assert!(saw_unready, "/readyz turns 503 after SIGTERM");
     let refused = client().get(server.url("/v1/models")).send().await.unwrap();
-    assert_eq!(refused.status().as_u16(), 503, "new requests are refused while draining");
+    assert_eq!(
+        refused.status().as_u16(),
+        503,
+        "new requests are refused while draining"
+    );
 
     while let Some(chunk) = stream.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
-    assert!(text.trim_end().ends_with("data: [DONE]"), "the stream completed: {}", &text[text.len().saturating_sub(200)..]);
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "the stream completed: {}",
+        &text[text.len().saturating_sub(200)..]
+    );
     assert!(text.contains("\"finish_reason\":\"length\""));
-    let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }

@@ -2,16 +2,11 @@
 //! keys are enforced on the API only; request ids are echoed.
 mod common;
 
-use common::{Server, TinyLlama, client, error_message, post};
+use common::{Server, TinyLlama, client, error_message, post, start_tiny};
 use serde_json::json;
 
 fn tiny(extra: &[&str]) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    TinyLlama::FAST.write(dir.path());
-    let mut args = vec!["--served-model-name", "tiny"];
-    args.extend_from_slice(extra);
-    let server = Server::start(dir.path(), &args);
-    (dir, server)
+    start_tiny(&TinyLlama::FAST, extra)
 }
 
 async fn raw(server: &Server, path: &str, body: &'static str) -> (u16, serde_json::Value) {
@@ -30,35 +25,117 @@ async fn each_kind_of_bad_input_is_a_clear_4xx() {
     let (_dir, server) = tiny(&["--max-input-tokens", "64", "--max-body-bytes", "4096"]);
     let user = json!([{"role": "user", "content": "hi"}]);
     let cases: Vec<(&str, serde_json::Value, u16, &str)> = vec![
-        ("/v1/chat/completions", json!({"model": "tiny"}), 400, "messages"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": []}), 400, "at least one"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": "hi"}), 400, "messages"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": 5}]}), 400, "messages[0]"),
-        ("/v1/chat/completions", json!({"model": "nope", "messages": user}), 404, "nope"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": user, "temperature": 9}), 400, "temperature"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": user, "top_p": -1}), 400, "top_p"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": user, "max_tokens": "many"}), 400, "max_tokens"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": user, "max_tokens": 100000}), 400, "context length"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x".repeat(200)}]}), 400, "limit of 64"),
-        ("/v1/completions", json!({"model": "tiny", "prompt": ""}), 400, "empty"),
-        ("/v1/completions", json!({"model": "tiny", "prompt": [99999]}), 400, "out of range"),
-        ("/v1/completions", json!({"model": "tiny", "prompt": "a", "n": 3}), 400, "`n`"),
-        ("/v1/embeddings", json!({"model": "tiny", "input": "a"}), 400, "embeddings"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny"}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": []}),
+            400,
+            "at least one",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": "hi"}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": 5}]}),
+            400,
+            "messages[0]",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": user}),
+            404,
+            "nope",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user, "temperature": 9}),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user, "top_p": -1}),
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user, "max_tokens": "many"}),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user, "max_tokens": 100000}),
+            400,
+            "context length",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x".repeat(200)}]}),
+            400,
+            "limit of 64",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": ""}),
+            400,
+            "empty",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": [99999]}),
+            400,
+            "out of range",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "a", "n": 3}),
+            400,
+            "`n`",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "tiny", "input": "a"}),
+            400,
+            "embeddings",
+        ),
     ];
     for (path, body, status, needle) in cases {
         let (got, response) = post(&server, path, body.clone()).await;
         assert_eq!(got, status, "{body} -> {response}");
         let message = error_message(&response);
-        assert!(message.contains(needle), "{body}: `{message}` should mention `{needle}`");
+        assert!(
+            message.contains(needle),
+            "{body}: `{message}` should mention `{needle}`"
+        );
     }
-    let (status, body) = raw(&server, "/v1/chat/completions", "{\"model\": \"tiny\", \"messages\": [").await;
+    let (status, body) = raw(
+        &server,
+        "/v1/chat/completions",
+        "{\"model\": \"tiny\", \"messages\": [",
+    )
+    .await;
     assert_eq!(status, 400);
     assert!(error_message(&body).contains("JSON"));
     let big = json!({"model": "tiny", "prompt": "x".repeat(10_000)});
     let (status, body) = post(&server, "/v1/completions", big).await;
     assert_eq!(status, 413);
     assert!(error_message(&body).contains("4096"));
-    let response = client().get(server.url("/v2/nothing")).send().await.unwrap();
+    let response = client()
+        .get(server.url("/v2/nothing"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 404);
     error_message(&response.json().await.unwrap());
 }
@@ -79,48 +156,101 @@ async fn api_keys_guard_the_api_but_not_health_or_metrics() {
     };
     let none = models(None).await.unwrap();
     assert_eq!(none.status().as_u16(), 401);
-    assert_eq!(none.json::<serde_json::Value>().await.unwrap()["error"]["type"], "authentication_error");
-    assert_eq!(models(Some("Bearer sk-wrong")).await.unwrap().status().as_u16(), 401);
-    assert_eq!(models(Some("Bearer sk-right")).await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        none.json::<serde_json::Value>().await.unwrap()["error"]["type"],
+        "authentication_error"
+    );
+    assert_eq!(
+        models(Some("Bearer sk-wrong"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        models(Some("Bearer sk-right"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
     for open in ["/healthz", "/readyz", "/metrics"] {
-        assert_eq!(c.get(server.url(open)).send().await.unwrap().status().as_u16(), 200, "{open}");
+        assert_eq!(
+            c.get(server.url(open))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            200,
+            "{open}"
+        );
     }
 }
 
 #[tokio::test]
 async fn overload_is_429_with_retry_after() {
-    let dir = tempfile::tempdir().unwrap();
-    TinyLlama::SLOW.write(dir.path());
-    let server = Server::start(dir.path(), &["--served-model-name", "tiny", "--max-concurrent-requests", "1", "--max-queue", "1"]);
+    let (_dir, server) = start_tiny(
+        &TinyLlama::SLOW,
+        &["--max-concurrent-requests", "1", "--max-queue", "1"],
+    );
     let long = json!({"model": "tiny", "prompt": "long", "temperature": 0, "max_tokens": 400});
     let busy = (0..2).map(|_| post(&server, "/v1/completions", long.clone()));
     let busy = futures::future::join_all(busy);
     let probe = async {
         // Wait until one request runs and one waits, then a third must be refused at once.
         loop {
-            let metrics = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-            if metrics.contains("kandle_requests_in_flight 1") && metrics.contains("kandle_requests_queued 1") {
+            let metrics = client()
+                .get(server.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if metrics.contains("kandle_requests_in_flight 1")
+                && metrics.contains("kandle_requests_queued 1")
+            {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let response = client().post(server.url("/v1/completions")).json(&long).send().await.unwrap();
+        let response = client()
+            .post(server.url("/v1/completions"))
+            .json(&long)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status().as_u16(), 429);
         assert_eq!(response.headers()["retry-after"], "1");
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "queue_full");
     };
     let (done, ()) = tokio::join!(busy, probe);
-    assert!(done.iter().all(|(status, _)| *status == 200), "admitted requests complete");
+    assert!(
+        done.iter().all(|(status, _)| *status == 200),
+        "admitted requests complete"
+    );
 }
 
 #[tokio::test]
 async fn request_ids_are_echoed_or_made() {
     let (_dir, server) = tiny(&[]);
-    let given = client().get(server.url("/v1/models")).header("x-request-id", "abc-123").send().await.unwrap();
+    let given = client()
+        .get(server.url("/v1/models"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(given.headers()["x-request-id"], "abc-123");
     let made = client().get(server.url("/v1/models")).send().await.unwrap();
-    assert_eq!(made.headers()["x-request-id"].len(), 36, "a UUID when the client sent none");
+    assert_eq!(
+        made.headers()["x-request-id"].len(),
+        36,
+        "a UUID when the client sent none"
+    );
 }
 
 #[tokio::test]
@@ -128,7 +258,14 @@ async fn metrics_use_the_contract_names() {
     let (_dir, server) = tiny(&[]);
     let body = json!({"model": "tiny", "prompt": "hi", "temperature": 0, "max_tokens": 3});
     post(&server, "/v1/completions", body).await;
-    let metrics = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for name in [
         "kandle_requests_in_flight ",
         "kandle_requests_queued ",

@@ -2,26 +2,32 @@
 //! determinism, streaming equal to non-streaming, stop sequences, max_tokens, usage.
 mod common;
 
-use common::{Server, TinyLlama, client, post, read_sse};
+use common::{Server, TinyLlama, client, post, read_sse, start_tiny};
 use serde_json::json;
 
 fn tiny() -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    TinyLlama::FAST.write(dir.path());
-    let server = Server::start(dir.path(), &["--served-model-name", "tiny"]);
-    (dir, server)
+    start_tiny(&TinyLlama::FAST, &[])
 }
 
 fn chat(content: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": content}]});
-    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     body
 }
 
 #[tokio::test]
 async fn loads_and_lists_the_model() {
     let (_dir, server) = tiny();
-    let models: serde_json::Value = client().get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let models: serde_json::Value = client()
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "tiny");
     assert_eq!(models["data"][0]["object"], "model");
 }
@@ -42,7 +48,10 @@ async fn greedy_is_deterministic_and_counts_usage() {
     let usage = &a["usage"];
     assert_eq!(usage["prompt_tokens"], expected_prompt_tokens);
     let completion = usage["completion_tokens"].as_u64().unwrap();
-    assert_eq!(usage["total_tokens"].as_u64().unwrap(), expected_prompt_tokens as u64 + completion);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        expected_prompt_tokens as u64 + completion
+    );
     match a["choices"][0]["finish_reason"].as_str().unwrap() {
         "length" => assert_eq!(completion, 20),
         "stop" => assert!(completion <= 20),
@@ -66,30 +75,64 @@ async fn seeded_sampling_repeats_and_seeds_differ() {
 async fn streaming_equals_non_streaming() {
     let (_dir, server) = tiny();
     for (path, body) in [
-        ("/v1/chat/completions", chat("Stream me", json!({"temperature": 0, "max_tokens": 30}))),
-        ("/v1/completions", json!({"model": "tiny", "prompt": "Stream me", "temperature": 0, "max_tokens": 30})),
+        (
+            "/v1/chat/completions",
+            chat("Stream me", json!({"temperature": 0, "max_tokens": 30})),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "Stream me", "temperature": 0, "max_tokens": 30}),
+        ),
     ] {
         let (_, whole) = post(&server, path, body.clone()).await;
         let mut streamed_body = body.clone();
         streamed_body["stream"] = json!(true);
         streamed_body["stream_options"] = json!({"include_usage": true});
-        let response = client().post(server.url(path)).json(&streamed_body).send().await.unwrap();
-        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let response = client()
+            .post(server.url(path))
+            .json(&streamed_body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
         let (events, done) = read_sse(response).await;
         assert!(done, "stream ends with [DONE]");
         let chat = path.contains("chat");
         let text: String = events
             .iter()
             .filter_map(|e| e["choices"].get(0))
-            .filter_map(|c| if chat { c["delta"]["content"].as_str() } else { c["text"].as_str() })
+            .filter_map(|c| {
+                if chat {
+                    c["delta"]["content"].as_str()
+                } else {
+                    c["text"].as_str()
+                }
+            })
             .collect();
         let whole_choice = &whole["choices"][0];
-        let whole_text = if chat { &whole_choice["message"]["content"] } else { &whole_choice["text"] };
+        let whole_text = if chat {
+            &whole_choice["message"]["content"]
+        } else {
+            &whole_choice["text"]
+        };
         assert_eq!(text, whole_text.as_str().unwrap(), "{path}");
-        let finish = events.iter().filter_map(|e| e["choices"].get(0)?["finish_reason"].as_str()).last();
+        let finish = events
+            .iter()
+            .rev()
+            .filter_map(|e| e["choices"].get(0)?["finish_reason"].as_str())
+            .next();
         assert_eq!(finish, whole_choice["finish_reason"].as_str());
         let usage = events.last().unwrap();
-        assert_eq!(usage["choices"], json!([]), "usage comes in a final chunk without choices");
+        assert_eq!(
+            usage["choices"],
+            json!([]),
+            "usage comes in a final chunk without choices"
+        );
         assert_eq!(usage["usage"], whole["usage"]);
         if chat {
             assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
@@ -105,7 +148,10 @@ async fn stop_sequences_end_the_text_before_them() {
     let (_, free) = post(&server, "/v1/completions", body.clone()).await;
     let text = free["choices"][0]["text"].as_str().unwrap().to_string();
     let chars: Vec<char> = text.chars().collect();
-    assert!(chars.len() >= 12, "the model writes enough to cut: {text:?}");
+    assert!(
+        chars.len() >= 12,
+        "the model writes enough to cut: {text:?}"
+    );
     // Stop on a piece from the middle: the answer is everything before its first occurrence.
     let stop: String = chars[8..10].iter().collect();
     let expected = &text[..text.find(&stop).unwrap()];
@@ -115,8 +161,19 @@ async fn stop_sequences_end_the_text_before_them() {
     assert_eq!(cut["choices"][0]["text"], expected);
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
     stopped["stream"] = json!(true);
-    let (events, _) = read_sse(client().post(server.url("/v1/completions")).json(&stopped).send().await.unwrap()).await;
-    let streamed: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    let (events, _) = read_sse(
+        client()
+            .post(server.url("/v1/completions"))
+            .json(&stopped)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
     assert_eq!(streamed, expected, "a stream never sends the stop sequence");
 }
 

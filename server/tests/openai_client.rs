@@ -9,7 +9,15 @@ fn official_openai_client_works_unchanged() {
     TinyLlama::FAST.write(dir.path());
     let key_file = dir.path().join("keys");
     std::fs::write(&key_file, "sk-test\n").unwrap();
-    let chat = Server::start(dir.path(), &["--served-model-name", "tiny", "--api-key-file", key_file.to_str().unwrap()]);
+    let chat = Server::start(
+        dir.path(),
+        &[
+            "--served-model-name",
+            "tiny",
+            "--api-key-file",
+            key_file.to_str().unwrap(),
+        ],
+    );
     let embed = Server::start(&minilm_dir(), &["--served-model-name", "minilm"]);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let output = std::process::Command::new(venv_python())

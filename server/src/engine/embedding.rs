@@ -44,10 +44,17 @@ impl EmbeddingEngine {
     }
 }
 
-fn run(model: impl EmbeddingModel, mut rx: mpsc::UnboundedReceiver<Job>, limits: BatchLimits, metrics: &Metrics) {
+fn run(
+    model: impl EmbeddingModel,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    limits: BatchLimits,
+    metrics: &Metrics,
+) {
     let mut carried: Option<Job> = None;
     loop {
-        let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else { return };
+        let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
+            return;
+        };
         let mut longest = first.ids.len();
         let mut batch = vec![first];
         while batch.len() < limits.max_batch_size {
@@ -66,7 +73,10 @@ fn run(model: impl EmbeddingModel, mut rx: mpsc::UnboundedReceiver<Job>, limits:
             continue;
         }
         metrics.batch_size.observe(batch.len() as f64);
-        let inputs: Vec<Vec<u32>> = batch.iter_mut().map(|j| std::mem::take(&mut j.ids)).collect();
+        let inputs: Vec<Vec<u32>> = batch
+            .iter_mut()
+            .map(|j| std::mem::take(&mut j.ids))
+            .collect();
         let span = tracing::debug_span!("embed_batch", size = inputs.len(), longest);
         let result = span.in_scope(|| model.embed(&inputs));
         match result {
@@ -102,10 +112,19 @@ mod tests {
         }
     }
 
-    fn engine(max_batch_size: usize, max_batch_tokens: usize) -> (EmbeddingEngine, Arc<Mutex<Vec<usize>>>) {
+    fn engine(
+        max_batch_size: usize,
+        max_batch_tokens: usize,
+    ) -> (EmbeddingEngine, Arc<Mutex<Vec<usize>>>) {
         let sizes = Arc::new(Mutex::new(Vec::new()));
-        let limits = BatchLimits { max_batch_size, max_batch_tokens };
-        (EmbeddingEngine::start(Fake(sizes.clone()), limits, Arc::new(Metrics::new())), sizes)
+        let limits = BatchLimits {
+            max_batch_size,
+            max_batch_tokens,
+        };
+        (
+            EmbeddingEngine::start(Fake(sizes.clone()), limits, Arc::new(Metrics::new())),
+            sizes,
+        )
     }
 
     #[tokio::test]
@@ -113,12 +132,19 @@ mod tests {
         let (engine, sizes) = engine(8, 1000);
         let results = futures::future::join_all((1..=20).map(|n| engine.embed(vec![1; n]))).await;
         for (n, r) in (1..=20).zip(results) {
-            assert_eq!(r.unwrap(), vec![n as f32], "each reply goes to its own request");
+            assert_eq!(
+                r.unwrap(),
+                vec![n as f32],
+                "each reply goes to its own request"
+            );
         }
         let sizes = sizes.lock().unwrap().clone();
         assert_eq!(sizes.iter().sum::<usize>(), 20);
         assert!(sizes.iter().all(|&s| s <= 8), "{sizes:?}");
-        assert!(sizes.iter().any(|&s| s > 1), "requests that waited were grouped: {sizes:?}");
+        assert!(
+            sizes.iter().any(|&s| s > 1),
+            "requests that waited were grouped: {sizes:?}"
+        );
     }
 
     #[tokio::test]
@@ -134,7 +160,10 @@ mod tests {
     async fn a_dead_worker_is_unhealthy_and_answers_unavailable() {
         let (engine, _) = engine(8, 1000);
         assert!(engine.health().is_alive());
-        assert!(matches!(engine.embed(vec![666]).await, Err(EngineError::WorkerDead)));
+        assert!(matches!(
+            engine.embed(vec![666]).await,
+            Err(EngineError::WorkerDead)
+        ));
         // The reply is dropped while the thread unwinds, a moment before the flag clears.
         for _ in 0..100 {
             if !engine.health().is_alive() {

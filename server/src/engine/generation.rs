@@ -69,7 +69,13 @@ impl GenerationEngine {
     ) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
         let health = spawn_worker("generation-worker", move || {
-            Scheduler { model, tokenizer: &tokenizer, eos: &eos_token_ids, metrics: &metrics }.run(rx)
+            Scheduler {
+                model,
+                tokenizer: &tokenizer,
+                eos: &eos_token_ids,
+                metrics: &metrics,
+            }
+            .run(rx)
         });
         Self { jobs, health }
     }
@@ -80,10 +86,17 @@ impl GenerationEngine {
 
     /// Queues a generation; its text arrives on the returned channel. Dropping the
     /// receiver cancels the sequence at its next step.
-    pub fn submit(&self, job: GenerationJob) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+    pub fn submit(
+        &self,
+        job: GenerationJob,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
         let (events, rx) = mpsc::unbounded_channel();
         self.jobs
-            .send(Submitted { job, events, enqueued: Instant::now() })
+            .send(Submitted {
+                job,
+                events,
+                enqueued: Instant::now(),
+            })
             .map_err(|_| EngineError::WorkerDead)?;
         Ok(rx)
     }
@@ -156,7 +169,9 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             Ok(None) => false,
             Err(e) => {
                 tracing::error!(error = %e, "generation step failed");
-                let _ = seq.events.send(Event::Failed(EngineError::Model(e.to_string())));
+                let _ = seq
+                    .events
+                    .send(Event::Failed(EngineError::Model(e.to_string())));
                 true
             }
         }
@@ -167,7 +182,9 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
         let prompt_len = seq.job.prompt.len();
         let logits = if seq.prefilled < prompt_len {
             let end = (seq.prefilled + PREFILL_CHUNK).min(prompt_len);
-            let logits = seq.lm.forward(&seq.job.prompt[seq.prefilled..end], seq.prefilled)?;
+            let logits = seq
+                .lm
+                .forward(&seq.job.prompt[seq.prefilled..end], seq.prefilled)?;
             seq.prefilled = end;
             if end < prompt_len {
                 return Ok(None);
@@ -175,25 +192,39 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             logits
         } else {
             let last = *seq.generated.last().expect("a token follows the prompt");
-            seq.lm.forward(&[last], prompt_len + seq.generated.len() - 1)?
+            seq.lm
+                .forward(&[last], prompt_len + seq.generated.len() - 1)?
         };
         let token = seq.sampler.sample(&logits)?;
         let now = Instant::now();
         match seq.last_token_at {
-            None => self.metrics.time_to_first_token.observe((now - seq.enqueued).as_secs_f64()),
-            Some(at) => self.metrics.inter_token_latency.observe((now - at).as_secs_f64()),
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - seq.enqueued).as_secs_f64()),
+            Some(at) => self
+                .metrics
+                .inter_token_latency
+                .observe((now - at).as_secs_f64()),
         }
         seq.last_token_at = Some(now);
         seq.generated.push(token);
         self.metrics.tokens_generated.inc();
         let completion_tokens = seq.generated.len();
-        let done = |reason| Event::Done { reason, completion_tokens };
+        let done = |reason| Event::Done {
+            reason,
+            completion_tokens,
+        };
 
         if self.eos.contains(&token) {
             send_text(seq, |text| text.finish());
             return Ok(Some(done(FinishReason::Stop)));
         }
-        match seq.text.push(token).map_err(|e| anyhow::anyhow!("decoding: {e}"))? {
+        match seq
+            .text
+            .push(token)
+            .map_err(|e| anyhow::anyhow!("decoding: {e}"))?
+        {
             Delta::Text(t) => send_text(seq, |_| t),
             Delta::Stopped(t) => {
                 send_text(seq, |_| t);
@@ -206,7 +237,6 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
         }
         Ok(None)
     }
-
 }
 
 fn send_text(seq: &mut Sequence<'_>, text: impl FnOnce(&mut TextStream<'_>) -> String) {
@@ -231,7 +261,9 @@ mod tests {
         fn forward(&mut self, tokens: &[u32], _pos: usize) -> candle_core::Result<Tensor> {
             std::thread::sleep(std::time::Duration::from_millis(2));
             let next = (tokens[tokens.len() - 1] as usize + 1) % VOCAB;
-            let logits: Vec<f32> = (0..VOCAB).map(|i| if i == next { 1.0 } else { 0.0 }).collect();
+            let logits: Vec<f32> = (0..VOCAB)
+                .map(|i| if i == next { 1.0 } else { 0.0 })
+                .collect();
             Tensor::new(logits, &Device::Cpu)
         }
     }
@@ -242,8 +274,14 @@ mod tests {
     }
 
     fn engine(eos: Vec<u32>) -> GenerationEngine {
-        let vocab = (0..VOCAB).map(|i| (format!("t{i}"), i as u32)).chain([("<unk>".to_string(), VOCAB as u32)]);
-        let model = WordLevel::builder().vocab(vocab.collect()).unk_token("<unk>".into()).build().unwrap();
+        let vocab = (0..VOCAB)
+            .map(|i| (format!("t{i}"), i as u32))
+            .chain([("<unk>".to_string(), VOCAB as u32)]);
+        let model = WordLevel::builder()
+            .vocab(vocab.collect())
+            .unk_token("<unk>".into())
+            .build()
+            .unwrap();
         let tokenizer = Arc::new(Tokenizer::new(model));
         GenerationEngine::start(Counting, tokenizer, eos, Arc::new(Metrics::new()))
     }
@@ -251,19 +289,24 @@ mod tests {
     fn job(prompt: Vec<u32>, max_new_tokens: usize, stop: &[&str]) -> GenerationJob {
         GenerationJob {
             prompt,
-            sampling: SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0, presence_penalty: 0.0, frequency_penalty: 0.0 },
+            sampling: SamplingParams::greedy(),
             max_new_tokens,
             stop: stop.iter().map(|s| s.to_string()).collect(),
             span: tracing::Span::none(),
         }
     }
 
-    async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> (String, FinishReason, usize, Instant) {
+    async fn collect(
+        mut rx: mpsc::UnboundedReceiver<Event>,
+    ) -> (String, FinishReason, usize, Instant) {
         let mut text = String::new();
         while let Some(e) = rx.recv().await {
             match e {
                 Event::Text(t) => text.push_str(&t),
-                Event::Done { reason, completion_tokens } => return (text, reason, completion_tokens, Instant::now()),
+                Event::Done {
+                    reason,
+                    completion_tokens,
+                } => return (text, reason, completion_tokens, Instant::now()),
                 Event::Failed(e) => panic!("{e}"),
             }
         }
@@ -274,9 +317,16 @@ mod tests {
     async fn generates_until_max_tokens_eos_or_stop() {
         let engine = engine(vec![7]);
         let (text, reason, n, _) = collect(engine.submit(job(vec![0], 3, &[])).unwrap()).await;
-        assert_eq!((text.as_str(), reason, n), (" t1 t2 t3", FinishReason::Length, 3));
+        assert_eq!(
+            (text.as_str(), reason, n),
+            (" t1 t2 t3", FinishReason::Length, 3)
+        );
         let (text, reason, n, _) = collect(engine.submit(job(vec![4], 10, &[])).unwrap()).await;
-        assert_eq!((text.as_str(), reason, n), (" t5 t6", FinishReason::Stop, 3), "eos ends it, unprinted");
+        assert_eq!(
+            (text.as_str(), reason, n),
+            (" t5 t6", FinishReason::Stop, 3),
+            "eos ends it, unprinted"
+        );
         let (text, reason, _, _) = collect(engine.submit(job(vec![0], 10, &["t3"])).unwrap()).await;
         assert_eq!((text.as_str(), reason), (" t1 t2 ", FinishReason::Stop));
     }
@@ -288,7 +338,10 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         let short = engine.submit(job(vec![0], 3, &[])).unwrap();
         let (long_done, short_done) = tokio::join!(collect(long), collect(short));
-        assert!(short_done.3 < long_done.3, "the short request finished first");
+        assert!(
+            short_done.3 < long_done.3,
+            "the short request finished first"
+        );
         assert_eq!(long_done.2, 200);
     }
 

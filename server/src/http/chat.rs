@@ -38,7 +38,13 @@ pub async fn chat_completions(
         created: unix_now(),
         model: state.model_name.clone(),
     };
-    let generation = Generation { route: "/v1/chat/completions", start, permit, prompt, params };
+    let generation = Generation {
+        route: "/v1/chat/completions",
+        start,
+        permit,
+        prompt,
+        params,
+    };
     respond(state, generation, format).await
 }
 
@@ -49,11 +55,21 @@ struct ChatFormat {
 }
 
 impl ChatFormat {
-    fn chunk(&self, delta: ChatDelta, finish_reason: Option<&'static str>, usage: Option<Usage>) -> Value {
+    fn chunk(
+        &self,
+        delta: ChatDelta,
+        finish_reason: Option<&'static str>,
+        usage: Option<Usage>,
+    ) -> Value {
         let choices = if usage.is_some() {
             Vec::new()
         } else {
-            vec![ChatChunkChoice { index: 0, delta, finish_reason, logprobs: None }]
+            vec![ChatChunkChoice {
+                index: 0,
+                delta,
+                finish_reason,
+                logprobs: None,
+            }]
         };
         serde_json::to_value(ChatCompletionChunk {
             id: self.id.clone(),
@@ -69,11 +85,25 @@ impl ChatFormat {
 
 impl Format for ChatFormat {
     fn opening(&self) -> Option<Value> {
-        Some(self.chunk(ChatDelta { role: Some("assistant"), content: Some(String::new()) }, None, None))
+        Some(self.chunk(
+            ChatDelta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            },
+            None,
+            None,
+        ))
     }
 
     fn text(&self, text: String) -> Value {
-        self.chunk(ChatDelta { role: None, content: Some(text) }, None, None)
+        self.chunk(
+            ChatDelta {
+                role: None,
+                content: Some(text),
+            },
+            None,
+            None,
+        )
     }
 
     fn finish(&self, reason: FinishReason) -> Value {
@@ -92,7 +122,10 @@ impl Format for ChatFormat {
             model: self.model.clone(),
             choices: vec![ChatChoice {
                 index: 0,
-                message: AssistantMessage { role: "assistant", content: text },
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: text,
+                },
                 finish_reason: reason.as_str(),
                 logprobs: None,
             }],

@@ -5,7 +5,9 @@ use super::{AppState, RequestStart, blocking, encode, unix_now};
 use crate::api::{Completion, CompletionChoice, CompletionRequest, Usage};
 use crate::engine::generation::FinishReason;
 use crate::error::ApiError;
-use crate::validation::{PromptInput, check_model, check_token_ids, completion_prompt, generation_params};
+use crate::validation::{
+    PromptInput, check_model, check_token_ids, completion_prompt, generation_params,
+};
 use axum::Extension;
 use axum::extract::State;
 use axum::response::Response;
@@ -22,7 +24,10 @@ pub async fn completions(
         return Err(ApiError::invalid_param("echo", "`echo` is not supported"));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid_param("suffix", "`suffix` is not supported"));
+        return Err(ApiError::invalid_param(
+            "suffix",
+            "`suffix` is not supported",
+        ));
     }
     if req.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid_param("best_of", "`best_of` must be 1"));
@@ -45,7 +50,13 @@ pub async fn completions(
         created: unix_now(),
         model: state.model_name.clone(),
     };
-    let generation = Generation { route: "/v1/completions", start, permit, prompt, params };
+    let generation = Generation {
+        route: "/v1/completions",
+        start,
+        permit,
+        prompt,
+        params,
+    };
     respond(state, generation, format).await
 }
 
@@ -56,9 +67,20 @@ struct CompletionFormat {
 }
 
 impl CompletionFormat {
-    fn body(&self, text: String, finish_reason: Option<&'static str>, usage: Option<Usage>, with_choice: bool) -> Value {
+    fn body(
+        &self,
+        text: String,
+        finish_reason: Option<&'static str>,
+        usage: Option<Usage>,
+        with_choice: bool,
+    ) -> Value {
         let choices = if with_choice {
-            vec![CompletionChoice { index: 0, text, finish_reason, logprobs: None }]
+            vec![CompletionChoice {
+                index: 0,
+                text,
+                finish_reason,
+                logprobs: None,
+            }]
         } else {
             Vec::new()
         };

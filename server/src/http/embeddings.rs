@@ -3,7 +3,9 @@ use super::json::ApiJson;
 use super::{AppState, Engine, blocking};
 use crate::api::{EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage, EmbeddingVector};
 use crate::error::ApiError;
-use crate::validation::{PromptInput, check_input_len, check_model, check_token_ids, embedding_inputs};
+use crate::validation::{
+    PromptInput, check_input_len, check_model, check_token_ids, embedding_inputs,
+};
 use axum::Json;
 use axum::extract::State;
 use base64::Engine as _;
@@ -33,7 +35,10 @@ pub async fn embeddings(
     if let Some(d) = req.dimensions
         && d < 1
     {
-        return Err(ApiError::invalid_param("dimensions", "`dimensions` must be positive"));
+        return Err(ApiError::invalid_param(
+            "dimensions",
+            "`dimensions` must be positive",
+        ));
     }
     let inputs = embedding_inputs(req.input)?;
     let _permit = state.admission.admit().await?;
@@ -54,7 +59,8 @@ pub async fn embeddings(
     }
     let prompt_tokens: usize = sequences.iter().map(Vec::len).sum();
     state.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-    let vectors = futures::future::try_join_all(sequences.into_iter().map(|ids| engine.embed(ids))).await?;
+    let vectors =
+        futures::future::try_join_all(sequences.into_iter().map(|ids| engine.embed(ids))).await?;
     let data = vectors
         .into_iter()
         .enumerate()
@@ -64,7 +70,10 @@ pub async fn embeddings(
             {
                 return Err(ApiError::invalid_param(
                     "dimensions",
-                    format!("This model returns {} dimensions; `dimensions` asked for {d}", vector.len()),
+                    format!(
+                        "This model returns {} dimensions; `dimensions` asked for {d}",
+                        vector.len()
+                    ),
                 ));
             }
             let embedding = if base64 {
@@ -73,13 +82,20 @@ pub async fn embeddings(
             } else {
                 EmbeddingVector::Float(vector)
             };
-            Ok(EmbeddingData { object: "embedding", index, embedding })
+            Ok(EmbeddingData {
+                object: "embedding",
+                index,
+                embedding,
+            })
         })
         .collect::<Result<_, ApiError>>()?;
     Ok(Json(EmbeddingList {
         object: "list",
         data,
         model: state.model_name.clone(),
-        usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
+        usage: EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
     }))
 }

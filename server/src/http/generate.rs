@@ -1,10 +1,10 @@
 //! What chat and completions share: admission-checked prompt limits, submission to the
 //! generation engine, and the answer as one JSON body or a stream of server-sent events.
 use super::{AppState, Engine, RequestStart};
+use crate::admission::Permit;
 use crate::api::Usage;
 use crate::engine::generation::{Event, FinishReason, GenerationJob};
 use crate::error::ApiError;
-use crate::admission::Permit;
 use crate::validation::{GenerationParams, check_input_len, completion_budget};
 use axum::Json;
 use axum::response::sse::{self, KeepAlive, Sse};
@@ -31,13 +31,24 @@ pub struct Generation {
     pub params: GenerationParams,
 }
 
-pub async fn respond(state: Arc<AppState>, g: Generation, format: impl Format) -> Result<Response, ApiError> {
+pub async fn respond(
+    state: Arc<AppState>,
+    g: Generation,
+    format: impl Format,
+) -> Result<Response, ApiError> {
     let Engine::Generation(engine) = &state.engine else {
-        return Err(ApiError::invalid(format!("The model `{}` serves embeddings only", state.model_name)));
+        return Err(ApiError::invalid(format!(
+            "The model `{}` serves embeddings only",
+            state.model_name
+        )));
     };
     let prompt_tokens = g.prompt.len();
     check_input_len(prompt_tokens, state.max_input_tokens)?;
-    let max_new_tokens = completion_budget(prompt_tokens, g.params.max_tokens, state.info.context_length)?;
+    let max_new_tokens = completion_budget(
+        prompt_tokens,
+        g.params.max_tokens,
+        state.info.context_length,
+    )?;
     state.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
     let mut events = engine.submit(GenerationJob {
         prompt: g.prompt,
@@ -52,7 +63,10 @@ pub async fn respond(state: Arc<AppState>, g: Generation, format: impl Format) -
         loop {
             match events.recv().await {
                 Some(Event::Text(t)) => text.push_str(&t),
-                Some(Event::Done { reason, completion_tokens }) => {
+                Some(Event::Done {
+                    reason,
+                    completion_tokens,
+                }) => {
                     let usage = Usage::new(prompt_tokens, completion_tokens);
                     return Ok(Json(format.whole(text, reason, usage)).into_response());
                 }
@@ -94,7 +108,9 @@ pub async fn respond(state: Arc<AppState>, g: Generation, format: impl Format) -
         yield Ok(sse::Event::default().data("[DONE]"));
         metrics.observe_duration(route, start.0.elapsed().as_secs_f64());
     };
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 fn data(value: &Value) -> Result<sse::Event, Infallible> {

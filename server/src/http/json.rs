@@ -17,9 +17,14 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
         // Content-Type is not required: `curl -d` sends form encoding by default.
         let body = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit: state.max_body_bytes }
+                ApiError::PayloadTooLarge {
+                    limit: state.max_body_bytes,
+                }
             } else {
-                ApiError::invalid(format!("Could not read the request body: {}", rejection.body_text()))
+                ApiError::invalid(format!(
+                    "Could not read the request body: {}",
+                    rejection.body_text()
+                ))
             }
         })?;
         parse_json(&body).map(ApiJson)

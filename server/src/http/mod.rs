@@ -117,18 +117,27 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if !is_stream {
-        state.metrics.observe_duration(&route, start.elapsed().as_secs_f64());
+        state
+            .metrics
+            .observe_duration(&route, start.elapsed().as_secs_f64());
     }
     state
         .metrics
         .requests
-        .get_or_create(&RouteCode { route, code: response.status().as_u16() })
+        .get_or_create(&RouteCode {
+            route,
+            code: response.status().as_u16(),
+        })
         .inc();
     response
 }
 
 /// The API is served only while ready, and only to holders of a key when keys are set.
-async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn guard(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if state.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("The server is shutting down"));
     }
@@ -147,10 +156,18 @@ fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized("Missing API key: send `Authorization: Bearer KEY`"))?;
+        .ok_or(ApiError::Unauthorized(
+            "Missing API key: send `Authorization: Bearer KEY`",
+        ))?;
     // Compare every byte of every key so timing does not reveal a matching prefix.
-    let matches = keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), presented.as_bytes()));
-    if matches { Ok(()) } else { Err(ApiError::Unauthorized("Invalid API key")) }
+    let matches = keys.iter().fold(false, |found, key| {
+        found | constant_time_eq(key.as_bytes(), presented.as_bytes())
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized("Invalid API key"))
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -158,13 +175,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Runs tokenizer or template work on the blocking pool, off tokio's worker threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
 }
 
-fn encode(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+fn encode(
+    tokenizer: &Tokenizer,
+    text: &str,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
     tokenizer
         .encode_fast(text, add_special_tokens)
         .map(|enc| enc.get_ids().to_vec())

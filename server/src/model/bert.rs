@@ -1,7 +1,9 @@
 //! BERT-family embedding models, pooled and normalised as their sentence-transformers
 //! configs declare (`modules.json`, `1_Pooling/config.json`).
 use super::weights::{catch_load, mmap_var_builder, read_optional_json, safetensors_files};
-use super::{Backend, LoadError, LoadedModel, ModelInfo, Task, device_name, dtype_name, load_tokenizer};
+use super::{
+    Backend, LoadError, LoadedModel, ModelInfo, Task, device_name, dtype_name, load_tokenizer,
+};
 use crate::engine::EmbeddingModel;
 use candle_core::{D, DType, Device, Tensor};
 use candle_transformers::models::bert::{BertModel, Config};
@@ -30,7 +32,10 @@ pub fn load(
     device: &Device,
 ) -> Result<LoadedModel, LoadError> {
     if task.is_some_and(|t| t != Task::Embedding) {
-        return Err(LoadError::invalid(dir, "a BERT model serves only the embedding task"));
+        return Err(LoadError::invalid(
+            dir,
+            "a BERT model serves only the embedding task",
+        ));
     }
     let config_path = dir.join("config.json");
     let cfg: Config = serde_json::from_value(config.clone())
@@ -98,7 +103,10 @@ fn sentence_transformers_config(dir: &Path) -> Result<(Pooling, bool), LoadError
             } else if on("pooling_mode_lasttoken") {
                 Pooling::LastToken
             } else {
-                return Err(LoadError::invalid(&pooling_path, "no supported pooling mode is enabled"));
+                return Err(LoadError::invalid(
+                    &pooling_path,
+                    "no supported pooling mode is enabled",
+                ));
             }
         }
     };

