@@ -18,6 +18,57 @@ pub struct Cli {
 pub enum Command {
     /// Load a model and serve it over the OpenAI HTTP API.
     Serve(ServeArgs),
+    /// Fetch a model into a folder that `serve --model DIR` loads.
+    Pull(PullArgs),
+}
+
+/// The model kandle serves when none is named: small, real, and public on the hub.
+pub const DEFAULT_MODEL: &str = "hf://HuggingFaceTB/SmolLM2-135M-Instruct";
+
+#[derive(Debug, Clone, Args)]
+pub struct PullArgs {
+    /// hf://ORG/NAME[@REVISION], https://… (one file), file://PATH or a path.
+    #[arg(long, env = "KANDLE_MODEL")]
+    pub model: String,
+    /// Folder to fill; it is ready once `.kandle-pull.json` appears in it.
+    #[arg(long, env = "KANDLE_DEST")]
+    pub dest: PathBuf,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+    #[arg(long, env = "KANDLE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How models are fetched, shared by `pull` and `serve --model URI`.
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// Only files matching these globs (replaces kandle's choice of files).
+    #[arg(long, env = "KANDLE_INCLUDE", value_delimiter = ',')]
+    pub include: Vec<String>,
+    /// Leave out files matching these globs.
+    #[arg(long, env = "KANDLE_EXCLUDE", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    /// Expected sha256 of a single-file https:// download.
+    #[arg(long, env = "KANDLE_SHA256")]
+    pub sha256: Option<String>,
+    /// Files downloaded at once.
+    #[arg(long, env = "KANDLE_PULL_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+    /// How long transient failures (network, 429, 5xx) are retried before giving up.
+    #[arg(long, env = "KANDLE_PULL_RETRY_SECONDS", default_value_t = 300)]
+    pub retry_seconds: u64,
+}
+
+impl FetchArgs {
+    pub fn options(&self) -> crate::pull::PullOptions {
+        crate::pull::PullOptions {
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            sha256: self.sha256.clone(),
+            concurrency: self.concurrency,
+            retry_budget: std::time::Duration::from_secs(self.retry_seconds),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,9 +100,15 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Model to serve: a folder (safetensors or GGUF) or a `.gguf` file.
-    #[arg(long, env = "KANDLE_MODEL")]
-    pub model: PathBuf,
+    /// Model to serve: a folder (safetensors or GGUF), a `.gguf` file, or a URI to pull
+    /// first (hf://ORG/NAME[@REVISION], https://…, file://…).
+    #[arg(long, env = "KANDLE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Where pulled models are kept (default: $XDG_CACHE_HOME/kandle or ~/.cache/kandle).
+    #[arg(long, env = "KANDLE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     /// Model id clients send and `/v1/models` lists (default: the model folder's name).
     #[arg(long, env = "KANDLE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,

@@ -18,6 +18,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod pull;
 pub mod sampling;
 pub mod serve;
 pub mod validation;

@@ -16,5 +16,16 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Pull(args) => {
+            kandle_server::logging::init(args.log_format);
+            match kandle_server::pull::pull(&args.model, &args.dest, &args.fetch.options()).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let transient = e.is_transient();
+                    tracing::error!(error = %e, transient, "pull failed");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
     }
 }

@@ -6,8 +6,10 @@ use crate::engine::generation::{Event, GenerationEngine, GenerationJob};
 use crate::http::{AppState, Engine, router};
 use crate::metrics::{Metrics, ModelLabels};
 use crate::model::{self, Backend, LoadOptions};
+use crate::pull::{self, uri::ModelUri};
 use crate::validation::SamplingParams;
 use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,16 +22,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => read_api_keys(path)?,
         None => Vec::new(),
     };
+    let model_path = resolve_model(&args).await?;
     let opts = LoadOptions {
-        path: args.model.clone(),
+        path: model_path.clone(),
         task: args.task,
         dtype: args.dtype,
         device: args.device,
     };
-    tracing::info!(model = %args.model.display(), "loading model");
+    tracing::info!(model = %model_path.display(), "loading model");
     let loaded = tokio::task::spawn_blocking(move || model::load(&opts))
         .await?
-        .with_context(|| format!("loading {}", args.model.display()))?;
+        .with_context(|| format!("loading {}", model_path.display()))?;
     let info = loaded.info.clone();
     let model_name = args
         .served_model_name
@@ -186,9 +189,37 @@ fn read_api_keys(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     Ok(keys)
 }
 
-/// The folder's (or file's) name, the id users know the model by.
-fn default_name(path: &std::path::Path) -> String {
+/// A local model as it is; a remote one pulled into the cache first.
+async fn resolve_model(args: &ServeArgs) -> anyhow::Result<PathBuf> {
+    match ModelUri::parse(&args.model)? {
+        ModelUri::Local(path) => Ok(path),
+        _ => {
+            let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+            let dest = pull::cache_folder(&cache, &args.model);
+            pull::pull(&args.model, &dest, &args.fetch.options()).await?;
+            Ok(dest)
+        }
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kandle")
+}
+
+/// The id users know the model by: the hub repository, or the folder's or file's name.
+fn default_name(model: &str) -> String {
+    if let Ok(ModelUri::Hub { repo, .. }) = ModelUri::parse(model) {
+        return repo;
+    }
+    let path = Path::new(model.strip_prefix("file://").unwrap_or(model));
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    path.file_stem()
-        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf").map(String::from).unwrap_or(name)
 }

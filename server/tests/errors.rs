@@ -236,8 +236,8 @@ async fn overload_is_429_with_retry_after() {
 }
 
 #[tokio::test]
-async fn request_ids_are_echoed_or_made() {
-    let (_dir, server) = tiny(&[]);
+async fn request_ids_are_echoed_or_made_and_logged_as_json() {
+    let (_dir, server) = tiny(&["--log-format", "json"]);
     let given = client()
         .get(server.url("/v1/models"))
         .header("x-request-id", "abc-123")
@@ -250,6 +250,25 @@ async fn request_ids_are_echoed_or_made() {
         made.headers()["x-request-id"].len(),
         36,
         "a UUID when the client sent none"
+    );
+    // Every log line is a JSON object, and the request's line carries its id (the reader
+    // thread may take a moment to see it).
+    let logged = |logs: &[String]| {
+        logs.iter().any(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"));
+            v["span"]["request_id"] == "abc-123" && v["fields"]["status"] == 200
+        })
+    };
+    for _ in 0..100 {
+        if logged(&server.logs.lock().unwrap()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!(
+        "no JSON log line for request abc-123: {:#?}",
+        server.logs.lock().unwrap()
     );
 }
 

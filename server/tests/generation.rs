@@ -210,3 +210,32 @@ async fn concurrent_requests_all_complete() {
         assert_eq!(status, 200, "{body}");
     }
 }
+
+#[tokio::test]
+async fn sharded_and_half_precision_checkpoints_load() {
+    let body = json!({"model": "tiny", "prompt": "shards", "temperature": 0, "max_tokens": 12});
+    let (_single_dir, single) = tiny();
+    let (_, expected) = post(&single, "/v1/completions", body.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    TinyLlama::FAST.write_sharded(dir.path());
+    assert!(!dir.path().join("model.safetensors").exists());
+    let sharded = Server::start(dir.path(), &["--served-model-name", "tiny"]);
+    let (_, got) = post(&sharded, "/v1/completions", body.clone()).await;
+    assert_eq!(
+        got["choices"][0]["text"], expected["choices"][0]["text"],
+        "same weights, same greedy text"
+    );
+    for dtype in ["f16", "bf16"] {
+        let half = Server::start(
+            dir.path(),
+            &["--served-model-name", "tiny", "--dtype", dtype],
+        );
+        let (status, r) = post(&half, "/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "{dtype}: {r}");
+        assert_eq!(
+            r["usage"]["completion_tokens"].as_u64().unwrap()
+                + r["usage"]["prompt_tokens"].as_u64().unwrap(),
+            r["usage"]["total_tokens"].as_u64().unwrap()
+        );
+    }
+}

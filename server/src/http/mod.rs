@@ -27,7 +27,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub enum Engine {
     Generation(GenerationEngine),
@@ -95,7 +95,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default();
                     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
-                }))
+                })
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)))
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
         .with_state(state)

@@ -2,6 +2,8 @@
 //! and a `kandle-server` process on loopback.
 #![allow(dead_code)]
 
+pub mod hub;
+
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -95,6 +97,30 @@ impl TinyLlama {
             tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones(h));
         }
         candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    }
+
+    /// The same checkpoint as `write`, stored as two shards and the index that names them.
+    pub fn write_sharded(&self, dir: &Path) {
+        self.write(dir);
+        let single = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+        std::fs::remove_file(single).unwrap();
+        let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+        let mut weight_map = serde_json::Map::new();
+        for (i, (name, tensor)) in tensors.into_iter().enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+            weight_map.insert(name.clone(), file.into());
+            shards[i % 2].insert(name, tensor);
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            candle_core::safetensors::save(
+                shard,
+                dir.join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+            )
+            .unwrap();
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     }
 }
 

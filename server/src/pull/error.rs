@@ -1,0 +1,100 @@
+//! Pull failures, split into permanent (fix the spec) and transient (retry later), which
+//! the exit code tells apart for the operator.
+use std::path::PathBuf;
+
+/// Exit code of a pull that will fail again until something changes (auth, URI, integrity).
+pub const EXIT_PERMANENT: u8 = 3;
+/// Exit code of a pull that may succeed if retried later (network, 5xx, 429).
+pub const EXIT_TRANSIENT: u8 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Uri(#[from] super::uri::UriError),
+    #[error("{uri}: {source}")]
+    Select {
+        uri: String,
+        source: super::select::SelectError,
+    },
+    #[error("{uri}: access denied ({status}){hint}")]
+    Unauthorized {
+        uri: String,
+        status: u16,
+        hint: &'static str,
+    },
+    #[error("{uri}: not found (404)")]
+    NotFound { uri: String },
+    #[error("{uri}: HTTP {status}")]
+    Status { uri: String, status: u16 },
+    #[error("{uri}: {message}")]
+    Network { uri: String, message: String },
+    #[error("{uri}: gave up after retrying for {seconds} s: {last}")]
+    RetriesExhausted {
+        uri: String,
+        seconds: u64,
+        last: String,
+    },
+    #[error("{file}: checksum mismatch twice: expected {expected}, got {actual}")]
+    Integrity {
+        file: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{file}: size mismatch twice: expected {expected} bytes, got {actual}")]
+    Size {
+        file: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{uri}: unexpected answer: {message}")]
+    Protocol { uri: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl PullError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+
+    /// Worth retrying: the network, the server's load, or its temporary faults.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Network { .. } | Self::RetriesExhausted { .. } => true,
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        if self.is_transient() {
+            EXIT_TRANSIENT
+        } else {
+            EXIT_PERMANENT
+        }
+    }
+
+    /// Maps an HTTP status that is not success to the error users should read.
+    pub fn from_status(uri: &str, status: u16, has_token: bool) -> Self {
+        let uri = uri.to_string();
+        match status {
+            401 | 403 => Self::Unauthorized {
+                uri,
+                status,
+                hint: if has_token {
+                    "; the token in HF_TOKEN cannot read this model"
+                } else {
+                    "; the model may be gated or private: set HF_TOKEN"
+                },
+            },
+            404 => Self::NotFound { uri },
+            _ => Self::Status { uri, status },
+        }
+    }
+}

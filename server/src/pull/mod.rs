@@ -1,0 +1,343 @@
+//! `kandle-server pull`: a model from the hub, a URL or a path into a folder that
+//! `serve --model DIR` loads. Verified, resumable, atomic, and safe when several
+//! processes share the folder.
+pub mod error;
+pub mod fetch;
+pub mod hub;
+pub mod progress;
+pub mod select;
+pub mod uri;
+
+use error::PullError;
+use fetch::{Digest, Fetcher, FileRecord, RemoteFile};
+use futures::{StreamExt, TryStreamExt};
+use progress::Progress;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use uri::ModelUri;
+
+/// Written last: a folder with a marker holds every file it lists, verified.
+pub const MARKER: &str = ".kandle-pull.json";
+const LOCK: &str = ".kandle-pull.lock";
+const STAGING: &str = ".kandle-staging";
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Expected sha256 of a single-URL download.
+    pub sha256: Option<String>,
+    pub concurrency: usize,
+    pub retry_budget: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub source: String,
+    pub revision: Option<String>,
+    pub files: Vec<FileRecord>,
+}
+
+impl Marker {
+    fn read(dest: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(dest.join(MARKER)).ok()?).ok()
+    }
+
+    /// Every listed file is there with its recorded size (hashes were checked on arrival).
+    fn complete(&self, dest: &Path) -> bool {
+        self.files
+            .iter()
+            .all(|f| std::fs::metadata(dest.join(&f.path)).is_ok_and(|m| m.len() == f.size))
+    }
+}
+
+/// Pulls `uri` into `dest`; returns the marker describing what is there.
+pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, PullError> {
+    let parsed = ModelUri::parse(uri)?;
+    tokio::fs::create_dir_all(dest)
+        .await
+        .map_err(PullError::io(dest))?;
+    let _lock = lock(dest).await?;
+    let started = Instant::now();
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| PullError::Network {
+            uri: uri.into(),
+            message: e.to_string(),
+        })?;
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+    let include = select::globs(&opts.include).map_err(|source| PullError::Select {
+        uri: uri.into(),
+        source,
+    })?;
+    let exclude = select::globs(&opts.exclude).map_err(|source| PullError::Select {
+        uri: uri.into(),
+        source,
+    })?;
+
+    let (revision, files) = match &parsed {
+        ModelUri::Hub { repo, revision } => {
+            // A pinned commit already pulled needs no request at all.
+            if let Some(m) = Marker::read(dest).filter(|m| {
+                m.source == uri
+                    && m.revision.as_deref() == Some(revision.as_str())
+                    && m.complete(dest)
+            }) {
+                tracing::info!(%uri, "already pulled");
+                return Ok(m);
+            }
+            let listing = hub::list(&client, token.as_deref(), repo, revision).await?;
+            let names: Vec<String> = listing.files.iter().map(|f| f.path.clone()).collect();
+            let chosen =
+                select::select(&names, include.as_ref(), exclude.as_ref()).map_err(|source| {
+                    PullError::Select {
+                        uri: uri.into(),
+                        source,
+                    }
+                })?;
+            let files = listing
+                .files
+                .into_iter()
+                .filter(|f| chosen.contains(&f.path))
+                .collect();
+            (Some(listing.commit), files)
+        }
+        ModelUri::Url(url) => {
+            let name = url
+                .rsplit('/')
+                .next()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("model.gguf");
+            let name = name.split(['?', '#']).next().unwrap_or(name).to_string();
+            let digest = opts
+                .sha256
+                .clone()
+                .map(|h| Digest::Sha256(h.to_lowercase()));
+            (
+                None,
+                vec![RemoteFile {
+                    path: name,
+                    url: url.clone(),
+                    size: None,
+                    digest,
+                }],
+            )
+        }
+        ModelUri::Local(path) => {
+            return copy_local(uri, path, dest, include.as_ref(), exclude.as_ref()).await;
+        }
+        ModelUri::S3 { .. } => {
+            return Err(PullError::Unsupported(format!(
+                "{uri}: s3:// pulls are not implemented yet"
+            )));
+        }
+    };
+
+    if let Some(m) =
+        Marker::read(dest).filter(|m| m.source == uri && m.revision == revision && m.complete(dest))
+    {
+        tracing::info!(%uri, revision = ?m.revision, "already pulled");
+        return Ok(m);
+    }
+    let total: u64 = files.iter().filter_map(|f| f.size).sum();
+    tracing::info!(%uri, revision = ?revision, files = files.len(), total_bytes = total, "pulling");
+    let progress = Progress::new(uri, total);
+    let reporter = progress.report();
+    let fetcher = Fetcher {
+        client,
+        token,
+        retry_budget: opts.retry_budget,
+    };
+    let staging = dest.join(STAGING);
+    let records: Result<Vec<FileRecord>, PullError> = futures::stream::iter(files.iter())
+        .map(|file| {
+            let part = staging.join(&file.path);
+            let (fetcher, progress) = (&fetcher, &progress);
+            async move { fetcher.fetch(file, &part, progress).await }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .try_collect()
+        .await;
+    reporter.abort();
+    let mut records = records?;
+    records.sort_by(|a, b| a.path.cmp(&b.path));
+    let marker = Marker {
+        source: uri.to_string(),
+        revision,
+        files: records,
+    };
+    publish(dest, &staging, &marker).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        %uri, files = marker.files.len(), bytes = progress.done(), seconds,
+        rate_mib_s = format!("{:.1}", progress.done() as f64 / seconds / (1024.0 * 1024.0)),
+        "pull complete"
+    );
+    Ok(marker)
+}
+
+/// Moves verified files from staging into place, then writes the marker last.
+async fn publish(dest: &Path, staging: &Path, marker: &Marker) -> Result<(), PullError> {
+    // A changed revision may have dropped files: the old marker must not vouch for a mix.
+    let _ = tokio::fs::remove_file(dest.join(MARKER)).await;
+    for f in &marker.files {
+        let target = dest.join(&f.path);
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(PullError::io(parent))?;
+        }
+        tokio::fs::rename(staging.join(&f.path), &target)
+            .await
+            .map_err(PullError::io(&target))?;
+    }
+    let _ = tokio::fs::remove_dir_all(staging).await;
+    write_marker(dest, marker).await
+}
+
+async fn write_marker(dest: &Path, marker: &Marker) -> Result<(), PullError> {
+    let tmp = dest.join(format!("{MARKER}.tmp"));
+    let body = serde_json::to_vec_pretty(marker).expect("marker serializes");
+    tokio::fs::write(&tmp, body)
+        .await
+        .map_err(PullError::io(&tmp))?;
+    tokio::fs::rename(&tmp, dest.join(MARKER))
+        .await
+        .map_err(PullError::io(dest.join(MARKER)))
+}
+
+/// One process pulls into a folder at a time; the others wait, then find it done.
+async fn lock(dest: &Path) -> Result<std::fs::File, PullError> {
+    let path = dest.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(PullError::io(&path))?;
+    if file.try_lock().is_ok() {
+        return Ok(file);
+    }
+    tracing::info!(folder = %dest.display(), "another process is pulling into this folder; waiting for it");
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .expect("lock task")
+        .map_err(PullError::io(path))
+}
+
+/// A local folder or file: hard-linked where possible, else copied; never modified.
+async fn copy_local(
+    uri: &str,
+    source: &Path,
+    dest: &Path,
+    include: Option<&globset::GlobSet>,
+    exclude: Option<&globset::GlobSet>,
+) -> Result<Marker, PullError> {
+    let source = source.to_path_buf();
+    let (dest, dest_for_publish) = (dest.to_path_buf(), dest.to_path_buf());
+    let (uri, include, exclude) = (uri.to_string(), include.cloned(), exclude.cloned());
+    let marker = tokio::task::spawn_blocking(move || -> Result<Marker, PullError> {
+        let (root, names) = if source.is_file() {
+            let name = source
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            (
+                source.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                vec![name],
+            )
+        } else {
+            let mut names = Vec::new();
+            walk(&source, &source, &mut names)?;
+            let names =
+                select::select(&names, include.as_ref(), exclude.as_ref()).map_err(|source| {
+                    PullError::Select {
+                        uri: uri.clone(),
+                        source,
+                    }
+                })?;
+            (source.clone(), names)
+        };
+        let staging = dest.join(STAGING);
+        let mut files = Vec::new();
+        for name in names {
+            let (from, to) = (root.join(&name), staging.join(&name));
+            std::fs::create_dir_all(to.parent().unwrap_or(&staging))
+                .map_err(PullError::io(&staging))?;
+            let _ = std::fs::remove_file(&to);
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(PullError::io(&from))?;
+            }
+            let (size, sha256) = hash_file(&to)?;
+            files.push(FileRecord {
+                path: name,
+                size,
+                sha256,
+            });
+        }
+        Ok(Marker {
+            source: uri,
+            revision: None,
+            files,
+        })
+    })
+    .await
+    .expect("copy task")?;
+    publish(&dest_for_publish, &dest_for_publish.join(STAGING), &marker).await?;
+    Ok(marker)
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), PullError> {
+    for entry in std::fs::read_dir(dir).map_err(PullError::io(dir))? {
+        let path = entry.map_err(PullError::io(dir))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            walk(root, &path, out)?;
+        } else {
+            out.push(
+                path.strip_prefix(root)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> Result<(u64, String), PullError> {
+    use sha2::{Digest as _, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(PullError::io(path))?;
+    let (mut hasher, mut buf, mut size) = (Sha256::new(), vec![0u8; 1 << 16], 0u64);
+    loop {
+        let n = file.read(&mut buf).map_err(PullError::io(path))?;
+        if n == 0 {
+            return Ok((size, hex::encode(hasher.finalize())));
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// The folder under the cache where `serve --model URI` keeps a pulled model.
+pub fn cache_folder(cache_dir: &Path, uri: &str) -> PathBuf {
+    let safe: String = uri
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    cache_dir.join(safe)
+}

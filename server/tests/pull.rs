@@ -1,0 +1,407 @@
+//! `kandle-server pull` against a hub-like server on loopback with injected faults.
+mod common;
+
+use common::hub::{self, Faults, Hub, Repo};
+use common::{Server, TinyLlama, post};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A hub holding `org/tiny`: a tiny Llama plus files a model does not need.
+fn hub_with_tiny() -> (Arc<Hub>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    TinyLlama::FAST.write(dir.path());
+    let mut files = std::collections::BTreeMap::new();
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        files.insert(
+            name.to_string(),
+            std::fs::read(dir.path().join(name)).unwrap(),
+        );
+    }
+    for junk in [
+        "README.md",
+        "onnx/model.onnx",
+        "pytorch_model.bin",
+        "flax_model.msgpack",
+    ] {
+        files.insert(junk.to_string(), vec![7u8; 2000]);
+    }
+    let hub = Arc::new(Hub::default());
+    hub.add_repo(
+        "org/tiny",
+        Repo {
+            commit: COMMIT.into(),
+            files,
+            token: None,
+        },
+    );
+    let url = hub::start(hub.clone());
+    (hub, url)
+}
+
+fn pull_cmd(endpoint: &str, uri: &str, dest: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kandle-server"));
+    cmd.args(["pull", "--model", uri, "--dest"])
+        .arg(dest)
+        .args(extra);
+    cmd.env("HF_ENDPOINT", endpoint)
+        .env_remove("HF_TOKEN")
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+fn pull(endpoint: &str, uri: &str, dest: &Path, extra: &[&str]) -> Output {
+    pull_cmd(endpoint, uri, dest, extra).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn marker(dest: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dest.join(".kandle-pull.json")).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn pulls_what_a_model_needs_verified_and_serves_it() {
+    let (hub, endpoint) = hub_with_tiny();
+    let dest = tempfile::tempdir().unwrap();
+    let out = pull(&endpoint, "hf://org/tiny", dest.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = marker(dest.path());
+    assert_eq!(m["source"], "hf://org/tiny");
+    assert_eq!(
+        m["revision"], COMMIT,
+        "the branch is resolved to its commit"
+    );
+    let files: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    for f in m["files"].as_array().unwrap() {
+        let data = std::fs::read(dest.path().join(f["path"].as_str().unwrap())).unwrap();
+        assert_eq!(f["sha256"], hub::sha256_hex(&data));
+        assert_eq!(f["size"], data.len());
+    }
+    assert!(!dest.path().join("onnx").exists() && !dest.path().join("pytorch_model.bin").exists());
+
+    // Pulled again: metadata only, nothing transferred.
+    let before = hub.resolve_hits();
+    let started = Instant::now();
+    let again = pull(&endpoint, "hf://org/tiny", dest.path(), &[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(hub.resolve_hits(), before, "no file was fetched twice");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a satisfied pull is quick: {:?}",
+        started.elapsed()
+    );
+
+    let server = Server::start(dest.path(), &["--served-model-name", "tiny"]);
+    let (status, _) = post(
+        &server,
+        "/v1/completions",
+        serde_json::json!({"model": "tiny", "prompt": "hi", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn transient_faults_are_retried_and_dropped_downloads_resume_with_range() {
+    let (hub, endpoint) = hub_with_tiny();
+    hub.fault(
+        "config.json",
+        Faults {
+            unavailable: 2,
+            ..Faults::default()
+        },
+    );
+    // Paced so the client reads what came before the drop (a reset discards unread bytes).
+    hub.fault(
+        "model.safetensors",
+        Faults {
+            drop_after: Some((40_000, 1)),
+            throttle: Some(Duration::from_millis(5)),
+            ..Faults::default()
+        },
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let out = pull(&endpoint, "hf://org/tiny", dest.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let statuses: Vec<u16> = hub
+        .hits_for("config.json")
+        .iter()
+        .map(|h| h.status)
+        .collect();
+    assert_eq!(statuses, [503, 503, 200]);
+    let hits = hub.hits_for("model.safetensors");
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    let resumed_at: u64 = hits[1]
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap_or_else(|| panic!("the retry continues where the drop left off: {hits:?}"));
+    assert!(resumed_at > 0 && resumed_at <= 40_000, "{resumed_at}");
+    let data = std::fs::read(dest.path().join("model.safetensors")).unwrap();
+    assert_eq!(
+        marker(dest.path())["files"][1]["sha256"],
+        hub::sha256_hex(&data)
+    );
+}
+
+#[test]
+fn corrupted_files_are_fetched_again_then_refused_naming_both_hashes() {
+    let (hub, endpoint) = hub_with_tiny();
+    hub.fault(
+        "tokenizer.json",
+        Faults {
+            corrupt: 1,
+            ..Faults::default()
+        },
+    );
+    let once = tempfile::tempdir().unwrap();
+    let out = pull(&endpoint, "hf://org/tiny", once.path(), &[]);
+    assert!(
+        out.status.success(),
+        "one bad download is retried from scratch: {}",
+        stderr(&out)
+    );
+    assert_eq!(hub.hits_for("tokenizer.json").len(), 2);
+
+    hub.fault(
+        "model.safetensors",
+        Faults {
+            corrupt: 2,
+            ..Faults::default()
+        },
+    );
+    let twice = tempfile::tempdir().unwrap();
+    let out = pull(&endpoint, "hf://org/tiny", twice.path(), &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "integrity failures are permanent"
+    );
+    let err = stderr(&out);
+    let expected =
+        hub::sha256_hex(&hub.repos.lock().unwrap()["org/tiny"].files["model.safetensors"]);
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains(&expected)
+            && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    assert!(
+        !twice.path().join(".kandle-pull.json").exists(),
+        "no marker for a failed pull"
+    );
+    assert!(
+        !twice.path().join("model.safetensors").exists(),
+        "no bad file is published"
+    );
+}
+
+#[test]
+fn auth_and_missing_repos_fail_at_once_with_a_cause() {
+    let (hub, endpoint) = hub_with_tiny();
+    let mut files = std::collections::BTreeMap::new();
+    files.insert("model.gguf".to_string(), vec![1u8; 4096]);
+    hub.add_repo(
+        "org/gated",
+        Repo {
+            commit: COMMIT.into(),
+            files,
+            token: Some("hf_secret_token".into()),
+        },
+    );
+    let dest = tempfile::tempdir().unwrap();
+
+    let started = Instant::now();
+    let out = pull(&endpoint, "hf://org/gated", dest.path(), &[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("hf://org/gated") && stderr(&out).contains("HF_TOKEN"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "permanent errors are not retried"
+    );
+
+    let out = pull_cmd(&endpoint, "hf://org/gated", dest.path(), &[])
+        .env("HF_TOKEN", "hf_secret_token")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("hf_secret_token"),
+        "secrets never reach the logs"
+    );
+
+    let out = pull(&endpoint, "hf://org/missing", dest.path(), &[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+}
+
+#[test]
+fn persistent_server_errors_are_transient_with_their_own_exit_code() {
+    let (hub, endpoint) = hub_with_tiny();
+    hub.fault(
+        "config.json",
+        Faults {
+            unavailable: 1000,
+            ..Faults::default()
+        },
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let out = pull(
+        &endpoint,
+        "hf://org/tiny",
+        dest.path(),
+        &["--retry-seconds", "2"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        hub.hits_for("config.json").len() >= 3,
+        "retried with backoff before giving up"
+    );
+}
+
+#[test]
+fn concurrent_pulls_into_one_folder_download_once() {
+    let (hub, endpoint) = hub_with_tiny();
+    hub.fault(
+        "model.safetensors",
+        Faults {
+            throttle: Some(Duration::from_millis(20)),
+            ..Faults::default()
+        },
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            pull_cmd(&endpoint, "hf://org/tiny", dest.path(), &[])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(
+        hub.hits_for("model.safetensors").len(),
+        1,
+        "one process downloaded, the other waited"
+    );
+    assert_eq!(marker(dest.path())["revision"], COMMIT);
+}
+
+#[test]
+fn a_killed_pull_resumes_with_a_range_request() {
+    let (hub, endpoint) = hub_with_tiny();
+    hub.fault(
+        "model.safetensors",
+        Faults {
+            throttle: Some(Duration::from_millis(30)),
+            ..Faults::default()
+        },
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let mut child = pull_cmd(
+        &endpoint,
+        "hf://org/tiny",
+        dest.path(),
+        &["--concurrency", "1"],
+    )
+    .spawn()
+    .unwrap();
+    let part = dest.path().join(".kandle-staging/model.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 40_000 {
+        assert!(Instant::now() < deadline, "the download never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = std::fs::metadata(&part).unwrap().len();
+    hub.fault("model.safetensors", Faults::default());
+    let out = pull(&endpoint, "hf://org/tiny", dest.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hits = hub.hits_for("model.safetensors");
+    assert_eq!(
+        hits.last().unwrap().range,
+        Some(format!("bytes={kept}-")),
+        "{hits:?}"
+    );
+    let data = std::fs::read(dest.path().join("model.safetensors")).unwrap();
+    assert_eq!(
+        data,
+        hub.repos.lock().unwrap()["org/tiny"].files["model.safetensors"]
+    );
+}
+
+#[test]
+fn single_urls_are_checked_against_sha256_and_local_paths_are_copied_unchanged() {
+    let (hub, endpoint) = hub_with_tiny();
+    let data = hub.repos.lock().unwrap()["org/tiny"].files["model.safetensors"].clone();
+    let url = format!("{endpoint}/org/tiny/resolve/main/model.safetensors");
+    let dest = tempfile::tempdir().unwrap();
+    let good = pull(
+        &endpoint,
+        &url,
+        dest.path(),
+        &["--sha256", &hub::sha256_hex(&data)],
+    );
+    assert!(good.status.success(), "{}", stderr(&good));
+    assert_eq!(
+        std::fs::read(dest.path().join("model.safetensors")).unwrap(),
+        data
+    );
+    let wrong = tempfile::tempdir().unwrap();
+    let bad = pull(
+        &endpoint,
+        &url,
+        wrong.path(),
+        &["--sha256", &"0".repeat(64)],
+    );
+    assert_eq!(bad.status.code(), Some(3), "{}", stderr(&bad));
+
+    let copy = tempfile::tempdir().unwrap();
+    let out = pull(
+        &endpoint,
+        &format!("file://{}", dest.path().display()),
+        copy.path(),
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(copy.path().join("model.safetensors")).unwrap(),
+        data
+    );
+    assert_eq!(
+        std::fs::read(dest.path().join("model.safetensors")).unwrap(),
+        data,
+        "the source is untouched"
+    );
+}
