@@ -1,14 +1,18 @@
-//! One file over HTTP into a part file: resumed with a Range request from whatever an
-//! earlier attempt (or process) left, hashed as it streams, retried with backoff on
-//! transient failures, and verified against the size and digest its source publishes.
+//! One file into a part file: resumed from whatever an earlier attempt (or process) left,
+//! hashed as it streams, retried with backoff on transient failures, and verified against
+//! the size and digest its source publishes. HTTP uses Range requests, S3 ranged GETs.
 use super::error::PullError;
 use super::progress::Progress;
+use bytes::Bytes;
 use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::{GetOptions, GetRange, ObjectStore};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, RANGE};
 use sha1::Sha1;
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,13 +23,52 @@ pub enum Digest {
     /// Git's blob id (sha1 of "blob SIZE\0" and the content): the hub's hash for files
     /// kept outside LFS.
     GitBlobSha1(String),
+    /// An S3 ETag of a single-part upload: the content's MD5.
+    Md5(String),
+}
+
+/// The hash a digest other than sha256 needs, computed alongside sha256.
+enum Check {
+    Sha1(Sha1),
+    Md5(md5::Context),
+}
+
+impl Check {
+    fn new(digest: Option<&Digest>, size: Option<u64>) -> Option<Self> {
+        match (digest?, size) {
+            (Digest::GitBlobSha1(_), Some(size)) => {
+                let mut h = Sha1::new();
+                h.update(format!("blob {size}\0").as_bytes());
+                Some(Self::Sha1(h))
+            }
+            (Digest::Md5(_), _) => Some(Self::Md5(md5::Context::new())),
+            _ => None,
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Self::Sha1(h) => h.update(bytes),
+            Self::Md5(h) => h.consume(bytes),
+        }
+    }
+
+    fn hex(self) -> String {
+        match self {
+            Self::Sha1(h) => hex::encode(h.finalize()),
+            Self::Md5(h) => format!("{:x}", h.finalize()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct RemoteFile {
     /// Where it goes inside the model folder.
     pub path: String,
+    /// Where it comes from: fetched over HTTP unless `object` is set; named in errors.
     pub url: String,
+    /// The store and key of an s3:// file.
+    pub object: Option<(Arc<dyn ObjectStore>, object_store::path::Path)>,
     pub size: Option<u64>,
     pub digest: Option<Digest>,
 }
@@ -51,30 +94,31 @@ struct Partial {
     path: PathBuf,
     len: u64,
     sha256: Sha256,
-    sha1: Option<Sha1>,
+    check: Option<Check>,
 }
 
 impl Partial {
-    async fn open(path: &Path, size: Option<u64>, want_sha1: bool) -> Result<Self, PullError> {
+    async fn open(path: &Path, remote: &RemoteFile) -> Result<Self, PullError> {
         if let Some(parent) = path.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
                 .map_err(PullError::io(parent))?;
         }
-        // Hash what an earlier attempt or process left, so the digest covers the whole file.
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(PullError::io(path))?;
         let mut partial = Self {
-            file: tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .await
-                .map_err(PullError::io(path))?,
+            file,
             path: path.to_path_buf(),
             len: 0,
             sha256: Sha256::new(),
-            sha1: None,
+            check: None,
         };
-        partial.reset_hashes(size, want_sha1);
+        partial.reset_hashes(remote);
+        // Hash what an earlier attempt or process left, so the digest covers the whole file.
         let mut existing = tokio::fs::File::open(path)
             .await
             .map_err(PullError::io(path))?;
@@ -82,30 +126,22 @@ impl Partial {
         loop {
             let n = existing.read(&mut buf).await.map_err(PullError::io(path))?;
             if n == 0 {
-                break;
+                return Ok(partial);
             }
             partial.update(&buf[..n]);
         }
-        Ok(partial)
     }
 
-    fn reset_hashes(&mut self, size: Option<u64>, want_sha1: bool) {
+    fn reset_hashes(&mut self, remote: &RemoteFile) {
         self.len = 0;
         self.sha256 = Sha256::new();
-        self.sha1 = match (want_sha1, size) {
-            (true, Some(size)) => {
-                let mut h = Sha1::new();
-                h.update(format!("blob {size}\0").as_bytes());
-                Some(h)
-            }
-            _ => None,
-        };
+        self.check = Check::new(remote.digest.as_ref(), remote.size);
     }
 
     fn update(&mut self, bytes: &[u8]) {
         self.len += bytes.len() as u64;
         self.sha256.update(bytes);
-        if let Some(h) = &mut self.sha1 {
+        if let Some(h) = &mut self.check {
             h.update(bytes);
         }
     }
@@ -119,12 +155,14 @@ impl Partial {
         Ok(())
     }
 
-    async fn truncate(&mut self, size: Option<u64>, want_sha1: bool) -> Result<(), PullError> {
+    /// Throws the part away: the source will send the file from its start.
+    async fn restart(&mut self, remote: &RemoteFile, progress: &Progress) -> Result<(), PullError> {
+        progress.add_negative(self.len);
         self.file
             .set_len(0)
             .await
             .map_err(PullError::io(&self.path))?;
-        self.reset_hashes(size, want_sha1);
+        self.reset_hashes(remote);
         Ok(())
     }
 }
@@ -138,40 +176,38 @@ impl Fetcher {
         part: &Path,
         progress: &Progress,
     ) -> Result<FileRecord, PullError> {
-        let want_sha1 = matches!(file.digest, Some(Digest::GitBlobSha1(_)));
         let mut second_try = false;
         loop {
-            let mut partial = Partial::open(part, file.size, want_sha1).await?;
+            let mut partial = Partial::open(part, file).await?;
             progress.add(partial.len);
             self.download_with_retries(file, &mut partial, progress)
                 .await?;
             partial.file.sync_all().await.map_err(PullError::io(part))?;
             let sha256 = hex::encode(partial.sha256.clone().finalize());
-            let mismatch = match (&file.size, &file.digest) {
-                (Some(size), _) if *size != partial.len => Some(PullError::Size {
+            let actual = match &file.digest {
+                Some(Digest::Sha256(_)) => Some(sha256.clone()),
+                Some(_) => partial.check.take().map(Check::hex),
+                None => None,
+            };
+            let mismatch = match (file.size, &file.digest, actual) {
+                (Some(size), _, _) if size != partial.len => Some(PullError::Size {
                     file: file.path.clone(),
-                    expected: *size,
+                    expected: size,
                     actual: partial.len,
                 }),
-                (_, Some(Digest::Sha256(expected))) if !expected.eq_ignore_ascii_case(&sha256) => {
-                    Some(PullError::Integrity {
-                        file: file.path.clone(),
-                        expected: expected.clone(),
-                        actual: sha256.clone(),
-                    })
-                }
-                (_, Some(Digest::GitBlobSha1(expected))) => {
-                    let actual = partial
-                        .sha1
-                        .take()
-                        .map(|h| hex::encode(h.finalize()))
-                        .unwrap_or_default();
-                    (!expected.eq_ignore_ascii_case(&actual)).then(|| PullError::Integrity {
-                        file: file.path.clone(),
-                        expected: expected.clone(),
-                        actual,
-                    })
-                }
+                (
+                    _,
+                    Some(
+                        Digest::Sha256(expected)
+                        | Digest::GitBlobSha1(expected)
+                        | Digest::Md5(expected),
+                    ),
+                    Some(actual),
+                ) if !expected.eq_ignore_ascii_case(&actual) => Some(PullError::Integrity {
+                    file: file.path.clone(),
+                    expected: expected.clone(),
+                    actual,
+                }),
                 _ => None,
             };
             let Some(error) = mismatch else {
@@ -181,11 +217,11 @@ impl Fetcher {
                     sha256,
                 });
             };
+            progress.add_negative(partial.len);
             drop(partial);
             tokio::fs::remove_file(part)
                 .await
                 .map_err(PullError::io(part))?;
-            progress.add_negative(file.size.unwrap_or(0));
             if second_try {
                 return Err(error);
             }
@@ -235,6 +271,30 @@ impl Fetcher {
         if file.size.is_some_and(|size| partial.len == size) {
             return Ok(());
         }
+        let mut body = match &file.object {
+            Some((store, key)) => self.s3_body(file, store.as_ref(), key, partial.len).await?,
+            None => self.http_body(file, partial, progress).await?,
+        };
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            partial.append(&chunk).await?;
+            progress.add(chunk.len() as u64);
+        }
+        partial
+            .file
+            .flush()
+            .await
+            .map_err(PullError::io(&partial.path))?;
+        Ok(())
+    }
+
+    /// The rest of the file over HTTP: a Range request when a part exists.
+    async fn http_body(
+        &self,
+        file: &RemoteFile,
+        partial: &mut Partial,
+        progress: &Progress,
+    ) -> Result<BoxStream<'static, Result<Bytes, PullError>>, PullError> {
         let mut request = self.client.get(&file.url);
         if partial.len > 0 {
             request = request.header(RANGE, format!("bytes={}-", partial.len));
@@ -242,25 +302,19 @@ impl Fetcher {
         if let Some(token) = &self.token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
         }
-        let network = |e: reqwest::Error| PullError::Network {
-            uri: file.url.clone(),
+        let uri = file.url.clone();
+        let network = move |e: reqwest::Error| PullError::Network {
+            uri: uri.clone(),
             message: network_message(&e),
         };
-        let response = request.send().await.map_err(network)?;
-        let want_sha1 = matches!(file.digest, Some(Digest::GitBlobSha1(_)));
+        let response = request.send().await.map_err(network.clone())?;
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::OK => {
-                // The server ignored the range: start over.
-                if partial.len > 0 {
-                    progress.add_negative(partial.len);
-                    partial.truncate(file.size, want_sha1).await?;
-                }
-            }
+            // The server ignored the range: start over.
+            StatusCode::OK => partial.restart(file, progress).await?,
             StatusCode::RANGE_NOT_SATISFIABLE => {
-                // The part file is longer than the file: it is not this file's prefix.
-                progress.add_negative(partial.len);
-                partial.truncate(file.size, want_sha1).await?;
+                // The part is longer than the file: it is not this file's prefix.
+                partial.restart(file, progress).await?;
                 return Err(PullError::Network {
                     uri: file.url.clone(),
                     message: "range not satisfiable; starting the file over".into(),
@@ -274,18 +328,75 @@ impl Fetcher {
                 ));
             }
         }
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(network)?;
-            partial.append(&chunk).await?;
-            progress.add(chunk.len() as u64);
-        }
-        partial
-            .file
-            .flush()
+        Ok(response
+            .bytes_stream()
+            .map(move |chunk| chunk.map_err(&network))
+            .boxed())
+    }
+
+    /// The rest of an S3 object: a ranged GET when a part exists.
+    async fn s3_body(
+        &self,
+        file: &RemoteFile,
+        store: &dyn ObjectStore,
+        key: &object_store::path::Path,
+        offset: u64,
+    ) -> Result<BoxStream<'static, Result<Bytes, PullError>>, PullError> {
+        let options = GetOptions {
+            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            ..GetOptions::default()
+        };
+        let result = store
+            .get_opts(key, options)
             .await
-            .map_err(PullError::io(&partial.path))?;
-        Ok(())
+            .map_err(|e| s3_error(&file.url, e))?;
+        let uri = file.url.clone();
+        Ok(result
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|e| s3_error(&uri, e)))
+            .boxed())
+    }
+}
+
+/// object_store's errors as pull errors: missing and forbidden are permanent, the rest
+/// (network, throttling, 5xx after the store's own retries) transient.
+pub fn s3_error(uri: &str, e: object_store::Error) -> PullError {
+    match e {
+        object_store::Error::NotFound { .. } => PullError::NotFound { uri: uri.into() },
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => PullError::Unauthorized {
+            uri: uri.into(),
+            status: 403,
+            hint: "; check the AWS credentials",
+        },
+        other => {
+            // object_store reports list failures as Generic, with the HTTP status only in
+            // the message; a 4xx there is as permanent as any other.
+            let message = other.to_string();
+            let status = message
+                .split("status code: ")
+                .nth(1)
+                .and_then(|rest| rest.get(..3))
+                .and_then(|code| code.parse::<u16>().ok());
+            match status {
+                Some(404) => PullError::NotFound { uri: uri.into() },
+                Some(401 | 403) => PullError::Unauthorized {
+                    uri: uri.into(),
+                    status: 403,
+                    hint: "; check the AWS credentials",
+                },
+                Some(status) if (400..500).contains(&status) && status != 429 => {
+                    PullError::Status {
+                        uri: uri.into(),
+                        status,
+                    }
+                }
+                _ => PullError::Network {
+                    uri: uri.into(),
+                    message,
+                },
+            }
+        }
     }
 }
 

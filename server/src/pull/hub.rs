@@ -75,6 +75,7 @@ pub async fn list(
                 None => (s.size, s.blob_id.map(Digest::GitBlobSha1)),
             };
             RemoteFile {
+                object: None,
                 url: format!("{endpoint}/{repo}/resolve/{}/{}", info.sha, s.rfilename),
                 path: s.rfilename,
                 size,

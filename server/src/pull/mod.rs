@@ -5,6 +5,7 @@ pub mod error;
 pub mod fetch;
 pub mod hub;
 pub mod progress;
+pub mod s3;
 pub mod select;
 pub mod uri;
 
@@ -78,63 +79,76 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
         source,
     })?;
 
-    let (revision, files) = match &parsed {
-        ModelUri::Hub { repo, revision } => {
-            // A pinned commit already pulled needs no request at all.
-            if let Some(m) = Marker::read(dest).filter(|m| {
-                m.source == uri
-                    && m.revision.as_deref() == Some(revision.as_str())
-                    && m.complete(dest)
-            }) {
-                tracing::info!(%uri, "already pulled");
-                return Ok(m);
-            }
-            let listing = hub::list(&client, token.as_deref(), repo, revision).await?;
-            let names: Vec<String> = listing.files.iter().map(|f| f.path.clone()).collect();
-            let chosen =
-                select::select(&names, include.as_ref(), exclude.as_ref()).map_err(|source| {
-                    PullError::Select {
+    let (revision, files) =
+        match &parsed {
+            ModelUri::Hub { repo, revision } => {
+                // A pinned commit already pulled needs no request at all.
+                if let Some(m) = Marker::read(dest).filter(|m| {
+                    m.source == uri
+                        && m.revision.as_deref() == Some(revision.as_str())
+                        && m.complete(dest)
+                }) {
+                    tracing::info!(%uri, "already pulled");
+                    return Ok(m);
+                }
+                let listing = hub::list(&client, token.as_deref(), repo, revision).await?;
+                let names: Vec<String> = listing.files.iter().map(|f| f.path.clone()).collect();
+                let chosen = select::select(&names, include.as_ref(), exclude.as_ref()).map_err(
+                    |source| PullError::Select {
                         uri: uri.into(),
                         source,
-                    }
-                })?;
-            let files = listing
-                .files
-                .into_iter()
-                .filter(|f| chosen.contains(&f.path))
-                .collect();
-            (Some(listing.commit), files)
-        }
-        ModelUri::Url(url) => {
-            let name = url
-                .rsplit('/')
-                .next()
-                .filter(|n| !n.is_empty())
-                .unwrap_or("model.gguf");
-            let name = name.split(['?', '#']).next().unwrap_or(name).to_string();
-            let digest = opts
-                .sha256
-                .clone()
-                .map(|h| Digest::Sha256(h.to_lowercase()));
-            (
-                None,
-                vec![RemoteFile {
-                    path: name,
-                    url: url.clone(),
-                    size: None,
-                    digest,
-                }],
-            )
-        }
-        ModelUri::Local(path) => {
-            return copy_local(uri, path, dest, include.as_ref(), exclude.as_ref()).await;
-        }
-        ModelUri::S3 { .. } => {
-            return Err(PullError::Unsupported(format!(
-                "{uri}: s3:// pulls are not implemented yet"
-            )));
-        }
-    };
+                    },
+                )?;
+                let files = listing
+                    .files
+                    .into_iter()
+                    .filter(|f| chosen.contains(&f.path))
+                    .collect();
+                (Some(listing.commit), files)
+            }
+            ModelUri::Url(url) => {
+                let name = url
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("model.gguf");
+                let name = name.split(['?', '#']).next().unwrap_or(name).to_string();
+                let digest = opts
+                    .sha256
+                    .clone()
+                    .map(|h| Digest::Sha256(h.to_lowercase()));
+                (
+                    None,
+                    vec![RemoteFile {
+                        path: name,
+                        url: url.clone(),
+                        object: None,
+                        size: None,
+                        digest,
+                    }],
+                )
+            }
+            ModelUri::Local(path) => {
+                return copy_local(uri, path, dest, include.as_ref(), exclude.as_ref()).await;
+            }
+            ModelUri::S3 { bucket, prefix } => {
+                let files = s3::list(bucket, prefix).await?;
+                let names: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
+                let chosen = select::select(&names, include.as_ref(), exclude.as_ref()).map_err(
+                    |source| PullError::Select {
+                        uri: uri.into(),
+                        source,
+                    },
+                )?;
+                (
+                    None,
+                    files
+                        .into_iter()
+                        .filter(|f| chosen.contains(&f.path))
+                        .collect(),
+                )
+            }
+        };
 
     if let Some(m) =
         Marker::read(dest).filter(|m| m.source == uri && m.revision == revision && m.complete(dest))

