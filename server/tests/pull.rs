@@ -12,8 +12,12 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// A hub holding `org/tiny`: a tiny Llama plus files a model does not need.
 fn hub_with_tiny() -> (Arc<Hub>, String) {
+    hub_with(&TinyLlama::FAST)
+}
+
+fn hub_with(model: &TinyLlama) -> (Arc<Hub>, String) {
     let dir = tempfile::tempdir().unwrap();
-    TinyLlama::FAST.write(dir.path());
+    model.write(dir.path());
     let mut files = std::collections::BTreeMap::new();
     for name in [
         "config.json",
@@ -319,11 +323,12 @@ fn concurrent_pulls_into_one_folder_download_once() {
 
 #[test]
 fn a_killed_pull_resumes_with_a_range_request() {
-    let (hub, endpoint) = hub_with_tiny();
+    // Big enough (about 30 MiB) that writes reach the disk well before the end.
+    let (hub, endpoint) = hub_with(&TinyLlama::SLOW);
     hub.fault(
         "model.safetensors",
         Faults {
-            throttle: Some(Duration::from_millis(30)),
+            throttle: Some(Duration::from_millis(2)),
             ..Faults::default()
         },
     );
@@ -338,7 +343,7 @@ fn a_killed_pull_resumes_with_a_range_request() {
     .unwrap();
     let part = dest.path().join(".kandle-staging/model.safetensors");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 40_000 {
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 4 << 20 {
         assert!(Instant::now() < deadline, "the download never started");
         std::thread::sleep(Duration::from_millis(10));
     }

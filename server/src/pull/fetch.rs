@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// A hash a source publishes for a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Digest {
@@ -90,7 +92,8 @@ pub struct Fetcher {
 
 /// The part file and the hashes of the bytes it holds so far.
 struct Partial {
-    file: tokio::fs::File,
+    /// Large writes: the network hands over small chunks.
+    file: tokio::io::BufWriter<tokio::fs::File>,
     path: PathBuf,
     len: u64,
     sha256: Sha256,
@@ -111,7 +114,7 @@ impl Partial {
             .await
             .map_err(PullError::io(path))?;
         let mut partial = Self {
-            file,
+            file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
             path: path.to_path_buf(),
             len: 0,
             sha256: Sha256::new(),
@@ -158,7 +161,9 @@ impl Partial {
     /// Throws the part away: the source will send the file from its start.
     async fn restart(&mut self, remote: &RemoteFile, progress: &Progress) -> Result<(), PullError> {
         progress.add_negative(self.len);
+        self.file.flush().await.map_err(PullError::io(&self.path))?;
         self.file
+            .get_mut()
             .set_len(0)
             .await
             .map_err(PullError::io(&self.path))?;
@@ -182,7 +187,13 @@ impl Fetcher {
             progress.add(partial.len);
             self.download_with_retries(file, &mut partial, progress)
                 .await?;
-            partial.file.sync_all().await.map_err(PullError::io(part))?;
+            partial.file.flush().await.map_err(PullError::io(part))?;
+            partial
+                .file
+                .get_ref()
+                .sync_all()
+                .await
+                .map_err(PullError::io(part))?;
             let sha256 = hex::encode(partial.sha256.clone().finalize());
             let actual = match &file.digest {
                 Some(Digest::Sha256(_)) => Some(sha256.clone()),

@@ -176,6 +176,7 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
         .try_collect()
         .await;
     reporter.abort();
+    let _ = reporter.await;
     let mut records = records?;
     records.sort_by(|a, b| a.path.cmp(&b.path));
     let marker = Marker {

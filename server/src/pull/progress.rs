@@ -1,4 +1,6 @@
-//! Pull progress: a log line every few seconds (bytes, total, rate, ETA) and a summary.
+//! Pull progress: a log line every few seconds (bytes, total, rate, ETA), or a progress bar
+//! when stderr is a terminal.
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -55,9 +57,25 @@ impl Progress {
         );
     }
 
-    /// Logs every few seconds until the returned guard is dropped.
+    /// Reports until the returned task is aborted: a bar in a terminal, else log lines.
     pub fn report(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
+        if std::io::stderr().is_terminal() {
+            return tokio::spawn(async move {
+                let bar = indicatif::ProgressBar::new(me.total).with_message(me.model.clone());
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    )
+                    .expect("valid template"),
+                );
+                let _clear = ClearOnDrop(bar.clone());
+                loop {
+                    bar.set_position(me.done());
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(EVERY);
             tick.tick().await;
@@ -66,5 +84,14 @@ impl Progress {
                 me.line();
             }
         })
+    }
+}
+
+/// Clears the bar when its task is aborted, so the summary line starts clean.
+struct ClearOnDrop(indicatif::ProgressBar);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
     }
 }

@@ -1,0 +1,185 @@
+"""Pull throughput: kandle against curl and huggingface_hub on the same files, same run.
+
+A local hub (nginx serving the hub's model-info and resolve routes from static files) holds
+a model of about 1 GiB in four files. Each round, interleaved: curl fetching the files one
+after another, `kandle-server pull`, and huggingface_hub's snapshot_download with
+HF_ENDPOINT pointed at the local hub; and the same three for one file. Medians over rounds,
+plus kandle's peak resident memory. Results: bench-results/pull.json.
+Run by scripts/bench-pull (needs nginx and the .venv-bench peers).
+"""
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "target/release/kandle-server")
+ROUNDS = int(os.environ.get("KANDLE_BENCH_ROUNDS", "3"))
+FILE_MIB = int(os.environ.get("KANDLE_BENCH_FILE_MIB", "256"))
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+PORT = 18900
+NGINX_CONF = """
+user root;
+worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+daemon off;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  sendfile on;
+  types {{ }}
+  default_type application/octet-stream;
+  client_body_temp_path {work}/tmp;
+  proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
+  server {{
+    listen 127.0.0.1:{port};
+    location /api/models/org/big/revision/ {{
+      default_type application/json;
+      root {work};
+      try_files /info.json =404;
+    }}
+    location /api/models/org/big/tree/ {{
+      default_type application/json;
+      root {work};
+      try_files /tree.json =404;
+    }}
+    location ~ ^/org/big/resolve/[^/]+/(.+)$ {{
+      alias {work}/files/$1;
+      add_header X-Repo-Commit {commit};
+    }}
+  }}
+}}
+"""
+
+
+def make_model(work):
+    files = os.path.join(work, "files")
+    os.makedirs(files)
+    siblings = []
+    names = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    for name in names:
+        path = os.path.join(files, name)
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            for _ in range(FILE_MIB):
+                block = os.urandom(1 << 20)
+                h.update(block)
+                f.write(block)
+        size = FILE_MIB << 20
+        siblings.append({"rfilename": name, "size": size, "lfs": {"sha256": h.hexdigest(), "size": size, "pointerSize": 134}})
+    config = b'{"model_type": "llama"}'
+    with open(os.path.join(files, "config.json"), "wb") as f:
+        f.write(config)
+    blob = hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest()
+    siblings.append({"rfilename": "config.json", "size": len(config), "blobId": blob})
+    tree = [
+        {"type": "file", "path": s["rfilename"], "size": s["size"], "oid": s.get("blobId", "0" * 40)}
+        | ({"lfs": {"oid": s["lfs"]["sha256"], "size": s["size"], "pointerSize": 134}} if "lfs" in s else {})
+        for s in siblings
+    ]
+    with open(os.path.join(work, "tree.json"), "w") as f:
+        json.dump(tree, f)
+    with open(os.path.join(work, "info.json"), "w") as f:
+        json.dump({"id": "org/big", "modelId": "org/big", "sha": COMMIT, "siblings": siblings}, f)
+    return names + ["config.json"]
+
+
+def timed(cmd, env=None):
+    t = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{cmd[0]} failed: {out.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def kandle(dest, include=None):
+    cmd = ["/usr/bin/time", "-f", "%M", SERVER, "pull", "--model", "hf://org/big", "--dest", dest]
+    if include:
+        cmd += ["--include", include]
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{PORT}", RUST_LOG="warn")
+    t = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    seconds = time.perf_counter() - t
+    return seconds, int(out.stderr.strip().splitlines()[-1]) / 1024
+
+
+def curl(dest, names):
+    os.makedirs(dest, exist_ok=True)
+    cmd = ["curl", "-sf"]
+    for n in names:
+        cmd += ["-o", os.path.join(dest, n), f"http://127.0.0.1:{PORT}/org/big/resolve/main/{n}"]
+    return timed(cmd)
+
+
+def hf(dest, pattern=None):
+    code = (
+        "import sys; from huggingface_hub import snapshot_download; "
+        f"snapshot_download('org/big', local_dir={dest!r}, max_workers=8"
+        + (f", allow_patterns=[{pattern!r}]" if pattern else "") + ")"
+    )
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{PORT}", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="30", HF_HOME=os.path.join(dest + "-home"))
+    return timed([sys.executable, "-c", code], env)
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="kandle-pull-bench-")
+    os.makedirs(os.path.join(work, "tmp"))
+    names = make_model(work)
+    total = sum(os.path.getsize(os.path.join(work, "files", n)) for n in names)
+    one = names[0]
+    with open(os.path.join(work, "nginx.conf"), "w") as f:
+        f.write(NGINX_CONF.format(work=work, port=PORT, commit=COMMIT))
+    nginx = subprocess.Popen(["nginx", "-c", os.path.join(work, "nginx.conf")])
+    time.sleep(1)
+    runs = {k: [] for k in ("curl_all", "kandle_all", "hf_all", "curl_one", "kandle_one", "hf_one")}
+    peak_mib = []
+    try:
+        for r in range(ROUNDS):
+            d = lambda tag: os.path.join(work, f"out-{tag}-{r}")
+            runs["curl_all"].append(curl(d("curl_all"), names))
+            s, mem = kandle(d("kandle_all"))
+            runs["kandle_all"].append(s)
+            peak_mib.append(mem)
+            runs["hf_all"].append(hf(d("hf_all")))
+            runs["curl_one"].append(curl(d("curl_one"), [one]))
+            runs["kandle_one"].append(kandle(d("kandle_one"), one)[0])
+            runs["hf_one"].append(hf(d("hf_one"), one))
+            for tag in runs:
+                shutil.rmtree(d(tag), ignore_errors=True)
+                shutil.rmtree(d(tag) + "-home", ignore_errors=True)
+    finally:
+        nginx.terminate()
+        nginx.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    mib_s = lambda bytes_, s: bytes_ / s / (1 << 20)
+    one_bytes = FILE_MIB << 20
+    results = {
+        "bytes_all": total,
+        "rounds": ROUNDS,
+        "mib_per_s": {
+            "curl_all": mib_s(total, med["curl_all"]), "kandle_all": mib_s(total, med["kandle_all"]),
+            "hf_all": mib_s(total, med["hf_all"]), "curl_one": mib_s(one_bytes, med["curl_one"]),
+            "kandle_one": mib_s(one_bytes, med["kandle_one"]), "hf_one": mib_s(one_bytes, med["hf_one"]),
+        },
+        "ratio_kandle_over_curl": {"all": med["curl_all"] / med["kandle_all"], "one": med["curl_one"] / med["kandle_one"]},
+        "ratio_kandle_over_hf": {"all": med["hf_all"] / med["kandle_all"], "one": med["hf_one"] / med["kandle_one"]},
+        "kandle_peak_rss_mib": max(peak_mib),
+    }
+    os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench-results/pull.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
