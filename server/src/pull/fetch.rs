@@ -96,8 +96,46 @@ struct Partial {
     file: tokio::io::BufWriter<tokio::fs::File>,
     path: PathBuf,
     len: u64,
-    sha256: Sha256,
-    check: Option<Check>,
+    hashes: Hashes,
+}
+
+/// sha256, and the source's own check where it differs, computed on a thread of their
+/// own so that hashing overlaps receiving and writing.
+struct Hashes {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    thread: std::thread::JoinHandle<(String, Option<String>)>,
+}
+
+impl Hashes {
+    fn start(remote: &RemoteFile) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let mut check = Check::new(remote.digest.as_ref(), remote.size);
+        let thread = std::thread::spawn(move || {
+            let mut sha256 = Sha256::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                sha256.update(&chunk);
+                if let Some(c) = &mut check {
+                    c.update(&chunk);
+                }
+            }
+            (hex::encode(sha256.finalize()), check.map(Check::hex))
+        });
+        Self { tx, thread }
+    }
+
+    async fn update(&self, chunk: Bytes) {
+        // The thread only stops once the sender is dropped, so this cannot fail.
+        let _ = self.tx.send(chunk).await;
+    }
+
+    /// The sha256 and the check's digest of everything sent.
+    async fn finish(self) -> (String, Option<String>) {
+        drop(self.tx);
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join().expect("hash thread"))
+            .await
+            .expect("join hash thread")
+    }
 }
 
 impl Partial {
@@ -117,10 +155,8 @@ impl Partial {
             file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
             path: path.to_path_buf(),
             len: 0,
-            sha256: Sha256::new(),
-            check: None,
+            hashes: Hashes::start(remote),
         };
-        partial.reset_hashes(remote);
         // Hash what an earlier attempt or process left, so the digest covers the whole file.
         let mut existing = tokio::fs::File::open(path)
             .await
@@ -131,30 +167,21 @@ impl Partial {
             if n == 0 {
                 return Ok(partial);
             }
-            partial.update(&buf[..n]);
+            partial.len += n as u64;
+            partial
+                .hashes
+                .update(Bytes::copy_from_slice(&buf[..n]))
+                .await;
         }
     }
 
-    fn reset_hashes(&mut self, remote: &RemoteFile) {
-        self.len = 0;
-        self.sha256 = Sha256::new();
-        self.check = Check::new(remote.digest.as_ref(), remote.size);
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        self.len += bytes.len() as u64;
-        self.sha256.update(bytes);
-        if let Some(h) = &mut self.check {
-            h.update(bytes);
-        }
-    }
-
-    async fn append(&mut self, bytes: &[u8]) -> Result<(), PullError> {
+    async fn append(&mut self, chunk: Bytes) -> Result<(), PullError> {
         self.file
-            .write_all(bytes)
+            .write_all(&chunk)
             .await
             .map_err(PullError::io(&self.path))?;
-        self.update(bytes);
+        self.len += chunk.len() as u64;
+        self.hashes.update(chunk).await;
         Ok(())
     }
 
@@ -167,7 +194,9 @@ impl Partial {
             .set_len(0)
             .await
             .map_err(PullError::io(&self.path))?;
-        self.reset_hashes(remote);
+        self.len = 0;
+        // The old thread ends when its sender drops with the replaced value.
+        self.hashes = Hashes::start(remote);
         Ok(())
     }
 }
@@ -194,17 +223,18 @@ impl Fetcher {
                 .sync_all()
                 .await
                 .map_err(PullError::io(part))?;
-            let sha256 = hex::encode(partial.sha256.clone().finalize());
+            let Partial { len, hashes, .. } = partial;
+            let (sha256, check) = hashes.finish().await;
             let actual = match &file.digest {
                 Some(Digest::Sha256(_)) => Some(sha256.clone()),
-                Some(_) => partial.check.take().map(Check::hex),
+                Some(_) => check,
                 None => None,
             };
             let mismatch = match (file.size, &file.digest, actual) {
-                (Some(size), _, _) if size != partial.len => Some(PullError::Size {
+                (Some(size), _, _) if size != len => Some(PullError::Size {
                     file: file.path.clone(),
                     expected: size,
-                    actual: partial.len,
+                    actual: len,
                 }),
                 (
                     _,
@@ -224,12 +254,11 @@ impl Fetcher {
             let Some(error) = mismatch else {
                 return Ok(FileRecord {
                     path: file.path.clone(),
-                    size: partial.len,
+                    size: len,
                     sha256,
                 });
             };
-            progress.add_negative(partial.len);
-            drop(partial);
+            progress.add_negative(len);
             tokio::fs::remove_file(part)
                 .await
                 .map_err(PullError::io(part))?;
@@ -288,8 +317,8 @@ impl Fetcher {
         };
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
-            partial.append(&chunk).await?;
             progress.add(chunk.len() as u64);
+            partial.append(chunk).await?;
         }
         partial
             .file
