@@ -57,6 +57,10 @@ pub struct FetchArgs {
     /// How long transient failures (network, 429, 5xx) are retried before giving up.
     #[arg(long, env = "KANDLE_PULL_RETRY_SECONDS", default_value_t = 300)]
     pub retry_seconds: u64,
+    /// HTTP files at least this large download in `--concurrency` parallel ranges, which
+    /// pays off where one connection is slower than the disk (a CDN), not on a LAN.
+    #[arg(long, env = "KANDLE_PULL_RANGE_MIN_BYTES", default_value_t = 1 << 30)]
+    pub range_min_bytes: u64,
 }
 
 impl FetchArgs {
@@ -67,6 +71,7 @@ impl FetchArgs {
             sha256: self.sha256.clone(),
             concurrency: self.concurrency,
             retry_budget: std::time::Duration::from_secs(self.retry_seconds),
+            range_min_bytes: self.range_min_bytes,
         }
     }
 }

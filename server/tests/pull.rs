@@ -410,3 +410,48 @@ fn single_urls_are_checked_against_sha256_and_local_paths_are_copied_unchanged()
         "the source is untouched"
     );
 }
+
+#[test]
+fn large_files_come_in_parallel_ranges_and_a_dropped_range_is_fetched_again() {
+    let (hub, endpoint) = hub_with(&TinyLlama::SLOW);
+    hub.fault(
+        "model.safetensors",
+        Faults {
+            drop_after: Some((100_000, 1)),
+            throttle: Some(Duration::from_millis(1)),
+            ..Faults::default()
+        },
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let out = pull(
+        &endpoint,
+        "hf://org/tiny",
+        dest.path(),
+        &["--range-min-bytes", "1048576", "--concurrency", "4"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hits = hub.hits_for("model.safetensors");
+    let bounded: Vec<&str> = hits
+        .iter()
+        .filter_map(|h| h.range.as_deref())
+        .filter(|r| !r.ends_with('-'))
+        .collect();
+    assert!(
+        bounded.len() >= 8,
+        "the file came in bounded ranges: {hits:?}"
+    );
+    assert!(
+        hits.len()
+            > bounded
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+        "the dropped range was asked for again"
+    );
+    let data = std::fs::read(dest.path().join("model.safetensors")).unwrap();
+    assert_eq!(
+        data,
+        hub.repos.lock().unwrap()["org/tiny"].files["model.safetensors"]
+    );
+    assert!(!dest.path().join(".kandle-staging").exists());
+}

@@ -88,6 +88,53 @@ pub struct Fetcher {
     /// Sent as a bearer token; never logged.
     pub token: Option<String>,
     pub retry_budget: Duration,
+    /// HTTP files at least this large are fetched in parallel ranges.
+    pub ranged_min: u64,
+    /// Ranges of one file in flight at once.
+    pub range_parts: usize,
+}
+
+/// Exponential backoff with jitter for transient failures, within a total budget.
+pub(super) struct Backoff {
+    started: Instant,
+    next: Duration,
+    budget: Duration,
+}
+
+impl Backoff {
+    pub(super) fn new(budget: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            next: Duration::from_millis(250),
+            budget,
+        }
+    }
+
+    /// Waits before the next try after a transient failure; gives up (returning the
+    /// error) when it is permanent or the budget is spent.
+    pub(super) async fn wait(
+        &mut self,
+        file: &RemoteFile,
+        error: PullError,
+    ) -> Result<(), PullError> {
+        if !error.is_transient() {
+            return Err(error);
+        }
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (self.next.as_millis() as u64 / 2 + 1));
+        let wait = self.next + jitter;
+        if self.started.elapsed() + wait > self.budget {
+            return Err(PullError::RetriesExhausted {
+                uri: file.url.clone(),
+                seconds: self.started.elapsed().as_secs(),
+                last: error.to_string(),
+            });
+        }
+        tracing::warn!(file = %file.path, %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+        tokio::time::sleep(wait).await;
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        Ok(())
+    }
 }
 
 /// The part file and the hashes of the bytes it holds so far.
@@ -101,14 +148,14 @@ struct Partial {
 
 /// sha256, and the source's own check where it differs, computed on a thread of their
 /// own so that hashing overlaps receiving and writing.
-struct Hashes {
+pub(super) struct Hashes {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     thread: std::thread::JoinHandle<(String, Option<String>)>,
 }
 
 impl Hashes {
-    fn start(remote: &RemoteFile) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    pub(super) fn start(remote: &RemoteFile) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
         let mut check = Check::new(remote.digest.as_ref(), remote.size);
         let thread = std::thread::spawn(move || {
             let mut sha256 = Sha256::new();
@@ -123,13 +170,13 @@ impl Hashes {
         Self { tx, thread }
     }
 
-    async fn update(&self, chunk: Bytes) {
+    pub(super) async fn update(&self, chunk: Bytes) {
         // The thread only stops once the sender is dropped, so this cannot fail.
         let _ = self.tx.send(chunk).await;
     }
 
     /// The sha256 and the check's digest of everything sent.
-    async fn finish(self) -> (String, Option<String>) {
+    pub(super) async fn finish(self) -> (String, Option<String>) {
         drop(self.tx);
         let thread = self.thread;
         tokio::task::spawn_blocking(move || thread.join().expect("hash thread"))
@@ -212,19 +259,16 @@ impl Fetcher {
     ) -> Result<FileRecord, PullError> {
         let mut second_try = false;
         loop {
-            let mut partial = Partial::open(part, file).await?;
-            progress.add(partial.len);
-            self.download_with_retries(file, &mut partial, progress)
-                .await?;
-            partial.file.flush().await.map_err(PullError::io(part))?;
-            partial
-                .file
-                .get_ref()
-                .sync_all()
-                .await
-                .map_err(PullError::io(part))?;
-            let Partial { len, hashes, .. } = partial;
-            let (sha256, check) = hashes.finish().await;
+            let ranged = match file.size {
+                Some(size) if file.object.is_none() && size >= self.ranged_min => {
+                    self.fetch_ranged(file, part, size, progress).await?
+                }
+                _ => None,
+            };
+            let (len, sha256, check) = match ranged {
+                Some(done) => done,
+                None => self.fetch_sequential(file, part, progress).await?,
+            };
             let actual = match &file.digest {
                 Some(Digest::Sha256(_)) => Some(sha256.clone()),
                 Some(_) => check,
@@ -262,6 +306,7 @@ impl Fetcher {
             tokio::fs::remove_file(part)
                 .await
                 .map_err(PullError::io(part))?;
+            let _ = tokio::fs::remove_file(super::ranged::marks(part)).await;
             if second_try {
                 return Err(error);
             }
@@ -270,34 +315,40 @@ impl Fetcher {
         }
     }
 
+    /// The whole file in one stream, resumed from the part's length.
+    async fn fetch_sequential(
+        &self,
+        file: &RemoteFile,
+        part: &Path,
+        progress: &Progress,
+    ) -> Result<(u64, String, Option<String>), PullError> {
+        let mut partial = Partial::open(part, file).await?;
+        progress.add(partial.len);
+        self.download_with_retries(file, &mut partial, progress)
+            .await?;
+        partial.file.flush().await.map_err(PullError::io(part))?;
+        partial
+            .file
+            .get_ref()
+            .sync_all()
+            .await
+            .map_err(PullError::io(part))?;
+        let Partial { len, hashes, .. } = partial;
+        let (sha256, check) = hashes.finish().await;
+        Ok((len, sha256, check))
+    }
+
     async fn download_with_retries(
         &self,
         file: &RemoteFile,
         partial: &mut Partial,
         progress: &Progress,
     ) -> Result<(), PullError> {
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = Backoff::new(self.retry_budget);
         loop {
             match self.download_once(file, partial, progress).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() => {
-                    let jitter = Duration::from_millis(
-                        rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
-                    );
-                    let wait = backoff + jitter;
-                    if started.elapsed() + wait > self.retry_budget {
-                        return Err(PullError::RetriesExhausted {
-                            uri: file.url.clone(),
-                            seconds: started.elapsed().as_secs(),
-                            last: e.to_string(),
-                        });
-                    }
-                    tracing::warn!(file = %file.path, error = %e, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-                Err(e) => return Err(e),
+                Err(e) => backoff.wait(file, e).await?,
             }
         }
     }
@@ -441,7 +492,7 @@ pub fn s3_error(uri: &str, e: object_store::Error) -> PullError {
 }
 
 /// reqwest's Display hides the cause (reset, timeout); the chain says what happened.
-fn network_message(e: &reqwest::Error) -> String {
+pub(super) fn network_message(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {

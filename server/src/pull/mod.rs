@@ -5,6 +5,7 @@ pub mod error;
 pub mod fetch;
 pub mod hub;
 pub mod progress;
+mod ranged;
 pub mod s3;
 pub mod select;
 pub mod uri;
@@ -31,6 +32,8 @@ pub struct PullOptions {
     pub sha256: Option<String>,
     pub concurrency: usize,
     pub retry_budget: Duration,
+    /// HTTP files at least this large are fetched in parallel ranges.
+    pub range_min_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +167,8 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
         client,
         token,
         retry_budget: opts.retry_budget,
+        ranged_min: opts.range_min_bytes,
+        range_parts: opts.concurrency.max(1),
     };
     let staging = dest.join(STAGING);
     let records: Result<Vec<FileRecord>, PullError> = futures::stream::iter(files.iter())

@@ -192,15 +192,22 @@ fn answer(
         fault.unavailable -= 1;
         return (503, StatusCode::SERVICE_UNAVAILABLE.into_response());
     }
-    let start = range
+    // `bytes=START-` or `bytes=START-END` (inclusive).
+    let (start, end) = match range
         .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse::<usize>().ok())
-        .unwrap_or(0);
-    if start > data.len() {
+        .and_then(|r| r.split_once('-'))
+    {
+        Some((a, b)) => (
+            a.parse::<usize>().unwrap_or(0),
+            b.parse::<usize>()
+                .map_or(data.len(), |e| (e + 1).min(data.len())),
+        ),
+        None => (0, data.len()),
+    };
+    if start > data.len() || start > end {
         return (416, StatusCode::RANGE_NOT_SATISFIABLE.into_response());
     }
-    let mut body = data[start..].to_vec();
+    let mut body = data[start..end].to_vec();
     if fault.corrupt > 0 && !body.is_empty() {
         fault.corrupt -= 1;
         let mid = body.len() / 2;
@@ -214,7 +221,7 @@ fn answer(
         _ => None,
     };
     let throttle = fault.throttle;
-    let status = if start > 0 {
+    let status = if range.is_some() {
         StatusCode::PARTIAL_CONTENT
     } else {
         StatusCode::OK
@@ -244,16 +251,16 @@ fn answer(
     };
     let mut response = Response::builder()
         .status(status)
-        .header(header::CONTENT_LENGTH, total - start)
+        .header(header::CONTENT_LENGTH, end - start)
         .header(header::ETAG, format!("\"{etag}\""))
         .header("x-linked-etag", format!("\"{etag}\""))
         .header("x-linked-size", total)
         .header("x-repo-commit", &repo.commit)
         .header(header::ACCEPT_RANGES, "bytes");
-    if start > 0 {
+    if range.is_some() {
         response = response.header(
             header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{total}", total - 1),
+            format!("bytes {start}-{}/{total}", end - 1),
         );
     }
     (
