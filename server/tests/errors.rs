@@ -2,7 +2,7 @@
 //! keys are enforced on the API only; request ids are echoed.
 mod common;
 
-use common::{Server, TinyLlama, client, error_message, post, start_tiny};
+use common::{Server, TinyLlama, client, error_message, get_text, post, start_tiny};
 use serde_json::json;
 
 fn tiny(extra: &[&str]) -> (tempfile::TempDir, Server) {
@@ -202,14 +202,7 @@ async fn overload_is_429_with_retry_after() {
     let probe = async {
         // Wait until one request runs and one waits, then a third must be refused at once.
         loop {
-            let metrics = client()
-                .get(server.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = get_text(&server, "/metrics").await;
             if metrics.contains("kandle_requests_in_flight 1")
                 && metrics.contains("kandle_requests_queued 1")
             {
@@ -277,14 +270,7 @@ async fn metrics_use_the_contract_names() {
     let (_dir, server) = tiny(&[]);
     let body = json!({"model": "tiny", "prompt": "hi", "temperature": 0, "max_tokens": 3});
     post(&server, "/v1/completions", body).await;
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     for name in [
         "kandle_requests_in_flight ",
         "kandle_requests_queued ",

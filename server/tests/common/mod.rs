@@ -297,6 +297,18 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GETs a page's text (`/metrics`, ...).
+pub async fn get_text(server: &Server, path: &str) -> String {
+    client()
+        .get(server.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// POSTs JSON and returns the status and the parsed body.
 pub async fn post(
     server: &Server,
