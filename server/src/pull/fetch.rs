@@ -155,7 +155,7 @@ pub(super) struct Hashes {
 
 impl Hashes {
     pub(super) fn start(remote: &RemoteFile) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
         let mut check = Check::new(remote.digest.as_ref(), remote.size);
         let thread = std::thread::spawn(move || {
             let mut sha256 = Sha256::new();
