@@ -187,6 +187,13 @@ async fn max_tokens_bounds_the_answer() {
         let reason = r["choices"][0]["finish_reason"].as_str().unwrap();
         assert!(n <= max && (reason == "stop" || n == max), "{r}");
     }
+    // Without max_tokens, completions stop at OpenAI's default of 16.
+    let body = json!({"model": "tiny", "prompt": "Count", "temperature": 0});
+    let (_, r) = post(&server, "/v1/completions", body).await;
+    assert!(
+        r["usage"]["completion_tokens"].as_u64().unwrap() <= 16,
+        "{r}"
+    );
 }
 
 #[tokio::test]

@@ -14,6 +14,8 @@ use axum::response::Response;
 use serde_json::Value;
 use std::sync::Arc;
 
+const DEFAULT_MAX_TOKENS: usize = 16;
+
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(start): Extension<RequestStart>,
@@ -33,7 +35,9 @@ pub async fn completions(
         return Err(ApiError::invalid_param("best_of", "`best_of` must be 1"));
     }
     let prompt = completion_prompt(req.prompt)?;
-    let params = generation_params(req.sampling)?;
+    let mut params = generation_params(req.sampling)?;
+    // OpenAI's legacy completions stop at 16 tokens unless told otherwise; clients rely on it.
+    params.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
     let permit = state.admission.admit().await?;
     let prompt = match prompt {
         PromptInput::Tokens(ids) => {
