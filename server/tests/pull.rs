@@ -133,21 +133,11 @@ async fn pulls_what_a_model_needs_verified_and_serves_it() {
 #[test]
 fn transient_faults_are_retried_and_dropped_downloads_resume_with_range() {
     let (hub, endpoint) = hub_with_tiny();
-    hub.fault(
-        "config.json",
-        Faults {
-            unavailable: 2,
-            ..Faults::default()
-        },
-    );
+    hub.fault("config.json", Faults::unavailable(2));
     // Paced so the client reads what came before the drop (a reset discards unread bytes).
     hub.fault(
         "model.safetensors",
-        Faults {
-            drop_after: Some((40_000, 1)),
-            throttle: Some(Duration::from_millis(5)),
-            ..Faults::default()
-        },
+        Faults::drop_after(40_000, 1).throttled(5),
     );
     let dest = tempfile::tempdir().unwrap();
     let out = pull(&endpoint, "hf://org/tiny", dest.path(), &[]);
@@ -176,13 +166,7 @@ fn transient_faults_are_retried_and_dropped_downloads_resume_with_range() {
 #[test]
 fn corrupted_files_are_fetched_again_then_refused_naming_both_hashes() {
     let (hub, endpoint) = hub_with_tiny();
-    hub.fault(
-        "tokenizer.json",
-        Faults {
-            corrupt: 1,
-            ..Faults::default()
-        },
-    );
+    hub.fault("tokenizer.json", Faults::corrupt(1));
     let once = tempfile::tempdir().unwrap();
     let out = pull(&endpoint, "hf://org/tiny", once.path(), &[]);
     assert!(
@@ -192,13 +176,7 @@ fn corrupted_files_are_fetched_again_then_refused_naming_both_hashes() {
     );
     assert_eq!(hub.hits_for("tokenizer.json").len(), 2);
 
-    hub.fault(
-        "model.safetensors",
-        Faults {
-            corrupt: 2,
-            ..Faults::default()
-        },
-    );
+    hub.fault("model.safetensors", Faults::corrupt(2));
     let twice = tempfile::tempdir().unwrap();
     let out = pull(&endpoint, "hf://org/tiny", twice.path(), &[]);
     assert_eq!(
@@ -271,13 +249,7 @@ fn auth_and_missing_repos_fail_at_once_with_a_cause() {
 #[test]
 fn persistent_server_errors_are_transient_with_their_own_exit_code() {
     let (hub, endpoint) = hub_with_tiny();
-    hub.fault(
-        "config.json",
-        Faults {
-            unavailable: 1000,
-            ..Faults::default()
-        },
-    );
+    hub.fault("config.json", Faults::unavailable(1000));
     let dest = tempfile::tempdir().unwrap();
     let out = pull(
         &endpoint,
@@ -295,13 +267,7 @@ fn persistent_server_errors_are_transient_with_their_own_exit_code() {
 #[test]
 fn concurrent_pulls_into_one_folder_download_once() {
     let (hub, endpoint) = hub_with_tiny();
-    hub.fault(
-        "model.safetensors",
-        Faults {
-            throttle: Some(Duration::from_millis(20)),
-            ..Faults::default()
-        },
-    );
+    hub.fault("model.safetensors", Faults::default().throttled(20));
     let dest = tempfile::tempdir().unwrap();
     let children: Vec<_> = (0..2)
         .map(|_| {
@@ -325,13 +291,7 @@ fn concurrent_pulls_into_one_folder_download_once() {
 fn a_killed_pull_resumes_with_a_range_request() {
     // Big enough (about 30 MiB) that writes reach the disk well before the end.
     let (hub, endpoint) = hub_with(&TinyLlama::SLOW);
-    hub.fault(
-        "model.safetensors",
-        Faults {
-            throttle: Some(Duration::from_millis(2)),
-            ..Faults::default()
-        },
-    );
+    hub.fault("model.safetensors", Faults::default().throttled(2));
     let dest = tempfile::tempdir().unwrap();
     let mut child = pull_cmd(
         &endpoint,
@@ -416,11 +376,7 @@ fn large_files_come_in_parallel_ranges_and_a_dropped_range_is_fetched_again() {
     let (hub, endpoint) = hub_with(&TinyLlama::SLOW);
     hub.fault(
         "model.safetensors",
-        Faults {
-            drop_after: Some((100_000, 1)),
-            throttle: Some(Duration::from_millis(1)),
-            ..Faults::default()
-        },
+        Faults::drop_after(100_000, 1).throttled(1),
     );
     let dest = tempfile::tempdir().unwrap();
     let out = pull(

@@ -36,6 +36,37 @@ pub struct Faults {
     pub throttle: Option<Duration>,
 }
 
+impl Faults {
+    pub fn unavailable(times: u32) -> Self {
+        Self {
+            unavailable: times,
+            ..Self::default()
+        }
+    }
+
+    pub fn corrupt(times: u32) -> Self {
+        Self {
+            corrupt: times,
+            ..Self::default()
+        }
+    }
+
+    pub fn drop_after(bytes: usize, times: u32) -> Self {
+        Self {
+            drop_after: Some((bytes, times)),
+            ..Self::default()
+        }
+    }
+
+    /// Paces the body: a pause before each 16 KiB piece.
+    pub fn throttled(self, pause_ms: u64) -> Self {
+        Self {
+            throttle: Some(Duration::from_millis(pause_ms)),
+            ..self
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Hit {
     pub path: String,
