@@ -75,14 +75,11 @@ impl ChatTemplate {
                 _ => None,
             }
         };
-        let legacy = dir.join("chat_template.json");
-        let source = match (source, read_optional_json(&legacy)?) {
-            (Some(s), _) => Some(s),
-            (None, Some(v)) => v
-                .get("chat_template")
-                .and_then(|s| s.as_str())
-                .map(String::from),
-            (None, None) => None,
+        // Older processors keep it in chat_template.json; read that only when needed.
+        let source = match source {
+            Some(s) => Some(s),
+            None => read_optional_json(&dir.join("chat_template.json"))?
+                .and_then(|v| v.get("chat_template")?.as_str().map(String::from)),
         };
         let Some(source) = source else {
             return Ok(None);

@@ -84,9 +84,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let state = Arc::new(AppState {
         model_name,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs(),
+        created: crate::http::unix_now(),
         info,
         tokenizer,
         chat_template: loaded.chat_template.map(Arc::new),

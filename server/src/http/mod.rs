@@ -195,7 +195,7 @@ fn encode(
         .map_err(|e| ApiError::invalid(format!("Could not tokenize the input: {e}")))
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
