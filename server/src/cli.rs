@@ -35,6 +35,10 @@ pub struct PullArgs {
     pub dest: PathBuf,
     #[command(flatten)]
     pub fetch: FetchArgs,
+    /// Where to write a one-line JSON report of the outcome (Kubernetes reads the pull
+    /// container's `/dev/termination-log` into its status, and the operator from there).
+    #[arg(long, env = "KANDLE_PULL_REPORT_FILE")]
+    pub report_file: Option<PathBuf>,
     #[arg(long, env = "KANDLE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }

@@ -18,14 +18,18 @@ async fn main() -> ExitCode {
         }
         Command::Pull(args) => {
             kandle_server::logging::init(args.log_format);
-            match kandle_server::pull::pull(&args.model, &args.dest, &args.fetch.options()).await {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    let transient = e.is_transient();
-                    tracing::error!(error = %e, transient, "pull failed");
-                    ExitCode::from(e.exit_code())
-                }
+            let outcome =
+                kandle_server::pull::pull(&args.model, &args.dest, &args.fetch.options()).await;
+            if let Err(e) = &outcome {
+                tracing::error!(error = %e, transient = e.is_transient(), "pull failed");
             }
+            let report = kandle_server::pull::Report::of(&outcome);
+            if let Some(path) = &args.report_file
+                && let Err(e) = report.write(path)
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the pull report");
+            }
+            ExitCode::from(report.exit_code)
         }
     }
 }

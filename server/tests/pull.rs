@@ -78,9 +78,18 @@ fn marker(dest: &Path) -> serde_json::Value {
 async fn pulls_what_a_model_needs_verified_and_serves_it() {
     let (hub, endpoint) = hub_with_tiny();
     let dest = tempfile::tempdir().unwrap();
-    let out = pull(&endpoint, "hf://org/tiny", dest.path(), &[]);
+    let report = dest.path().join("report.json");
+    let out = pull(
+        &endpoint,
+        "hf://org/tiny",
+        &dest.path().join("model"),
+        &["--report-file", report.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let m = marker(dest.path());
+    let dest = dest.path().join("model");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let m = marker(&dest);
     assert_eq!(m["source"], "hf://org/tiny");
     assert_eq!(
         m["revision"], COMMIT,
@@ -102,16 +111,27 @@ async fn pulls_what_a_model_needs_verified_and_serves_it() {
         ]
     );
     for f in m["files"].as_array().unwrap() {
-        let data = std::fs::read(dest.path().join(f["path"].as_str().unwrap())).unwrap();
+        let data = std::fs::read(dest.join(f["path"].as_str().unwrap())).unwrap();
         assert_eq!(f["sha256"], hub::sha256_hex(&data));
         assert_eq!(f["size"], data.len());
     }
-    assert!(!dest.path().join("onnx").exists() && !dest.path().join("pytorch_model.bin").exists());
+    let total: u64 = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["size"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        report,
+        serde_json::json!({"revision": COMMIT, "sizeBytes": total, "files": 4}),
+        "the report the operator reads from the termination message"
+    );
+    assert!(!dest.join("onnx").exists() && !dest.join("pytorch_model.bin").exists());
 
     // Pulled again: metadata only, nothing transferred.
     let before = hub.resolve_hits();
     let started = Instant::now();
-    let again = pull(&endpoint, "hf://org/tiny", dest.path(), &[]);
+    let again = pull(&endpoint, "hf://org/tiny", &dest, &[]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(hub.resolve_hits(), before, "no file was fetched twice");
     assert!(
@@ -120,7 +140,7 @@ async fn pulls_what_a_model_needs_verified_and_serves_it() {
         started.elapsed()
     );
 
-    let server = Server::start(dest.path(), &["--served-model-name", "tiny"]);
+    let server = Server::start(&dest, &["--served-model-name", "tiny"]);
     let (status, _) = post(
         &server,
         "/v1/completions",
@@ -219,8 +239,21 @@ fn auth_and_missing_repos_fail_at_once_with_a_cause() {
     let dest = tempfile::tempdir().unwrap();
 
     let started = Instant::now();
-    let out = pull(&endpoint, "hf://org/gated", dest.path(), &[]);
+    let report = dest.path().join("report.json");
+    let out = pull(
+        &endpoint,
+        "hf://org/gated",
+        dest.path(),
+        &["--report-file", report.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(3));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["transient"], false);
+    assert!(
+        report["error"].as_str().unwrap().contains("401"),
+        "{report}"
+    );
     assert!(
         stderr(&out).contains("hf://org/gated") && stderr(&out).contains("HF_TOKEN"),
         "{}",
