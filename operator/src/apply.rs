@@ -1,0 +1,128 @@
+//! The thin write layer: server-side apply with one field manager, skipped when the cluster
+//! already holds what would be applied, and deletion of children no longer wanted.
+use crate::build::FIELD_MANAGER;
+use crate::error::Error;
+use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::fmt::Debug;
+
+/// Annotation holding the hash of what the operator last applied: it tells a field the
+/// operator stopped setting (which the server keeps until applied again) from no change.
+pub const APPLIED_HASH: &str = "kandle.dev/applied-hash";
+
+/// Applies `desired` unless `observed` already matches it; returns whether it wrote.
+pub async fn apply<K>(client: &Client, desired: &K, observed: Option<&K>) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let mut desired = desired.clone();
+    let hash = hash(&desired);
+    desired
+        .annotations_mut()
+        .insert(APPLIED_HASH.into(), hash.clone());
+    if let Some(observed) = observed
+        && observed.annotations().get(APPLIED_HASH) == Some(&hash)
+        && contains(&to_value(observed), &to_value(&desired))
+    {
+        return Ok(false);
+    }
+    let name = desired.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), &desired.namespace().unwrap_or_default());
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&desired),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        verb: "apply",
+        kind: <K as k8s_openapi::Resource>::KIND,
+        name,
+        source,
+    })?;
+    Ok(true)
+}
+
+/// Deletes a child; its dependants (a Job's pods) go in the background.
+pub async fn delete<K>(client: &Client, child: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &child.namespace().unwrap_or_default());
+    let params = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    match api.delete(&child.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(Error::Api {
+            verb: "delete",
+            kind: <K as k8s_openapi::Resource>::KIND,
+            name: child.name_any(),
+            source,
+        }),
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("Kubernetes objects are JSON")
+}
+
+fn hash<T: Serialize>(v: &T) -> String {
+    hex::encode(&Sha256::digest(to_value(v).to_string().as_bytes())[..8])
+}
+
+/// Whether `have` holds every field of `want` with the same value (the server may add
+/// defaults; it may not change or drop what was applied).
+pub fn contains(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (_, Value::Null) => true,
+        (Value::Object(h), Value::Object(w)) => w
+            .iter()
+            .all(|(k, wv)| h.get(k).is_some_and(|hv| contains(hv, wv)) || wv.is_null()),
+        (Value::Array(h), Value::Array(w)) => {
+            h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| contains(hv, wv))
+        }
+        (h, w) => h == w,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+    use serde_json::json;
+
+    #[test]
+    fn server_defaults_are_allowed_but_changed_or_missing_fields_are_not() {
+        let want = json!({"spec": {"replicas": 2, "ports": [{"port": 80}]}});
+        let have = json!({"spec": {"replicas": 2, "ports": [{"port": 80, "protocol": "TCP"}],
+                                   "revisionHistoryLimit": 10}});
+        assert!(contains(&have, &want));
+        assert!(!contains(
+            &json!({"spec": {"replicas": 3, "ports": [{"port": 80}]}}),
+            &want
+        ));
+        assert!(!contains(
+            &json!({"spec": {"replicas": 2, "ports": []}}),
+            &want
+        ));
+        assert!(!contains(
+            &json!({"spec": {"ports": [{"port": 80}]}}),
+            &want
+        ));
+    }
+}

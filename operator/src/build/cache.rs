@@ -1,0 +1,161 @@
+//! Where a model comes from and lives: pulled by each pod, pulled once by a Job into a
+//! PersistentVolumeClaim, or already on the user's own claim.
+use super::Settings;
+use super::labels::meta;
+use super::pod::{MODELS, pod_security, pull_container, tmp_volume};
+use crate::crd::{CacheVolume, ModelDeployment};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
+};
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Volume, VolumeResourceRequirements,
+};
+use kube::ResourceExt;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Exit code of `kandle-server pull` for failures no retry can fix (401, 404, bad hash).
+pub const PULL_EXIT_PERMANENT: i32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Each pod pulls into an emptyDir with an init container.
+    PerPod,
+    /// A Job pulls into the operator's claim, under a folder named for the model.
+    PvcCache { claim: String, folder: String },
+    /// `pvc://CLAIM/PATH`: served read-only from the user's claim, nothing pulled.
+    UserClaim { claim: String, path: String },
+}
+
+impl ModelSource {
+    pub fn of(md: &ModelDeployment) -> Self {
+        let uri = &md.spec.model.uri;
+        if let Some(rest) = uri.strip_prefix("pvc://") {
+            let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+            return Self::UserClaim {
+                claim: claim.into(),
+                path: path.trim_matches('/').into(),
+            };
+        }
+        match md.spec.cache.as_ref().map(|c| c.volume) {
+            Some(CacheVolume::Pvc) => Self::PvcCache {
+                claim: claim_name(md),
+                folder: model_hash(md),
+            },
+            _ => Self::PerPod,
+        }
+    }
+
+    /// The folder `serve --model` loads, inside the model volume.
+    pub fn model_path(&self) -> String {
+        match self {
+            Self::PerPod => format!("{MODELS}/model"),
+            Self::PvcCache { folder, .. } => format!("{MODELS}/{folder}"),
+            Self::UserClaim { path, .. } if path.is_empty() => MODELS.into(),
+            Self::UserClaim { path, .. } => format!("{MODELS}/{path}"),
+        }
+    }
+
+    /// The URI given to `pull`: the spec's, with its revision appended for the hub.
+    pub fn pull_uri(&self, md: &ModelDeployment) -> String {
+        let model = &md.spec.model;
+        match &model.revision {
+            Some(rev) => format!("{}@{rev}", model.uri),
+            None => model.uri.clone(),
+        }
+    }
+}
+
+fn claim_name(md: &ModelDeployment) -> String {
+    format!("{}-cache", md.name_any())
+}
+
+/// Eight hex digits naming what is pulled (source, revision and file choice): a new
+/// model gets a new folder and a new Job, and the old one keeps serving meanwhile.
+fn model_hash(md: &ModelDeployment) -> String {
+    let m = &md.spec.model;
+    let key = serde_json::json!([m.uri, m.revision, m.include, m.exclude, m.sha256]);
+    hex::encode(&Sha256::digest(key.to_string().as_bytes())[..4])
+}
+
+/// The claim of a `pvc` cache.
+pub fn claim(md: &ModelDeployment) -> PersistentVolumeClaim {
+    let pvc = md
+        .spec
+        .cache
+        .as_ref()
+        .and_then(|c| c.pvc.clone())
+        .unwrap_or_else(|| {
+            serde_json::from_value(serde_json::json!({})).expect("PvcSpec has defaults for all")
+        });
+    PersistentVolumeClaim {
+        metadata: meta(md, claim_name(md), "cache"),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(pvc.access_modes),
+            storage_class_name: pvc.storage_class_name,
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), pvc.size)])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }
+}
+
+/// The Job that pulls the model into the claim once. A permanent pull failure fails the
+/// Job at once; transient ones are retried by the Job's backoff.
+pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource) -> Job {
+    let ModelSource::PvcCache { claim, folder } = source else {
+        unreachable!("a pull Job exists only for a pvc cache")
+    };
+    let image = super::deployment::image(md, settings);
+    let meta = meta(md, format!("{}-pull-{folder}", md.name_any()), "pull");
+    let mut pod = PodSpec {
+        restart_policy: Some("Never".into()),
+        containers: vec![pull_container(md, &image, source)],
+        volumes: Some(vec![
+            Volume {
+                name: "model".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: None,
+                }),
+                ..Volume::default()
+            },
+            tmp_volume().0,
+        ]),
+        security_context: Some(pod_security()),
+        automount_service_account_token: Some(false),
+        ..PodSpec::default()
+    };
+    // Scheduled like the serving pods: a ReadWriteOnce claim binds to the Job's node.
+    super::deployment::schedule(md, &mut pod);
+    Job {
+        spec: Some(JobSpec {
+            backoff_limit: Some(6),
+            pod_failure_policy: Some(PodFailurePolicy {
+                rules: vec![PodFailurePolicyRule {
+                    action: "FailJob".into(),
+                    on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                        container_name: Some("pull".into()),
+                        operator: "In".into(),
+                        values: vec![PULL_EXIT_PERMANENT],
+                    }),
+                    ..PodFailurePolicyRule::default()
+                }],
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    labels: meta.labels.clone(),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            ..JobSpec::default()
+        }),
+        metadata: meta,
+        ..Job::default()
+    }
+}

@@ -1,0 +1,125 @@
+//! The child objects a `ModelDeployment` wants, as pure functions of its spec and what is
+//! observed. No client here: the controller applies what these return, `render` prints it.
+mod cache;
+mod deployment;
+mod labels;
+mod pod;
+mod quantity;
+mod service;
+
+pub use cache::ModelSource;
+pub use labels::{FIELD_MANAGER, MANAGED_BY, REVISION_LABEL, instance_selector, selector_string};
+
+use crate::crd::ModelDeployment;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+use serde::Serialize;
+
+/// Operator-wide settings the children depend on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Image of pods whose spec names none.
+    pub server_image: String,
+    /// DNS suffix of Services, for `status.endpoint`.
+    pub cluster_domain: String,
+}
+
+/// Every child kind, in the order they are applied and printed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Child {
+    Pvc(Box<PersistentVolumeClaim>),
+    Job(Box<Job>),
+    Deployment(Box<Deployment>),
+    Service(Box<Service>),
+    Pdb(Box<PodDisruptionBudget>),
+}
+
+impl Child {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Pvc(_) => "PersistentVolumeClaim",
+            Self::Job(_) => "Job",
+            Self::Deployment(_) => "Deployment",
+            Self::Service(_) => "Service",
+            Self::Pdb(_) => "PodDisruptionBudget",
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Self::Pvc(o) => o.name_any(),
+            Self::Job(o) => o.name_any(),
+            Self::Deployment(o) => o.name_any(),
+            Self::Service(o) => o.name_any(),
+            Self::Pdb(o) => o.name_any(),
+        }
+    }
+}
+
+/// What one ModelDeployment wants to exist.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    /// Objects to apply, in order.
+    pub children: Vec<Child>,
+    /// The serving Deployment exists but must not be touched yet: its new model is still
+    /// being pulled into the PVC, so the pods keep serving the old one until then.
+    pub hold_deployment: bool,
+    /// Hash of the pod template the spec asks for.
+    pub revision: String,
+    /// Serving pods wanted.
+    pub replicas: i32,
+}
+
+/// Builds the children. `model_ready` says whether a PVC cache already holds the model
+/// (always true for the other sources, whose pods pull for themselves); `replicas` is what
+/// the spec or the autoscaler asks for.
+pub fn desired(
+    md: &ModelDeployment,
+    settings: &Settings,
+    model_ready: bool,
+    replicas: i32,
+) -> Desired {
+    let source = ModelSource::of(md);
+    let mut children = Vec::new();
+    if let ModelSource::PvcCache { .. } = &source {
+        children.push(Child::Pvc(Box::new(cache::claim(md))));
+        children.push(Child::Job(Box::new(cache::pull_job(md, settings, &source))));
+    }
+    let (deployment, revision) = deployment::deployment(md, settings, &source, replicas);
+    let hold_deployment = !model_ready;
+    if !hold_deployment {
+        children.push(Child::Deployment(Box::new(deployment)));
+    }
+    children.push(Child::Service(Box::new(service::service(md))));
+    if replicas > 1 {
+        children.push(Child::Pdb(Box::new(service::disruption_budget(md))));
+    }
+    Desired {
+        children,
+        hold_deployment,
+        revision,
+        replicas,
+    }
+}
+
+/// The in-cluster base URL of the OpenAI API.
+pub fn endpoint(md: &ModelDeployment, settings: &Settings) -> String {
+    let port = md.spec.service.clone().unwrap_or_default().port;
+    let host = format!(
+        "{}.{}.svc.{}",
+        md.name_any(),
+        md.namespace().unwrap_or_default(),
+        settings.cluster_domain
+    );
+    match port {
+        80 => format!("http://{host}/v1"),
+        p => format!("http://{host}:{p}/v1"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,113 @@
+//! Pieces shared by the serving pods and the pull Job's pods: the hardened security
+//! settings, the pull container and the writable scratch volume.
+use super::cache::ModelSource;
+use crate::crd::ModelDeployment;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext,
+    SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+};
+
+/// The uid and gid of the images' non-root user.
+const USER: i64 = 65532;
+/// Where the model volume is mounted in every container.
+pub const MODELS: &str = "/models";
+
+/// Pod-level security: non-root, the runtime's default seccomp profile, and a group that
+/// can write the model volume.
+pub fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(USER),
+        run_as_group: Some(USER),
+        fs_group: Some(USER),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// Container-level security: read-only root, no privilege escalation, no capabilities.
+pub fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// `/tmp`, the only writable place besides the model volume.
+pub fn tmp_volume() -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        mount("tmp", "/tmp", false),
+    )
+}
+
+pub fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+/// `kandle-server pull` into `dest`, with the credentials secret as its environment (the
+/// only container that sees it) and its JSON report as the termination message, which
+/// the operator reads into status.
+pub fn pull_container(md: &ModelDeployment, image: &str, source: &ModelSource) -> Container {
+    let model = &md.spec.model;
+    let mut args = vec![
+        "pull".to_string(),
+        "--model".into(),
+        source.pull_uri(md),
+        "--dest".into(),
+        source.model_path(),
+        "--report-file".into(),
+        "/dev/termination-log".into(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    for (flag, globs) in [("--include", &model.include), ("--exclude", &model.exclude)] {
+        if !globs.is_empty() {
+            args.extend([flag.to_string(), globs.join(",")]);
+        }
+    }
+    if let Some(sha) = &model.sha256 {
+        args.extend(["--sha256".to_string(), sha.clone()]);
+    }
+    Container {
+        name: "pull".into(),
+        image: Some(image.into()),
+        args: Some(args),
+        env: Some(vec![EnvVar {
+            name: "HOME".into(),
+            value: Some("/tmp".into()),
+            ..EnvVar::default()
+        }]),
+        env_from: model.credentials_secret.as_ref().map(|name| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: name.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvFromSource::default()
+            }]
+        }),
+        volume_mounts: Some(vec![mount("model", MODELS, false), tmp_volume().1]),
+        security_context: Some(container_security()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    }
+}

@@ -1,0 +1,451 @@
+//! The children as users will see them in `kubectl get -o yaml`.
+use super::*;
+use crate::crd::ModelDeployment;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+pub(crate) fn settings() -> Settings {
+    Settings {
+        server_image: "kandle-server:test".into(),
+        cluster_domain: "cluster.local".into(),
+    }
+}
+
+/// A ModelDeployment as the API server would hand it over: validated, defaulted, with a uid.
+pub(crate) fn md(spec: Value) -> ModelDeployment {
+    let doc = json!({"apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "smollm", "namespace": "ml", "uid": "0000-1111", "generation": 2},
+        "spec": spec});
+    crate::validate::model_deployment(&doc).expect("a valid fixture")
+}
+
+fn children(md: &ModelDeployment) -> Desired {
+    desired(md, &settings(), true, crate::replicas::wanted(md))
+}
+
+fn deployment(d: &Desired) -> &Deployment {
+    d.children
+        .iter()
+        .find_map(|c| match c {
+            Child::Deployment(d) => Some(d.as_ref()),
+            _ => None,
+        })
+        .expect("a Deployment")
+}
+
+fn pod(d: &Desired) -> &PodSpec {
+    deployment(d).spec.template.spec.as_ref().unwrap()
+}
+
+fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
+    pod.containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn kinds(d: &Desired) -> Vec<&'static str> {
+    d.children.iter().map(Child::kind).collect()
+}
+
+#[test]
+fn a_minimal_model_gets_a_pulling_hardened_deployment_and_a_service() {
+    let d = children(&md(json!({"model": {"uri": "hf://org/m"}})));
+    assert_eq!(
+        kinds(&d),
+        ["Deployment", "Service"],
+        "no PDB for one replica"
+    );
+    let dep = deployment(&d);
+    assert_eq!(dep.spec.replicas, Some(1));
+    let owner = &dep.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("ModelDeployment", "0000-1111", Some(true))
+    );
+    let labels = dep.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "kandle-operator");
+    assert_eq!(labels["app.kubernetes.io/instance"], "smollm");
+    let rolling = dep
+        .spec
+        .strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(IntOrString::Int(0)),
+        "no capacity lost in a rollout"
+    );
+
+    let pod = pod(&d);
+    let pull = container(pod, "pull");
+    let args = pull.args.as_ref().unwrap().join(" ");
+    assert!(
+        args.starts_with(
+            "pull --model hf://org/m --dest /models/model --report-file /dev/termination-log"
+        ),
+        "{args}"
+    );
+    let server = container(pod, "server");
+    let args = server.args.as_ref().unwrap().join(" ");
+    assert!(
+        args.starts_with("serve --model /models/model --served-model-name smollm"),
+        "{args}"
+    );
+    assert!(!args.contains("--device"), "CPU unless GPUs are asked for");
+    assert_eq!(server.image.as_deref(), Some("kandle-server:test"));
+    for c in [pull, server] {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+    }
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    assert_eq!(
+        server
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        server
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    assert!(
+        server
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap()
+            .sleep
+            .is_some()
+    );
+    assert!(
+        pod.termination_grace_period_seconds.unwrap() > 30,
+        "the grace period covers the preStop pause and the server's drain"
+    );
+    assert!(pod.tolerations.is_none() && pod.affinity.is_none());
+}
+
+#[test]
+fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
+    let d = children(&md(json!({
+        "model": {"uri": "hf://org/m"},
+        "resources": {"gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}, "limits": {"memory": "40Gi"}},
+        "scheduling": {
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]}]}}},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]}
+    })));
+    let pod = pod(&d);
+    let server = container(pod, "server");
+    let limits = server.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "2");
+    assert!(
+        server
+            .args
+            .as_ref()
+            .unwrap()
+            .join(" ")
+            .contains("--device cuda")
+    );
+    let terms = &pod
+        .affinity
+        .as_ref()
+        .unwrap()
+        .node_affinity
+        .as_ref()
+        .unwrap()
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()
+        .unwrap()
+        .node_selector_terms;
+    assert_eq!(terms.len(), 2, "the user's alternatives stay alternatives");
+    for term in terms {
+        let keys: Vec<_> = term
+            .match_expressions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.key.as_str())
+            .collect();
+        assert_eq!(keys, ["zone", "nvidia.com/gpu.product"]);
+    }
+    let tolerations: Vec<_> = pod
+        .tolerations
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|t| t.key.clone().unwrap())
+        .collect();
+    assert_eq!(tolerations, ["dedicated", "nvidia.com/gpu"]);
+    let shm = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "shm")
+        .unwrap();
+    assert_eq!(
+        shm.empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0,
+        "2Gi"
+    );
+    // 300 s plus 10 s per GiB of the 40 GiB limit, in 5 s probe periods.
+    assert_eq!(
+        server.startup_probe.as_ref().unwrap().failure_threshold,
+        Some((300 + 400) / 5)
+    );
+}
+
+#[test]
+fn secrets_reach_only_the_container_that_needs_them() {
+    let d = children(&md(json!({
+        "model": {"uri": "hf://org/gated", "credentialsSecret": "hf-token"},
+        "server": {"apiKeySecret": "keys"}
+    })));
+    let pod = pod(&d);
+    let pull = container(pod, "pull");
+    let server = container(pod, "server");
+    let secret_of = |c: &Container| {
+        c.env_from
+            .iter()
+            .flatten()
+            .filter_map(|e| e.secret_ref.as_ref())
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(secret_of(pull), ["hf-token"]);
+    assert!(
+        secret_of(server).is_empty(),
+        "the hub token never reaches the server"
+    );
+    let text = serde_json::to_string(server).unwrap();
+    assert!(!text.contains("hf-token"));
+    assert!(
+        server
+            .args
+            .as_ref()
+            .unwrap()
+            .join(" ")
+            .contains("--api-key-file /var/run/kandle/api-key/api-key")
+    );
+    assert!(!serde_json::to_string(pull).unwrap().contains("api-key"));
+}
+
+#[test]
+fn replicas_above_one_get_a_disruption_budget() {
+    let d = children(&md(json!({"model": {"uri": "hf://org/m"}, "replicas": 3})));
+    assert_eq!(kinds(&d), ["Deployment", "Service", "PodDisruptionBudget"]);
+    assert_eq!(deployment(&d).spec.replicas, Some(3));
+    let d = children(&md(
+        json!({"model": {"uri": "hf://org/m"}, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}),
+    ));
+    assert_eq!(
+        deployment(&d).spec.replicas,
+        Some(2),
+        "autoscaling starts at minReplicas"
+    );
+}
+
+#[test]
+fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
+    let md = md(
+        json!({"model": {"uri": "hf://org/m", "credentialsSecret": "tok"}, "replicas": 2,
+                       "cache": {"volume": "pvc", "pvc": {"size": "50Gi", "storageClassName": "fast"}}}),
+    );
+    let pulling = desired(&md, &settings(), false, 2);
+    assert_eq!(
+        kinds(&pulling),
+        [
+            "PersistentVolumeClaim",
+            "Job",
+            "Service",
+            "PodDisruptionBudget"
+        ]
+    );
+    assert!(
+        pulling.hold_deployment,
+        "the serving pods wait for the pull"
+    );
+    let ready = children(&md);
+    assert_eq!(
+        kinds(&ready),
+        [
+            "PersistentVolumeClaim",
+            "Job",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget"
+        ]
+    );
+    let Child::Job(job) = &ready.children[1] else {
+        panic!()
+    };
+    let folder = job
+        .metadata
+        .name
+        .as_ref()
+        .unwrap()
+        .strip_prefix("smollm-pull-")
+        .unwrap()
+        .to_string();
+    let job_pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let pull = container(job_pod, "pull");
+    assert!(
+        pull.args
+            .as_ref()
+            .unwrap()
+            .join(" ")
+            .contains(&format!("--dest /models/{folder}"))
+    );
+    assert_eq!(
+        pull.env_from.as_ref().unwrap()[0]
+            .secret_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "tok"
+    );
+    let policy = job
+        .spec
+        .as_ref()
+        .unwrap()
+        .pod_failure_policy
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        policy.rules[0].on_exit_codes.as_ref().unwrap().values,
+        [3],
+        "a permanent pull failure fails the Job"
+    );
+    let pod = pod(&ready);
+    assert!(pod.init_containers.is_none());
+    let model = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "model")
+        .unwrap();
+    let claim = model.persistent_volume_claim.as_ref().unwrap();
+    assert_eq!(
+        (claim.claim_name.as_str(), claim.read_only),
+        ("smollm-cache", Some(true))
+    );
+    assert!(
+        container(pod, "server")
+            .args
+            .as_ref()
+            .unwrap()
+            .join(" ")
+            .contains(&format!("--model /models/{folder}"))
+    );
+
+    // Another model is another folder and Job; the old pods keep serving meanwhile.
+    let mut other = md.clone();
+    other.spec.model.uri = "hf://org/other".into();
+    let Child::Job(other_job) = &children(&other).children[1] else {
+        panic!()
+    };
+    assert_ne!(other_job.metadata.name, job.metadata.name);
+}
+
+#[test]
+fn a_model_on_the_users_claim_is_served_read_only_without_a_pull() {
+    let d = children(&md(json!({"model": {"uri": "pvc://models/llama/3b"}})));
+    let pod = pod(&d);
+    assert!(pod.init_containers.is_none());
+    let claim = pod.volumes.as_ref().unwrap()[0]
+        .persistent_volume_claim
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (claim.claim_name.as_str(), claim.read_only),
+        ("models", Some(true))
+    );
+    assert!(
+        container(pod, "server")
+            .args
+            .as_ref()
+            .unwrap()
+            .join(" ")
+            .contains("--model /models/llama/3b")
+    );
+}
+
+#[test]
+fn the_revision_follows_the_pod_template_only() {
+    let base = md(json!({"model": {"uri": "hf://org/m"}}));
+    let rev = |m: &ModelDeployment| children(m).revision;
+    let mut scaled = base.clone();
+    scaled.spec.replicas = Some(4);
+    scaled.spec.service = Some(serde_json::from_value(json!({"port": 8000})).unwrap());
+    assert_eq!(
+        rev(&base),
+        rev(&scaled),
+        "scaling and the Service do not roll pods"
+    );
+    let mut reimaged = base.clone();
+    reimaged.spec.server =
+        Some(serde_json::from_value(json!({"image": "kandle-server:v2"})).unwrap());
+    assert_ne!(rev(&base), rev(&reimaged));
+    let labels = deployment(&children(&base))
+        .spec
+        .template
+        .metadata
+        .clone()
+        .unwrap()
+        .labels
+        .unwrap();
+    assert_eq!(labels[REVISION_LABEL], rev(&base));
+}
+
+#[test]
+fn endpoints_name_the_service_and_a_non_default_port() {
+    let m = md(json!({"model": {"uri": "hf://org/m"}}));
+    assert_eq!(
+        endpoint(&m, &settings()),
+        "http://smollm.ml.svc.cluster.local/v1"
+    );
+    let m = md(json!({"model": {"uri": "hf://org/m"}, "service": {"port": 8000}}));
+    assert_eq!(
+        endpoint(&m, &settings()),
+        "http://smollm.ml.svc.cluster.local:8000/v1"
+    );
+}

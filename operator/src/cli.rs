@@ -1,0 +1,98 @@
+//! Command line: every flag is also an environment variable, so the chart can set either.
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Image of the serving pods when a ModelDeployment names none: the server release
+/// that matches this operator.
+pub const DEFAULT_SERVER_IMAGE: &str = concat!(
+    "ghcr.io/kandle-dev/kandle-server:",
+    env!("CARGO_PKG_VERSION")
+);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kandle-operator",
+    version,
+    about = "Runs ModelDeployments on Kubernetes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller against the cluster of the kubeconfig or the pod's service account.
+    Run(RunArgs),
+    /// Print the ModelDeployment CustomResourceDefinition as YAML.
+    Crd,
+    /// Print, offline, every object the operator would apply for the ModelDeployments in a
+    /// file, after checking them as a strict API server would.
+    Render(RenderArgs),
+}
+
+/// What the children depend on, shared by `run` and `render`.
+#[derive(Debug, Clone, Args)]
+pub struct ChildArgs {
+    /// kandle-server image for ModelDeployments that name none.
+    #[arg(long, env = "KANDLE_SERVER_IMAGE", default_value = DEFAULT_SERVER_IMAGE)]
+    pub server_image: String,
+    /// DNS suffix of the cluster's Services, for `status.endpoint`.
+    #[arg(long, env = "KANDLE_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+impl ChildArgs {
+    pub fn settings(&self) -> crate::build::Settings {
+        crate::build::Settings {
+            server_image: self.server_image.clone(),
+            cluster_domain: self.cluster_domain.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// File of ModelDeployments (multi-document YAML); `-` reads standard input.
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+    /// Namespace of documents that name none.
+    #[arg(short, long, default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub children: ChildArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub children: ChildArgs,
+    /// Only watch this namespace (default: all namespaces).
+    #[arg(long, env = "KANDLE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "KANDLE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Elect a leader on a Lease so that only one replica reconciles.
+    #[arg(long, env = "KANDLE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Namespace of the leader Lease (default: the pod's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "KANDLE_LEASE_NAME", default_value = "kandle-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name, from POD_NAME).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Log format: `json` for clusters, `text` for a terminal.
+    #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}

@@ -1,0 +1,432 @@
+//! The controller: watches ModelDeployments and their children, and reconciles each by
+//! building what it wants (pure), applying the difference, and writing status if changed.
+use crate::apply::{apply, delete};
+use crate::build::{self, Child, MANAGED_BY, ModelSource, Settings};
+use crate::crd::{ModelDeployment, Phase};
+use crate::error::{Error, backoff};
+use crate::metrics::Metrics;
+use crate::status::{self, Observed};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Every object of a watched kind that the operator manages, kept current by a watch:
+/// reconciles read here, so they cost no API requests.
+#[derive(Clone)]
+struct Stores {
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+    pdbs: Store<PodDisruptionBudget>,
+    jobs: Store<Job>,
+    pvcs: Store<PersistentVolumeClaim>,
+    pods: Store<Pod>,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    settings: Settings,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    stores: Stores,
+    /// Consecutive transient failures per object, for the retry backoff.
+    failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
+}
+
+/// Without changes, each ModelDeployment is looked at again this often (reads only).
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Runs the controller until SIGTERM or ctrl-c. `namespace` limits it to one namespace.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+) {
+    let ns = namespace.as_deref();
+    let (deployments, deployment_events) = reflect::<Deployment>(&client, ns);
+    let (services, service_events) = reflect::<Service>(&client, ns);
+    let (pdbs, pdb_events) = reflect::<PodDisruptionBudget>(&client, ns);
+    let (jobs, job_events) = reflect::<Job>(&client, ns);
+    let (pvcs, pvc_events) = reflect::<PersistentVolumeClaim>(&client, ns);
+    let (pods, pod_events) = reflect::<Pod>(&client, ns);
+    let stores = Stores {
+        deployments,
+        services,
+        pdbs,
+        jobs,
+        pvcs,
+        pods,
+    };
+    let ready = stores.clone();
+    let ready_metrics = metrics.clone();
+    tokio::spawn(async move {
+        let _ = ready.deployments.wait_until_ready().await;
+        let _ = ready.services.wait_until_ready().await;
+        let _ = ready.pdbs.wait_until_ready().await;
+        let _ = ready.jobs.wait_until_ready().await;
+        let _ = ready.pvcs.wait_until_ready().await;
+        let _ = ready.pods.wait_until_ready().await;
+        ready_metrics.set_synced();
+        tracing::info!("caches synced");
+    });
+    let reporter = Reporter {
+        controller: MANAGED_BY.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        settings,
+        metrics,
+        stores,
+        failures: Mutex::new(HashMap::new()),
+    });
+    Controller::new(
+        api::<DeserializeGuard<ModelDeployment>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .owns_stream(deployment_events)
+    .owns_stream(service_events)
+    .owns_stream(pdb_events)
+    .owns_stream(job_events)
+    .owns_stream(pvc_events)
+    .watches_stream(pod_events, |pod| {
+        let name = pod.labels().get("app.kubernetes.io/instance")?.clone();
+        Some(ObjectRef::new(&name).within(&pod.namespace()?))
+    })
+    .shutdown_on_signal()
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+        }
+    })
+    .await;
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A store of the operator's own objects of one kind, and the watch events that fill it
+/// (managed fields dropped: they are most of an object's size and never read here).
+fn reflect<K>(
+    client: &Client,
+    namespace: Option<&str>,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let config =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let events = watcher(api::<K>(client, namespace), config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    (store, events)
+}
+
+async fn reconcile(
+    guard: Arc<DeserializeGuard<ModelDeployment>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let md = match &guard.0 {
+        Ok(md) => md,
+        Err(invalid) => {
+            let reference = guard.object_ref(&());
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "InvalidSpec".into(),
+                note: Some(truncate_note(&invalid.error)),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, "cannot publish an event");
+            }
+            return Err(Error::InvalidObject(invalid.error.clone()));
+        }
+    };
+    let span = tracing::info_span!("reconcile", namespace = md.namespace().unwrap_or_default(), name = %md.name_any(), generation = md.metadata.generation);
+    let outcome = reconcile_one(md, &ctx).instrument(span).await;
+    ctx.metrics
+        .reconciled(started.elapsed(), outcome.as_ref().err());
+    if outcome.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("not poisoned")
+            .remove(&ObjectRef::from_obj(md));
+    }
+    outcome
+}
+
+async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
+    if md.meta().deletion_timestamp.is_some() {
+        // Owner references hand the children to the garbage collector.
+        return Ok(Action::await_change());
+    }
+    let ns = md.namespace().unwrap_or_default();
+    let name = md.name_any();
+    let uid = md.uid().unwrap_or_default();
+    let stores = &ctx.stores;
+    let mine = |labels: &std::collections::BTreeMap<String, String>, namespace: Option<String>| {
+        namespace.as_deref() == Some(ns.as_str())
+            && labels.get("app.kubernetes.io/instance") == Some(&name)
+    };
+    let deployment = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
+    let pods = stores
+        .pods
+        .state_filter(|p| mine(p.labels(), p.namespace()));
+    let job_name = match ModelSource::of(md) {
+        ModelSource::PvcCache { folder, .. } => Some(format!("{name}-pull-{folder}")),
+        _ => None,
+    };
+    let job = job_name
+        .as_ref()
+        .and_then(|j| stores.jobs.get(&ObjectRef::new(j).within(&ns)));
+    let model_ready = job_name.is_none() || status::job_complete(job.as_deref());
+    let desired = build::desired(md, &ctx.settings, model_ready, crate::replicas::wanted(md));
+
+    let mut writes = 0;
+    let mut rejected = None;
+    for child in &desired.children {
+        let result = match child {
+            Child::Deployment(o) => apply_from(ctx, &stores.deployments, o.as_ref()).await,
+            Child::Service(o) => apply_from(ctx, &stores.services, o.as_ref()).await,
+            Child::Pdb(o) => apply_from(ctx, &stores.pdbs, o.as_ref()).await,
+            Child::Job(o) => apply_from(ctx, &stores.jobs, o.as_ref()).await,
+            Child::Pvc(o) => apply_from(ctx, &stores.pvcs, o.as_ref()).await,
+        };
+        match result {
+            Ok(wrote) => writes += usize::from(wrote),
+            Err(e) if e.needs_spec_change() => rejected = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    let wanted = |kind: &str, n: &str| {
+        desired
+            .children
+            .iter()
+            .any(|c| c.kind() == kind && c.name() == n)
+            || (kind == "Deployment" && desired.hold_deployment)
+    };
+    let kept = |kind: &str, o: &dyn Owned| !o.owned_by(&uid) || wanted(kind, &o.child_name());
+    writes += prune(ctx, &stores.pdbs, |o| kept("PodDisruptionBudget", o)).await?;
+    writes += prune(ctx, &stores.jobs, |o| kept("Job", o)).await?;
+    writes += prune(ctx, &stores.pvcs, |o| kept("PersistentVolumeClaim", o)).await?;
+    writes += prune(ctx, &stores.deployments, |o| kept("Deployment", o)).await?;
+
+    let (serving, pulling): (Vec<_>, Vec<_>) = pods.iter().partition(|p| {
+        p.labels()
+            .get("app.kubernetes.io/component")
+            .map(String::as_str)
+            != Some("pull")
+    });
+    let job_pods = pulling
+        .into_iter()
+        .filter(|p| p.labels().get("batch.kubernetes.io/job-name") == job_name.as_ref())
+        .map(|p| p.as_ref())
+        .collect();
+    let observed = Observed {
+        deployment: deployment.as_deref(),
+        pods: serving.iter().map(|p| p.as_ref()).collect(),
+        job: job.as_deref(),
+        job_pods,
+        rejected: rejected.as_ref().map(|e| e.to_string()),
+    };
+    let now = Time(
+        k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
+            .expect("now is a valid time"),
+    );
+    let status = status::compute(md, &ctx.settings, &desired, &observed, now);
+    let previous = md.status.clone().unwrap_or_default();
+    if md.status.as_ref() != Some(&status) {
+        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({
+            "apiVersion": "kandle.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(build::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Api {
+            verb: "apply status of",
+            kind: "ModelDeployment",
+            name: name.clone(),
+            source,
+        })?;
+        writes += 1;
+        announce(ctx, md, &previous, &status).await;
+    }
+    ctx.metrics.wrote(writes);
+    if let Some(e) = rejected {
+        return Err(e);
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Events for what a cluster operator should see: phase changes (with their cause) and
+/// new revisions rolling out.
+async fn announce(
+    ctx: &Context,
+    md: &ModelDeployment,
+    previous: &crate::crd::ModelDeploymentStatus,
+    status: &crate::crd::ModelDeploymentStatus,
+) {
+    let mut events = Vec::new();
+    if previous.update_revision.is_some() && previous.update_revision != status.update_revision {
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: "RolloutStarted".into(),
+            note: Some(format!(
+                "revision {} replaces {}",
+                status.update_revision.clone().unwrap_or_default(),
+                previous.update_revision.clone().unwrap_or_default()
+            )),
+            action: "Rollout".into(),
+            secondary: None,
+        });
+    }
+    if previous.phase != status.phase
+        && let Some(phase) = status.phase
+    {
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+        events.push(Event {
+            type_: if matches!(phase, Phase::Degraded | Phase::Failed) {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: format!("{phase:?}"),
+            note: ready.map(|c| truncate_note(&format!("{}: {}", c.reason, c.message))),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    let reference = md.object_ref(&());
+    for event in events {
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, "cannot publish an event");
+        }
+    }
+}
+
+fn truncate_note(s: &str) -> String {
+    s.chars().take(1000).collect()
+}
+
+fn error_policy(
+    guard: Arc<DeserializeGuard<ModelDeployment>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    if error.needs_spec_change() {
+        tracing::warn!(error = %error, "waiting for the ModelDeployment to change");
+        return Action::await_change();
+    }
+    let key = ObjectRef::new(&guard.name_any()).within(&guard.namespace().unwrap_or_default());
+    let mut failures = ctx.failures.lock().expect("not poisoned");
+    let n = failures.entry(key).or_insert(0);
+    *n += 1;
+    let delay = backoff(*n);
+    tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// Applies `desired` unless the store shows it already in place.
+async fn apply_from<K>(ctx: &Context, store: &Store<K>, desired: &K) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + serde::Serialize
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let observed = store.get(&ObjectRef::from_obj(desired));
+    apply(&ctx.client, desired, observed.as_deref()).await
+}
+
+/// Deletes the objects in `store` that this ModelDeployment owns but `keep` rejects;
+/// returns how many.
+async fn prune<K>(
+    ctx: &Context,
+    store: &Store<K>,
+    keep: impl Fn(&dyn Owned) -> bool,
+) -> Result<usize, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let mut deleted = 0;
+    for o in store.state() {
+        if !keep(o.as_ref()) {
+            delete(&ctx.client, o.as_ref()).await?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+/// What pruning needs to know of a child.
+trait Owned {
+    fn child_name(&self) -> String;
+    /// Whether its controller reference points at this very ModelDeployment (not a
+    /// deleted one of the same name): only then is it the operator's to delete.
+    fn owned_by(&self, uid: &str) -> bool;
+}
+
+impl<K: Resource> Owned for K {
+    fn child_name(&self) -> String {
+        ResourceExt::name_any(self)
+    }
+    fn owned_by(&self, uid: &str) -> bool {
+        self.owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && o.uid == uid)
+    }
+}

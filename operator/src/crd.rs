@@ -1,0 +1,452 @@
+//! The `ModelDeployment` API. Doc comments here become the CRD's descriptions, which
+//! `kubectl explain` shows, so they are written for the platform team reading them there.
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The longest `metadata.name`: the pull Job's name (`NAME-pull-HASH8`) and the pods'
+/// labels must stay within Kubernetes' 63-character limits.
+pub const MAX_NAME_LEN: usize = 49;
+
+/// A model served over the OpenAI API by kandle-server pods: the operator pulls the model,
+/// runs the pods, keeps a Service in front of them and reports what is happening in status.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kandle.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    namespaced,
+    shortname = "mdep",
+    category = "kandle",
+    status = "ModelDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A model served over the OpenAI API by kandle-server pods.",
+    cel,
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 49").message("metadata.name must be a DNS label: lower-case letters, digits and '-', starting with a letter, at most 49 characters (the pull Job and pod labels derive from it)"),
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.uri"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(
+    validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both: with autoscaling the operator sets the replica count"),
+    validation = Rule::new("!(self.model.uri.startsWith('pvc://') && has(self.cache))").message("a pvc:// model is served from its own claim: remove cache"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// The model to serve and where to fetch it from.
+    pub model: ModelSpec,
+    /// Number of serving pods when `autoscaling` is not set (default 1). The scale
+    /// subresource sets it, so `kubectl scale`, an HPA or KEDA can drive it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    /// Scale the pods with the load the servers report. Mutually exclusive with `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// Compute for each serving pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourcesSpec>,
+    /// Where the pods may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingSpec>,
+    /// The inference server in each pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerSpec>,
+    /// Where the pulled model is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+    /// How pods are replaced when the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+    /// The Service in front of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSpec>,
+}
+
+/// What is served, from where.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("self.uri.matches('^(hf://[^/@]+/[^/@]+(@[^/@]+)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$')").message("uri must be hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, https://HOST/PATH or pvc://CLAIM/PATH"),
+    validation = Rule::new("!has(self.revision) || (self.uri.startsWith('hf://') && !self.uri.contains('@'))").message("revision applies to hf:// URIs without an @REVISION of their own"),
+    validation = Rule::new("!has(self.sha256) || self.uri.startsWith('https://') || self.uri.startsWith('http://')").message("sha256 applies to a single-file https:// model"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Where the model is: `hf://ORG/NAME[@REVISION]` (the Hugging Face hub),
+    /// `s3://BUCKET/PREFIX` (AWS or any S3-compatible store), `https://HOST/PATH` (one file,
+    /// such as a GGUF) or `pvc://CLAIM/PATH` (already on a PersistentVolumeClaim in this
+    /// namespace; nothing is pulled).
+    #[schemars(length(min = 1, max = 2048))]
+    pub uri: String,
+    /// Branch, tag or commit of an `hf://` model (default `main`). It is resolved to a commit
+    /// when pulled; `status.model.resolvedRevision` records which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub revision: Option<String>,
+    /// The name clients send as the OpenAI `model` (default: `metadata.name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub served_name: Option<String>,
+    /// What the model serves (default: read from the model's config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    /// Secret whose keys become environment variables of the pull step only: `HF_TOKEN`
+    /// for gated hub models, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ENDPOINT_URL` for S3. The serving container never sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: Option<String>,
+    /// Expected sha256 (hex) of a single-file `https://` model; the pull fails on a mismatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+    /// Only pull files matching these globs (replaces kandle's own choice), for example
+    /// `["*Q4_K_M.gguf"]` to pick one quantisation from a GGUF repository.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Leave out files matching these globs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+/// What a model serves, which decides the OpenAI routes it answers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// `/v1/chat/completions` and `/v1/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+    /// `/v1/embeddings`.
+    Embedding,
+}
+
+/// Replica bounds and the load each replica should carry.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest pods; 0 scales to zero when idle.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+    /// Most pods.
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// Requests in flight (running plus queued) each replica should carry.
+    #[serde(default = "default_target_in_flight")]
+    #[schemars(range(min = 1))]
+    pub target_in_flight: i32,
+    /// How long demand must stay lower before pods are removed.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(range(min = 0))]
+    pub scale_down_delay_seconds: i32,
+}
+
+/// Compute for each serving pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourcesSpec {
+    /// NVIDIA GPUs for each pod. Without it the model runs on CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuSpec>,
+    /// Resource requests of the serving container (`cpu`, `memory`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, Quantity>,
+    /// Resource limits of the serving container. The memory limit also sizes how long
+    /// the server may take to load the model before its startup probe gives up.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+/// GPUs for each pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    /// `nvidia.com/gpu` for each pod.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 16))]
+    pub count: i32,
+    /// Only nodes whose `nvidia.com/gpu.product` label (set by NVIDIA's GPU feature
+    /// discovery) has this value, for example `NVIDIA-H100-80GB-HBM3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub product: Option<String>,
+}
+
+/// Where the pods may run; merged with what the GPU settings require.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// Node labels the pods require.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate (the `nvidia.com/gpu` taint is tolerated when GPUs are asked for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Pod affinity rules; a GPU product requirement is added to every node selector term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// RuntimeClass of the pods (often `nvidia` on GPU nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
+}
+
+/// The inference server in each pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// kandle-server image (default: the operator's `--server-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Requests each pod runs at once; beyond it they queue, and past the queue get 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_concurrent_requests: Option<i32>,
+    /// Longest prompt accepted, in tokens (default: the model's context length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_input_tokens: Option<i32>,
+    /// Secret holding the API key(s) under the key `api-key`, one per line; clients must then
+    /// send `Authorization: Bearer KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub api_key_secret: Option<String>,
+    /// How long the server may take to load the model once pulled, in seconds (default:
+    /// estimated from the memory limit, at least 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub startup_timeout_seconds: Option<i32>,
+    /// Extra environment variables of the serving container (`KANDLE_*` set server flags).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+}
+
+/// Where the pulled model is kept.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.volume == 'pvc' || !has(self.pvc)").message("cache.pvc applies only with volume: pvc"))]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// `emptyDir`: each pod pulls the model into its own volume before serving.
+    /// `pvc`: a Job pulls it once into a PersistentVolumeClaim that pods mount read-only.
+    #[serde(default)]
+    pub volume: CacheVolume,
+    /// The claim made for `volume: pvc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSpec>,
+}
+
+/// Kind of volume the model is pulled into.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheVolume {
+    /// A volume of each pod's own: pulled again by every new pod.
+    #[default]
+    #[serde(rename = "emptyDir")]
+    EmptyDir,
+    /// A PersistentVolumeClaim filled once by a Job.
+    #[serde(rename = "pvc")]
+    Pvc,
+}
+
+/// The PersistentVolumeClaim of a `pvc` cache.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSpec {
+    /// StorageClass of the claim (default: the cluster's default class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Size of the claim; it must hold the model.
+    #[serde(default = "default_pvc_size")]
+    pub size: Quantity,
+    /// Access modes of the claim. Pods on several nodes need `ReadWriteMany` or `ReadOnlyMany`
+    /// support from the storage class; `ReadWriteOnce` keeps them on the node that pulled.
+    #[serde(default = "default_access_modes")]
+    #[schemars(length(min = 1))]
+    pub access_modes: Vec<String>,
+}
+
+/// How pods are replaced when the spec changes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Extra pods allowed during a rollout (number or percentage).
+    #[serde(default = "default_max_surge")]
+    pub max_surge: IntOrString,
+    /// Pods that may be unavailable during a rollout; 0 means no serving capacity is lost.
+    #[serde(default = "default_max_unavailable")]
+    pub max_unavailable: IntOrString,
+    /// Seconds a rollout may take to make progress before it is reported as Degraded.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 30))]
+    pub progress_deadline_seconds: i32,
+}
+
+/// The Service in front of the pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Port the Service listens on.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Annotations of the Service (load balancer settings, for example).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Kubernetes Service types the operator creates.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    /// Reachable inside the cluster.
+    #[default]
+    ClusterIP,
+    /// Also on a port of every node.
+    NodePort,
+    /// Also through the cloud's load balancer.
+    LoadBalancer,
+}
+
+/// What the operator observed, last computed for `observedGeneration`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// One word for where things stand: Pending, Pulling, Deploying, Ready, Degraded,
+    /// Failed or ScaledToZero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready`, `ModelReady`, `Progressing` and `Degraded`, with reasons and messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Serving pods that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Serving pods that are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Serving pods running the current spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_replicas: Option<i32>,
+    /// Pods the operator wants (from `replicas` or the autoscaler); never written into spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Label selector of the serving pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Base URL of the OpenAI API inside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// What was pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelStatus>,
+    /// Revision (hash of the pod template) of the pods last seen all ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<String>,
+    /// Revision the current spec asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_revision: Option<String>,
+}
+
+/// Where things stand, in one word.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for pods to be scheduled or created.
+    Pending,
+    /// The model is being pulled.
+    Pulling,
+    /// Pods are starting or being replaced.
+    Deploying,
+    /// Every wanted pod serves the current spec.
+    Ready,
+    /// Serving less than wanted, or a rollout is stuck; conditions say why.
+    Degraded,
+    /// Cannot work until the spec or its secrets change; conditions say why.
+    Failed,
+    /// No pods wanted.
+    ScaledToZero,
+}
+
+/// What was pulled, from the pull step's report.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// The commit an `hf://` revision resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_revision: Option<String>,
+    /// Bytes of model files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// Number of model files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<i64>,
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_target_in_flight() -> i32 {
+    8
+}
+fn default_scale_down_delay() -> i32 {
+    300
+}
+fn default_pvc_size() -> Quantity {
+    Quantity("20Gi".into())
+}
+fn default_access_modes() -> Vec<String> {
+    vec!["ReadWriteOnce".into()]
+}
+fn default_max_surge() -> IntOrString {
+    IntOrString::Int(1)
+}
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(0)
+}
+fn default_progress_deadline() -> i32 {
+    1800
+}
+fn default_service_port() -> i32 {
+    80
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_surge: default_max_surge(),
+            max_unavailable: default_max_unavailable(),
+            progress_deadline_seconds: default_progress_deadline(),
+        }
+    }
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! kandle's operator: `ModelDeployment` in, pulled models and serving pods out.
+#![forbid(unsafe_code)]
+pub mod apply;
+pub mod build;
+pub mod cli;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod render;
+pub mod replicas;
+pub mod status;
+pub mod validate;
+
+/// The CRD as `kandle-operator crd` prints it and `crds/` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_saphyr::to_string(&crd::ModelDeployment::crd()).expect("the CRD serializes")
+}

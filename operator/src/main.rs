@@ -1,0 +1,97 @@
+use clap::Parser;
+use kandle_operator::cli::{Cli, Command, LogFormat, RunArgs};
+use kandle_operator::leader::{self, LeaseConfig};
+use kandle_operator::metrics::Metrics;
+use kube::CustomResourceExt;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", kandle_operator::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Render(args) => {
+            let input = if args.file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&args.file)
+            };
+            let input = match input {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", args.file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match kandle_operator::render::render(
+                &input,
+                &args.children.settings(),
+                &args.namespace,
+            ) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", args.file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run(args) => match run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "kandle-operator failed");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let server = tokio::spawn(kandle_operator::http::serve(
+        args.metrics_addr,
+        metrics.clone(),
+    ));
+    let controller = kandle_operator::controller::run(
+        client.clone(),
+        args.children.settings(),
+        args.watch_namespace.clone(),
+        metrics.clone(),
+    );
+    tracing::info!(crd = %kandle_operator::crd::ModelDeployment::crd_name(), "starting");
+    if args.leader_election {
+        let identity = match args.identity {
+            Some(id) => id,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| format!("kandle-operator-{}", std::process::id())),
+        };
+        let config = LeaseConfig {
+            namespace: args.lease_namespace,
+            name: args.lease_name,
+            identity,
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        };
+        leader::lead(client, config, &metrics, controller).await?;
+    } else {
+        metrics.set_leader(true);
+        controller.await;
+    }
+    server.abort();
+    Ok(())
+}

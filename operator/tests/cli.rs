@@ -1,0 +1,147 @@
+//! `kandle-operator crd` and `render`, as users and CI run them.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn operator(args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kandle-operator"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_checked_in_crd_is_current() {
+    let out = operator(&["crd"], None);
+    assert!(out.status.success());
+    let checked_in = std::fs::read_to_string(root().join("crds/modeldeployment.yaml")).unwrap();
+    assert!(
+        String::from_utf8(out.stdout).unwrap() == checked_in,
+        "crds/modeldeployment.yaml is stale: run `cargo run -p kandle-operator -- crd > crds/modeldeployment.yaml`"
+    );
+}
+
+#[test]
+fn every_example_is_valid_and_renders_the_same_twice() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        seen += 1;
+        let file = path.to_str().unwrap();
+        let first = operator(&["render", "-f", file], None);
+        assert!(
+            first.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        let second = operator(&["render", "-f", file], None);
+        assert_eq!(
+            first.stdout, second.stdout,
+            "{file}: render is deterministic"
+        );
+        let yaml = String::from_utf8(first.stdout).unwrap();
+        assert!(
+            yaml.contains("kind: Deployment") && yaml.contains("kind: Service"),
+            "{file}"
+        );
+    }
+    assert!(seen >= 4, "the examples are there");
+}
+
+#[test]
+fn render_refuses_what_a_strict_api_server_would_naming_field_and_rule() {
+    let input = r#"
+apiVersion: kandle.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: fine}
+spec:
+  model: {uri: hf://org/m}
+---
+apiVersion: kandle.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: typo}
+spec:
+  model: {uri: hf://org/m, revison: main}
+---
+apiVersion: kandle.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: both}
+spec:
+  model: {uri: hf://org/m}
+  replicas: 2
+  autoscaling: {minReplicas: 1, maxReplicas: 3}
+"#;
+    let out = operator(&["render", "-f", "-"], Some(input));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "nothing is printed for a file with errors"
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(r#"document 2 (typo): unknown field "spec.model.revison""#),
+        "{err}"
+    );
+    assert!(
+        err.contains("document 3 (both)") && err.contains("set either replicas or autoscaling"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rule: !(has(self.replicas) && has(self.autoscaling))"),
+        "{err}"
+    );
+    assert!(!err.contains("fine"), "{err}");
+}
+
+#[test]
+fn render_fills_the_namespace_and_prints_children_in_apply_order() {
+    let input = "apiVersion: kandle.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {name: m}\nspec:\n  model: {uri: hf://org/m}\n  replicas: 2\n";
+    let out = operator(
+        &[
+            "render",
+            "-f",
+            "-",
+            "--namespace",
+            "team-a",
+            "--server-image",
+            "registry.local/kandle-server:dev",
+        ],
+        Some(input),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let kinds: Vec<&str> = yaml
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect();
+    assert_eq!(kinds, ["Deployment", "Service", "PodDisruptionBudget"]);
+    assert_eq!(yaml.matches("namespace: team-a").count(), 3);
+    assert!(yaml.contains("image: registry.local/kandle-server:dev"));
+}
