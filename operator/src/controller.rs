@@ -9,11 +9,13 @@ use crate::status::{self, Observed};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
-use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
+use kube::core::{ApiResource, DeserializeGuard, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -60,12 +62,13 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let ns = namespace.as_deref();
-    let (deployments, deployment_events) = reflect::<Deployment>(&client, ns);
-    let (services, service_events) = reflect::<Service>(&client, ns);
-    let (pdbs, pdb_events) = reflect::<PodDisruptionBudget>(&client, ns);
-    let (jobs, job_events) = reflect::<Job>(&client, ns);
-    let (pvcs, pvc_events) = reflect::<PersistentVolumeClaim>(&client, ns);
-    let (pods, pod_events) = reflect::<Pod>(&client, ns);
+    let (relisted, relists) = tokio::sync::mpsc::unbounded_channel();
+    let (deployments, deployment_events) = reflect::<Deployment>(&client, ns, &relisted);
+    let (services, service_events) = reflect::<Service>(&client, ns, &relisted);
+    let (pdbs, pdb_events) = reflect::<PodDisruptionBudget>(&client, ns, &relisted);
+    let (jobs, job_events) = reflect::<Job>(&client, ns, &relisted);
+    let (pvcs, pvc_events) = reflect::<PersistentVolumeClaim>(&client, ns, &relisted);
+    let (pods, pod_events) = reflect::<Pod>(&client, ns, &relisted);
     let stores = Stores {
         deployments,
         services,
@@ -111,6 +114,11 @@ pub async fn run(
         let name = pod.labels().get("app.kubernetes.io/instance")?.clone();
         Some(ObjectRef::new(&name).within(&pod.namespace()?))
     })
+    // A re-list replaces a store without telling what disappeared meanwhile, so after
+    // one every ModelDeployment looks again (reads only, unless something is missing).
+    .reconcile_all_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+        relists,
+    ))
     .shutdown_on_signal()
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
@@ -135,9 +143,11 @@ where
 
 /// A store of the operator's own objects of one kind, and the watch events that fill it
 /// (managed fields dropped: they are most of an object's size and never read here).
+/// Each completed (re-)list is announced on `relisted`.
 fn reflect<K>(
     client: &Client,
     namespace: Option<&str>,
+    relisted: &tokio::sync::mpsc::UnboundedSender<()>,
 ) -> (
     Store<K>,
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -152,13 +162,30 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
+    let relisted = relisted.clone();
     let config =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let events = watcher(api::<K>(client, namespace), config)
         .default_backoff()
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
-        .touched_objects();
+        .inspect(move |event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                let _ = relisted.send(());
+            }
+        })
+        .touched_objects()
+        // Each stream backs off on its own errors; passed on, they would also pause the
+        // controller's shared trigger stream, and with it every other watch.
+        .filter_map(|event| async move {
+            match event {
+                Ok(object) => Some(Ok(object)),
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = K::kind(&()).as_ref(), "watch failed; retrying");
+                    None
+                }
+            }
+        });
     (store, events)
 }
 
@@ -170,18 +197,9 @@ async fn reconcile(
     let md = match &guard.0 {
         Ok(md) => md,
         Err(invalid) => {
-            let reference = guard.object_ref(&());
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "InvalidSpec".into(),
-                note: Some(truncate_note(&invalid.error)),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %e, "cannot publish an event");
-            }
-            return Err(Error::InvalidObject(invalid.error.clone()));
+            let error = report_invalid(&ctx, invalid).await;
+            ctx.metrics.reconciled(started.elapsed(), Some(&error));
+            return Err(error);
         }
     };
     let span = tracing::info_span!("reconcile", namespace = md.namespace().unwrap_or_default(), name = %md.name_any(), generation = md.metadata.generation);
@@ -304,6 +322,96 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
         return Err(e);
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// An object that does not decode (written around the CRD's checks, or by a newer
+/// version): its status and an event say which field is wrong, once, and nothing else
+/// happens until it changes.
+async fn report_invalid(ctx: &Context, invalid: &InvalidObject) -> Error {
+    let ns = invalid.metadata.namespace.clone().unwrap_or_default();
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    let resource = ApiResource::erase::<ModelDeployment>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
+    let raw = match api.get(&name).await {
+        Ok(obj) => serde_json::to_value(obj).unwrap_or_default(),
+        Err(e) => {
+            return Error::Api {
+                verb: "get",
+                kind: "ModelDeployment",
+                name,
+                source: e,
+            };
+        }
+    };
+    // The validator names the field and rule; serde's own message does not.
+    let message = match crate::validate::model_deployment(&raw) {
+        Err(e) => e.to_string(),
+        Ok(_) => invalid.error.clone(),
+    };
+    let error = Error::InvalidObject(message.clone());
+    let conditions = raw["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let reported = conditions.iter().any(|c| {
+        c["type"] == "Ready" && c["reason"] == "InvalidSpec" && c["message"] == message.as_str()
+    });
+    if reported && raw["status"]["observedGeneration"] == raw["metadata"]["generation"] {
+        return error;
+    }
+    let now = now();
+    let condition = |type_: &str, status: &str| {
+        serde_json::json!({
+            "type": type_, "status": status, "reason": "InvalidSpec", "message": message,
+            "observedGeneration": raw["metadata"]["generation"], "lastTransitionTime": now,
+        })
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+        "status": {
+            "observedGeneration": raw["metadata"]["generation"],
+            "phase": "Failed",
+            "conditions": [condition("Ready", "False"), condition("Degraded", "True")],
+        },
+    });
+    let params = PatchParams::apply(build::FIELD_MANAGER).force();
+    if let Err(e) = api
+        .patch_status(&name, &params, &Patch::Apply(&patch))
+        .await
+    {
+        return Error::Api {
+            verb: "apply status of",
+            kind: "ModelDeployment",
+            name,
+            source: e,
+        };
+    }
+    ctx.metrics.wrote(1);
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidSpec".into(),
+        note: Some(truncate_note(&message)),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let reference = ObjectReference {
+        api_version: Some("kandle.dev/v1alpha1".into()),
+        kind: Some("ModelDeployment".into()),
+        name: Some(name),
+        namespace: Some(ns),
+        uid: invalid.metadata.uid.clone(),
+        ..ObjectReference::default()
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %e, "cannot publish an event");
+    }
+    error
+}
+
+/// Seconds-precision now, as the API server stores times.
+fn now() -> Time {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    Time(k8s_openapi::jiff::Timestamp::from_second(now).expect("now is a valid time"))
 }
 
 /// Events for what a cluster operator should see: phase changes (with their cause) and

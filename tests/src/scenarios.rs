@@ -1,0 +1,309 @@
+//! Operator scenarios written once against a `kube::Client`: the emulated API server in
+//! `cargo test`, or a real cluster (with the operator installed) when `KANDLE_E2E=1`.
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kandle_operator::crd::{ModelDeployment, Phase};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// Where scenarios run.
+#[derive(Clone)]
+pub struct Target {
+    pub client: Client,
+    pub namespace: String,
+    /// How long a scenario waits for the operator (and, on a real cluster, for pulls and pods).
+    pub timeout: Duration,
+    /// A real cluster: models are really pulled and served.
+    pub real: bool,
+}
+
+impl Target {
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// A small real model on a real cluster; in the emulator any URI pulls.
+    fn model_uri(&self) -> &'static str {
+        "hf://sentence-transformers/all-MiniLM-L6-v2"
+    }
+
+    pub async fn create(&self, name: &str, spec: Value) -> ModelDeployment {
+        let md: ModelDeployment = serde_json::from_value(json!({
+            "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .expect("a ModelDeployment");
+        self.api::<ModelDeployment>()
+            .create(&PostParams::default(), &md)
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"))
+    }
+
+    /// Polls `name` until `done` holds, failing with the last state seen.
+    pub async fn wait<K>(&self, name: &str, what: &str, done: impl Fn(&K) -> bool) -> K
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api = self.api::<K>();
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < self.timeout {
+            if let Ok(Some(obj)) = api.get_opt(name).await {
+                if done(&obj) {
+                    return obj;
+                }
+                last = Some(obj);
+            }
+            tokio::time::sleep(if self.real {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(20)
+            })
+            .await;
+        }
+        panic!(
+            "{name}: not {what} after {:?}; last seen: {last:#?}",
+            self.timeout
+        )
+    }
+
+    pub async fn wait_gone<K>(&self, name: &str)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api = self.api::<K>();
+        let started = Instant::now();
+        while started.elapsed() < self.timeout {
+            if matches!(api.get_opt(name).await, Ok(None)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(if self.real { 1000 } else { 20 })).await;
+        }
+        panic!("{name} still exists after {:?}", self.timeout)
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: Phase) -> ModelDeployment {
+        self.wait::<ModelDeployment>(name, &format!("{phase:?}"), |md| {
+            md.status.as_ref().is_some_and(|s| {
+                s.phase == Some(phase) && s.observed_generation == md.metadata.generation
+            })
+        })
+        .await
+    }
+}
+
+pub fn condition<'a>(
+    md: &'a ModelDeployment,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    md.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition"))
+}
+
+/// A new ModelDeployment comes up: children with owner references, status that
+/// `kubectl wait --for=condition=Ready` and GitOps tools read.
+pub async fn create_and_converge(t: &Target) {
+    let md = t
+        .create(
+            "converge",
+            json!({"model": {"uri": t.model_uri()}, "replicas": 2}),
+        )
+        .await;
+    let ready = t.wait_phase("converge", Phase::Ready).await;
+    let status = ready.status.clone().unwrap();
+    let ready_condition = condition(&ready, "Ready");
+    assert_eq!(ready_condition.status, "True");
+    assert_eq!(
+        ready_condition.observed_generation,
+        ready.metadata.generation
+    );
+    assert_eq!(condition(&ready, "ModelReady").status, "True");
+    assert_eq!(condition(&ready, "Degraded").status, "False");
+    assert_eq!((status.ready_replicas, status.replicas), (Some(2), Some(2)));
+    assert_eq!(
+        status.endpoint.as_deref(),
+        Some(format!("http://converge.{}.svc.cluster.local/v1", t.namespace).as_str())
+    );
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/instance=converge,app.kubernetes.io/name=kandle-server")
+    );
+    let model = status.model.expect("what was pulled");
+    assert_eq!(
+        model.resolved_revision.as_deref().map(str::len),
+        Some(40),
+        "a commit: {model:?}"
+    );
+    assert!(model.size_bytes.unwrap_or(0) > 0);
+    assert_eq!(status.current_revision, status.update_revision);
+    for (kind, owners) in [
+        (
+            "Deployment",
+            t.api::<Deployment>()
+                .get("converge")
+                .await
+                .unwrap()
+                .owner_references()
+                .to_vec(),
+        ),
+        (
+            "Service",
+            t.api::<Service>()
+                .get("converge")
+                .await
+                .unwrap()
+                .owner_references()
+                .to_vec(),
+        ),
+        (
+            "PodDisruptionBudget",
+            t.api::<PodDisruptionBudget>()
+                .get("converge")
+                .await
+                .unwrap()
+                .owner_references()
+                .to_vec(),
+        ),
+    ] {
+        assert_eq!(owners.len(), 1, "{kind}");
+        assert_eq!(
+            owners[0].uid,
+            md.uid().unwrap(),
+            "{kind} is owned by its ModelDeployment"
+        );
+    }
+}
+
+/// A spec change rolls a new pod template; status follows it to Ready.
+pub async fn spec_change_rolls_a_new_revision(t: &Target) {
+    t.create(
+        "rolling",
+        json!({"model": {"uri": t.model_uri()}, "replicas": 1}),
+    )
+    .await;
+    let before = t
+        .wait_phase("rolling", Phase::Ready)
+        .await
+        .status
+        .unwrap()
+        .current_revision
+        .unwrap();
+    let patch = json!({"spec": {"server": {"env": [{"name": "RUST_LOG", "value": "debug"}]}}});
+    t.api::<ModelDeployment>()
+        .patch("rolling", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let after = t
+        .wait::<ModelDeployment>("rolling", "rolled out", |md| {
+            md.status.as_ref().is_some_and(|s| {
+                s.phase == Some(Phase::Ready)
+                    && s.current_revision.as_deref() != Some(before.as_str())
+                    && s.observed_generation == md.metadata.generation
+            })
+        })
+        .await;
+    let revision = after.status.unwrap().current_revision.unwrap();
+    let deployment = t.api::<Deployment>().get("rolling").await.unwrap();
+    let labels = deployment.spec.template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels["kandle.dev/revision"], revision);
+    let env = &deployment.spec.template.spec.unwrap().containers[0].env;
+    assert_eq!(env.as_ref().unwrap()[0].name, "RUST_LOG");
+}
+
+/// A child deleted or edited by someone else is put back.
+pub async fn drift_is_repaired(t: &Target) {
+    t.create(
+        "drift",
+        json!({"model": {"uri": t.model_uri()}, "replicas": 1}),
+    )
+    .await;
+    t.wait_phase("drift", Phase::Ready).await;
+    let services = t.api::<Service>();
+    let uid = services.get("drift").await.unwrap().uid();
+    services
+        .delete("drift", &DeleteParams::default())
+        .await
+        .unwrap();
+    t.wait::<Service>("drift", "recreated", |s| s.uid() != uid)
+        .await;
+    let edit = json!({"spec": {"replicas": 5}});
+    t.api::<Deployment>()
+        .patch("drift", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .unwrap();
+    t.wait::<Deployment>("drift", "scaled back to 1", |d| d.spec.replicas == Some(1))
+        .await;
+}
+
+/// Deleting a ModelDeployment takes its children with it.
+pub async fn deletion_collects_children(t: &Target) {
+    t.create(
+        "doomed",
+        json!({"model": {"uri": t.model_uri()}, "replicas": 2}),
+    )
+    .await;
+    t.wait_phase("doomed", Phase::Ready).await;
+    t.api::<ModelDeployment>()
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    t.wait_gone::<ModelDeployment>("doomed").await;
+    t.wait_gone::<Deployment>("doomed").await;
+    t.wait_gone::<Service>("doomed").await;
+    t.wait_gone::<PodDisruptionBudget>("doomed").await;
+}
+
+/// A model that cannot be pulled fails with the hub's answer in status.
+pub async fn pull_failure_is_reported(t: &Target) {
+    let uri = "hf://kandle-e2e/does-not-exist";
+    t.create("unpullable", json!({"model": {"uri": uri}})).await;
+    let failed = t.wait_phase("unpullable", Phase::Failed).await;
+    let ready = condition(&failed, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "PullFailed")
+    );
+    assert!(ready.message.contains(uri), "{}", ready.message);
+    assert_eq!(condition(&failed, "ModelReady").reason, "PullFailed");
+}
+
+/// What the schema cannot catch, a missing secret, is reported; creating it heals.
+pub async fn missing_secret_is_reported_until_created(t: &Target) {
+    t.create(
+        "secretive",
+        json!({"model": {"uri": t.model_uri(), "credentialsSecret": "secretive-token"}}),
+    )
+    .await;
+    let failed = t.wait_phase("secretive", Phase::Failed).await;
+    let message = &condition(&failed, "Ready").message;
+    assert!(
+        message.contains("secret \"secretive-token\" not found"),
+        "{message}"
+    );
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "secretive-token"}, "stringData": {"KANDLE_E2E_UNUSED": "1"}}),
+    )
+    .unwrap();
+    t.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    t.wait_phase("secretive", Phase::Ready).await;
+}

@@ -1,0 +1,365 @@
+//! The real controller against the in-process API server and simulated cluster, and the
+//! same scenarios against a real cluster when `KANDLE_E2E=1`.
+use k8s_openapi::api::coordination::v1::Lease;
+use kandle_operator::build::Settings;
+use kandle_operator::crd::{ModelDeployment, Phase};
+use kandle_operator::leader::{self, LeaseConfig};
+use kandle_operator::metrics::Metrics;
+use kandle_tests::apiserver::ApiServer;
+use kandle_tests::apiserver::store::kind;
+use kandle_tests::cluster::Cluster;
+use kandle_tests::scenarios::{self, Target};
+use kube::Api;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+struct Emulated {
+    server: ApiServer,
+    cluster: Cluster,
+    operator: JoinHandle<()>,
+    metrics: Arc<Metrics>,
+}
+
+fn settings() -> Settings {
+    Settings {
+        server_image: "kandle-server:test".into(),
+        cluster_domain: "cluster.local".into(),
+    }
+}
+
+impl Emulated {
+    fn start() -> Self {
+        let server = ApiServer::default();
+        let cluster = Cluster::start(&server);
+        let metrics = Arc::new(Metrics::default());
+        let operator = tokio::spawn(kandle_operator::controller::run(
+            server.client(),
+            settings(),
+            None,
+            metrics.clone(),
+        ));
+        Self {
+            server,
+            cluster,
+            operator,
+            metrics,
+        }
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            client: self.server.client(),
+            namespace: "default".into(),
+            timeout: Duration::from_secs(10),
+            real: false,
+        }
+    }
+}
+
+impl Drop for Emulated {
+    fn drop(&mut self) {
+        self.operator.abort();
+    }
+}
+
+#[tokio::test]
+async fn creates_and_converges() {
+    scenarios::create_and_converge(&Emulated::start().target()).await;
+}
+
+#[tokio::test]
+async fn a_spec_change_rolls_a_new_revision() {
+    scenarios::spec_change_rolls_a_new_revision(&Emulated::start().target()).await;
+}
+
+/// Also the proof that watching children matters: without `.owns(...)` nothing would
+/// notice the deleted Service before the ten-minute resync.
+#[tokio::test]
+async fn drift_is_repaired() {
+    scenarios::drift_is_repaired(&Emulated::start().target()).await;
+}
+
+#[tokio::test]
+async fn deletion_collects_children() {
+    scenarios::deletion_collects_children(&Emulated::start().target()).await;
+}
+
+#[tokio::test]
+async fn a_pull_failure_is_reported() {
+    scenarios::pull_failure_is_reported(&Emulated::start().target()).await;
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_until_created() {
+    scenarios::missing_secret_is_reported_until_created(&Emulated::start().target()).await;
+}
+
+/// Changes made while the watches were down, with the history compacted, are found by
+/// the re-list that follows 410 Expired.
+#[tokio::test]
+async fn relists_after_410_and_repairs_what_changed_meanwhile() {
+    let env = Emulated::start();
+    let t = env.target();
+    t.create("relist", json!({"model": {"uri": "hf://org/m"}}))
+        .await;
+    t.wait_phase("relist", Phase::Ready).await;
+    let before = env.server.requests();
+    env.server.interrupt_watches(|store| {
+        store
+            .delete(kind("services").unwrap(), "default", "relist")
+            .unwrap();
+    });
+    t.wait::<k8s_openapi::api::core::v1::Service>("relist", "recreated", |_| true)
+        .await;
+    let after = env.server.requests();
+    let lists = |c: &kandle_tests::apiserver::RequestCounts| {
+        c.get(&("list".to_string(), "services".to_string()))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert!(
+        lists(&after) > lists(&before),
+        "the watcher re-listed: {after:?}"
+    );
+}
+
+/// An object that slipped past validation is reported and waited on, and does not stall
+/// the others.
+#[tokio::test]
+async fn an_undecodable_object_does_not_stall_the_others_or_loop() {
+    let env = Emulated::start();
+    let t = env.target();
+    let broken = json!({"apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "broken"}, "spec": {"model": {"uri": "hf://org/m"}, "replicas": "three"}});
+    env.server
+        .store()
+        .create(kind("modeldeployments").unwrap(), "default", broken)
+        .unwrap();
+    t.create("healthy", json!({"model": {"uri": "hf://org/m"}}))
+        .await;
+    t.wait_phase("healthy", Phase::Ready).await;
+    let events = env
+        .server
+        .store()
+        .list(kind("events").unwrap(), None, |e| {
+            e["regarding"]["name"] == "broken"
+        })
+        .0;
+    assert!(
+        events.iter().any(|e| e["reason"] == "InvalidSpec"
+            && e["note"].as_str().unwrap_or("").contains("spec.replicas")),
+        "{events:?}"
+    );
+    // The typed client cannot read it either, so look at what is stored.
+    let models = kind("modeldeployments").unwrap();
+    let stored = || env.server.store().get(models, "default", "broken").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stored()["status"]["phase"] != "Failed" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = &stored()["status"];
+    assert_eq!(status["phase"], "Failed", "{status}");
+    let ready = &status["conditions"][0];
+    assert_eq!(
+        (&ready["type"], &ready["reason"]),
+        (&json!("Ready"), &json!("InvalidSpec"))
+    );
+    assert!(
+        ready["message"].as_str().unwrap().contains("spec.replicas"),
+        "{ready}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reconciles = metric(&env.metrics, "kandle_operator_reconciles_total");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric(&env.metrics, "kandle_operator_reconciles_total"),
+        reconciles,
+        "no retries of a broken object"
+    );
+}
+
+/// Once converged, the operator neither writes nor polls: watches carry everything.
+#[tokio::test]
+async fn idle_means_no_writes_and_a_bounded_number_of_requests() {
+    let env = Emulated::start();
+    let t = env.target();
+    for name in ["idle-a", "idle-b", "idle-c"] {
+        t.create(name, json!({"model": {"uri": "hf://org/m"}, "replicas": 2}))
+            .await;
+    }
+    for name in ["idle-a", "idle-b", "idle-c"] {
+        t.wait_phase(name, Phase::Ready).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = env.server.total_requests();
+    let writes = metric(&env.metrics, "kandle_operator_writes_total");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.server.total_requests(),
+        before,
+        "idle: {:?}",
+        env.server.requests()
+    );
+    assert_eq!(metric(&env.metrics, "kandle_operator_writes_total"), writes);
+}
+
+/// A no-op resync: every object reconciled again, nothing written.
+#[tokio::test]
+async fn a_full_resync_writes_nothing() {
+    let env = Emulated::start();
+    let t = env.target();
+    for name in ["sync-a", "sync-b"] {
+        t.create(
+            name,
+            json!({"model": {"uri": "hf://org/m"}, "replicas": 2, "cache": {"volume": "pvc"}}),
+        )
+        .await;
+    }
+    for name in ["sync-a", "sync-b"] {
+        t.wait_phase(name, Phase::Ready).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writes = metric(&env.metrics, "kandle_operator_writes_total");
+    let reconciles = metric(&env.metrics, "kandle_operator_reconciles_total");
+    // After a watch outage the controller re-lists and reconciles everything.
+    env.server.interrupt_watches(|_| {});
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&env.metrics, "kandle_operator_reconciles_total") < reconciles + 2
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(metric(&env.metrics, "kandle_operator_reconciles_total") >= reconciles + 2);
+    assert_eq!(metric(&env.metrics, "kandle_operator_writes_total"), writes);
+}
+
+/// Two replicas with leader election: one reconciles; when it goes, the other takes over.
+#[tokio::test]
+async fn two_operators_one_leader() {
+    let server = ApiServer::default();
+    let _cluster = Cluster::start(&server);
+    let lease = |identity: &str| LeaseConfig {
+        namespace: "kandle-system".into(),
+        name: "kandle-operator".into(),
+        identity: identity.into(),
+        duration: Duration::from_millis(1500),
+        renew_every: Duration::from_millis(300),
+    };
+    let start = |identity: &'static str| {
+        let client = server.client();
+        let config = lease(identity);
+        let metrics = Arc::new(Metrics::default());
+        let m = metrics.clone();
+        let task = tokio::spawn(async move {
+            let work =
+                kandle_operator::controller::run(client.clone(), settings(), None, m.clone());
+            let _ = leader::lead(client, config, &m, work).await;
+        });
+        (task, metrics)
+    };
+    let (first, first_metrics) = start("first");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (second, second_metrics) = start("second");
+    let t = Target {
+        client: server.client(),
+        namespace: "default".into(),
+        timeout: Duration::from_secs(10),
+        real: false,
+    };
+    t.create("led", json!({"model": {"uri": "hf://org/m"}}))
+        .await;
+    t.wait_phase("led", Phase::Ready).await;
+    assert!(metric(&first_metrics, "kandle_operator_reconciles_total") > 0);
+    assert_eq!(
+        metric(&second_metrics, "kandle_operator_reconciles_total"),
+        0,
+        "the standby does not reconcile"
+    );
+    let leases: Api<Lease> = Api::namespaced(server.client(), "kandle-system");
+    assert_eq!(
+        leases
+            .get("kandle-operator")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
+        Some("first")
+    );
+
+    first.abort();
+    t.create("taken-over", json!({"model": {"uri": "hf://org/m"}}))
+        .await;
+    t.wait_phase("taken-over", Phase::Ready).await;
+    assert!(metric(&second_metrics, "kandle_operator_reconciles_total") > 0);
+    assert_eq!(
+        leases
+            .get("kandle-operator")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
+        Some("second")
+    );
+    second.abort();
+}
+
+/// Writes of invalid ModelDeployments are refused as by a real API server.
+#[tokio::test]
+async fn the_emulated_api_server_refuses_what_the_crd_refuses() {
+    let env = Emulated::start();
+    let api: Api<ModelDeployment> = Api::namespaced(env.server.client(), "default");
+    let md: ModelDeployment = serde_json::from_value(json!({"apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "both"}, "spec": {"model": {"uri": "hf://org/m"}, "replicas": 1, "autoscaling": {"maxReplicas": 2}}})).unwrap();
+    let err = api.create(&Default::default(), &md).await.unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code, 422);
+    assert!(
+        status.message.contains("either replicas or autoscaling"),
+        "{}",
+        status.message
+    );
+    let _ = env.cluster.clone();
+}
+
+/// The scenarios against the cluster of the current kubeconfig, with the operator
+/// installed there (the e2e workflow does that on kind).
+#[tokio::test]
+async fn real_cluster_scenarios() {
+    if std::env::var("KANDLE_E2E").as_deref() != Ok("1") {
+        eprintln!(
+            "skipped: set KANDLE_E2E=1 to run the scenarios against the current kubeconfig's cluster"
+        );
+        return;
+    }
+    let client = kube::Client::try_default().await.expect("a kubeconfig");
+    let namespace = std::env::var("KANDLE_E2E_NAMESPACE").unwrap_or_else(|_| "kandle-e2e".into());
+    let t = Target {
+        client,
+        namespace,
+        timeout: Duration::from_secs(600),
+        real: true,
+    };
+    scenarios::create_and_converge(&t).await;
+    scenarios::spec_change_rolls_a_new_revision(&t).await;
+    scenarios::drift_is_repaired(&t).await;
+    scenarios::deletion_collects_children(&t).await;
+    scenarios::pull_failure_is_reported(&t).await;
+    scenarios::missing_secret_is_reported_until_created(&t).await;
+}
+
+/// A counter's value in the operator's `/metrics` text.
+fn metric(metrics: &Metrics, name: &str) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
