@@ -49,7 +49,16 @@ pub struct Context {
     stores: Stores,
     /// Consecutive transient failures per object, for the retry backoff.
     failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
+    /// Phase and revision last announced per object (by uid): the cache may still show an
+    /// older status after a write, and an event must not be repeated because of that.
+    announced: Mutex<HashMap<String, Announced>>,
 }
+
+/// The phase and update revision events were last published for.
+type Announced = (Option<Phase>, Option<String>);
+
+/// Reconciles running at once.
+const CONCURRENCY: u16 = 16;
 
 /// Without changes, each ModelDeployment is looked at again this often (reads only).
 const RESYNC: Duration = Duration::from_secs(600);
@@ -63,12 +72,13 @@ pub async fn run(
 ) {
     let ns = namespace.as_deref();
     let (relisted, relists) = tokio::sync::mpsc::unbounded_channel();
-    let (deployments, deployment_events) = reflect::<Deployment>(&client, ns, &relisted);
-    let (services, service_events) = reflect::<Service>(&client, ns, &relisted);
-    let (pdbs, pdb_events) = reflect::<PodDisruptionBudget>(&client, ns, &relisted);
-    let (jobs, job_events) = reflect::<Job>(&client, ns, &relisted);
-    let (pvcs, pvc_events) = reflect::<PersistentVolumeClaim>(&client, ns, &relisted);
-    let (pods, pod_events) = reflect::<Pod>(&client, ns, &relisted);
+    let (deployments, deployment_events) = reflect::<Deployment>(&client, ns, &relisted, keep_all);
+    let (services, service_events) = reflect::<Service>(&client, ns, &relisted, keep_all);
+    let (pdbs, pdb_events) = reflect::<PodDisruptionBudget>(&client, ns, &relisted, keep_all);
+    let (jobs, job_events) = reflect::<Job>(&client, ns, &relisted, keep_all);
+    let (pvcs, pvc_events) = reflect::<PersistentVolumeClaim>(&client, ns, &relisted, keep_all);
+    // Status reads only labels and status of pods, the most numerous objects.
+    let (pods, pod_events) = reflect::<Pod>(&client, ns, &relisted, |p| p.spec = None);
     let stores = Stores {
         deployments,
         services,
@@ -100,6 +110,7 @@ pub async fn run(
         metrics,
         stores,
         failures: Mutex::new(HashMap::new()),
+        announced: Mutex::new(HashMap::new()),
     });
     Controller::new(
         api::<DeserializeGuard<ModelDeployment>>(&client, ns),
@@ -119,6 +130,9 @@ pub async fn run(
     .reconcile_all_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
         relists,
     ))
+    // Bounded, so a burst of thousands of changes does not hold thousands of half-done
+    // reconciles (and their built objects) in memory at once.
+    .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
     .shutdown_on_signal()
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
@@ -129,6 +143,8 @@ pub async fn run(
     })
     .await;
 }
+
+fn keep_all<K>(_: &mut K) {}
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -142,12 +158,14 @@ where
 }
 
 /// A store of the operator's own objects of one kind, and the watch events that fill it
-/// (managed fields dropped: they are most of an object's size and never read here).
+/// (managed fields, and whatever `trim` removes, dropped: never read here, they would
+/// only take memory).
 /// Each completed (re-)list is announced on `relisted`.
 fn reflect<K>(
     client: &Client,
     namespace: Option<&str>,
     relisted: &tokio::sync::mpsc::UnboundedSender<()>,
+    trim: fn(&mut K),
 ) -> (
     Store<K>,
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -167,7 +185,10 @@ where
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let events = watcher(api::<K>(client, namespace), config)
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
+        .modify(move |o| {
+            o.managed_fields_mut().clear();
+            trim(o);
+        })
         .reflect(writer)
         .inspect(move |event| {
             if let Ok(watcher::Event::InitDone) = event {
@@ -294,7 +315,6 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             .expect("now is a valid time"),
     );
     let status = status::compute(md, &ctx.settings, &desired, &observed, now);
-    let previous = md.status.clone().unwrap_or_default();
     if md.status.as_ref() != Some(&status) {
         let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = serde_json::json!({
@@ -315,7 +335,7 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             source,
         })?;
         writes += 1;
-        announce(ctx, md, &previous, &status).await;
+        announce(ctx, md, &status).await;
     }
     ctx.metrics.wrote(writes);
     if let Some(e) = rejected {
@@ -416,12 +436,24 @@ fn now() -> Time {
 
 /// Events for what a cluster operator should see: phase changes (with their cause) and
 /// new revisions rolling out.
-async fn announce(
-    ctx: &Context,
-    md: &ModelDeployment,
-    previous: &crate::crd::ModelDeploymentStatus,
-    status: &crate::crd::ModelDeploymentStatus,
-) {
+async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::ModelDeploymentStatus) {
+    let now = (status.phase, status.update_revision.clone());
+    let (phase, revision) = {
+        let mut announced = ctx.announced.lock().expect("not poisoned");
+        let cached = md
+            .status
+            .as_ref()
+            .map(|s| (s.phase, s.update_revision.clone()));
+        announced
+            .insert(md.uid().unwrap_or_default(), now.clone())
+            .or(cached)
+            .unwrap_or_default()
+    };
+    let previous = crate::crd::ModelDeploymentStatus {
+        phase,
+        update_revision: revision,
+        ..Default::default()
+    };
     let mut events = Vec::new();
     if previous.update_revision.is_some() && previous.update_revision != status.update_revision {
         events.push(Event {

@@ -145,3 +145,32 @@ fn render_fills_the_namespace_and_prints_children_in_apply_order() {
     assert_eq!(yaml.matches("namespace: team-a").count(), 3);
     assert!(yaml.contains("image: registry.local/kandle-server:dev"));
 }
+
+/// `kubectl explain` shows the descriptions: every field of the spec and status has one.
+#[test]
+fn every_field_is_described() {
+    fn walk(path: &str, node: &serde_json::Value, missing: &mut Vec<String>) {
+        for (name, child) in node["properties"].as_object().into_iter().flatten() {
+            let here = format!("{path}.{name}");
+            if child["description"]
+                .as_str()
+                .is_none_or(|d| d.trim().is_empty())
+            {
+                missing.push(here.clone());
+            }
+            walk(&here, child, missing);
+            walk(&format!("{here}[]"), &child["items"], missing);
+        }
+    }
+    let crd: serde_json::Value = serde_json::to_value(
+        <kandle_operator::crd::ModelDeployment as kube::CustomResourceExt>::crd(),
+    )
+    .unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let mut missing = Vec::new();
+    walk("", schema, &mut missing);
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
+}

@@ -35,17 +35,28 @@ impl Cluster {
         let sim = cluster.clone();
         let mut events = sim.store.subscribe();
         tokio::spawn(async move {
+            sim.sync_all();
             loop {
-                sim.sync();
+                // What changed decides what to look at, so a large cluster stays cheap.
+                let mut touched = Vec::new();
                 tokio::select! {
                     event = events.recv() => match event {
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            while events.try_recv().is_ok() {}
+                        Ok(e) => touched.push(e),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            sim.sync_all();
+                            continue;
                         }
                         Err(_) => return,
                     },
-                    () = sim.wake.notified() => {}
+                    () = sim.wake.notified() => {
+                        sim.sync_all();
+                        continue;
+                    }
                 }
+                while let Ok(e) = events.try_recv() {
+                    touched.push(e);
+                }
+                sim.sync_touched(&touched);
             }
         });
         cluster
@@ -58,7 +69,59 @@ impl Cluster {
         self.wake.notify_one();
     }
 
-    fn sync(&self) {
+    /// Syncs the owners of what changed: a Deployment or Job itself, or a pod's owner.
+    /// A new secret may unblock any pod, so it syncs everything.
+    fn sync_touched(&self, events: &[crate::apiserver::store::WatchEvent]) {
+        let mut owners = std::collections::BTreeSet::new();
+        for e in events {
+            let ns = e.object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            match e.plural {
+                "deployments" | "jobs" => {
+                    owners.insert((
+                        e.plural,
+                        ns,
+                        e.object["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ));
+                }
+                "pods" => {
+                    for r in e.object["metadata"]["ownerReferences"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        let plural = if r["kind"] == "Job" {
+                            "jobs"
+                        } else {
+                            "deployments"
+                        };
+                        owners.insert((
+                            plural,
+                            ns.clone(),
+                            r["name"].as_str().unwrap_or_default().to_string(),
+                        ));
+                    }
+                }
+                "secrets" => return self.sync_all(),
+                _ => {}
+            }
+        }
+        for (plural, ns, name) in owners {
+            if let Some(owner) = self.store.get(kind(plural).unwrap(), &ns, &name) {
+                match plural {
+                    "jobs" => self.sync_job(&owner),
+                    _ => self.sync_deployment(&owner),
+                }
+            }
+        }
+    }
+
+    fn sync_all(&self) {
         let deployments = kind("deployments").unwrap();
         for d in self.store.list(deployments, None, |_| true).0 {
             self.sync_deployment(&d);

@@ -10,6 +10,7 @@
 //! patches merge like JSON merge patches; there is no admission, no RBAC, no paging
 //! (lists come whole), and a watch does not send DELETED for objects that stop matching
 //! its label selector.
+pub mod loopback;
 pub mod patch;
 pub mod store;
 
@@ -26,7 +27,7 @@ use std::time::Duration;
 use store::{ApiError, Kind, Part, Store, matches_fields, matches_labels};
 use tokio::sync::watch;
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Requests by verb (`get`, `list`, `watch`, `create`, `update`, `patch`, `delete`) and resource.
 pub type RequestCounts = BTreeMap<(String, String), u64>;
@@ -109,7 +110,7 @@ impl ApiServer {
             .or_default() += 1;
     }
 
-    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
         match self.route(req).await {
             Ok(response) => response,
             Err(e) => json_response(StatusCode::from_u16(e.code).unwrap(), &e.status()),

@@ -198,10 +198,21 @@ impl Store {
         filter: impl Fn(&Value) -> bool,
     ) -> (Vec<Value>, u64) {
         let state = self.state.lock().unwrap();
+        // Keys sort by kind, then namespace: a range, not a scan of everything.
+        let (from, to) = match ns {
+            Some(ns) => (
+                (kind.plural, ns.to_string(), String::new()),
+                (kind.plural, format!("{ns}\0"), String::new()),
+            ),
+            None => (
+                (kind.plural, String::new(), String::new()),
+                (kind.plural, "\u{10ffff}".to_string(), String::new()),
+            ),
+        };
         let items = state
             .objects
-            .iter()
-            .filter(|((p, n, _), o)| *p == kind.plural && ns.is_none_or(|ns| ns == n) && filter(o))
+            .range(from..to)
+            .filter(|(_, o)| filter(o))
             .map(|(_, o)| o.clone())
             .collect();
         (items, state.rv)

@@ -1,0 +1,122 @@
+//! The `kandle-operator run` binary against the emulated API server over loopback: it
+//! converges, serves its own probes and metrics, leads on a Lease and hands it back on
+//! SIGTERM.
+use k8s_openapi::api::coordination::v1::Lease;
+use kandle_tests::apiserver::ApiServer;
+use kandle_tests::apiserver::loopback;
+use kandle_tests::cluster::Cluster;
+use kandle_tests::scenarios::Target;
+use kube::Api;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_converges_reports_and_hands_back_its_lease() {
+    let server = ApiServer::default();
+    let _cluster = Cluster::start(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let listening = loopback::serve(server.clone(), dir.path()).await.unwrap();
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut operator = Operator(
+        Command::new(env!("CARGO_BIN_EXE_kandle-operator"))
+            .args([
+                "run",
+                "--metrics-addr",
+                &metrics_addr,
+                "--log-format",
+                "json",
+            ])
+            .env("KUBECONFIG", &listening.kubeconfig)
+            .env("POD_NAME", "kandle-operator-0")
+            .env("POD_NAMESPACE", "kandle-system")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Target {
+        client: server.client(),
+        namespace: "default".into(),
+        timeout: Duration::from_secs(20),
+        real: false,
+    };
+    t.create(
+        "binary",
+        serde_json::json!({"model": {"uri": "hf://org/m"}, "replicas": 2}),
+    )
+    .await;
+    t.wait_phase("binary", kandle_operator::crd::Phase::Ready)
+        .await;
+
+    let (code, _) = loopback::get(&metrics_addr, "/healthz")
+        .await
+        .expect("healthz answers");
+    assert_eq!(code, 200);
+    let (code, _) = loopback::get(&metrics_addr, "/readyz").await.unwrap();
+    assert_eq!(code, 200);
+    let (code, metrics) = loopback::get(&metrics_addr, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for line in [
+        "kandle_operator_leader 1",
+        "kandle_operator_reconcile_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kandle_operator_reconciles_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    let leases: Api<Lease> = Api::namespaced(server.client(), "kandle-system");
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity);
+    assert_eq!(
+        holder(leases.get("kandle-operator").await.unwrap()).as_deref(),
+        Some("kandle-operator-0")
+    );
+
+    let pid = operator.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = operator.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the operator stops on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut operator.0.stdout.take().unwrap(), &mut logs).unwrap();
+    assert!(status.success(), "{status}: {logs}");
+    assert_eq!(
+        holder(leases.get("kandle-operator").await.unwrap()),
+        None,
+        "the lease is handed back"
+    );
+    assert!(
+        logs.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "JSON logs: {logs}"
+    );
+}
