@@ -165,4 +165,5 @@ async fn run(n: usize) {
         per_kind.join(", ")
     );
     let _ = operator.kill();
+    let _ = operator.wait();
 }
