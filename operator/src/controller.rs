@@ -1,7 +1,7 @@
 //! The controller: watches ModelDeployments and their children, and reconciles each by
 //! building what it wants (pure), applying the difference, and writing status if changed.
 use crate::apply::{apply, delete};
-use crate::build::{self, Child, MANAGED_BY, ModelSource, Settings};
+use crate::build::{self, Child, MANAGED_BY, Settings};
 use crate::crd::{ModelDeployment, Phase};
 use crate::error::{Error, backoff};
 use crate::metrics::Metrics;
@@ -253,15 +253,14 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
     let pods = stores
         .pods
         .state_filter(|p| mine(p.labels(), p.namespace()));
-    let job_name = match ModelSource::of(md) {
-        ModelSource::PvcCache { folder, .. } => Some(format!("{name}-pull-{folder}")),
-        _ => None,
-    };
+    let mut desired = build::desired(md, &ctx.settings, crate::replicas::wanted(md));
+    let job_name = desired.pull_job.clone();
     let job = job_name
         .as_ref()
         .and_then(|j| stores.jobs.get(&ObjectRef::new(j).within(&ns)));
-    let model_ready = job_name.is_none() || status::job_complete(job.as_deref());
-    let desired = build::desired(md, &ctx.settings, model_ready, crate::replicas::wanted(md));
+    if job_name.is_some() && !status::job_complete(job.as_deref()) {
+        desired = desired.hold_deployment();
+    }
 
     let mut writes = 0;
     let mut rejected = None;

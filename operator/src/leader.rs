@@ -104,11 +104,14 @@ async fn try_acquire(
         now()
     };
     lease.spec = Some(spec(config, acquired, transitions));
-    // Replacing with the read resourceVersion fails (409) if another replica got there first.
-    match api
-        .replace(&config.name, &PostParams::default(), &lease)
-        .await
-    {
+    replace_if_unchanged(api, &lease).await
+}
+
+/// Writes `lease` back with the resourceVersion it was read at: false (409) when another
+/// replica wrote it in between.
+async fn replace_if_unchanged(api: &Api<Lease>, lease: &Lease) -> Result<bool, kube::Error> {
+    let name = lease.metadata.name.clone().unwrap_or_default();
+    match api.replace(&name, &PostParams::default(), lease).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e),
@@ -150,14 +153,7 @@ async fn renew(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kube::Err
         return Ok(false);
     }
     spec.renew_time = Some(now());
-    match api
-        .replace(&config.name, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-        Err(e) => Err(e),
-    }
+    replace_if_unchanged(api, &lease).await
 }
 
 /// Hands the lease over at once on a clean shutdown, so a standby need not wait it out.

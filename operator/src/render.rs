@@ -35,7 +35,7 @@ pub fn render(input: &str, settings: &Settings, namespace: &str) -> Result<Strin
         match validate::model_deployment(&doc) {
             Ok(md) => {
                 let wanted = crate::replicas::wanted(&md);
-                for child in build::desired(&md, settings, true, wanted).children {
+                for child in build::desired(&md, settings, wanted).children {
                     out.push(child);
                 }
             }

@@ -516,7 +516,7 @@ mod tests {
     }
 
     fn compute_with(md: &ModelDeployment, observed: &Observed, now: i64) -> ModelDeploymentStatus {
-        let d = desired(md, &settings(), true, crate::replicas::wanted(md));
+        let d = desired(md, &settings(), crate::replicas::wanted(md));
         compute(md, &settings(), &d, observed, at(now))
     }
 
@@ -525,7 +525,7 @@ mod tests {
     }
 
     fn revision(md: &ModelDeployment) -> String {
-        desired(md, &settings(), true, 2).revision
+        desired(md, &settings(), 2).revision
     }
 
     #[test]

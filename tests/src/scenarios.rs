@@ -9,6 +9,23 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
+/// A namespaced Kubernetes object the scenarios read.
+pub trait Object:
+    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Object for K where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// Where scenarios run.
 #[derive(Clone)]
 pub struct Target {
@@ -21,13 +38,7 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    pub fn api<K: Object>(&self) -> Api<K> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
@@ -49,13 +60,7 @@ impl Target {
     }
 
     /// Polls `name` until `done` holds, failing with the last state seen.
-    pub async fn wait<K>(&self, name: &str, what: &str, done: impl Fn(&K) -> bool) -> K
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    pub async fn wait<K: Object>(&self, name: &str, what: &str, done: impl Fn(&K) -> bool) -> K {
         let api = self.api::<K>();
         let started = Instant::now();
         let mut last = None;
@@ -79,13 +84,20 @@ impl Target {
         )
     }
 
-    pub async fn wait_gone<K>(&self, name: &str)
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    /// The owner references of an object that must exist.
+    pub async fn owners<K: Object>(
+        &self,
+        name: &str,
+    ) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+        let obj = self
+            .api::<K>()
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        obj.owner_references().to_vec()
+    }
+
+    pub async fn wait_gone<K: Object>(&self, name: &str) {
         let api = self.api::<K>();
         let started = Instant::now();
         while started.elapsed() < self.timeout {
@@ -154,32 +166,11 @@ pub async fn create_and_converge(t: &Target) {
     assert!(model.size_bytes.unwrap_or(0) > 0);
     assert_eq!(status.current_revision, status.update_revision);
     for (kind, owners) in [
-        (
-            "Deployment",
-            t.api::<Deployment>()
-                .get("converge")
-                .await
-                .unwrap()
-                .owner_references()
-                .to_vec(),
-        ),
-        (
-            "Service",
-            t.api::<Service>()
-                .get("converge")
-                .await
-                .unwrap()
-                .owner_references()
-                .to_vec(),
-        ),
+        ("Deployment", t.owners::<Deployment>("converge").await),
+        ("Service", t.owners::<Service>("converge").await),
         (
             "PodDisruptionBudget",
-            t.api::<PodDisruptionBudget>()
-                .get("converge")
-                .await
-                .unwrap()
-                .owner_references()
-                .to_vec(),
+            t.owners::<PodDisruptionBudget>("converge").await,
         ),
     ] {
         assert_eq!(owners.len(), 1, "{kind}");

@@ -363,3 +363,77 @@ fn metric(metrics: &Metrics, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
         .unwrap_or(0)
 }
+
+/// A PVC cache: the Job pulls first, the Deployment follows; a new image means a new Job
+/// (its template is immutable) while the pods keep serving, and the old Job is removed.
+#[tokio::test]
+async fn a_pvc_cache_is_filled_by_a_job_before_pods_start() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::batch::v1::Job;
+    let env = Emulated::start();
+    let t = env.target();
+    t.create(
+        "cached",
+        json!({"model": {"uri": "hf://org/m"}, "replicas": 2, "cache": {"volume": "pvc"}}),
+    )
+    .await;
+    let ready = t.wait_phase("cached", Phase::Ready).await;
+    assert_eq!(
+        ready
+            .status
+            .unwrap()
+            .model
+            .unwrap()
+            .resolved_revision
+            .as_deref(),
+        Some(kandle_tests::cluster::PULLED_REVISION)
+    );
+    let jobs: Api<Job> = Api::namespaced(env.server.client(), "default");
+    let first: Vec<String> = jobs
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(
+        Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+            env.server.client(),
+            "default"
+        )
+        .get("cached-cache")
+        .await
+        .is_ok()
+    );
+
+    let patch = json!({"spec": {"server": {"image": "kandle-server:v2"}}});
+    Api::<ModelDeployment>::namespaced(env.server.client(), "default")
+        .patch(
+            "cached",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    t.wait::<Deployment>("cached", "on the new image", |d| {
+        d.spec
+            .template
+            .spec
+            .as_ref()
+            .is_some_and(|p| p.containers[0].image.as_deref() == Some("kandle-server:v2"))
+    })
+    .await;
+    t.wait_phase("cached", Phase::Ready).await;
+    let now: Vec<String> = jobs
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    assert_eq!(now.len(), 1, "the old Job is gone: {now:?}");
+    assert_ne!(now, first);
+}

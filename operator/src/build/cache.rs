@@ -72,7 +72,7 @@ fn claim_name(md: &ModelDeployment) -> String {
 }
 
 /// Eight hex digits naming what is pulled (source, revision and file choice): a new
-/// model gets a new folder and a new Job, and the old one keeps serving meanwhile.
+/// model gets a new folder, and the pods serving the old one keep it meanwhile.
 fn model_hash(md: &ModelDeployment) -> String {
     let m = &md.spec.model;
     let key = serde_json::json!([m.uri, m.revision, m.include, m.exclude, m.sha256]);
@@ -107,11 +107,11 @@ pub fn claim(md: &ModelDeployment) -> PersistentVolumeClaim {
 /// The Job that pulls the model into the claim once. A permanent pull failure fails the
 /// Job at once; transient ones are retried by the Job's backoff.
 pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource) -> Job {
-    let ModelSource::PvcCache { claim, folder } = source else {
+    let ModelSource::PvcCache { claim, .. } = source else {
         unreachable!("a pull Job exists only for a pvc cache")
     };
     let image = super::deployment::image(md, settings);
-    let meta = meta(md, format!("{}-pull-{folder}", md.name_any()), "pull");
+    let mut meta = meta(md, String::new(), "pull");
     let mut pod = PodSpec {
         restart_policy: Some("Never".into()),
         containers: vec![pull_container(md, &image, source)],
@@ -132,6 +132,14 @@ pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource)
     };
     // Scheduled like the serving pods: a ReadWriteOnce claim binds to the Job's node.
     super::deployment::schedule(md, &mut pod);
+    // A Job's template cannot change, so another template (a new model, image or
+    // scheduling) is another Job; a pull the cache already holds takes a second.
+    let template = serde_json::to_vec(&pod).expect("a pod spec is JSON");
+    meta.name = Some(format!(
+        "{}-pull-{}",
+        md.name_any(),
+        hex::encode(&Sha256::digest(&template)[..4])
+    ));
     Job {
         spec: Some(JobSpec {
             backoff_limit: Some(6),

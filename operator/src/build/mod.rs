@@ -68,39 +68,45 @@ pub struct Desired {
     /// The serving Deployment exists but must not be touched yet: its new model is still
     /// being pulled into the PVC, so the pods keep serving the old one until then.
     pub hold_deployment: bool,
+    /// Name of the Job that pulls into a PVC cache, if there is one.
+    pub pull_job: Option<String>,
     /// Hash of the pod template the spec asks for.
     pub revision: String,
     /// Serving pods wanted.
     pub replicas: i32,
 }
 
-/// Builds the children. `model_ready` says whether a PVC cache already holds the model
-/// (always true for the other sources, whose pods pull for themselves); `replicas` is what
-/// the spec or the autoscaler asks for.
-pub fn desired(
-    md: &ModelDeployment,
-    settings: &Settings,
-    model_ready: bool,
-    replicas: i32,
-) -> Desired {
+impl Desired {
+    /// Leaves the Deployment out until the pull Job has filled the cache.
+    pub fn hold_deployment(mut self) -> Self {
+        self.children.retain(|c| !matches!(c, Child::Deployment(_)));
+        self.hold_deployment = true;
+        self
+    }
+}
+
+/// Builds every child, as applied once the model is in place; `replicas` is what the
+/// spec or the autoscaler asks for.
+pub fn desired(md: &ModelDeployment, settings: &Settings, replicas: i32) -> Desired {
     let source = ModelSource::of(md);
     let mut children = Vec::new();
+    let mut pull_job = None;
     if let ModelSource::PvcCache { .. } = &source {
+        let job = cache::pull_job(md, settings, &source);
+        pull_job = Some(job.name_any());
         children.push(Child::Pvc(Box::new(cache::claim(md))));
-        children.push(Child::Job(Box::new(cache::pull_job(md, settings, &source))));
+        children.push(Child::Job(Box::new(job)));
     }
     let (deployment, revision) = deployment::deployment(md, settings, &source, replicas);
-    let hold_deployment = !model_ready;
-    if !hold_deployment {
-        children.push(Child::Deployment(Box::new(deployment)));
-    }
+    children.push(Child::Deployment(Box::new(deployment)));
     children.push(Child::Service(Box::new(service::service(md))));
     if replicas > 1 {
         children.push(Child::Pdb(Box::new(service::disruption_budget(md))));
     }
     Desired {
         children,
-        hold_deployment,
+        hold_deployment: false,
+        pull_job,
         revision,
         replicas,
     }

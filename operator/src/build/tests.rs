@@ -21,7 +21,7 @@ pub(crate) fn md(spec: Value) -> ModelDeployment {
 }
 
 fn children(md: &ModelDeployment) -> Desired {
-    desired(md, &settings(), true, crate::replicas::wanted(md))
+    desired(md, &settings(), crate::replicas::wanted(md))
 }
 
 fn deployment(d: &Desired) -> &Deployment {
@@ -289,7 +289,7 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
         json!({"model": {"uri": "hf://org/m", "credentialsSecret": "tok"}, "replicas": 2,
                        "cache": {"volume": "pvc", "pvc": {"size": "50Gi", "storageClassName": "fast"}}}),
     );
-    let pulling = desired(&md, &settings(), false, 2);
+    let pulling = desired(&md, &settings(), 2).hold_deployment();
     assert_eq!(
         kinds(&pulling),
         [
@@ -317,14 +317,16 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
     let Child::Job(job) = &ready.children[1] else {
         panic!()
     };
-    let folder = job
-        .metadata
-        .name
-        .as_ref()
-        .unwrap()
-        .strip_prefix("smollm-pull-")
-        .unwrap()
-        .to_string();
+    let ModelSource::PvcCache { folder, .. } = ModelSource::of(&md) else {
+        panic!("a pvc cache")
+    };
+    assert!(
+        job.metadata
+            .name
+            .as_ref()
+            .unwrap()
+            .starts_with("smollm-pull-")
+    );
     let job_pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let pull = container(job_pod, "pull");
     assert!(
@@ -376,6 +378,17 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
             .join(" ")
             .contains(&format!("--model /models/{folder}"))
     );
+
+    // A new image is a new Job (a Job's template is immutable) into the same folder.
+    let mut reimaged = md.clone();
+    reimaged.spec.server =
+        Some(serde_json::from_value(json!({"image": "kandle-server:v2"})).unwrap());
+    assert_eq!(ModelSource::of(&reimaged), ModelSource::of(&md));
+    let Child::Job(reimaged_job) = &children(&reimaged).children[1] else {
+        panic!()
+    };
+    assert_ne!(reimaged_job.metadata.name, job.metadata.name);
+    assert_eq!(children(&reimaged).pull_job, reimaged_job.metadata.name);
 
     // Another model is another folder and Job; the old pods keep serving meanwhile.
     let mut other = md.clone();
