@@ -41,8 +41,20 @@ impl Error {
     }
 }
 
-/// Delay before retrying after the `failures`-th consecutive transient error:
-/// exponential from 1 s, capped at 5 minutes.
+/// Delay before retrying after the `failures`-th consecutive transient error: 2 s,
+/// doubling, at most 256 s.
 pub fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.min(8)).min(Duration::from_secs(300))
+    Duration::from_secs(1u64 << failures.clamp(1, 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_five_minutes() {
+        let delays: Vec<u64> = (1..=10).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 256, 256]);
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(256));
+    }
 }
