@@ -7,6 +7,7 @@ pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod http;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod render;
