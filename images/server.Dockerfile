@@ -1,0 +1,20 @@
+# kandle-server for CPUs. Build from the repository root:
+#   docker build -f images/server.Dockerfile -t kandle-server .
+# TARGET_CPU picks the instruction set the binary may use (x86-64-v3 for AVX2 machines).
+ARG RUST_VERSION=1.95
+FROM rust:${RUST_VERSION}-bookworm AS build
+ARG TARGET_CPU=x86-64-v2
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --release --locked -p kandle-server \
+    && cp target/release/kandle-server /kandle-server
+
+# No shell, no package manager: glibc, CA certificates and the binary, as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /kandle-server /usr/local/bin/kandle-server
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/kandle-server"]
+CMD ["serve"]
