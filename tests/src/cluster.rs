@@ -248,17 +248,7 @@ impl Cluster {
     /// What the kubelet reports for a pod: unschedulable, a failed pull, or serving.
     fn run_pod(&self, pod: &Value) -> Value {
         let spec = &pod["spec"];
-        let wants: i64 = spec["containers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| {
-                c["resources"]["limits"]["nvidia.com/gpu"]
-                    .as_str()?
-                    .parse::<i64>()
-                    .ok()
-            })
-            .sum();
+        let wants = gpus(spec);
         let capacity = self.gpus.load(Ordering::SeqCst);
         if wants > 0 && capacity >= 0 {
             let used: i64 = self
@@ -268,22 +258,11 @@ impl Cluster {
                 })
                 .0
                 .iter()
-                .flat_map(|p| {
-                    p["spec"]["containers"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .filter_map(|c| {
-                    c["resources"]["limits"]["nvidia.com/gpu"]
-                        .as_str()?
-                        .parse::<i64>()
-                        .ok()
-                })
+                .map(|p| gpus(&p["spec"]))
                 .sum();
             if capacity - used < wants {
                 return json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                    "message": format!("0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod.")}]});
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod."}]});
             }
         }
         let pull = spec["initContainers"]
@@ -367,6 +346,21 @@ impl Cluster {
             None,
         );
     }
+}
+
+/// `nvidia.com/gpu` a pod spec's containers ask for.
+fn gpus(spec: &Value) -> i64 {
+    spec["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            c["resources"]["limits"]["nvidia.com/gpu"]
+                .as_str()?
+                .parse::<i64>()
+                .ok()
+        })
+        .sum()
 }
 
 /// The pull container's terminated state with its report, and whether it failed.

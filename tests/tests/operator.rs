@@ -17,7 +17,6 @@ use tokio::task::JoinHandle;
 
 struct Emulated {
     server: ApiServer,
-    cluster: Cluster,
     operator: JoinHandle<()>,
     metrics: Arc<Metrics>,
 }
@@ -32,7 +31,7 @@ fn settings() -> Settings {
 impl Emulated {
     fn start() -> Self {
         let server = ApiServer::default();
-        let cluster = Cluster::start(&server);
+        Cluster::start(&server);
         let metrics = Arc::new(Metrics::default());
         let operator = tokio::spawn(kandle_operator::controller::run(
             server.client(),
@@ -42,7 +41,6 @@ impl Emulated {
         ));
         Self {
             server,
-            cluster,
             operator,
             metrics,
         }
@@ -326,7 +324,6 @@ async fn the_emulated_api_server_refuses_what_the_crd_refuses() {
         "{}",
         status.message
     );
-    let _ = env.cluster.clone();
 }
 
 /// The scenarios against the cluster of the current kubeconfig, with the operator
