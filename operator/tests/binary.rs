@@ -4,6 +4,7 @@
 use k8s_openapi::api::coordination::v1::Lease;
 use kandle_tests::apiserver::ApiServer;
 use kandle_tests::apiserver::loopback;
+use kandle_tests::apiserver::rbac::Policy;
 use kandle_tests::cluster::Cluster;
 use kandle_tests::scenarios::Target;
 use kube::Api;
@@ -23,7 +24,9 @@ async fn the_binary_converges_reports_and_hands_back_its_lease() {
     let server = ApiServer::default();
     let _cluster = Cluster::start(&server);
     let dir = tempfile::tempdir().unwrap();
-    let listening = loopback::serve(server.clone(), dir.path()).await.unwrap();
+    // The binary gets only what the Helm chart's RBAC grants it.
+    let operator_view = server.as_user(Policy::chart("kandle-system"));
+    let listening = loopback::serve(operator_view, dir.path()).await.unwrap();
     let metrics_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
@@ -118,5 +121,14 @@ async fn the_binary_converges_reports_and_hands_back_its_lease() {
         logs.lines()
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
         "JSON logs: {logs}"
+    );
+    let forbidden: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|((verb, _), _)| verb == "forbidden")
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "the chart's RBAC refused {forbidden:?}"
     );
 }

@@ -6,6 +6,7 @@ use kandle_operator::crd::{ModelDeployment, Phase};
 use kandle_operator::leader::{self, LeaseConfig};
 use kandle_operator::metrics::Metrics;
 use kandle_tests::apiserver::ApiServer;
+use kandle_tests::apiserver::rbac::Policy;
 use kandle_tests::apiserver::store::kind;
 use kandle_tests::cluster::Cluster;
 use kandle_tests::scenarios::{self, Target};
@@ -34,7 +35,7 @@ impl Emulated {
         Cluster::start(&server);
         let metrics = Arc::new(Metrics::default());
         let operator = tokio::spawn(kandle_operator::controller::run(
-            server.client(),
+            operator_client(&server),
             settings(),
             None,
             metrics.clone(),
@@ -56,9 +57,31 @@ impl Emulated {
     }
 }
 
+/// The operator's client: only what the Helm chart's RBAC grants its service account.
+fn operator_client(server: &ApiServer) -> kube::Client {
+    server.as_user(Policy::chart("kandle-system")).client()
+}
+
+/// Requests the chart's RBAC refused: a denied event or status write would not stop a
+/// scenario from passing, so every test checks this at its end.
+fn assert_nothing_forbidden(server: &ApiServer) {
+    let forbidden: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|((verb, _), _)| verb == "forbidden")
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "the chart's RBAC refused {forbidden:?}"
+    );
+}
+
 impl Drop for Emulated {
     fn drop(&mut self) {
         self.operator.abort();
+        if !std::thread::panicking() {
+            assert_nothing_forbidden(&self.server);
+        }
     }
 }
 
@@ -246,7 +269,7 @@ async fn two_operators_one_leader() {
         renew_every: Duration::from_millis(300),
     };
     let start = |identity: &'static str| {
-        let client = server.client();
+        let client = operator_client(&server);
         let config = lease(identity);
         let metrics = Arc::new(Metrics::default());
         let m = metrics.clone();
@@ -305,6 +328,7 @@ async fn two_operators_one_leader() {
         Some("second")
     );
     second.abort();
+    assert_nothing_forbidden(&server);
 }
 
 /// Writes of invalid ModelDeployments are refused as by a real API server.

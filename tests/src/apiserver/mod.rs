@@ -7,17 +7,20 @@
 //!
 //! Approximations: server-side apply is a merge that removes what the one field manager
 //! stopped setting (no managedFields, no conflicts between managers); strategic merge
-//! patches merge like JSON merge patches; there is no admission, no RBAC, no paging
+//! patches merge like JSON merge patches; there is no admission (other than the CRD's
+//! schema and rules), no paging
 //! (lists come whole), and a watch does not send DELETED for objects that stop matching
 //! its label selector.
 pub mod loopback;
 pub mod patch;
+pub mod rbac;
 pub mod store;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody, combinators::UnsyncBoxBody};
+use rbac::{Access, Policy};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -35,6 +38,8 @@ pub type RequestCounts = BTreeMap<(String, String), u64>;
 #[derive(Clone)]
 pub struct ApiServer {
     inner: Arc<Inner>,
+    /// The permissions of the user this handle serves; `None` is an administrator.
+    policy: Option<Arc<Policy>>,
 }
 
 struct Inner {
@@ -60,6 +65,7 @@ impl Default for ApiServer {
                 watch_paused: watch::channel(false).0,
                 total: AtomicU64::new(0),
             }),
+            policy: None,
         }
     }
 }
@@ -73,6 +79,15 @@ impl ApiServer {
             async move { Ok::<_, Infallible>(server.handle(req).await) }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// The same server, seen by a user with only `policy`'s permissions: its clients
+    /// (and `loopback::serve`) get 403 Forbidden for anything else.
+    pub fn as_user(&self, policy: Policy) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            policy: Some(Arc::new(policy)),
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -146,6 +161,33 @@ impl ApiServer {
         } else {
             Part::Main
         };
+        let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        if let Some(policy) = &self.policy {
+            let verb = match (&parts.method, path.name.is_some()) {
+                (&Method::GET, true) => "get",
+                (&Method::GET, false) if watching => "watch",
+                (&Method::GET, false) => "list",
+                (&Method::POST, _) => "create",
+                (&Method::PUT, _) => "update",
+                (&Method::PATCH, _) => "patch",
+                (&Method::DELETE, _) => "delete",
+                _ => "unknown",
+            };
+            let resource = match &path.subresource {
+                Some(sub) => format!("{}/{sub}", kind.plural),
+                None => kind.plural.to_string(),
+            };
+            let access = Access {
+                verb,
+                group: kind.api_version.rsplit_once('/').map_or("", |(g, _)| g),
+                resource: &resource,
+                namespace: path.namespace.as_deref(),
+            };
+            if !policy.allows(&access) {
+                self.count("forbidden", kind.plural);
+                return Err(ApiError::new(403, "Forbidden", policy.forbidden(&access)));
+            }
+        }
         let store = &self.inner.store;
         match (&parts.method, path.name.as_deref()) {
             (&Method::GET, Some(name)) => {
@@ -159,7 +201,7 @@ impl ApiServer {
                 })?;
                 Ok(json_response(StatusCode::OK, &obj))
             }
-            (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            (&Method::GET, None) if watching => {
                 self.count("watch", kind.plural);
                 Ok(self.watch(kind, path.namespace, &query))
             }
