@@ -27,6 +27,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print the ModelDeployment CustomResourceDefinition as YAML.
     Crd,
+    /// Print the ModelDeployment reference (Markdown) from the CRD's descriptions.
+    Reference,
     /// Print, offline, every object the operator would apply for the ModelDeployments in a
     /// file, after checking them as a strict API server would.
     Render(RenderArgs),

@@ -10,6 +10,7 @@ pub mod http;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod reference;
 pub mod render;
 pub mod replicas;
 pub mod status;

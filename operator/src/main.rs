@@ -14,6 +14,10 @@ async fn main() -> ExitCode {
             print!("{}", kandle_operator::crd_yaml());
             ExitCode::SUCCESS
         }
+        Command::Reference => {
+            print!("{}", kandle_operator::reference::markdown());
+            ExitCode::SUCCESS
+        }
         Command::Render(args) => {
             let input = if args.file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())

@@ -49,6 +49,17 @@ fn the_checked_in_crds_are_current() {
 }
 
 #[test]
+fn the_reference_is_current() {
+    let out = operator(&["reference"], None);
+    assert!(out.status.success());
+    let checked_in = std::fs::read_to_string(root().join("docs/modeldeployment.md")).unwrap();
+    assert!(
+        String::from_utf8(out.stdout).unwrap() == checked_in,
+        "docs/modeldeployment.md is stale: run `cargo run -p kandle-operator -- reference > docs/modeldeployment.md`"
+    );
+}
+
+#[test]
 fn every_example_is_valid_and_renders_the_same_twice() {
     let mut seen = 0;
     for entry in std::fs::read_dir(root().join("examples")).unwrap() {
