@@ -6,6 +6,9 @@ FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS build
 ARG RUST_VERSION=1.95
 ARG CUDA_COMPUTE_CAP=90
 ARG TARGET_CPU=x86-64-v2
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# A build stage only: the base image's tag pins the distribution these packages come from.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain ${RUST_VERSION}
