@@ -2,6 +2,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Image of the serving pods when a ModelDeployment names none: the server release
 /// that matches this operator.
@@ -88,9 +89,51 @@ pub struct RunArgs {
     /// This replica's identity in the Lease (default: the pod name, from POD_NAME).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    #[command(flatten)]
+    pub autoscaling: AutoscalingArgs,
     /// Log format: `json` for clusters, `text` for a terminal.
     #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
+}
+
+/// How the autoscaler reads and averages the serving pods' load.
+#[derive(Debug, Clone, Args)]
+pub struct AutoscalingArgs {
+    /// Seconds between two scrapes of every autoscaled pod's `/metrics`.
+    #[arg(long, env = "KANDLE_AUTOSCALE_INTERVAL_SECONDS", default_value_t = 2)]
+    pub autoscale_interval_seconds: u64,
+    /// Seconds of load averaged for ordinary decisions.
+    #[arg(
+        long,
+        env = "KANDLE_AUTOSCALE_STABLE_WINDOW_SECONDS",
+        default_value_t = 60
+    )]
+    pub autoscale_stable_window_seconds: u64,
+    /// Seconds of load averaged to catch bursts (scale up at once when this short window
+    /// shows twice what the replicas should carry).
+    #[arg(
+        long,
+        env = "KANDLE_AUTOSCALE_PANIC_WINDOW_SECONDS",
+        default_value_t = 6
+    )]
+    pub autoscale_panic_window_seconds: u64,
+}
+
+impl AutoscalingArgs {
+    /// The autoscaler, scraping pods over HTTP on the server's port.
+    pub fn autoscaler(&self) -> crate::autoscale::Autoscaler {
+        use crate::autoscale::{Autoscaler, policy::Windows, scrape::HttpLoad};
+        let interval = Duration::from_secs(self.autoscale_interval_seconds.max(1));
+        Autoscaler::new(
+            std::sync::Arc::new(HttpLoad::new(crate::build::SERVER_PORT, interval)),
+            Windows {
+                stable: Duration::from_secs(self.autoscale_stable_window_seconds),
+                panic: Duration::from_secs(self.autoscale_panic_window_seconds),
+                ..Windows::default()
+            },
+            interval,
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

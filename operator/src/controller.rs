@@ -1,6 +1,8 @@
 //! The controller: watches ModelDeployments and their children, and reconciles each by
 //! building what it wants (pure), applying the difference, and writing status if changed.
 use crate::apply::{apply, delete};
+use crate::autoscale::Autoscaler;
+use crate::autoscale::scrape::PodTarget;
 use crate::build::{self, Child, MANAGED_BY, Settings};
 use crate::crd::{ModelDeployment, Phase};
 use crate::error::{Error, backoff};
@@ -51,13 +53,15 @@ pub struct Context {
     stores: Stores,
     /// Consecutive transient failures per object, for the retry backoff.
     failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
-    /// Phase and revision last announced per object (by uid): the cache may still show an
-    /// older status after a write, and an event must not be repeated because of that.
+    /// Phase, revision and replicas last announced per object (by uid): the cache may
+    /// still show an older status after a write, and an event must not be repeated
+    /// because of that.
     announced: Mutex<HashMap<String, Announced>>,
+    autoscaler: Arc<Autoscaler>,
 }
 
-/// The phase and update revision events were last published for.
-type Announced = (Option<Phase>, Option<String>);
+/// The phase, update revision and desired replicas events were last published for.
+type Announced = (Option<Phase>, Option<String>, Option<i32>);
 
 /// Reconciles running at once.
 const CONCURRENCY: u16 = 16;
@@ -65,12 +69,14 @@ const CONCURRENCY: u16 = 16;
 /// Without changes, each ModelDeployment is looked at again this often (reads only).
 const RESYNC: Duration = Duration::from_secs(600);
 
-/// Runs the controller until SIGTERM or ctrl-c. `namespace` limits it to one namespace.
+/// Runs the controller (and the autoscaler) until SIGTERM or ctrl-c. `namespace` limits
+/// it to one namespace.
 pub async fn run(
     client: Client,
     settings: Settings,
     namespace: Option<String>,
     metrics: Arc<Metrics>,
+    autoscaler: Arc<Autoscaler>,
 ) {
     let ns = namespace.as_deref();
     let (relisted, relists) = tokio::sync::mpsc::unbounded_channel();
@@ -125,37 +131,89 @@ pub async fn run(
         stores,
         failures: Mutex::new(HashMap::new()),
         announced: Mutex::new(HashMap::new()),
+        autoscaler: autoscaler.clone(),
     });
-    Controller::new(
+    let controller = Controller::new(
         api::<DeserializeGuard<ModelDeployment>>(&client, ns),
         watcher::Config::default(),
-    )
-    .owns_stream(deployment_events)
-    .owns_stream(service_events)
-    .owns_stream(pdb_events)
-    .owns_stream(job_events)
-    .owns_stream(pvc_events)
-    .watches_stream(pod_events, |pod| {
-        let name = pod.labels().get("app.kubernetes.io/instance")?.clone();
-        Some(ObjectRef::new(&name).within(&pod.namespace()?))
-    })
-    // A re-list replaces a store without telling what disappeared meanwhile, so after
-    // one every ModelDeployment looks again (reads only, unless something is missing).
-    .reconcile_all_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
-        relists,
-    ))
-    // Bounded, so a burst of thousands of changes does not hold thousands of half-done
-    // reconciles (and their built objects) in memory at once.
-    .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
-    .shutdown_on_signal()
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((object, _)) => tracing::debug!(%object, "reconciled"),
-            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
-        }
-    })
-    .await;
+    );
+    let (scaled, scaling) = tokio::sync::mpsc::unbounded_channel();
+    let mds = controller.store();
+    let stores = ctx.stores.clone();
+    let scaling_loop = async move {
+        autoscaler
+            .run(
+                || {
+                    mds.state()
+                        .iter()
+                        .filter_map(|g| g.0.as_ref().ok().cloned().map(Arc::new))
+                        .collect()
+                },
+                |ns, name| ready_pods(&stores, ns, name),
+                scaled,
+            )
+            .await
+    };
+    let controller = controller
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(pdb_events)
+        .owns_stream(job_events)
+        .owns_stream(pvc_events)
+        .watches_stream(pod_events, |pod| {
+            let name = pod.labels().get("app.kubernetes.io/instance")?.clone();
+            Some(ObjectRef::new(&name).within(&pod.namespace()?))
+        })
+        // A re-list replaces a store without telling what disappeared meanwhile, so after
+        // one every ModelDeployment looks again (reads only, unless something is missing).
+        .reconcile_all_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            relists,
+        ))
+        .reconcile_on(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(scaling).map(|md| {
+                ObjectRef::new(&md.name).within(md.namespace.as_deref().unwrap_or_default())
+            }),
+        )
+        // Bounded, so a burst of thousands of changes does not hold thousands of half-done
+        // reconciles (and their built objects) in memory at once.
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        });
+    // The autoscaler stops when the controller does (its channel closes with it).
+    tokio::select! {
+        () = controller => {}
+        () = scaling_loop => {}
+    }
+}
+
+/// Ready serving pods of a ModelDeployment, for the autoscaler.
+fn ready_pods(stores: &Stores, ns: &str, name: &str) -> Vec<PodTarget> {
+    stores
+        .pod_index
+        .names(ns, name)
+        .iter()
+        .filter_map(|pod| stores.pods.get(&ObjectRef::new(pod).within(ns)))
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.labels()
+                    .get("app.kubernetes.io/component")
+                    .map(String::as_str)
+                    != Some("pull")
+                && status::pod_ready(p)
+        })
+        .map(|p| PodTarget {
+            namespace: ns.to_string(),
+            name: p.name_any(),
+            instance: name.to_string(),
+            ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        })
+        .collect()
 }
 
 fn keep_all<K>(_: &mut K) {}
@@ -270,7 +328,9 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
         .iter()
         .filter_map(|pod| stores.pods.get(&ObjectRef::new(pod).within(&ns)))
         .collect();
-    let mut desired = build::desired(md, &ctx.settings, crate::replicas::wanted(md));
+    let scaling = ctx.autoscaler.decision(&ObjectRef::from_obj(md));
+    let replicas = crate::replicas::wanted(md, scaling.map(|d| d.replicas));
+    let mut desired = build::desired(md, &ctx.settings, replicas);
     let job_name = desired.pull_job.clone();
     let job = job_name
         .as_ref()
@@ -342,6 +402,7 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
         job: job.as_deref(),
         job_pods,
         rejected: rejected.as_ref().map(|e| e.to_string()),
+        scaling,
     };
     let now = Time(
         k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
@@ -467,41 +528,33 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::from_second(now).expect("now is a valid time"))
 }
 
-/// Events for what a cluster operator should see: phase changes (with their cause) and
-/// new revisions rolling out.
+/// Events for what a cluster operator should see: phase changes (with their cause), new
+/// revisions rolling out, and the autoscaler's changes (with the numbers behind them).
 async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::ModelDeploymentStatus) {
-    let now = (status.phase, status.update_revision.clone());
-    let (phase, revision) = {
-        let mut announced = ctx.announced.lock().expect("not poisoned");
-        let cached = md
-            .status
-            .as_ref()
-            .map(|s| (s.phase, s.update_revision.clone()));
-        announced
-            .insert(md.uid().unwrap_or_default(), now.clone())
-            .or(cached)
+    let announced = |s: &crate::crd::ModelDeploymentStatus| {
+        (s.phase, s.update_revision.clone(), s.desired_replicas)
+    };
+    let (phase, revision, replicas) = {
+        let mut seen = ctx.announced.lock().expect("not poisoned");
+        seen.insert(md.uid().unwrap_or_default(), announced(status))
+            .or(md.status.as_ref().map(announced))
             .unwrap_or_default()
     };
-    let previous = crate::crd::ModelDeploymentStatus {
-        phase,
-        update_revision: revision,
-        ..Default::default()
-    };
     let mut events = Vec::new();
-    if previous.update_revision.is_some() && previous.update_revision != status.update_revision {
+    if revision.is_some() && revision != status.update_revision {
         events.push(Event {
             type_: EventType::Normal,
             reason: "RolloutStarted".into(),
             note: Some(format!(
                 "revision {} replaces {}",
                 status.update_revision.clone().unwrap_or_default(),
-                previous.update_revision.clone().unwrap_or_default()
+                revision.unwrap_or_default()
             )),
             action: "Rollout".into(),
             secondary: None,
         });
     }
-    if previous.phase != status.phase
+    if phase != status.phase
         && let Some(phase) = status.phase
     {
         let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
@@ -514,6 +567,22 @@ async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::Mode
             reason: format!("{phase:?}"),
             note: ready.map(|c| truncate_note(&format!("{}: {}", c.reason, c.message))),
             action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    if let (Some(from), Some(to)) = (replicas, status.desired_replicas)
+        && from != to
+        && md.spec.autoscaling.is_some()
+    {
+        let why = status.conditions.iter().find(|c| c.type_ == "Autoscaled");
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: if to > from { "ScaledUp" } else { "ScaledDown" }.into(),
+            note: Some(truncate_note(&format!(
+                "from {from} to {to} replicas: {}",
+                why.map(|c| c.message.as_str()).unwrap_or_default()
+            ))),
+            action: "Scale".into(),
             secondary: None,
         });
     }

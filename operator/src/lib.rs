@@ -1,6 +1,7 @@
 //! kandle's operator: `ModelDeployment` in, pulled models and serving pods out.
 #![forbid(unsafe_code)]
 pub mod apply;
+pub mod autoscale;
 pub mod build;
 pub mod cli;
 pub mod controller;

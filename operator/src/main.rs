@@ -75,6 +75,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.children.settings(),
         args.watch_namespace.clone(),
         metrics.clone(),
+        Arc::new(args.autoscaling.autoscaler()),
     );
     tracing::info!(crd = %kandle_operator::crd::ModelDeployment::crd_name(), "starting");
     if args.leader_election {

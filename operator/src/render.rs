@@ -34,7 +34,7 @@ pub fn render(input: &str, settings: &Settings, namespace: &str) -> Result<Strin
             .to_string();
         match validate::model_deployment(&doc) {
             Ok(md) => {
-                let wanted = crate::replicas::wanted(&md);
+                let wanted = crate::replicas::wanted(&md, None);
                 for child in build::desired(&md, settings, wanted).children {
                     out.push(child);
                 }

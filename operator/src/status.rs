@@ -2,6 +2,7 @@
 //! a phase, four conditions whose messages name the cause, and the numbers behind them.
 //! Deterministic: the same inputs give the same status, and a condition's
 //! `lastTransitionTime` moves only when its status does, so an unchanged world writes nothing.
+use crate::autoscale::policy::Decision;
 use crate::build::{Desired, ModelSource, Settings, endpoint, selector_string};
 use crate::crd::{ModelDeployment, ModelDeploymentStatus, ModelStatus, Phase};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -23,6 +24,8 @@ pub struct Observed<'a> {
     pub job_pods: Vec<&'a Pod>,
     /// The API server refused a child built from the spec (an immutable field changed).
     pub rejected: Option<String>,
+    /// The autoscaler's last decision (with `spec.autoscaling`), once pods have reported.
+    pub scaling: Option<Decision>,
 }
 
 /// The pull step's report (`kandle-server pull --report-file`), read from its
@@ -246,8 +249,15 @@ pub fn compute(
             },
         ),
     ];
+    let scaled = md.spec.autoscaling.as_ref().map(|a| {
+        (
+            "Autoscaled",
+            autoscaled(a.target_in_flight, observed.scaling),
+        )
+    });
     let conditions = wanted
         .into_iter()
+        .chain(scaled.map(|(type_, (status, cause))| (type_, status, cause)))
         .map(|(type_, status, cause)| {
             let kept = previous
                 .conditions
@@ -283,6 +293,37 @@ pub fn compute(
         },
         update_revision: Some(desired.revision.clone()),
     }
+}
+
+/// Whether a pod's `Ready` condition is true (it passes its readiness probe).
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The `Autoscaled` condition: the numbers behind the autoscaler's last decision.
+fn autoscaled(target: i32, decision: Option<Decision>) -> (&'static str, Cause) {
+    let Some(d) = decision else {
+        return (
+            "Unknown",
+            Cause {
+                reason: "NoMetrics",
+                message: "no ready pod has reported its load yet".into(),
+            },
+        );
+    };
+    let reason = match (d.replicas, d.panicking) {
+        (0, _) => "ScaledToZero",
+        (_, true) => "Burst",
+        _ => "LoadAverage",
+    };
+    let message = format!(
+        "{} replicas for {:.1} requests in flight or queued (stable window average; {:.1} in the panic window),          target {target} per replica; {} of {} ready pods reported their load",
+        d.replicas, d.stable_load, d.panic_load, d.answered, d.ready
+    );
+    ("True", Cause { reason, message })
 }
 
 /// Whether the pull Job of a pvc cache has finished, so the Deployment may use the model.
@@ -516,7 +557,7 @@ mod tests {
     }
 
     fn compute_with(md: &ModelDeployment, observed: &Observed, now: i64) -> ModelDeploymentStatus {
-        let d = desired(md, &settings(), crate::replicas::wanted(md));
+        let d = desired(md, &settings(), crate::replicas::wanted(md, None));
         compute(md, &settings(), &d, observed, at(now))
     }
 

@@ -268,8 +268,9 @@ impl Cluster {
         let pull = spec["initContainers"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["name"] == "pull"));
-        let mut status = json!({"phase": "Running", "conditions": [
-            {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]});
+        let ip = self.names.fetch_add(1, Ordering::SeqCst);
+        let mut status = json!({"phase": "Running", "podIP": format!("10.1.{}.{}", ip / 250, ip % 250 + 1),
+            "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]});
         if let Some(pull) = pull {
             if let Some(secret) = self.missing_secret(pod, pull) {
                 status["conditions"][1]["status"] = json!("False");

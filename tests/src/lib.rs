@@ -3,4 +3,6 @@
 //! against the cluster of the current kubeconfig.
 pub mod apiserver;
 pub mod cluster;
+pub mod emulated;
+pub mod load;
 pub mod scenarios;

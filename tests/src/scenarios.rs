@@ -298,3 +298,41 @@ pub async fn missing_secret_is_reported_until_created(t: &Target) {
         .unwrap();
     t.wait_phase("secretive", Phase::Ready).await;
 }
+
+/// `kubectl scale mdep/NAME --replicas 3` (and HPA, KEDA) go through the scale
+/// subresource into `spec.replicas`; the operator follows, and reports the replicas and
+/// selector the scale subresource reads back.
+pub async fn scale_subresource_is_followed(t: &Target) {
+    t.create(
+        "scaled",
+        json!({"model": {"uri": t.model_uri()}, "replicas": 1}),
+    )
+    .await;
+    t.wait_phase("scaled", Phase::Ready).await;
+    let api = t.api::<ModelDeployment>();
+    api.patch_scale(
+        "scaled",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .unwrap();
+    let md = t
+        .wait::<ModelDeployment>("scaled", "at 3 ready replicas", |md| {
+            md.status.as_ref().is_some_and(|s| {
+                s.ready_replicas == Some(3) && s.observed_generation == md.metadata.generation
+            })
+        })
+        .await;
+    assert_eq!(md.spec.replicas, Some(3));
+    assert_eq!(md.status.as_ref().unwrap().desired_replicas, Some(3));
+    let deployment = t.api::<Deployment>().get("scaled").await.unwrap();
+    assert_eq!(deployment.spec.replicas, Some(3));
+    let scale = api.get_scale("scaled").await.unwrap();
+    let status = scale.status.unwrap();
+    assert_eq!(status.replicas, 3);
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/instance=scaled,app.kubernetes.io/name=kandle-server")
+    );
+}

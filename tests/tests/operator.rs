@@ -1,89 +1,21 @@
 //! The real controller against the in-process API server and simulated cluster, and the
 //! same scenarios against a real cluster when `KANDLE_E2E=1`.
 use k8s_openapi::api::coordination::v1::Lease;
-use kandle_operator::build::Settings;
 use kandle_operator::crd::{ModelDeployment, Phase};
 use kandle_operator::leader::{self, LeaseConfig};
 use kandle_operator::metrics::Metrics;
 use kandle_tests::apiserver::ApiServer;
-use kandle_tests::apiserver::rbac::Policy;
 use kandle_tests::apiserver::store::kind;
 use kandle_tests::cluster::Cluster;
+use kandle_tests::emulated::{
+    Emulated, assert_nothing_forbidden, autoscaler, operator_client, settings,
+};
+use kandle_tests::load::SimulatedLoad;
 use kandle_tests::scenarios::{self, Target};
 use kube::Api;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinHandle;
-
-struct Emulated {
-    server: ApiServer,
-    operator: JoinHandle<()>,
-    metrics: Arc<Metrics>,
-}
-
-fn settings() -> Settings {
-    Settings {
-        server_image: "kandle-server:test".into(),
-        cluster_domain: "cluster.local".into(),
-    }
-}
-
-impl Emulated {
-    fn start() -> Self {
-        let server = ApiServer::default();
-        Cluster::start(&server);
-        let metrics = Arc::new(Metrics::default());
-        let operator = tokio::spawn(kandle_operator::controller::run(
-            operator_client(&server),
-            settings(),
-            None,
-            metrics.clone(),
-        ));
-        Self {
-            server,
-            operator,
-            metrics,
-        }
-    }
-
-    fn target(&self) -> Target {
-        Target {
-            client: self.server.client(),
-            namespace: "default".into(),
-            timeout: Duration::from_secs(10),
-            real: false,
-        }
-    }
-}
-
-/// The operator's client: only what the Helm chart's RBAC grants its service account.
-fn operator_client(server: &ApiServer) -> kube::Client {
-    server.as_user(Policy::chart("kandle-system")).client()
-}
-
-/// Requests the chart's RBAC refused: a denied event or status write would not stop a
-/// scenario from passing, so every test checks this at its end.
-fn assert_nothing_forbidden(server: &ApiServer) {
-    let forbidden: Vec<_> = server
-        .requests()
-        .into_iter()
-        .filter(|((verb, _), _)| verb == "forbidden")
-        .collect();
-    assert!(
-        forbidden.is_empty(),
-        "the chart's RBAC refused {forbidden:?}"
-    );
-}
-
-impl Drop for Emulated {
-    fn drop(&mut self) {
-        self.operator.abort();
-        if !std::thread::panicking() {
-            assert_nothing_forbidden(&self.server);
-        }
-    }
-}
 
 #[tokio::test]
 async fn creates_and_converges() {
@@ -110,6 +42,11 @@ async fn deletion_collects_children() {
 #[tokio::test]
 async fn a_pull_failure_is_reported() {
     scenarios::pull_failure_is_reported(&Emulated::start().target()).await;
+}
+
+#[tokio::test]
+async fn kubectl_scale_is_followed() {
+    scenarios::scale_subresource_is_followed(&Emulated::start().target()).await;
 }
 
 #[tokio::test]
@@ -274,8 +211,14 @@ async fn two_operators_one_leader() {
         let metrics = Arc::new(Metrics::default());
         let m = metrics.clone();
         let task = tokio::spawn(async move {
-            let work =
-                kandle_operator::controller::run(client.clone(), settings(), None, m.clone());
+            let load = Arc::new(SimulatedLoad::default());
+            let work = kandle_operator::controller::run(
+                client.clone(),
+                settings(),
+                None,
+                m.clone(),
+                autoscaler(&load),
+            );
             let _ = leader::lead(client, config, &m, work).await;
         });
         (task, metrics)
@@ -374,6 +317,7 @@ async fn real_cluster_scenarios() {
     scenarios::deletion_collects_children(&t).await;
     scenarios::pull_failure_is_reported(&t).await;
     scenarios::missing_secret_is_reported_until_created(&t).await;
+    scenarios::scale_subresource_is_followed(&t).await;
 }
 
 /// A counter's value in the operator's `/metrics` text.

@@ -23,7 +23,9 @@ use sha2::{Digest, Sha256};
 
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
-const PORT: i32 = 8080;
+/// Where kandle-server listens in the pods (API, probes and `/metrics`).
+pub const SERVER_PORT: u16 = 8080;
+const PORT: i32 = SERVER_PORT as i32;
 /// Seconds between SIGTERM's preStop and the server's drain: long enough for the endpoint
 /// controllers and kube-proxy to stop sending new connections.
 const PRE_STOP_SECONDS: i64 = 5;

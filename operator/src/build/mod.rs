@@ -8,6 +8,7 @@ mod quantity;
 mod service;
 
 pub use cache::ModelSource;
+pub use deployment::SERVER_PORT;
 pub use labels::{FIELD_MANAGER, MANAGED_BY, REVISION_LABEL, instance_selector, selector_string};
 
 use crate::crd::ModelDeployment;

@@ -21,7 +21,7 @@ pub(crate) fn md(spec: Value) -> ModelDeployment {
 }
 
 fn children(md: &ModelDeployment) -> Desired {
-    desired(md, &settings(), crate::replicas::wanted(md))
+    desired(md, &settings(), crate::replicas::wanted(md, None))
 }
 
 fn deployment(d: &Desired) -> &Deployment {

@@ -189,6 +189,17 @@ impl ApiServer {
             }
         }
         let store = &self.inner.store;
+        if path.subresource.as_deref() == Some("scale")
+            && let Some(name) = path.name.as_deref()
+        {
+            let verb = if parts.method == Method::GET {
+                "get"
+            } else {
+                "patch"
+            };
+            self.count(verb, "modeldeployments/scale");
+            return self.scale(kind, &ns, name, &parts.method, &body);
+        }
         match (&parts.method, path.name.as_deref()) {
             (&Method::GET, Some(name)) => {
                 self.count("get", kind.plural);
@@ -309,6 +320,55 @@ impl ApiServer {
                 format!("{method} {}", parts.uri),
             )),
         }
+    }
+
+    /// The scale subresource of ModelDeployments (`kubectl scale`, HPA, KEDA): an
+    /// `autoscaling/v1` Scale read from `spec.replicas`, `status.replicas` and
+    /// `status.selector`; a patch or update of it writes `spec.replicas` (admitted like any
+    /// spec write).
+    fn scale(
+        &self,
+        kind: &'static Kind,
+        ns: &str,
+        name: &str,
+        method: &Method,
+        body: &[u8],
+    ) -> Result<Response<Body>, ApiError> {
+        let not_found = || {
+            ApiError::new(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", kind.plural),
+            )
+        };
+        if kind.plural != "modeldeployments" {
+            return Err(not_found());
+        }
+        let store = &self.inner.store;
+        let mut obj = store.get(kind, ns, name).ok_or_else(not_found)?;
+        if method != Method::GET {
+            let scale: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::new(400, "BadRequest", format!("body: {e}")))?;
+            let Some(replicas) = scale["spec"]["replicas"].as_i64() else {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    "spec.replicas: Required value",
+                ));
+            };
+            obj["spec"]["replicas"] = json!(replicas);
+            obj = store.update(kind, ns, name, admit(kind, obj)?, Part::Main, None)?;
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": name, "namespace": ns, "resourceVersion": obj["metadata"]["resourceVersion"]},
+                "spec": {"replicas": obj["spec"]["replicas"]},
+                "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0),
+                           "selector": obj["status"]["selector"]},
+            }),
+        ))
     }
 
     /// A watch: the history after the given resourceVersion, then live events, as JSON
