@@ -5,7 +5,8 @@
 //! panic window (6 s) catches bursts: when it shows at least `panic_threshold` times what the
 //! current replicas are meant to carry, the autoscaler scales up on the short window at once
 //! and does not scale down until the stable window has passed without another burst. Scaling
-//! down waits until every recommendation over `scale_down_delay` was lower.
+//! down waits until every recommendation over `scale_down_delay` was lower. Until one stable
+//! window of samples has been seen, only bursts move the replicas.
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub struct State {
     recommendations: VecDeque<(Duration, i32)>,
     /// When the last burst was seen.
     panic_at: Option<Duration>,
+    /// When sampling began: until the stable window is full its average is too noisy to
+    /// act on, and only bursts count.
+    since: Option<Duration>,
     replicas: i32,
 }
 
@@ -80,6 +84,7 @@ impl State {
             samples: VecDeque::new(),
             recommendations: VecDeque::from([(now, replicas)]),
             panic_at: None,
+            since: None,
             replicas,
         }
     }
@@ -91,6 +96,7 @@ impl State {
     /// Takes one scrape round into account and returns the decision.
     pub fn observe(&mut self, bounds: &Bounds, windows: &Windows, sample: Sample) -> Decision {
         let now = sample.at;
+        let since = *self.since.get_or_insert(now);
         self.samples.push_back((now, sample.load));
         trim(&mut self.samples, now, windows.stable);
         let stable_load = mean(self.samples.iter(), now, windows.stable);
@@ -107,12 +113,15 @@ impl State {
         if !panicking {
             self.panic_at = None;
         }
+        let warm = now.saturating_sub(since) >= windows.stable;
         let mut recommended = if panicking {
             per_replica(panic_load)
                 .max(per_replica(stable_load))
                 .max(self.replicas)
-        } else {
+        } else if warm {
             per_replica(stable_load)
+        } else {
+            self.replicas
         };
         // Requests are arriving: at least one pod must serve them.
         if sample.load > 0.0 {
