@@ -8,6 +8,7 @@ use crate::crd::{ModelDeployment, Phase};
 use crate::error::{Error, backoff};
 use crate::index::PodIndex;
 use crate::metrics::Metrics;
+use crate::rollout;
 use crate::status::{self, Observed};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -331,6 +332,29 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
     let scaling = ctx.autoscaler.decision(&ObjectRef::from_obj(md));
     let replicas = crate::replicas::wanted(md, scaling.map(|d| d.replicas));
     let mut desired = build::desired(md, &ctx.settings, replicas);
+    let (serving, pulling): (Vec<&Pod>, Vec<&Pod>) = pods.iter().map(Arc::as_ref).partition(|p| {
+        p.labels()
+            .get("app.kubernetes.io/component")
+            .map(String::as_str)
+            != Some("pull")
+    });
+    let fallback = rollout::gpu_fallback(md, deployment.as_deref(), &serving, &desired.revision);
+    if let Some(f) = &fallback {
+        if !rollout::one_at_a_time(deployment.as_deref()) {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "GPUFallback".into(),
+                note: Some(truncate_note(&format!(
+                    "no free GPU for a surge pod ({}): replacing one pod at a time until revision {} is rolled out",
+                    f.message, desired.revision
+                ))),
+                action: "Rollout".into(),
+                secondary: None,
+            };
+            publish(ctx, &event, &md.object_ref(&())).await;
+        }
+        desired = desired.one_at_a_time();
+    }
     let job_name = desired.pull_job.clone();
     let job = job_name
         .as_ref()
@@ -385,24 +409,18 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
     writes += prune(ctx, deployment.clone(), &uid, |n| wanted("Deployment", n)).await?;
     writes += prune(ctx, jobs, &uid, |n| wanted("Job", n)).await?;
 
-    let (serving, pulling): (Vec<_>, Vec<_>) = pods.iter().partition(|p| {
-        p.labels()
-            .get("app.kubernetes.io/component")
-            .map(String::as_str)
-            != Some("pull")
-    });
     let job_pods = pulling
         .into_iter()
         .filter(|p| p.labels().get("batch.kubernetes.io/job-name") == job_name.as_ref())
-        .map(|p| p.as_ref())
         .collect();
     let observed = Observed {
         deployment: deployment.as_deref(),
-        pods: serving.iter().map(|p| p.as_ref()).collect(),
+        pods: serving,
         job: job.as_deref(),
         job_pods,
         rejected: rejected.as_ref().map(|e| e.to_string()),
         scaling,
+        fallback,
     };
     let now = Time(
         k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
@@ -516,9 +534,7 @@ async fn report_invalid(ctx: &Context, invalid: &InvalidObject) -> Error {
         uid: invalid.metadata.uid.clone(),
         ..ObjectReference::default()
     };
-    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %e, "cannot publish an event");
-    }
+    publish(ctx, &event, &reference).await;
     error
 }
 
@@ -588,9 +604,14 @@ async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::Mode
     }
     let reference = md.object_ref(&());
     for event in events {
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "cannot publish an event");
-        }
+        publish(ctx, &event, &reference).await;
+    }
+}
+
+/// Events are best effort: a refused one is logged, never fails the reconcile.
+async fn publish(ctx: &Context, event: &Event, reference: &ObjectReference) {
+    if let Err(e) = ctx.recorder.publish(event, reference).await {
+        tracing::warn!(error = %e, "cannot publish an event");
     }
 }
 

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod reference;
 pub mod render;
 pub mod replicas;
+pub mod rollout;
 pub mod status;
 pub mod validate;
 

@@ -5,6 +5,7 @@
 use crate::autoscale::policy::Decision;
 use crate::build::{Desired, ModelSource, Settings, endpoint, selector_string};
 use crate::crd::{ModelDeployment, ModelDeploymentStatus, ModelStatus, Phase};
+use crate::rollout::Fallback;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
@@ -26,6 +27,8 @@ pub struct Observed<'a> {
     pub rejected: Option<String>,
     /// The autoscaler's last decision (with `spec.autoscaling`), once pods have reported.
     pub scaling: Option<Decision>,
+    /// The rollout replaces one pod at a time because no GPU is free for a surge pod.
+    pub fallback: Option<Fallback>,
 }
 
 /// The pull step's report (`kandle-server pull --report-file`), read from its
@@ -142,6 +145,18 @@ pub fn compute(
                 message: format!(
                     "{ready}/{} replicas ready on revision {}",
                     desired.replicas, desired.revision
+                ),
+            },
+        )
+    } else if let Some(f) = observed.fallback.as_ref().filter(|_| deadline.is_none()) {
+        (
+            Phase::Deploying,
+            Cause {
+                reason: "ReplacingOneAtATime",
+                message: format!(
+                    "no free GPU for a surge pod ({}): replacing one pod at a time, so one of {} \
+                     replicas is down until revision {} is rolled out; {updated} updated, {ready} ready",
+                    f.message, desired.replicas, desired.revision
                 ),
             },
         )
@@ -320,7 +335,8 @@ fn autoscaled(target: i32, decision: Option<Decision>) -> (&'static str, Cause) 
         _ => "LoadAverage",
     };
     let message = format!(
-        "{} replicas for {:.1} requests in flight or queued (stable window average; {:.1} in the panic window),          target {target} per replica; {} of {} ready pods reported their load",
+        "{} replicas for {:.1} requests in flight or queued (stable window average; {:.1} in the panic window), \
+         target {target} per replica; {} of {} ready pods reported their load",
         d.replicas, d.stable_load, d.panic_load, d.answered, d.ready
     );
     ("True", Cause { reason, message })

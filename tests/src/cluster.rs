@@ -1,14 +1,17 @@
 //! What the rest of a cluster would do, simulated over the emulated API server's store:
-//! the Deployment controller (pods for the current template, old ones removed once the
-//! new ones are ready), the scheduler (a cluster-wide count of free `nvidia.com/gpu`),
+//! the Deployment controller (rolling updates within maxSurge and maxUnavailable, and the
+//! progress deadline), the scheduler (a cluster-wide count of free `nvidia.com/gpu`),
 //! the Job controller, and the kubelet running the pull and the server. A pull of a URI
-//! containing `does-not-exist` fails as a 404 from the hub would.
+//! containing `does-not-exist` fails as a 404 from the hub would; a server image
+//! containing `crash` crash-loops.
 use crate::apiserver::ApiServer;
 use crate::apiserver::store::{Part, Store, kind, now};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 pub const PULLED_REVISION: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -21,16 +24,27 @@ pub struct Cluster {
     gpus: Arc<AtomicI64>,
     names: Arc<AtomicU64>,
     wake: Arc<Notify>,
+    /// One simulated second (deadlines are in seconds): shorter in tests of deadlines.
+    second: Duration,
+    /// Per Deployment, the last rollout progress seen and when.
+    progress: Arc<Mutex<HashMap<(String, String), Progress>>>,
 }
 
 impl Cluster {
     /// Starts simulating; it runs until the test's runtime ends.
     pub fn start(server: &ApiServer) -> Self {
+        Self::start_with_second(server, Duration::from_secs(1))
+    }
+
+    /// Starts simulating with `second` as the length of a second in deadlines.
+    pub fn start_with_second(server: &ApiServer, second: Duration) -> Self {
         let cluster = Self {
             store: server.store().clone(),
             gpus: Arc::new(AtomicI64::new(-1)),
             names: Arc::new(AtomicU64::new(0)),
             wake: Arc::new(Notify::new()),
+            second,
+            progress: Arc::new(Mutex::new(HashMap::new())),
         };
         let sim = cluster.clone();
         let mut events = sim.store.subscribe();
@@ -153,35 +167,51 @@ impl Cluster {
             .as_str()
             .unwrap_or_default()
             .to_string();
+        let name = d["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let template = &d["spec"]["template"];
         let hash = hex::encode(&Sha256::digest(template.to_string().as_bytes())[..4]);
         let want = d["spec"]["replicas"].as_i64().unwrap_or(1);
+        let rolling = &d["spec"]["strategy"]["rollingUpdate"];
+        let surge = resolve(&rolling["maxSurge"], want, true);
+        let unavailable = match resolve(&rolling["maxUnavailable"], want, false) {
+            // The API server refuses both at zero; the controller would never progress.
+            0 if surge == 0 => 1,
+            n => n,
+        };
+        let is_new = |p: &Value| p["metadata"]["labels"]["pod-template-hash"] == hash.as_str();
+        let delete = |p: &Value| {
+            let _ = self.store.delete(
+                pods_kind,
+                &ns,
+                p["metadata"]["name"].as_str().unwrap_or_default(),
+            );
+        };
+
+        // New pods, within the surge; extra ones (a scale-down) removed.
         let pods = self.owned("pods", d);
-        let (new, old): (Vec<Value>, Vec<Value>) = pods
-            .into_iter()
-            .partition(|p| p["metadata"]["labels"]["pod-template-hash"] == hash.as_str());
-        for _ in new.len() as i64..want {
-            let name = format!(
-                "{}-{hash}-{}",
-                d["metadata"]["name"].as_str().unwrap_or_default(),
+        let new = pods.iter().filter(|p| is_new(p)).count() as i64;
+        let room = want + surge - pods.len() as i64;
+        for _ in 0..(want - new).min(room).max(0) {
+            let pod_name = format!(
+                "{name}-{hash}-{}",
                 self.names.fetch_add(1, Ordering::SeqCst)
             );
             let mut labels = template["metadata"]["labels"].clone();
             labels["pod-template-hash"] = json!(hash);
             let pod = json!({
-                "metadata": {"name": name, "labels": labels, "ownerReferences": [owner_ref(d, "apps/v1", "Deployment")]},
+                "metadata": {"name": pod_name, "labels": labels, "ownerReferences": [owner_ref(d, "apps/v1", "Deployment")]},
                 "spec": template["spec"],
                 "status": {"phase": "Pending"},
             });
             let _ = self.store.create(pods_kind, &ns, pod);
         }
-        for extra in new.iter().skip(want.max(0) as usize) {
-            let _ = self.store.delete(
-                pods_kind,
-                &ns,
-                extra["metadata"]["name"].as_str().unwrap_or_default(),
-            );
+        for extra in pods.iter().filter(|p| is_new(p)).skip(want.max(0) as usize) {
+            delete(extra);
         }
+
         // The kubelet and scheduler: pending pods start if their GPUs fit.
         for pod in self.owned("pods", d) {
             // Pods waiting for GPUs or a secret are tried again; a failed pull stays failed.
@@ -201,48 +231,91 @@ impl Cluster {
                 );
             }
         }
+
+        // Old pods go as far as maxUnavailable allows: unready ones first, then ready ones
+        // while enough pods stay ready (Kubernetes' reconcileOldReplicaSets).
         let pods = self.owned("pods", d);
-        let ready = |p: &Value| {
-            p["status"]["conditions"].as_array().is_some_and(|c| {
-                c.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
-        };
-        let current: Vec<&Value> = pods
-            .iter()
-            .filter(|p| p["metadata"]["labels"]["pod-template-hash"] == hash.as_str())
-            .collect();
-        let current_ready = current.iter().filter(|p| ready(p)).count() as i64;
-        if current_ready >= want {
-            for p in &old {
-                let _ = self.store.delete(
-                    pods_kind,
-                    &ns,
-                    p["metadata"]["name"].as_str().unwrap_or_default(),
-                );
+        let (new, old): (Vec<&Value>, Vec<&Value>) = pods.iter().partition(|p| is_new(p));
+        let new_ready = new.iter().filter(|p| ready(p)).count() as i64;
+        let min_available = want - unavailable;
+        let max_down = pods.len() as i64 - min_available - (new.len() as i64 - new_ready);
+        let mut removed = 0;
+        if max_down > 0 {
+            for p in old.iter().filter(|p| !ready(p)).take(max_down as usize) {
+                delete(p);
+                removed += 1;
+            }
+            let available = pods.iter().filter(|p| ready(p)).count() as i64;
+            let down = (available - min_available).min(max_down - removed).max(0);
+            for p in old.iter().filter(|p| ready(p)).take(down as usize) {
+                delete(p);
             }
         }
+
         let pods = self.owned("pods", d);
+        let updated = pods.iter().filter(|p| is_new(p)).count() as i64;
         let ready_count = pods.iter().filter(|p| ready(p)).count() as i64;
+        let updated_ready = pods.iter().filter(|p| is_new(p) && ready(p)).count() as i64;
+        let complete = updated_ready >= want && pods.len() as i64 == updated;
+        let progressing = if complete {
+            json!({"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"})
+        } else if self.deadline_passed(d, &hash, (updated, updated_ready, pods.len())) {
+            json!({"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                   "message": format!("ReplicaSet \"{name}-{hash}\" has timed out progressing.")})
+        } else {
+            json!({"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"})
+        };
         let status = json!({
             "observedGeneration": d["metadata"]["generation"],
             "replicas": pods.len(),
-            "updatedReplicas": current.len(),
+            "updatedReplicas": updated,
             "readyReplicas": ready_count,
             "availableReplicas": ready_count,
             "conditions": [
-                {"type": "Available", "status": if ready_count >= want { "True" } else { "False" }},
-                {"type": "Progressing", "status": "True", "reason": if current_ready >= want { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" }},
+                {"type": "Available", "status": if ready_count >= min_available { "True" } else { "False" }},
+                progressing,
             ],
         });
         let _ = self.store.update(
             kind("deployments").unwrap(),
             &ns,
-            d["metadata"]["name"].as_str().unwrap(),
+            &name,
             json!({"status": status}),
             Part::Status,
             None,
         );
+    }
+
+    /// Whether a rollout to `hash` has gone `progressDeadlineSeconds` (in simulated
+    /// seconds) without progress: no change in its pod counts. A pending deadline wakes the
+    /// simulation when it falls due.
+    fn deadline_passed(&self, d: &Value, hash: &str, counts: (i64, i64, usize)) -> bool {
+        let key = (
+            d["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            d["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        let deadline =
+            self.second * d["spec"]["progressDeadlineSeconds"].as_u64().unwrap_or(600) as u32;
+        let progress = format!("{hash} {counts:?}");
+        let mut seen = self.progress.lock().unwrap();
+        match seen.get(&key) {
+            Some((p, at)) if *p == progress => at.elapsed() >= deadline,
+            _ => {
+                seen.insert(key, (progress, std::time::Instant::now()));
+                let wake = self.wake.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(deadline + Duration::from_millis(10)).await;
+                    wake.notify_one();
+                });
+                false
+            }
+        }
     }
 
     /// What the kubelet reports for a pod: unschedulable, a failed pull, or serving.
@@ -292,7 +365,15 @@ impl Cluster {
             status["initContainerStatuses"] = json!([{"name": "pull", "image": pull["image"], "imageID": "", "ready": true,
                 "restartCount": 0, "state": state}]);
         }
-        status["containerStatuses"] = json!([{"name": "server", "image": spec["containers"][0]["image"], "imageID": "",
+        let image = spec["containers"][0]["image"].as_str().unwrap_or_default();
+        if image.contains("crash") {
+            status["conditions"][1]["status"] = json!("False");
+            status["containerStatuses"] = json!([{"name": "server", "image": image, "imageID": "", "ready": false,
+                "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "error: this image cannot serve the model", "finishedAt": now()}}}]);
+            return status;
+        }
+        status["containerStatuses"] = json!([{"name": "server", "image": image, "imageID": "",
             "ready": true, "restartCount": 0, "state": {"running": {"startedAt": now()}}}]);
         status
     }
@@ -348,6 +429,34 @@ impl Cluster {
         );
     }
 }
+
+fn ready(p: &Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// A rolling update's maxSurge (rounded up) or maxUnavailable (rounded down) of `replicas`:
+/// a number or a percentage, 25% when unset, as Kubernetes resolves them.
+fn resolve(value: &Value, replicas: i64, round_up: bool) -> i64 {
+    let percent = |p: &str| -> Option<i64> {
+        let p: i64 = p.strip_suffix('%')?.parse().ok()?;
+        let scaled = replicas * p;
+        Some(if round_up {
+            (scaled + 99) / 100
+        } else {
+            scaled / 100
+        })
+    };
+    value
+        .as_i64()
+        .or_else(|| value.as_str().and_then(percent))
+        .unwrap_or_else(|| percent("25%").unwrap())
+}
+
+/// A rollout's pod counts and when they last changed.
+type Progress = (String, std::time::Instant);
 
 /// `nvidia.com/gpu` a pod spec's containers ask for.
 fn gpus(spec: &Value) -> i64 {

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 pub struct Emulated {
     pub server: ApiServer,
+    pub cluster: Cluster,
     operator: JoinHandle<()>,
     pub metrics: Arc<Metrics>,
     pub load: Arc<SimulatedLoad>,
@@ -42,8 +43,13 @@ pub fn settings() -> Settings {
 
 impl Emulated {
     pub fn start() -> Self {
+        Self::start_with_second(Duration::from_secs(1))
+    }
+
+    /// With deadlines counted in simulated seconds of length `second`.
+    pub fn start_with_second(second: Duration) -> Self {
         let server = ApiServer::default();
-        Cluster::start(&server);
+        let cluster = Cluster::start_with_second(&server, second);
         let metrics = Arc::new(Metrics::default());
         let load = Arc::new(SimulatedLoad::default());
         let operator = tokio::spawn(kandle_operator::controller::run(
@@ -55,6 +61,7 @@ impl Emulated {
         ));
         Self {
             server,
+            cluster,
             operator,
             metrics,
             load,

@@ -142,9 +142,15 @@ async fn pods_that_do_not_report_do_not_block_scaling() {
     env.load.silence(&silent);
     // 40 in flight: the two pods that answer carry 13.3 each, which stands for all three.
     env.load.offer("partial", 40.0);
-    let md = wait_replicas(&t, "partial", 5).await;
-    let message = &condition(&md, "Autoscaled").message;
-    assert!(message.contains("2 of 3 ready pods reported"), "{message}");
+    wait_replicas(&t, "partial", 5).await;
+    let md = t
+        .wait::<ModelDeployment>("partial", "reporting the silent pod", |md| {
+            condition(md, "Autoscaled")
+                .message
+                .contains("4 of 5 ready pods reported")
+        })
+        .await;
+    assert_eq!(md.status.unwrap().desired_replicas, Some(5));
 }
 
 #[tokio::test]

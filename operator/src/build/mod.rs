@@ -16,6 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde::Serialize;
 
@@ -78,6 +79,23 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// Rolls one pod at a time: no surge pod, one old pod down at once (the GPU fallback).
+    pub fn one_at_a_time(mut self) -> Self {
+        for child in &mut self.children {
+            if let Child::Deployment(d) = child
+                && let Some(rolling) = d
+                    .spec
+                    .strategy
+                    .as_mut()
+                    .and_then(|s| s.rolling_update.as_mut())
+            {
+                rolling.max_surge = Some(IntOrString::Int(0));
+                rolling.max_unavailable = Some(IntOrString::Int(1));
+            }
+        }
+        self
+    }
+
     /// Leaves the Deployment out until the pull Job has filled the cache.
     pub fn hold_deployment(mut self) -> Self {
         self.children.retain(|c| !matches!(c, Child::Deployment(_)));

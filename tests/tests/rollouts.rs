@@ -1,0 +1,175 @@
+//! Rollouts in the simulated cluster, whose Deployment controller honours maxSurge,
+//! maxUnavailable and the progress deadline, and whose scheduler counts GPUs.
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kandle_operator::crd::{ModelDeployment, Phase};
+use kandle_tests::apiserver::store::kind;
+use kandle_tests::emulated::Emulated;
+use kandle_tests::scenarios::Target;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Fewest ready and most existing serving pods of `name` from now on, replayed from the
+/// store's change events in order (a list at each event would miss short-lived states).
+fn watch_pods(env: &Emulated, name: &str) -> Arc<Mutex<(usize, usize)>> {
+    let seen = Arc::new(Mutex::new((usize::MAX, 0)));
+    let store = env.server.store().clone();
+    let mut pods: HashMap<String, bool> = store
+        .list(kind("pods").unwrap(), Some("default"), |p| of(p, name))
+        .0
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                is_ready(p),
+            )
+        })
+        .collect();
+    let (record, name) = (seen.clone(), name.to_string());
+    let mut events = store.subscribe();
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            if e.plural != "pods" || !of(&e.object, &name) {
+                continue;
+            }
+            let pod = e.object["metadata"]["name"].as_str().unwrap().to_string();
+            match e.type_ {
+                "DELETED" => pods.remove(&pod),
+                _ => pods.insert(pod, is_ready(&e.object)),
+            };
+            let ready = pods.values().filter(|r| **r).count();
+            let mut r = record.lock().unwrap();
+            *r = (r.0.min(ready), r.1.max(pods.len()));
+        }
+    });
+    seen
+}
+
+fn of(pod: &Value, name: &str) -> bool {
+    pod["metadata"]["labels"]["app.kubernetes.io/instance"] == name
+}
+
+fn is_ready(p: &Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+async fn set_image(t: &Target, name: &str, image: &str) {
+    t.api::<ModelDeployment>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"server": {"image": image}}})),
+        )
+        .await
+        .unwrap();
+}
+
+async fn rolled_out(t: &Target, name: &str) -> ModelDeployment {
+    t.wait::<ModelDeployment>(name, "rolled out", |md| {
+        md.status.as_ref().is_some_and(|s| {
+            s.phase == Some(Phase::Ready)
+                && s.observed_generation == md.metadata.generation
+                && s.current_revision == s.update_revision
+        })
+    })
+    .await
+}
+
+async fn event_reasons(t: &Target, name: &str) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(t.client.clone(), &t.namespace);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rolling_update_never_drops_below_the_wanted_replicas() {
+    let env = Emulated::start();
+    let t = env.target();
+    t.create(
+        "steady",
+        json!({"model": {"uri": "hf://org/m"}, "replicas": 3}),
+    )
+    .await;
+    let before = rolled_out(&t, "steady").await;
+    let seen = watch_pods(&env, "steady");
+    set_image(&t, "steady", "kandle-server:v2").await;
+    let after = t
+        .wait::<ModelDeployment>("steady", "on a new revision", |md| {
+            md.status.as_ref().is_some_and(|s| {
+                s.phase == Some(Phase::Ready)
+                    && s.current_revision != before.status.as_ref().unwrap().current_revision
+            })
+        })
+        .await;
+    let (fewest_ready, most_pods) = *seen.lock().unwrap();
+    assert_eq!(
+        fewest_ready, 3,
+        "maxUnavailable 0: never fewer than 3 ready pods"
+    );
+    assert_eq!(most_pods, 4, "maxSurge 1: never more than 4 pods");
+    assert_eq!(after.status.unwrap().ready_replicas, Some(3));
+}
+
+/// Every GPU is held by the old pods, so the surge pod cannot be scheduled: the operator
+/// replaces one pod at a time, says so, and restores the configured strategy afterwards.
+#[tokio::test]
+async fn a_rollout_that_cannot_surge_for_want_of_gpus_replaces_one_pod_at_a_time() {
+    let env = Emulated::start();
+    env.cluster.set_gpus(2);
+    let t = env.target();
+    t.create(
+        "big",
+        json!({"model": {"uri": "hf://org/m"}, "replicas": 2,
+               "resources": {"gpu": {"count": 1}}}),
+    )
+    .await;
+    let before = rolled_out(&t, "big").await;
+    set_image(&t, "big", "kandle-server:v2").await;
+    let after = t
+        .wait::<ModelDeployment>("big", "on a new revision", |md| {
+            md.status.as_ref().is_some_and(|s| {
+                s.phase == Some(Phase::Ready)
+                    && s.current_revision != before.status.as_ref().unwrap().current_revision
+            })
+        })
+        .await;
+    assert_eq!(after.status.unwrap().ready_replicas, Some(2));
+    let events = event_reasons(&t, "big").await;
+    let fallback = events
+        .iter()
+        .find(|(reason, _)| reason == "GPUFallback")
+        .unwrap_or_else(|| panic!("a GPUFallback event: {events:?}"));
+    assert!(
+        fallback.1.contains("Insufficient nvidia.com/gpu"),
+        "{}",
+        fallback.1
+    );
+    let deployment = t
+        .wait::<Deployment>("big", "back to its configured strategy", |d| {
+            let r = d
+                .spec
+                .strategy
+                .as_ref()
+                .unwrap()
+                .rolling_update
+                .as_ref()
+                .unwrap();
+            r.max_surge == Some(IntOrString::Int(1))
+                && r.max_unavailable == Some(IntOrString::Int(0))
+        })
+        .await;
+    assert_eq!(deployment.status.unwrap().updated_replicas, Some(2));
+}
