@@ -54,15 +54,31 @@ pub struct Context {
     stores: Stores,
     /// Consecutive transient failures per object, for the retry backoff.
     failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
-    /// Phase, revision and replicas last announced per object (by uid): the cache may
-    /// still show an older status after a write, and an event must not be repeated
-    /// because of that.
+    /// What events were last published for, per object (by uid): the cache may still
+    /// show an older status after a write, and an event must not be repeated because of that.
     announced: Mutex<HashMap<String, Announced>>,
     autoscaler: Arc<Autoscaler>,
 }
 
-/// The phase, update revision and desired replicas events were last published for.
-type Announced = (Option<Phase>, Option<String>, Option<i32>);
+/// The parts of a status that events are published for.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Announced {
+    phase: Option<Phase>,
+    revision: Option<String>,
+    replicas: Option<i32>,
+    rolled_back: Option<String>,
+}
+
+impl Announced {
+    fn of(s: &crate::crd::ModelDeploymentStatus) -> Self {
+        Self {
+            phase: s.phase,
+            revision: s.update_revision.clone(),
+            replicas: s.desired_replicas,
+            rolled_back: s.rolled_back.as_ref().map(|r| r.revision.clone()),
+        }
+    }
+}
 
 /// Reconciles running at once.
 const CONCURRENCY: u16 = 16;
@@ -338,6 +354,14 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             .map(String::as_str)
             != Some("pull")
     });
+    let rolled_back = rollout::rolled_back(md, deployment.as_deref(), &serving, &desired.revision);
+    if rolled_back.is_some()
+        && let Some(ready_spec) = md.status.as_ref().and_then(|s| s.ready_spec.as_ref())
+    {
+        let mut previous = md.clone();
+        previous.spec = *ready_spec.clone();
+        desired = build::desired(&previous, &ctx.settings, replicas);
+    }
     let fallback = rollout::gpu_fallback(md, deployment.as_deref(), &serving, &desired.revision);
     if let Some(f) = &fallback {
         if !rollout::one_at_a_time(deployment.as_deref()) {
@@ -421,6 +445,7 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
         rejected: rejected.as_ref().map(|e| e.to_string()),
         scaling,
         fallback,
+        rolled_back,
     };
     let now = Time(
         k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
@@ -547,13 +572,15 @@ fn now() -> Time {
 /// Events for what a cluster operator should see: phase changes (with their cause), new
 /// revisions rolling out, and the autoscaler's changes (with the numbers behind them).
 async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::ModelDeploymentStatus) {
-    let announced = |s: &crate::crd::ModelDeploymentStatus| {
-        (s.phase, s.update_revision.clone(), s.desired_replicas)
-    };
-    let (phase, revision, replicas) = {
+    let Announced {
+        phase,
+        revision,
+        replicas,
+        rolled_back,
+    } = {
         let mut seen = ctx.announced.lock().expect("not poisoned");
-        seen.insert(md.uid().unwrap_or_default(), announced(status))
-            .or(md.status.as_ref().map(announced))
+        seen.insert(md.uid().unwrap_or_default(), Announced::of(status))
+            .or(md.status.as_ref().map(Announced::of))
             .unwrap_or_default()
     };
     let mut events = Vec::new();
@@ -583,6 +610,22 @@ async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::Mode
             reason: format!("{phase:?}"),
             note: ready.map(|c| truncate_note(&format!("{}: {}", c.reason, c.message))),
             action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    if let Some(rb) = &status.rolled_back
+        && rolled_back.as_ref() != Some(&rb.revision)
+    {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "RolledBack".into(),
+            note: Some(truncate_note(&format!(
+                "revision {} made no progress ({}); back to revision {}",
+                rb.revision,
+                rb.message,
+                status.update_revision.clone().unwrap_or_default()
+            ))),
+            action: "Rollback".into(),
             secondary: None,
         });
     }

@@ -296,6 +296,11 @@ pub struct RolloutSpec {
     #[serde(default = "default_progress_deadline")]
     #[schemars(range(min = 30))]
     pub progress_deadline_seconds: i32,
+    /// When a rollout misses its progress deadline, go back to the last spec that was Ready
+    /// (kept in `status.readySpec`), and do not try the failed one again until the spec
+    /// changes.
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
 }
 
 /// The Service in front of the pods.
@@ -367,6 +372,32 @@ pub struct ModelDeploymentStatus {
     /// Revision the current spec asks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_revision: Option<String>,
+    /// The spec last seen Ready in full (its pods are `currentRevision`), which
+    /// `rollout.autoRollback` returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opaque_object")]
+    pub ready_spec: Option<Box<ModelDeploymentSpec>>,
+    /// Set when a rollout missed its progress deadline and was rolled back: what failed,
+    /// not tried again until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RolledBack>,
+}
+
+/// A rollout that was rolled back.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolledBack {
+    /// The `metadata.generation` whose rollout failed.
+    pub generation: i64,
+    /// The revision that did not become ready.
+    pub revision: String,
+    /// Why it did not.
+    pub message: String,
+}
+
+/// Kept as written: a copy of the spec, not validated again.
+fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// Where things stand, in one word.
@@ -424,6 +455,9 @@ fn default_max_surge() -> IntOrString {
 fn default_max_unavailable() -> IntOrString {
     IntOrString::Int(0)
 }
+fn default_true() -> bool {
+    true
+}
 fn default_progress_deadline() -> i32 {
     1800
 }
@@ -437,6 +471,7 @@ impl Default for RolloutSpec {
             max_surge: default_max_surge(),
             max_unavailable: default_max_unavailable(),
             progress_deadline_seconds: default_progress_deadline(),
+            auto_rollback: true,
         }
     }
 }

@@ -5,8 +5,13 @@
 //! scheduled and the rollout waits forever (KServe's users know this deadlock). Then the
 //! rollout replaces one pod at a time instead (surge 0, one unavailable) until no pod of an
 //! older revision is left, and the configured strategy comes back.
+//!
+//! Rollback: with `autoRollback`, a rollout whose Deployment reports its progress deadline
+//! exceeded goes back to the last spec that was Ready (`status.readySpec`); the failure is
+//! kept in `status.rolledBack` for this generation, so the failed revision is not tried
+//! again until the spec changes.
 use crate::build::REVISION_LABEL;
-use crate::crd::ModelDeployment;
+use crate::crd::{ModelDeployment, RolledBack};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -57,6 +62,54 @@ pub fn gpu_fallback(
         }),
         (None, false) => None,
     }
+}
+
+/// Whether the rollout to `revision` is (or, for this generation, was) rolled back.
+pub fn rolled_back(
+    md: &ModelDeployment,
+    deployment: Option<&Deployment>,
+    pods: &[&Pod],
+    revision: &str,
+) -> Option<RolledBack> {
+    if !md.spec.rollout.clone().unwrap_or_default().auto_rollback {
+        return None;
+    }
+    let status = md.status.as_ref()?;
+    let generation = md.metadata.generation.unwrap_or_default();
+    if let Some(rb) = status
+        .rolled_back
+        .as_ref()
+        .filter(|r| r.generation == generation)
+    {
+        return Some(rb.clone());
+    }
+    status.ready_spec.as_ref()?;
+    if status.current_revision.as_deref() == Some(revision) {
+        return None;
+    }
+    let d = deployment?;
+    let rolling_out = d
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref()?.get(REVISION_LABEL))
+        .map(String::as_str);
+    if rolling_out != Some(revision) {
+        return None;
+    }
+    let exceeded = d.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+        c.type_.as_deref() == Some("Progressing")
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    })?;
+    let message = crate::status::pod_problem(pods, revision)
+        .or_else(|| exceeded.message.clone())
+        .unwrap_or_default();
+    Some(RolledBack {
+        generation,
+        revision: revision.to_string(),
+        message,
+    })
 }
 
 /// Whether the Deployment already rolls one pod at a time.
@@ -132,5 +185,66 @@ mod tests {
         // With maxUnavailable > 0 the controller already takes an old pod down first.
         let lenient = md(json!({"model": {"uri": "hf://o/m"}, "rollout": {"maxUnavailable": 1}}));
         assert!(gpu_fallback(&lenient, Some(&deployment(1, 1)), &[&old, &new], "b").is_none());
+    }
+
+    fn stuck(revision: &str) -> Deployment {
+        serde_json::from_value(json!({"spec": {
+            "selector": {}, "template": {"metadata": {"labels": {REVISION_LABEL: revision}}}},
+            "status": {"conditions": [{"type": "Progressing", "status": "False",
+                "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet has timed out progressing."}]}}))
+        .unwrap()
+    }
+
+    /// A ModelDeployment at `generation` whose last Ready revision was "a".
+    fn was_ready(spec: serde_json::Value, generation: i64) -> ModelDeployment {
+        let mut m = md(spec);
+        m.metadata.generation = Some(generation);
+        m.status = Some(crate::crd::ModelDeploymentStatus {
+            current_revision: Some("a".into()),
+            ready_spec: Some(Box::new(m.spec.clone())),
+            ..Default::default()
+        });
+        m
+    }
+
+    #[test]
+    fn a_missed_deadline_rolls_back_to_the_last_ready_spec() {
+        let m = was_ready(json!({"model": {"uri": "hf://o/m"}}), 2);
+        let crashing = pod(
+            "b",
+            json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": NO_GPU}),
+        );
+        let rb = rolled_back(&m, Some(&stuck("b")), &[&crashing], "b").expect("rolled back");
+        assert_eq!((rb.generation, rb.revision.as_str()), (2, "b"));
+        assert!(
+            rb.message
+                .starts_with("Unschedulable: pod p-b cannot be scheduled"),
+            "{}",
+            rb.message
+        );
+        // Still progressing, or nothing Ready to go back to, or not wanted: no rollback.
+        assert_eq!(rolled_back(&m, Some(&deployment(1, 0)), &[], "b"), None);
+        let first = md(json!({"model": {"uri": "hf://o/m"}}));
+        assert_eq!(rolled_back(&first, Some(&stuck("b")), &[], "b"), None);
+        let manual = was_ready(
+            json!({"model": {"uri": "hf://o/m"}, "rollout": {"autoRollback": false}}),
+            2,
+        );
+        assert_eq!(rolled_back(&manual, Some(&stuck("b")), &[], "b"), None);
+    }
+
+    #[test]
+    fn a_rollback_holds_for_its_generation_only() {
+        let mut m = was_ready(json!({"model": {"uri": "hf://o/m"}}), 2);
+        let rb = RolledBack {
+            generation: 2,
+            revision: "b".into(),
+            message: "m".into(),
+        };
+        m.status.as_mut().unwrap().rolled_back = Some(rb.clone());
+        // The old revision is back and its Deployment no longer reports the deadline.
+        assert_eq!(rolled_back(&m, Some(&deployment(1, 0)), &[], "b"), Some(rb));
+        m.metadata.generation = Some(3);
+        assert_eq!(rolled_back(&m, Some(&deployment(1, 0)), &[], "c"), None);
     }
 }

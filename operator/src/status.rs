@@ -4,7 +4,7 @@
 //! `lastTransitionTime` moves only when its status does, so an unchanged world writes nothing.
 use crate::autoscale::policy::Decision;
 use crate::build::{Desired, ModelSource, Settings, endpoint, selector_string};
-use crate::crd::{ModelDeployment, ModelDeploymentStatus, ModelStatus, Phase};
+use crate::crd::{ModelDeployment, ModelDeploymentStatus, ModelStatus, Phase, RolledBack};
 use crate::rollout::Fallback;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -29,6 +29,8 @@ pub struct Observed<'a> {
     pub scaling: Option<Decision>,
     /// The rollout replaces one pod at a time because no GPU is free for a surge pod.
     pub fallback: Option<Fallback>,
+    /// The spec's rollout missed its deadline and the last Ready spec is deployed instead.
+    pub rolled_back: Option<RolledBack>,
 }
 
 /// The pull step's report (`kandle-server pull --report-file`), read from its
@@ -113,6 +115,25 @@ pub fn compute(
             Cause {
                 reason: "Rejected",
                 message: message.clone(),
+            },
+        )
+    } else if let Some(rb) = &observed.rolled_back {
+        (
+            Phase::Degraded,
+            Cause {
+                reason: "RolledBack",
+                message: format!(
+                    "revision {} made no progress for {} s ({}); rolled back to revision {}, the last \
+                     spec that was Ready ({ready} ready); change the spec to try again",
+                    rb.revision,
+                    md.spec
+                        .rollout
+                        .clone()
+                        .unwrap_or_default()
+                        .progress_deadline_seconds,
+                    rb.message,
+                    desired.revision
+                ),
             },
         )
     } else if let Model::Failed {
@@ -232,8 +253,12 @@ pub fn compute(
     };
     let is_ready = matches!(phase, Phase::Ready | Phase::ScaledToZero);
     let degraded = matches!(phase, Phase::Degraded | Phase::Failed);
-    let progressing = matches!(phase, Phase::Pending | Phase::Pulling | Phase::Deploying)
-        || (phase == Phase::Degraded && deadline.is_none());
+    let progressing = if observed.rolled_back.is_some() {
+        !rolled_out
+    } else {
+        matches!(phase, Phase::Pending | Phase::Pulling | Phase::Deploying)
+            || (phase == Phase::Degraded && deadline.is_none())
+    };
     let ok = |reason: &'static str, message: &str| Cause {
         reason,
         message: message.into(),
@@ -307,6 +332,12 @@ pub fn compute(
             previous.current_revision.clone()
         },
         update_revision: Some(desired.revision.clone()),
+        ready_spec: if phase == Phase::Ready {
+            Some(Box::new(md.spec.clone()))
+        } else {
+            previous.ready_spec.clone()
+        },
+        rolled_back: observed.rolled_back.clone(),
     }
 }
 
@@ -456,6 +487,12 @@ fn pull_report(statuses: &[ContainerStatus]) -> Option<(PullReport, String)> {
 }
 
 /// The most telling problem among the serving pods, preferring the current revision's.
+/// What keeps the pods of `revision` (or else older ones) from being ready, as
+/// "Reason: message".
+pub fn pod_problem(pods: &[&Pod], revision: &str) -> Option<String> {
+    pods_cause(pods, revision).map(|c| format!("{}: {}", c.reason, c.message))
+}
+
 fn pods_cause(pods: &[&Pod], revision: &str) -> Option<Cause> {
     let current = |p: &&&Pod| {
         p.labels()

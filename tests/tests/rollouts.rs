@@ -173,3 +173,66 @@ async fn a_rollout_that_cannot_surge_for_want_of_gpus_replaces_one_pod_at_a_time
         .await;
     assert_eq!(deployment.status.unwrap().updated_replicas, Some(2));
 }
+
+/// A rollout that cannot become ready (the new image crash-loops) misses its progress
+/// deadline (30 simulated seconds, 10 ms each here) and goes back to the last Ready spec; it
+/// is not retried until the spec changes, and a new spec rolls out as usual.
+#[tokio::test]
+async fn a_rollout_that_misses_its_deadline_is_rolled_back() {
+    let env = Emulated::start_with_second(std::time::Duration::from_millis(10));
+    let t = env.target();
+    t.create(
+        "careful",
+        json!({"model": {"uri": "hf://org/m"}, "replicas": 2,
+               "rollout": {"progressDeadlineSeconds": 30}}),
+    )
+    .await;
+    let good = rolled_out(&t, "careful").await.status.unwrap();
+    set_image(&t, "careful", "kandle-server:crash").await;
+    let md = t
+        .wait::<ModelDeployment>("careful", "rolled back", |md| {
+            md.status.as_ref().is_some_and(|s| {
+                s.rolled_back.is_some()
+                    && s.ready_replicas == Some(2)
+                    && s.updated_replicas == Some(2)
+            })
+        })
+        .await;
+    let status = md.status.clone().unwrap();
+    let rb = status.rolled_back.clone().unwrap();
+    assert_eq!(rb.generation, 2);
+    assert_ne!(Some(&rb.revision), good.current_revision.as_ref());
+    assert!(rb.message.contains("CrashLoopBackOff"), "{}", rb.message);
+    assert_eq!(status.phase, Some(Phase::Degraded));
+    assert_eq!(
+        status.update_revision, good.current_revision,
+        "serving the old revision"
+    );
+    let ready = kandle_tests::scenarios::condition(&md, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RolledBack")
+    );
+    assert!(
+        ready.message.contains("change the spec to try again"),
+        "{}",
+        ready.message
+    );
+    let events = event_reasons(&t, "careful").await;
+    assert!(events.iter().any(|(r, _)| r == "RolledBack"), "{events:?}");
+
+    // Not retried: well past another deadline, the pods still run the old image.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let deployment = t.api::<Deployment>().get("careful").await.unwrap();
+    let image = deployment.spec.template.spec.unwrap().containers[0]
+        .image
+        .clone();
+    assert_eq!(image.as_deref(), Some("kandle-server:test"));
+
+    // A new spec is tried.
+    set_image(&t, "careful", "kandle-server:v3").await;
+    let md = rolled_out(&t, "careful").await;
+    let status = md.status.unwrap();
+    assert_eq!(status.rolled_back, None);
+    assert_ne!(status.current_revision, good.current_revision);
+}
