@@ -161,9 +161,12 @@ pub async fn run(
         autoscaler
             .run(
                 || {
+                    // Only autoscaled ones are copied: this runs every tick.
                     mds.state()
                         .iter()
-                        .filter_map(|g| g.0.as_ref().ok().cloned().map(Arc::new))
+                        .filter_map(|g| g.0.as_ref().ok())
+                        .filter(|md| md.spec.autoscaling.is_some())
+                        .map(|md| Arc::new(md.clone()))
                         .collect()
                 },
                 |ns, name| ready_pods(&stores, ns, name),

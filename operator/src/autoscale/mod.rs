@@ -52,7 +52,7 @@ impl Autoscaler {
         scalers.get(md).and_then(|s| s.published)
     }
 
-    /// Every tick: scrape the ready pods of each autoscaled ModelDeployment in `mds()`,
+    /// Every tick: scrape the ready pods of each autoscaled ModelDeployment of `mds()`,
     /// decide, and send the ones whose decision changed to `changed`. Runs until `changed`
     /// is closed.
     pub async fn run(
