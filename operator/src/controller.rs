@@ -4,7 +4,8 @@ use crate::apply::{apply, delete};
 use crate::autoscale::Autoscaler;
 use crate::autoscale::scrape::PodTarget;
 use crate::build::{self, Child, MANAGED_BY, Settings};
-use crate::crd::{ModelDeployment, Phase};
+use crate::canary::{self, Canary};
+use crate::crd::{CanaryVerdict, ModelDeployment, Phase};
 use crate::error::{Error, backoff};
 use crate::index::PodIndex;
 use crate::metrics::Metrics;
@@ -67,6 +68,7 @@ struct Announced {
     revision: Option<String>,
     replicas: Option<i32>,
     rolled_back: Option<String>,
+    canary: Option<(String, i32, CanaryVerdict)>,
 }
 
 impl Announced {
@@ -76,6 +78,10 @@ impl Announced {
             revision: s.update_revision.clone(),
             replicas: s.desired_replicas,
             rolled_back: s.rolled_back.as_ref().map(|r| r.revision.clone()),
+            canary: s
+                .canary
+                .as_ref()
+                .map(|c| (c.revision.clone(), c.step, c.verdict)),
         }
     }
 }
@@ -357,13 +363,54 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             .map(String::as_str)
             != Some("pull")
     });
-    let rolled_back = rollout::rolled_back(md, deployment.as_deref(), &serving, &desired.revision);
-    if rolled_back.is_some()
-        && let Some(ready_spec) = md.status.as_ref().and_then(|s| s.ready_spec.as_ref())
-    {
-        let mut previous = md.clone();
-        previous.spec = *ready_spec.clone();
-        desired = build::desired(&previous, &ctx.settings, replicas);
+    let now = now();
+    // The spec that was last Ready, which canaries run beside and rollbacks return to.
+    let previous = md
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_spec.as_ref())
+        .map(|spec| {
+            let mut previous = md.clone();
+            previous.spec = *spec.clone();
+            previous
+        });
+    let canary = match md.spec.rollout.as_ref().and_then(|r| r.canary.as_ref()) {
+        Some(_) => {
+            let canary_name = format!("{name}-canary");
+            let canary_deployment = stores
+                .deployments
+                .get(&ObjectRef::new(&canary_name).within(&ns));
+            let ready = canary_ready(canary_deployment.as_deref(), &desired.revision);
+            let counters = canary_counters(ctx, &ns, &name, &serving).await;
+            canary::decide(md, &desired.revision, replicas, ready, counters, &now)
+        }
+        None => None,
+    };
+    // A running canary is looked at again when its step ends.
+    let recheck = match &canary {
+        Some(Canary::Running { recheck, .. }) => (*recheck).clamp(Duration::from_secs(1), RESYNC),
+        _ => RESYNC,
+    };
+    let rolled_back = match &canary {
+        Some(_) => None,
+        None => rollout::rolled_back(md, deployment.as_deref(), &serving, &desired.revision),
+    };
+    if let Some(previous) = &previous {
+        match &canary {
+            Some(Canary::Running {
+                stable_replicas,
+                canary_replicas,
+                ..
+            }) => {
+                desired = build::desired(previous, &ctx.settings, *stable_replicas)
+                    .with_canary(build::desired(md, &ctx.settings, *canary_replicas));
+            }
+            Some(Canary::Aborted(_)) => desired = build::desired(previous, &ctx.settings, replicas),
+            _ if rolled_back.is_some() => {
+                desired = build::desired(previous, &ctx.settings, replicas);
+            }
+            _ => {}
+        }
     }
     let fallback = rollout::gpu_fallback(md, deployment.as_deref(), &serving, &desired.revision);
     if let Some(f) = &fallback {
@@ -434,6 +481,15 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
     )
     .await?;
     writes += prune(ctx, deployment.clone(), &uid, |n| wanted("Deployment", n)).await?;
+    writes += prune(
+        ctx,
+        stores
+            .deployments
+            .get(&ObjectRef::new(&format!("{name}-canary")).within(&ns)),
+        &uid,
+        |n| wanted("Deployment", n),
+    )
+    .await?;
     writes += prune(ctx, jobs, &uid, |n| wanted("Job", n)).await?;
 
     let job_pods = pulling
@@ -449,11 +505,8 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
         scaling,
         fallback,
         rolled_back,
+        canary,
     };
-    let now = Time(
-        k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
-            .expect("now is a valid time"),
-    );
     let status = status::compute(md, &ctx.settings, &desired, &observed, now);
     if md.status.as_ref() != Some(&status) {
         let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -481,7 +534,67 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
     if let Some(e) = rejected {
         return Err(e);
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(recheck))
+}
+
+/// Whether the canary Deployment runs `revision` with every pod it wants ready.
+fn canary_ready(deployment: Option<&Deployment>, revision: &str) -> bool {
+    deployment.is_some_and(|d| {
+        let template = d
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref());
+        let status = d.status.clone().unwrap_or_default();
+        template
+            .and_then(|l| l.get(build::REVISION_LABEL))
+            .map(String::as_str)
+            == Some(revision)
+            && status.observed_generation >= d.metadata.generation
+            && status.updated_replicas == d.spec.replicas
+            && status.ready_replicas == d.spec.replicas
+    })
+}
+
+/// Requests and 5xx answers of the ready serving pods, summed per track (canary or
+/// stable); `None` when no pod answered.
+async fn canary_counters(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    serving: &[&Pod],
+) -> Option<crate::crd::CanaryCounters> {
+    let pods: Vec<(bool, PodTarget)> = serving
+        .iter()
+        .filter(|p| status::pod_ready(p))
+        .map(|p| {
+            let canary = p.labels().get(build::TRACK_LABEL).map(String::as_str) == Some("canary");
+            let target = PodTarget {
+                namespace: ns.to_string(),
+                name: p.name_any(),
+                instance: name.to_string(),
+                ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+            };
+            (canary, target)
+        })
+        .collect();
+    let targets: Vec<PodTarget> = pods.iter().map(|(_, t)| t.clone()).collect();
+    let metrics = ctx.autoscaler.source().scrape(&targets).await;
+    let mut counters = crate::crd::CanaryCounters::default();
+    let mut answered = false;
+    for ((canary, _), m) in pods.iter().zip(metrics) {
+        let Some(m) = m else { continue };
+        answered = true;
+        if *canary {
+            counters.canary_requests += m.requests;
+            counters.canary_errors += m.errors;
+        } else {
+            counters.stable_requests += m.requests;
+            counters.stable_errors += m.errors;
+        }
+    }
+    answered.then_some(counters)
 }
 
 /// An object that does not decode (written around the CRD's checks, or by a newer
@@ -580,6 +693,7 @@ async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::Mode
         revision,
         replicas,
         rolled_back,
+        canary,
     } = {
         let mut seen = ctx.announced.lock().expect("not poisoned");
         seen.insert(md.uid().unwrap_or_default(), Announced::of(status))
@@ -629,6 +743,25 @@ async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::Mode
                 status.update_revision.clone().unwrap_or_default()
             ))),
             action: "Rollback".into(),
+            secondary: None,
+        });
+    }
+    if let Some(c) = &status.canary
+        && canary != Some((c.revision.clone(), c.step, c.verdict))
+    {
+        let (type_, reason) = match c.verdict {
+            CanaryVerdict::Progressing => (EventType::Normal, "CanaryStep"),
+            CanaryVerdict::Promoted => (EventType::Normal, "CanaryPromoted"),
+            CanaryVerdict::Aborted => (EventType::Warning, "CanaryAborted"),
+        };
+        events.push(Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate_note(&format!(
+                "revision {}: {}",
+                c.revision, c.message
+            ))),
+            action: "Canary".into(),
             secondary: None,
         });
     }

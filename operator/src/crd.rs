@@ -2,7 +2,7 @@
 //! `kubectl explain` shows, so they are written for the platform team reading them there.
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -301,6 +301,39 @@ pub struct RolloutSpec {
     /// changes.
     #[serde(default = "default_true")]
     pub auto_rollback: bool,
+    /// Roll a new revision out as a canary beside the last Ready one, under the same
+    /// Service, promoting or aborting it by its error rate. The annotation
+    /// `kandle.dev/canary: promote` or `abort` decides at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySpec>,
+}
+
+/// A canary: the new revision's share of the replicas, step by step.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySpec {
+    /// The canary's share of the replicas at each step, held for the step's pause; after
+    /// the last step the new revision replaces the old one everywhere.
+    #[schemars(length(min = 1, max = 10))]
+    pub steps: Vec<CanaryStep>,
+    /// Highest share of the canary's requests over a step that may fail with a 5xx; above
+    /// it the canary is aborted.
+    #[serde(default = "default_max_error_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: f64,
+}
+
+/// One canary step.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStep {
+    /// Percentage of the replicas that run the new revision (at least one pod).
+    #[schemars(range(min = 1, max = 99))]
+    pub weight: i32,
+    /// Seconds the step lasts before the error rates are compared.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 86400))]
+    pub pause_seconds: i32,
 }
 
 /// The Service in front of the pods.
@@ -381,6 +414,57 @@ pub struct ModelDeploymentStatus {
     /// not tried again until the spec changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<RolledBack>,
+    /// The canary of the last revision rolled out with `rollout.canary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
+}
+
+/// Where a canary stands.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    /// The revision under test.
+    pub revision: String,
+    /// The `metadata.generation` it comes from.
+    pub generation: i64,
+    /// The current step (from 0).
+    pub step: i32,
+    /// The canary's share of the replicas now, in percent.
+    pub weight: i32,
+    /// When the current step began.
+    pub step_started: Time,
+    /// Whether the canary is still being judged, passed, or failed.
+    pub verdict: CanaryVerdict,
+    /// What the last comparison found.
+    pub message: String,
+    /// Request and 5xx counters of both revisions when the step began.
+    pub baseline: CanaryCounters,
+}
+
+/// Requests and 5xx answers summed over a revision's pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryCounters {
+    /// Requests the canary's pods answered.
+    pub canary_requests: f64,
+    /// Of those, answered with a 5xx.
+    pub canary_errors: f64,
+    /// Requests the stable revision's pods answered.
+    pub stable_requests: f64,
+    /// Of those, answered with a 5xx.
+    pub stable_errors: f64,
+}
+
+/// A canary's verdict.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CanaryVerdict {
+    /// Stepping through its weights.
+    #[default]
+    Progressing,
+    /// It passed: the new revision replaces the old one.
+    Promoted,
+    /// It failed: the old revision serves; not tried again until the spec changes.
+    Aborted,
 }
 
 /// A rollout that was rolled back.
@@ -455,6 +539,9 @@ fn default_max_surge() -> IntOrString {
 fn default_max_unavailable() -> IntOrString {
     IntOrString::Int(0)
 }
+fn default_max_error_rate() -> f64 {
+    0.01
+}
 fn default_true() -> bool {
     true
 }
@@ -472,6 +559,7 @@ impl Default for RolloutSpec {
             max_unavailable: default_max_unavailable(),
             progress_deadline_seconds: default_progress_deadline(),
             auto_rollback: true,
+            canary: None,
         }
     }
 }

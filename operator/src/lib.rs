@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod autoscale;
 pub mod build;
+pub mod canary;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -4,6 +4,7 @@
 //! `lastTransitionTime` moves only when its status does, so an unchanged world writes nothing.
 use crate::autoscale::policy::Decision;
 use crate::build::{Desired, ModelSource, Settings, endpoint, selector_string};
+use crate::canary::Canary;
 use crate::crd::{ModelDeployment, ModelDeploymentStatus, ModelStatus, Phase, RolledBack};
 use crate::rollout::Fallback;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -31,6 +32,8 @@ pub struct Observed<'a> {
     pub fallback: Option<Fallback>,
     /// The spec's rollout missed its deadline and the last Ready spec is deployed instead.
     pub rolled_back: Option<RolledBack>,
+    /// A canary of the spec's revision runs beside the last Ready spec, or was decided.
+    pub canary: Option<Canary>,
 }
 
 /// The pull step's report (`kandle-server pull --report-file`), read from its
@@ -115,6 +118,28 @@ pub fn compute(
             Cause {
                 reason: "Rejected",
                 message: message.clone(),
+            },
+        )
+    } else if let Some(Canary::Running { status: c, .. }) = &observed.canary {
+        (
+            Phase::Deploying,
+            Cause {
+                reason: "Canary",
+                message: format!(
+                    "canary of revision {} beside revision {}: {}",
+                    c.revision, desired.revision, c.message
+                ),
+            },
+        )
+    } else if let Some(Canary::Aborted(c)) = &observed.canary {
+        (
+            Phase::Degraded,
+            Cause {
+                reason: "CanaryAborted",
+                message: format!(
+                    "the canary of revision {} was aborted ({}); revision {} serves; change the spec to try again",
+                    c.revision, c.message, desired.revision
+                ),
             },
         )
     } else if let Some(rb) = &observed.rolled_back {
@@ -253,12 +278,13 @@ pub fn compute(
     };
     let is_ready = matches!(phase, Phase::Ready | Phase::ScaledToZero);
     let degraded = matches!(phase, Phase::Degraded | Phase::Failed);
-    let progressing = if observed.rolled_back.is_some() {
-        !rolled_out
-    } else {
-        matches!(phase, Phase::Pending | Phase::Pulling | Phase::Deploying)
-            || (phase == Phase::Degraded && deadline.is_none())
-    };
+    let progressing =
+        if matches!(observed.canary, Some(Canary::Aborted(_))) || observed.rolled_back.is_some() {
+            !rolled_out
+        } else {
+            matches!(phase, Phase::Pending | Phase::Pulling | Phase::Deploying)
+                || (phase == Phase::Degraded && deadline.is_none())
+        };
     let ok = |reason: &'static str, message: &str| Cause {
         reason,
         message: message.into(),
@@ -338,6 +364,12 @@ pub fn compute(
             previous.ready_spec.clone()
         },
         rolled_back: observed.rolled_back.clone(),
+        canary: match &observed.canary {
+            Some(
+                Canary::Running { status, .. } | Canary::Aborted(status) | Canary::Promoted(status),
+            ) => Some(status.clone()),
+            None => previous.canary.clone(),
+        },
     }
 }
 

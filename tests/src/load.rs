@@ -1,7 +1,9 @@
-//! Load for the autoscaler in the simulated cluster: what each ModelDeployment's clients
-//! offer (requests in flight or queued), spread evenly over its ready pods, as their
-//! `/metrics` would report it; and pods that stop answering.
-use kandle_operator::autoscale::scrape::{LoadSource, PodTarget};
+//! What the serving pods' `/metrics` would report in the simulated cluster: the load each
+//! ModelDeployment's clients offer (requests in flight or queued) spread evenly over its
+//! ready pods; request counters that grow by ten at each scrape, with a chosen share of 5xx
+//! for pods whose names start with a given prefix (a Deployment's name); and pods that stop
+//! answering.
+use kandle_operator::autoscale::scrape::{LoadSource, PodMetrics, PodTarget};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
@@ -9,6 +11,8 @@ use std::sync::Mutex;
 pub struct SimulatedLoad {
     offered: Mutex<HashMap<String, f64>>,
     silent: Mutex<HashSet<String>>,
+    error_rates: Mutex<Vec<(String, f64)>>,
+    counters: Mutex<HashMap<String, (f64, f64)>>,
 }
 
 impl SimulatedLoad {
@@ -21,20 +25,42 @@ impl SimulatedLoad {
     pub fn silence(&self, pod: &str) {
         self.silent.lock().unwrap().insert(pod.into());
     }
+
+    /// Pods whose names start with `prefix` fail this share of their requests from now on.
+    pub fn fail(&self, prefix: &str, rate: f64) {
+        self.error_rates.lock().unwrap().push((prefix.into(), rate));
+    }
 }
 
 impl LoadSource for SimulatedLoad {
-    fn loads<'a>(
+    fn scrape<'a>(
         &'a self,
         pods: &'a [PodTarget],
-    ) -> futures::future::BoxFuture<'a, Vec<Option<f64>>> {
+    ) -> futures::future::BoxFuture<'a, Vec<Option<PodMetrics>>> {
         let offered = self.offered.lock().unwrap();
         let silent = self.silent.lock().unwrap();
+        let rates = self.error_rates.lock().unwrap();
+        let mut counters = self.counters.lock().unwrap();
         let answers = pods
             .iter()
             .map(|p| {
+                if silent.contains(&p.name) {
+                    return None;
+                }
+                let rate = rates
+                    .iter()
+                    .rev()
+                    .find(|(prefix, _)| p.name.starts_with(prefix.as_str()))
+                    .map_or(0.0, |(_, r)| *r);
+                let (requests, errors) = counters.entry(p.name.clone()).or_default();
+                *requests += 10.0;
+                *errors += 10.0 * rate;
                 let total = offered.get(&p.instance).copied().unwrap_or(0.0);
-                (!silent.contains(&p.name)).then(|| total / pods.len() as f64)
+                Some(PodMetrics {
+                    load: total / pods.len() as f64,
+                    requests: *requests,
+                    errors: *errors,
+                })
             })
             .collect();
         Box::pin(std::future::ready(answers))

@@ -199,9 +199,16 @@ fn the_scraper_reads_what_the_server_reports() {
     metrics.requests_in_flight.set(3);
     metrics.requests_queued.set(4);
     let text = metrics.encode();
-    assert_eq!(
-        kandle_operator::autoscale::scrape::parse(&text),
-        Some(7.0),
-        "{text}"
-    );
+    metrics
+        .requests
+        .get_or_create(&kandle_server::metrics::RouteCode {
+            route: "chat".into(),
+            code: 500,
+        })
+        .inc();
+    let seen = kandle_operator::autoscale::scrape::parse(&text).unwrap();
+    assert_eq!(seen.load, 7.0, "{text}");
+    let text = metrics.encode();
+    let seen = kandle_operator::autoscale::scrape::parse(&text).unwrap();
+    assert_eq!((seen.requests, seen.errors), (1.0, 1.0), "{text}");
 }

@@ -236,3 +236,140 @@ async fn a_rollout_that_misses_its_deadline_is_rolled_back() {
     assert_eq!(status.rolled_back, None);
     assert_ne!(status.current_revision, good.current_revision);
 }
+
+fn canary_spec(pause: i32) -> Value {
+    json!({"model": {"uri": "hf://org/m"}, "replicas": 4,
+           "rollout": {"canary": {"steps": [{"weight": 25, "pauseSeconds": pause},
+                                             {"weight": 50, "pauseSeconds": pause}],
+                                  "maxErrorRate": 0.05}}})
+}
+
+/// Replicas of the canary Deployment seen from now on, in order of change.
+fn watch_canary_replicas(env: &Emulated, name: &str) -> Arc<Mutex<Vec<i64>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (record, name) = (seen.clone(), format!("{name}-canary"));
+    let mut events = env.server.store().subscribe();
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            if e.plural == "deployments" && e.object["metadata"]["name"] == name.as_str() {
+                let replicas = e.object["spec"]["replicas"].as_i64().unwrap_or(-1);
+                let mut r = record.lock().unwrap();
+                if r.last() != Some(&replicas) {
+                    r.push(replicas);
+                }
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn a_healthy_canary_steps_through_its_weights_and_is_promoted() {
+    let env = Emulated::start();
+    let t = env.target();
+    t.create("tweety", canary_spec(1)).await;
+    let good = rolled_out(&t, "tweety").await.status.unwrap();
+    let canary_replicas = watch_canary_replicas(&env, "tweety");
+    set_image(&t, "tweety", "kandle-server:v2").await;
+    let md = t
+        .wait::<ModelDeployment>("tweety", "in its canary", |md| {
+            md.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(Phase::Deploying) && s.canary.is_some())
+        })
+        .await;
+    let running = kandle_tests::scenarios::condition(&md, "Ready");
+    assert_eq!(running.reason, "Canary", "{running:?}");
+    let md = rolled_out(&t, "tweety").await;
+    let status = md.status.unwrap();
+    assert_ne!(status.current_revision, good.current_revision);
+    let canary = status.canary.unwrap();
+    assert_eq!(
+        canary.verdict,
+        kandle_operator::crd::CanaryVerdict::Promoted
+    );
+    assert!(canary.message.contains("promoted"), "{}", canary.message);
+    // 25% then 50% of 4 replicas, then gone.
+    t.wait_gone::<Deployment>("tweety-canary").await;
+    assert_eq!(*canary_replicas.lock().unwrap(), vec![1, 2]);
+    let events = event_reasons(&t, "tweety").await;
+    for reason in ["CanaryStep", "CanaryPromoted"] {
+        assert!(
+            events.iter().any(|(r, _)| r == reason),
+            "{reason} in {events:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_canary_that_fails_too_often_is_aborted_and_not_retried() {
+    let env = Emulated::start();
+    let t = env.target();
+    t.create("shaky", canary_spec(1)).await;
+    let good = rolled_out(&t, "shaky").await.status.unwrap();
+    env.load.fail("shaky-canary", 0.5);
+    set_image(&t, "shaky", "kandle-server:v2").await;
+    let md = t
+        .wait::<ModelDeployment>("shaky", "aborted", |md| {
+            md.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(Phase::Degraded))
+        })
+        .await;
+    let status = md.status.clone().unwrap();
+    let canary = status.canary.unwrap();
+    assert_eq!(canary.verdict, kandle_operator::crd::CanaryVerdict::Aborted);
+    assert!(
+        canary.message.contains("canary error rate 50.0%"),
+        "{}",
+        canary.message
+    );
+    let ready = kandle_tests::scenarios::condition(&md, "Ready");
+    assert_eq!(ready.reason, "CanaryAborted");
+    t.wait_gone::<Deployment>("shaky-canary").await;
+    let events = event_reasons(&t, "shaky").await;
+    assert!(
+        events.iter().any(|(r, _)| r == "CanaryAborted"),
+        "{events:?}"
+    );
+    // The old revision serves at full strength, and the canary is not tried again.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let md = t.api::<ModelDeployment>().get("shaky").await.unwrap();
+    let status = md.status.unwrap();
+    assert_eq!(status.update_revision, good.current_revision);
+    assert_eq!(status.ready_replicas, Some(4));
+    assert!(
+        t.api::<Deployment>()
+            .get_opt("shaky-canary")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// `kubectl annotate mdep NAME kandle.dev/canary=promote` ends a long step at once.
+#[tokio::test]
+async fn the_canary_annotation_promotes_at_once() {
+    let env = Emulated::start();
+    let t = env.target();
+    t.create("eager", canary_spec(3600)).await;
+    rolled_out(&t, "eager").await;
+    set_image(&t, "eager", "kandle-server:v2").await;
+    t.wait::<Deployment>("eager-canary", "running", |_| true)
+        .await;
+    t.api::<ModelDeployment>()
+        .patch(
+            "eager",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"kandle.dev/canary": "promote"}}})),
+        )
+        .await
+        .unwrap();
+    let md = rolled_out(&t, "eager").await;
+    let canary = md.status.unwrap().canary.unwrap();
+    assert_eq!(
+        canary.verdict,
+        kandle_operator::crd::CanaryVerdict::Promoted
+    );
+    assert!(canary.message.contains("annotation"), "{}", canary.message);
+}

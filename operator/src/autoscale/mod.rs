@@ -46,6 +46,11 @@ impl Autoscaler {
         }
     }
 
+    /// Where pod metrics come from (canary verdicts use it too).
+    pub fn source(&self) -> &Arc<dyn LoadSource> {
+        &self.source
+    }
+
     /// The decision for `md`, once its pods have reported.
     pub fn decision(&self, md: &ObjectRef<ModelDeployment>) -> Option<Decision> {
         let scalers = self.scalers.lock().expect("not poisoned");
@@ -74,7 +79,8 @@ impl Autoscaler {
                 .map(|md| {
                     let pods = ready_pods(&md.namespace().unwrap_or_default(), &md.name_any());
                     async move {
-                        let loads = self.source.loads(&pods).await;
+                        let metrics = self.source.scrape(&pods).await;
+                        let loads: Vec<_> = metrics.iter().map(|m| m.map(|m| m.load)).collect();
                         (md, loads)
                     }
                 })

@@ -1,4 +1,5 @@
-//! Reading the serving pods' load from their `/metrics`.
+//! Reading the serving pods' `/metrics`: their load (for the autoscaler) and their request
+//! counters (for canary verdicts).
 use futures::future::{BoxFuture, join_all};
 use std::time::Duration;
 
@@ -12,11 +13,20 @@ pub struct PodTarget {
     pub ip: Option<String>,
 }
 
-/// Where loads come from: the pods over HTTP, or a simulation in tests.
+/// What one pod reported.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PodMetrics {
+    /// Requests in flight plus queued.
+    pub load: f64,
+    /// Requests answered since the pod started, and those answered with a 5xx.
+    pub requests: f64,
+    pub errors: f64,
+}
+
+/// Where pod metrics come from: the pods over HTTP, or a simulation in tests.
 pub trait LoadSource: Send + Sync {
-    /// Requests in flight plus queued, per pod, in order; `None` for a pod that did not
-    /// answer in time or answered nonsense.
-    fn loads<'a>(&'a self, pods: &'a [PodTarget]) -> BoxFuture<'a, Vec<Option<f64>>>;
+    /// Per pod, in order; `None` for a pod that did not answer in time or answered nonsense.
+    fn scrape<'a>(&'a self, pods: &'a [PodTarget]) -> BoxFuture<'a, Vec<Option<PodMetrics>>>;
 }
 
 /// Scrapes `http://POD_IP:PORT/metrics`, every pod of a round at once.
@@ -34,7 +44,7 @@ impl HttpLoad {
         Self { client, port }
     }
 
-    async fn load(&self, pod: &PodTarget) -> Option<f64> {
+    async fn one(&self, pod: &PodTarget) -> Option<PodMetrics> {
         let url = format!("http://{}:{}/metrics", pod.ip.as_deref()?, self.port);
         let answer = async {
             let response = self.client.get(&url).send().await?.error_for_status()?;
@@ -51,27 +61,42 @@ impl HttpLoad {
 }
 
 impl LoadSource for HttpLoad {
-    fn loads<'a>(&'a self, pods: &'a [PodTarget]) -> BoxFuture<'a, Vec<Option<f64>>> {
-        Box::pin(join_all(pods.iter().map(|p| self.load(p))))
+    fn scrape<'a>(&'a self, pods: &'a [PodTarget]) -> BoxFuture<'a, Vec<Option<PodMetrics>>> {
+        Box::pin(join_all(pods.iter().map(|p| self.one(p))))
     }
 }
 
-/// `kandle_requests_in_flight` plus `kandle_requests_queued` from Prometheus text;
-/// `None` unless both are there.
-pub fn parse(text: &str) -> Option<f64> {
-    let value = |name: &str| {
-        text.lines().find_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            // The metric itself, not a longer name that starts the same.
-            let rest = rest.strip_prefix(' ').or_else(|| {
-                rest.strip_prefix('{')
-                    .and_then(|r| r.split_once("} ").map(|(_, v)| v))
-            })?;
-            rest.split_whitespace().next()?.parse::<f64>().ok()
-        })
-    };
-    let total = value("kandle_requests_in_flight")? + value("kandle_requests_queued")?;
-    (total.is_finite() && total >= 0.0).then_some(total)
+/// The samples of one metric: labels (the text between braces) and values.
+fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(name)?;
+        // The metric itself, not a longer name that starts the same.
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let value = value.split_whitespace().next()?.parse::<f64>().ok()?;
+        value.is_finite().then_some((labels, value))
+    })
+}
+
+/// kandle-server's metrics: `kandle_requests_in_flight` plus `kandle_requests_queued` (both
+/// needed), and `kandle_requests_total` by `code`; `None` unless the two gauges are there.
+pub fn parse(text: &str) -> Option<PodMetrics> {
+    let gauge = |name| samples(text, name).next().map(|(_, v)| v);
+    let load = gauge("kandle_requests_in_flight")? + gauge("kandle_requests_queued")?;
+    let (mut requests, mut errors) = (0.0, 0.0);
+    for (labels, value) in samples(text, "kandle_requests_total") {
+        requests += value;
+        if labels.contains("code=\"5") {
+            errors += value;
+        }
+    }
+    (load >= 0.0).then_some(PodMetrics {
+        load,
+        requests,
+        errors,
+    })
 }
 
 #[cfg(test)]
@@ -79,14 +104,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_two_gauges() {
+    fn reads_the_gauges_and_the_counters() {
         let text = "# HELP kandle_requests_in_flight Requests being executed.\n\
                     # TYPE kandle_requests_in_flight gauge\n\
                     kandle_requests_in_flight 3\n\
                     kandle_requests_in_flight_max 9\n\
                     kandle_requests_queued{model=\"m\"} 2.0\n\
-                    kandle_requests_total{route=\"chat\",code=\"200\"} 10\n";
-        assert_eq!(parse(text), Some(5.0));
+                    kandle_requests_total{route=\"chat\",code=\"200\"} 10\n\
+                    kandle_requests_total{route=\"chat\",code=\"503\"} 2\n\
+                    kandle_requests_total{route=\"embeddings\",code=\"429\"} 1\n";
+        let m = parse(text).unwrap();
+        assert_eq!((m.load, m.requests, m.errors), (5.0, 13.0, 2.0));
         assert_eq!(parse("kandle_requests_in_flight 3\n"), None);
         assert_eq!(
             parse("kandle_requests_in_flight NaN\nkandle_requests_queued 1\n"),
@@ -114,10 +142,10 @@ mod tests {
         };
         let source = HttpLoad::new(port, Duration::from_secs(1));
         let pods = [pod(Some("127.0.0.1")), pod(None), pod(Some("127.0.0.2"))];
-        let loads = source.loads(&pods).await;
-        assert_eq!(loads[0], Some(3.0));
-        assert_eq!(loads[1], None, "no IP yet");
+        let metrics = source.scrape(&pods).await;
+        assert_eq!(metrics[0].map(|m| m.load), Some(3.0));
+        assert_eq!(metrics[1], None, "no IP yet");
         // 127.0.0.2 is loopback too on Linux, but nothing listens there on that port.
-        assert_eq!(loads[2], None);
+        assert_eq!(metrics[2], None);
     }
 }

@@ -9,6 +9,9 @@ mod service;
 
 pub use cache::ModelSource;
 pub use deployment::SERVER_PORT;
+
+/// Label of canary pods (and their Deployment's selector).
+pub const TRACK_LABEL: &str = "kandle.dev/track";
 pub use labels::{FIELD_MANAGER, MANAGED_BY, REVISION_LABEL, instance_selector, selector_string};
 
 use crate::crd::ModelDeployment;
@@ -92,6 +95,32 @@ impl Desired {
                 rolling.max_surge = Some(IntOrString::Int(0));
                 rolling.max_unavailable = Some(IntOrString::Int(1));
             }
+        }
+        self
+    }
+
+    /// Adds the canary: the Deployment of `canary` (built for the new spec) as
+    /// `NAME-canary`, its pods labelled `kandle.dev/track: canary` so that the two
+    /// Deployments' selectors stay apart while the Service selects both.
+    pub fn with_canary(mut self, canary: Desired) -> Self {
+        let deployment = canary.children.into_iter().find_map(|c| match c {
+            Child::Deployment(d) => Some(d),
+            _ => None,
+        });
+        if let Some(mut d) = deployment {
+            let name = format!("{}-canary", d.name_any());
+            d.metadata.name = Some(name);
+            let track = || (TRACK_LABEL.to_string(), "canary".to_string());
+            d.metadata.labels.get_or_insert_default().extend([track()]);
+            d.spec
+                .selector
+                .match_labels
+                .get_or_insert_default()
+                .extend([track()]);
+            if let Some(meta) = d.spec.template.metadata.as_mut() {
+                meta.labels.get_or_insert_default().extend([track()]);
+            }
+            self.children.push(Child::Deployment(d));
         }
         self
     }
