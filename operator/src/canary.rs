@@ -29,7 +29,7 @@ pub enum Canary {
     },
     /// The old revision alone, at full strength.
     Aborted(CanaryStatus),
-    /// The new revision, rolled out as usual.
+    /// The new revision, rolled out as usual; the canary's pods serve until it is.
     Promoted(CanaryStatus),
 }
 
@@ -94,9 +94,9 @@ pub fn decide(
     let elapsed =
         Duration::from_secs((now.0.as_second() - current.step_started.0.as_second()).max(0) as u64);
     let running = |status: CanaryStatus, recheck: Duration| {
-        let canary_replicas = ((replicas * status.weight + 99) / 100).clamp(1, replicas.max(1));
+        let (stable_replicas, canary_replicas) = split(replicas, status.weight);
         Some(Canary::Running {
-            stable_replicas: (replicas - canary_replicas).max(1),
+            stable_replicas,
             canary_replicas,
             status,
             recheck,
@@ -162,6 +162,13 @@ pub fn decide(
     );
     let pause = Duration::from_secs(spec.steps[next as usize].pause_seconds.max(0) as u64);
     running(status, pause)
+}
+
+/// Stable and canary replicas for a canary `weight` (percent) of `replicas`: the canary
+/// gets at least one pod, and so does the stable revision.
+pub fn split(replicas: i32, weight: i32) -> (i32, i32) {
+    let canary = ((replicas * weight + 99) / 100).clamp(1, replicas.max(1));
+    ((replicas - canary).max(1), canary)
 }
 
 fn step(

@@ -374,8 +374,15 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             previous.spec = *spec.clone();
             previous
         });
+    // Only a revision other than the one serving can be a canary; only then are pods scraped.
+    let contested = previous.is_some()
+        && md
+            .status
+            .as_ref()
+            .and_then(|s| s.current_revision.as_deref())
+            != Some(desired.revision.as_str());
     let canary = match md.spec.rollout.as_ref().and_then(|r| r.canary.as_ref()) {
-        Some(_) => {
+        Some(_) if contested => {
             let canary_name = format!("{name}-canary");
             let canary_deployment = stores
                 .deployments
@@ -384,7 +391,7 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             let counters = canary_counters(ctx, &ns, &name, &serving).await;
             canary::decide(md, &desired.revision, replicas, ready, counters, &now)
         }
-        None => None,
+        _ => None,
     };
     // A running canary is looked at again when its step ends.
     let recheck = match &canary {
@@ -406,6 +413,11 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
                     .with_canary(build::desired(md, &ctx.settings, *canary_replicas));
             }
             Some(Canary::Aborted(_)) => desired = build::desired(previous, &ctx.settings, replicas),
+            // Until the promoted revision is rolled out, its canary pods keep serving.
+            Some(Canary::Promoted(c)) => {
+                let (_, canary_replicas) = canary::split(replicas, c.weight);
+                desired = desired.with_canary(build::desired(md, &ctx.settings, canary_replicas));
+            }
             _ if rolled_back.is_some() => {
                 desired = build::desired(previous, &ctx.settings, replicas);
             }
