@@ -374,13 +374,16 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             previous.spec = *spec.clone();
             previous
         });
-    // Only a revision other than the one serving can be a canary; only then are pods scraped.
-    let contested = previous.is_some()
-        && md
-            .status
-            .as_ref()
-            .and_then(|s| s.current_revision.as_deref())
-            != Some(desired.revision.as_str());
+    // Only a revision other than the one serving can be a canary, and only one still being
+    // judged needs the pods scraped.
+    let last = md.status.clone().unwrap_or_default();
+    let decided = last.canary.as_ref().is_some_and(|c| {
+        c.revision == desired.revision
+            && c.generation == md.metadata.generation.unwrap_or_default()
+            && c.verdict != CanaryVerdict::Progressing
+    });
+    let contested =
+        previous.is_some() && last.current_revision.as_deref() != Some(desired.revision.as_str());
     let canary = match md.spec.rollout.as_ref().and_then(|r| r.canary.as_ref()) {
         Some(_) if contested => {
             let canary_name = format!("{name}-canary");
@@ -388,7 +391,10 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
                 .deployments
                 .get(&ObjectRef::new(&canary_name).within(&ns));
             let ready = canary_ready(canary_deployment.as_deref(), &desired.revision);
-            let counters = canary_counters(ctx, &ns, &name, &serving).await;
+            let counters = match decided {
+                true => None,
+                false => canary_counters(ctx, &ns, &name, &serving).await,
+            };
             canary::decide(md, &desired.revision, replicas, ready, counters, &now)
         }
         _ => None,
