@@ -90,9 +90,18 @@ pub fn compute(
                     && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
             })
         })
+        // The Deployment says only that time ran out; the pods say why.
         .map(|c| Cause {
             reason: "ProgressDeadlineExceeded",
-            message: c.message.clone().unwrap_or_default(),
+            message: match &pod_cause {
+                Some(p) => format!(
+                    "{} {}: {}",
+                    c.message.clone().unwrap_or_default(),
+                    p.reason,
+                    p.message
+                ),
+                None => c.message.clone().unwrap_or_default(),
+            },
         });
     let deployment_current = observed.deployment.is_some_and(|d| {
         let template = d
@@ -822,6 +831,34 @@ mod tests {
             "{}",
             c.message
         );
+
+        // Past the progress deadline the reason says so, and the message still says why.
+        let late = deployment(
+            &rev,
+            json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0,
+                   "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                   "message": "ReplicaSet \"smollm-abc\" has timed out progressing."}]}),
+        );
+        let s = compute_with(
+            &md,
+            &Observed {
+                deployment: Some(&late),
+                pods: vec![&crashing],
+                ..Observed::default()
+            },
+            100,
+        );
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        let c = condition(&s, "Degraded");
+        assert_eq!(c.reason, "ProgressDeadlineExceeded");
+        assert!(
+            c.message.contains("timed out progressing")
+                && c.message.contains("CrashLoopBackOff")
+                && c.message.contains("unsupported model architecture"),
+            "{}",
+            c.message
+        );
+        assert_eq!(condition(&s, "Progressing").status, "False");
     }
 
     #[test]
