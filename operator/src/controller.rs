@@ -558,17 +558,8 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
 /// Whether the canary Deployment runs `revision` with every pod it wants ready.
 fn canary_ready(deployment: Option<&Deployment>, revision: &str) -> bool {
     deployment.is_some_and(|d| {
-        let template = d
-            .spec
-            .template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.as_ref());
         let status = d.status.clone().unwrap_or_default();
-        template
-            .and_then(|l| l.get(build::REVISION_LABEL))
-            .map(String::as_str)
-            == Some(revision)
+        build::template_revision(d) == Some(revision)
             && status.observed_generation >= d.metadata.generation
             && status.updated_replicas == d.spec.replicas
             && status.ready_replicas == d.spec.replicas

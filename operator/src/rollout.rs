@@ -88,14 +88,7 @@ pub fn rolled_back(
         return None;
     }
     let d = deployment?;
-    let rolling_out = d
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.as_ref()?.get(REVISION_LABEL))
-        .map(String::as_str);
-    if rolling_out != Some(revision) {
+    if crate::build::template_revision(d) != Some(revision) {
         return None;
     }
     let exceeded = d.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {

@@ -104,14 +104,8 @@ pub fn compute(
             },
         });
     let deployment_current = observed.deployment.is_some_and(|d| {
-        let template = d
-            .spec
-            .template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.as_ref());
         d.status.as_ref().and_then(|s| s.observed_generation) >= d.metadata.generation
-            && template.and_then(|l| l.get(crate::build::REVISION_LABEL)) == Some(&desired.revision)
+            && crate::build::template_revision(d) == Some(desired.revision.as_str())
     });
     let ready = deployment_status.ready_replicas.unwrap_or(0);
     let updated = deployment_status.updated_replicas.unwrap_or(0);

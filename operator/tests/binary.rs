@@ -6,6 +6,7 @@ use kandle_tests::apiserver::ApiServer;
 use kandle_tests::apiserver::loopback;
 use kandle_tests::apiserver::rbac::Policy;
 use kandle_tests::cluster::Cluster;
+use kandle_tests::emulated::assert_nothing_forbidden;
 use kandle_tests::scenarios::Target;
 use kube::Api;
 use std::process::{Child, Command, Stdio};
@@ -122,13 +123,5 @@ async fn the_binary_converges_reports_and_hands_back_its_lease() {
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
         "JSON logs: {logs}"
     );
-    let forbidden: Vec<_> = server
-        .requests()
-        .into_iter()
-        .filter(|((verb, _), _)| verb == "forbidden")
-        .collect();
-    assert!(
-        forbidden.is_empty(),
-        "the chart's RBAC refused {forbidden:?}"
-    );
+    assert_nothing_forbidden(&server);
 }

@@ -4,7 +4,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kandle_operator::crd::{ModelDeployment, Phase};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -107,6 +107,20 @@ impl Target {
             tokio::time::sleep(Duration::from_millis(if self.real { 1000 } else { 20 })).await;
         }
         panic!("{name} still exists after {:?}", self.timeout)
+    }
+
+    /// Reason and note of every event about the object `name`.
+    pub async fn events(&self, name: &str) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
     }
 
     pub async fn wait_phase(&self, name: &str, phase: Phase) -> ModelDeployment {

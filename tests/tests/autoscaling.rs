@@ -31,19 +31,6 @@ async fn wait_replicas(t: &Target, name: &str, n: i32) -> ModelDeployment {
     .await
 }
 
-async fn events(t: &Target, name: &str) -> Vec<(String, String)> {
-    let api: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(t.client.clone(), &t.namespace);
-    api.list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
-}
-
 fn assert_spec_untouched(md: &ModelDeployment) {
     assert_eq!(
         md.metadata.generation,
@@ -77,7 +64,7 @@ async fn scales_up_and_down_with_the_load() {
         "{}",
         scaled.message
     );
-    let up = events(&t, "busy").await;
+    let up = t.events("busy").await;
     assert!(
         up.iter()
             .any(|(reason, note)| reason == "ScaledUp" && note.contains("to 4 replicas")),
@@ -91,7 +78,7 @@ async fn scales_up_and_down_with_the_load() {
     env.load.offer("busy", 8.0);
     let md = wait_replicas(&t, "busy", 1).await;
     assert!(
-        events(&t, "busy")
+        t.events("busy")
             .await
             .iter()
             .any(|(reason, _)| reason == "ScaledDown"),

@@ -6,8 +6,7 @@ use kandle_operator::crd::{ModelDeployment, Phase};
 use kandle_tests::apiserver::store::kind;
 use kandle_tests::emulated::Emulated;
 use kandle_tests::scenarios::Target;
-use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,19 +80,6 @@ async fn rolled_out(t: &Target, name: &str) -> ModelDeployment {
     .await
 }
 
-async fn event_reasons(t: &Target, name: &str) -> Vec<(String, String)> {
-    let api: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(t.client.clone(), &t.namespace);
-    api.list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_rolling_update_never_drops_below_the_wanted_replicas() {
     let env = Emulated::start();
@@ -147,7 +133,7 @@ async fn a_rollout_that_cannot_surge_for_want_of_gpus_replaces_one_pod_at_a_time
         })
         .await;
     assert_eq!(after.status.unwrap().ready_replicas, Some(2));
-    let events = event_reasons(&t, "big").await;
+    let events = t.events("big").await;
     let fallback = events
         .iter()
         .find(|(reason, _)| reason == "GPUFallback")
@@ -218,7 +204,7 @@ async fn a_rollout_that_misses_its_deadline_is_rolled_back() {
         "{}",
         ready.message
     );
-    let events = event_reasons(&t, "careful").await;
+    let events = t.events("careful").await;
     assert!(events.iter().any(|(r, _)| r == "RolledBack"), "{events:?}");
 
     // Not retried: well past another deadline, the pods still run the old image.
@@ -292,7 +278,7 @@ async fn a_healthy_canary_steps_through_its_weights_and_is_promoted() {
     // 25% then 50% of 4 replicas, then gone.
     t.wait_gone::<Deployment>("tweety-canary").await;
     assert_eq!(*canary_replicas.lock().unwrap(), vec![1, 2]);
-    let events = event_reasons(&t, "tweety").await;
+    let events = t.events("tweety").await;
     for reason in ["CanaryStep", "CanaryPromoted"] {
         assert!(
             events.iter().any(|(r, _)| r == reason),
@@ -327,7 +313,7 @@ async fn a_canary_that_fails_too_often_is_aborted_and_not_retried() {
     let ready = kandle_tests::scenarios::condition(&md, "Ready");
     assert_eq!(ready.reason, "CanaryAborted");
     t.wait_gone::<Deployment>("shaky-canary").await;
-    let events = event_reasons(&t, "shaky").await;
+    let events = t.events("shaky").await;
     assert!(
         events.iter().any(|(r, _)| r == "CanaryAborted"),
         "{events:?}"

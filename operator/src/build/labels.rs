@@ -16,6 +16,18 @@ const INSTANCE: &str = "app.kubernetes.io/instance";
 
 /// Labels that select the serving pods of one ModelDeployment (the Deployment's
 /// immutable selector, the Service's and the PDB's).
+/// The revision a Deployment's pod template carries (what it is rolling out).
+pub fn template_revision(d: &k8s_openapi::api::apps::v1::Deployment) -> Option<&str> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()?
+        .labels
+        .as_ref()?
+        .get(REVISION_LABEL)
+        .map(String::as_str)
+}
+
 pub fn selector(md: &ModelDeployment) -> BTreeMap<String, String> {
     BTreeMap::from([
         (NAME.to_string(), "kandle-server".to_string()),

@@ -12,7 +12,10 @@ pub use deployment::SERVER_PORT;
 
 /// Label of canary pods (and their Deployment's selector).
 pub const TRACK_LABEL: &str = "kandle.dev/track";
-pub use labels::{FIELD_MANAGER, MANAGED_BY, REVISION_LABEL, instance_selector, selector_string};
+pub use labels::{
+    FIELD_MANAGER, MANAGED_BY, REVISION_LABEL, instance_selector, selector_string,
+    template_revision,
+};
 
 use crate::crd::ModelDeployment;
 use k8s_openapi::api::apps::v1::Deployment;
