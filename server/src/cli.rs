@@ -55,15 +55,16 @@ pub struct FetchArgs {
     /// Expected sha256 of a single-file https:// download.
     #[arg(long, env = "KANDLE_SHA256")]
     pub sha256: Option<String>,
-    /// Files downloaded at once.
+    /// Files downloaded at once, and connections one file may use.
     #[arg(long, env = "KANDLE_PULL_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
     /// How long transient failures (network, 429, 5xx) are retried before giving up.
     #[arg(long, env = "KANDLE_PULL_RETRY_SECONDS", default_value_t = 300)]
     pub retry_seconds: u64,
-    /// HTTP files at least this large download in `--concurrency` parallel ranges, which
-    /// pays off where one connection is slower than the disk (a CDN), not on a LAN.
-    #[arg(long, env = "KANDLE_PULL_RANGE_MIN_BYTES", default_value_t = 1 << 30)]
+    /// Files at least this large may take more connections, up to `--concurrency`: they
+    /// start on one and double while that pays (a CDN caps each connection), which it does
+    /// not where one connection fills the link.
+    #[arg(long, env = "KANDLE_PULL_RANGE_MIN_BYTES", default_value_t = 16 << 20)]
     pub range_min_bytes: u64,
 }
 

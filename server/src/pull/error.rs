@@ -55,9 +55,6 @@ pub enum PullError {
     Protocol { uri: String, message: String },
     #[error("{0}")]
     Unsupported(String),
-    /// The source answered a range request with the whole file; fetch it in one stream.
-    #[error("{uri}: the server does not honour range requests")]
-    RangesUnsupported { uri: String },
 }
 
 impl PullError {

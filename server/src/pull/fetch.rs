@@ -1,22 +1,19 @@
-//! One file into a part file: resumed from whatever an earlier attempt (or process) left,
-//! hashed as it streams, retried with backoff on transient failures, and verified against
-//! the size and digest its source publishes. HTTP uses Range requests, S3 ranged GETs.
+//! One file into a part file, resumed from whatever an earlier attempt (or process) left,
+//! written and hashed by its sink as it streams, retried with backoff on transient
+//! failures, and verified against the size and digest its source publishes. Files of known
+//! size come in segments (`segments`); a URL of unknown size in one stream.
 use super::error::PullError;
 use super::progress::Progress;
+use super::sink::{Sink, Writer, Written};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use object_store::{GetOptions, GetRange, ObjectStore};
+use object_store::ObjectStore;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, RANGE};
-use sha1::Sha1;
-use sha2::{Digest as _, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const WRITE_BUFFER: usize = 1 << 20;
 
 /// A hash a source publishes for a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,40 +24,6 @@ pub enum Digest {
     GitBlobSha1(String),
     /// An S3 ETag of a single-part upload: the content's MD5.
     Md5(String),
-}
-
-/// The hash a digest other than sha256 needs, computed alongside sha256.
-enum Check {
-    Sha1(Sha1),
-    Md5(md5::Context),
-}
-
-impl Check {
-    fn new(digest: Option<&Digest>, size: Option<u64>) -> Option<Self> {
-        match (digest?, size) {
-            (Digest::GitBlobSha1(_), Some(size)) => {
-                let mut h = Sha1::new();
-                h.update(format!("blob {size}\0").as_bytes());
-                Some(Self::Sha1(h))
-            }
-            (Digest::Md5(_), _) => Some(Self::Md5(md5::Context::new())),
-            _ => None,
-        }
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        match self {
-            Self::Sha1(h) => h.update(bytes),
-            Self::Md5(h) => h.consume(bytes),
-        }
-    }
-
-    fn hex(self) -> String {
-        match self {
-            Self::Sha1(h) => hex::encode(h.finalize()),
-            Self::Md5(h) => format!("{:x}", h.finalize()),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,9 +51,9 @@ pub struct Fetcher {
     /// Sent as a bearer token; never logged.
     pub token: Option<String>,
     pub retry_budget: Duration,
-    /// HTTP files at least this large are fetched in parallel ranges.
+    /// Files at least this large may use several connections.
     pub ranged_min: u64,
-    /// Ranges of one file in flight at once.
+    /// Connections one file may use at once.
     pub range_parts: usize,
 }
 
@@ -137,117 +100,6 @@ impl Backoff {
     }
 }
 
-/// The part file and the hashes of the bytes it holds so far.
-struct Partial {
-    /// Large writes: the network hands over small chunks.
-    file: tokio::io::BufWriter<tokio::fs::File>,
-    path: PathBuf,
-    len: u64,
-    hashes: Hashes,
-}
-
-/// sha256, and the source's own check where it differs, computed on a thread of their
-/// own so that hashing overlaps receiving and writing.
-pub(super) struct Hashes {
-    tx: tokio::sync::mpsc::Sender<Bytes>,
-    thread: std::thread::JoinHandle<(String, Option<String>)>,
-}
-
-impl Hashes {
-    pub(super) fn start(remote: &RemoteFile) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-        let mut check = Check::new(remote.digest.as_ref(), remote.size);
-        let thread = std::thread::spawn(move || {
-            let mut sha256 = Sha256::new();
-            while let Some(chunk) = rx.blocking_recv() {
-                sha256.update(&chunk);
-                if let Some(c) = &mut check {
-                    c.update(&chunk);
-                }
-            }
-            (hex::encode(sha256.finalize()), check.map(Check::hex))
-        });
-        Self { tx, thread }
-    }
-
-    pub(super) async fn update(&self, chunk: Bytes) {
-        // The thread only stops once the sender is dropped, so this cannot fail.
-        let _ = self.tx.send(chunk).await;
-    }
-
-    /// The sha256 and the check's digest of everything sent.
-    pub(super) async fn finish(self) -> (String, Option<String>) {
-        drop(self.tx);
-        let thread = self.thread;
-        tokio::task::spawn_blocking(move || thread.join().expect("hash thread"))
-            .await
-            .expect("join hash thread")
-    }
-}
-
-impl Partial {
-    async fn open(path: &Path, remote: &RemoteFile) -> Result<Self, PullError> {
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(PullError::io(parent))?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await
-            .map_err(PullError::io(path))?;
-        let mut partial = Self {
-            file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
-            path: path.to_path_buf(),
-            len: 0,
-            hashes: Hashes::start(remote),
-        };
-        // Hash what an earlier attempt or process left, so the digest covers the whole file.
-        let mut existing = tokio::fs::File::open(path)
-            .await
-            .map_err(PullError::io(path))?;
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = existing.read(&mut buf).await.map_err(PullError::io(path))?;
-            if n == 0 {
-                return Ok(partial);
-            }
-            partial.len += n as u64;
-            partial
-                .hashes
-                .update(Bytes::copy_from_slice(&buf[..n]))
-                .await;
-        }
-    }
-
-    async fn append(&mut self, chunk: Bytes) -> Result<(), PullError> {
-        self.file
-            .write_all(&chunk)
-            .await
-            .map_err(PullError::io(&self.path))?;
-        self.len += chunk.len() as u64;
-        self.hashes.update(chunk).await;
-        Ok(())
-    }
-
-    /// Throws the part away: the source will send the file from its start.
-    async fn restart(&mut self, remote: &RemoteFile, progress: &Progress) -> Result<(), PullError> {
-        progress.add_negative(self.len);
-        self.file.flush().await.map_err(PullError::io(&self.path))?;
-        self.file
-            .get_mut()
-            .set_len(0)
-            .await
-            .map_err(PullError::io(&self.path))?;
-        self.len = 0;
-        // The old thread ends when its sender drops with the replaced value.
-        self.hashes = Hashes::start(remote);
-        Ok(())
-    }
-}
-
 impl Fetcher {
     /// Downloads `file` into `part` and verifies it; a bad file is deleted and fetched once
     /// more from scratch before the pull fails naming both hashes.
@@ -259,14 +111,8 @@ impl Fetcher {
     ) -> Result<FileRecord, PullError> {
         let mut second_try = false;
         loop {
-            let ranged = match file.size {
-                Some(size) if file.object.is_none() && size >= self.ranged_min => {
-                    self.fetch_ranged(file, part, size, progress).await?
-                }
-                _ => None,
-            };
-            let (len, sha256, check) = match ranged {
-                Some(done) => done,
+            let Written { len, sha256, check } = match file.size {
+                Some(size) => self.fetch_segments(file, part, size, progress).await?,
                 None => self.fetch_sequential(file, part, progress).await?,
             };
             let actual = match &file.digest {
@@ -306,7 +152,7 @@ impl Fetcher {
             tokio::fs::remove_file(part)
                 .await
                 .map_err(PullError::io(part))?;
-            let _ = tokio::fs::remove_file(super::ranged::marks(part)).await;
+            let _ = tokio::fs::remove_file(super::segments::marks(part)).await;
             if second_try {
                 return Err(error);
             }
@@ -315,38 +161,46 @@ impl Fetcher {
         }
     }
 
-    /// The whole file in one stream, resumed from the part's length.
+    /// A file of unknown size in one stream, resumed from the part's length.
     async fn fetch_sequential(
         &self,
         file: &RemoteFile,
         part: &Path,
         progress: &Progress,
-    ) -> Result<(u64, String, Option<String>), PullError> {
-        let mut partial = Partial::open(part, file).await?;
-        progress.add(partial.len);
-        self.download_with_retries(file, &mut partial, progress)
-            .await?;
-        partial.file.flush().await.map_err(PullError::io(part))?;
-        partial
-            .file
-            .get_ref()
-            .sync_all()
-            .await
+    ) -> Result<Written, PullError> {
+        if let Some(parent) = part.parent() {
+            std::fs::create_dir_all(parent).map_err(PullError::io(parent))?;
+        }
+        let handle = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(part)
             .map_err(PullError::io(part))?;
-        let Partial { len, hashes, .. } = partial;
-        let (sha256, check) = hashes.finish().await;
-        Ok((len, sha256, check))
+        let len = handle.metadata().map_err(PullError::io(part))?.len();
+        progress.add(len);
+        let sink = Sink::start(handle, part, file, [(0, len)], None)?;
+        let mut writer = sink.tx().writer(len);
+        let downloaded = self
+            .download_with_retries(file, &mut writer, progress)
+            .await;
+        drop(writer);
+        // A failed write stops the download too, and is the cause to report.
+        let written = sink.finish().await?;
+        downloaded?;
+        Ok(written)
     }
 
     async fn download_with_retries(
         &self,
         file: &RemoteFile,
-        partial: &mut Partial,
+        writer: &mut Writer<'_>,
         progress: &Progress,
     ) -> Result<(), PullError> {
         let mut backoff = Backoff::new(self.retry_budget);
         loop {
-            match self.download_once(file, partial, progress).await {
+            match self.download_once(file, writer, progress).await {
                 Ok(()) => return Ok(()),
                 Err(e) => backoff.wait(file, e).await?,
             }
@@ -356,39 +210,38 @@ impl Fetcher {
     async fn download_once(
         &self,
         file: &RemoteFile,
-        partial: &mut Partial,
+        writer: &mut Writer<'_>,
         progress: &Progress,
     ) -> Result<(), PullError> {
-        if file.size.is_some_and(|size| partial.len == size) {
+        let start = writer.position();
+        if file.size.is_some_and(|size| start == size) {
             return Ok(());
         }
-        let mut body = match &file.object {
-            Some((store, key)) => self.s3_body(file, store.as_ref(), key, partial.len).await?,
-            None => self.http_body(file, partial, progress).await?,
-        };
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            progress.add(chunk.len() as u64);
-            partial.append(chunk).await?;
+        let mut body = self.http_body(file, writer, progress).await?;
+        let received = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                progress.add(chunk.len() as u64);
+                writer.push(&chunk).await?;
+            }
+            Ok(())
         }
-        partial
-            .file
-            .flush()
-            .await
-            .map_err(PullError::io(&partial.path))?;
-        Ok(())
+        .await;
+        // What arrived before a failure is kept: the next try resumes after it.
+        writer.flush().await?;
+        received
     }
 
     /// The rest of the file over HTTP: a Range request when a part exists.
     async fn http_body(
         &self,
         file: &RemoteFile,
-        partial: &mut Partial,
+        writer: &mut Writer<'_>,
         progress: &Progress,
     ) -> Result<BoxStream<'static, Result<Bytes, PullError>>, PullError> {
         let mut request = self.client.get(&file.url);
-        if partial.len > 0 {
-            request = request.header(RANGE, format!("bytes={}-", partial.len));
+        if writer.position() > 0 {
+            request = request.header(RANGE, format!("bytes={}-", writer.position()));
         }
         if let Some(token) = &self.token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
@@ -402,10 +255,10 @@ impl Fetcher {
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {}
             // The server ignored the range: start over.
-            StatusCode::OK => partial.restart(file, progress).await?,
+            StatusCode::OK => self.restart(writer, progress).await?,
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 // The part is longer than the file: it is not this file's prefix.
-                partial.restart(file, progress).await?;
+                self.restart(writer, progress).await?;
                 return Err(PullError::Network {
                     uri: file.url.clone(),
                     message: "range not satisfiable; starting the file over".into(),
@@ -425,27 +278,10 @@ impl Fetcher {
             .boxed())
     }
 
-    /// The rest of an S3 object: a ranged GET when a part exists.
-    async fn s3_body(
-        &self,
-        file: &RemoteFile,
-        store: &dyn ObjectStore,
-        key: &object_store::path::Path,
-        offset: u64,
-    ) -> Result<BoxStream<'static, Result<Bytes, PullError>>, PullError> {
-        let options = GetOptions {
-            range: (offset > 0).then_some(GetRange::Offset(offset)),
-            ..GetOptions::default()
-        };
-        let result = store
-            .get_opts(key, options)
-            .await
-            .map_err(|e| s3_error(&file.url, e))?;
-        let uri = file.url.clone();
-        Ok(result
-            .into_stream()
-            .map(move |chunk| chunk.map_err(|e| s3_error(&uri, e)))
-            .boxed())
+    /// Throws the part away: the source will send the file from its start.
+    async fn restart(&self, writer: &mut Writer<'_>, progress: &Progress) -> Result<(), PullError> {
+        progress.add_negative(writer.position());
+        writer.restart().await
     }
 }
 

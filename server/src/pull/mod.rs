@@ -4,11 +4,13 @@
 pub mod error;
 pub mod fetch;
 pub mod hub;
+pub mod pace;
 pub mod progress;
-mod ranged;
 mod report;
 pub mod s3;
+mod segments;
 pub mod select;
+mod sink;
 pub mod uri;
 
 use error::PullError;
@@ -34,7 +36,7 @@ pub struct PullOptions {
     pub sha256: Option<String>,
     pub concurrency: usize,
     pub retry_budget: Duration,
-    /// HTTP files at least this large are fetched in parallel ranges.
+    /// Files at least this large may take several connections.
     pub range_min_bytes: u64,
 }
 

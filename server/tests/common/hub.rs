@@ -34,6 +34,8 @@ pub struct Faults {
     pub corrupt: u32,
     /// Send the body in 16 KiB pieces with this pause between them.
     pub throttle: Option<Duration>,
+    /// Answer every request with the whole file, as servers without range support do.
+    pub ignore_ranges: bool,
 }
 
 impl Faults {
@@ -55,6 +57,13 @@ impl Faults {
         Self {
             drop_after: Some((bytes, times)),
             ..Self::default()
+        }
+    }
+
+    pub fn ignoring_ranges(self) -> Self {
+        Self {
+            ignore_ranges: true,
+            ..self
         }
     }
 
@@ -223,6 +232,7 @@ fn answer(
         fault.unavailable -= 1;
         return (503, StatusCode::SERVICE_UNAVAILABLE.into_response());
     }
+    let range = range.filter(|_| !fault.ignore_ranges);
     // `bytes=START-` or `bytes=START-END` (inclusive).
     let (start, end) = match range
         .and_then(|r| r.strip_prefix("bytes="))
