@@ -1,11 +1,13 @@
 """Pull throughput: kandle against curl and huggingface_hub on the same files, same run.
 
 A local hub (nginx serving the hub's model-info and resolve routes from static files) holds
-a model of about 1 GiB in four files. Each round, interleaved: curl fetching the files one
-after another, `kandle-server pull`, and huggingface_hub's snapshot_download with
-HF_ENDPOINT pointed at the local hub; and the same three for one file. Medians over rounds,
-plus kandle's peak resident memory. Results: bench-results/pull.json.
-Run by scripts/bench-pull (needs nginx and the .venv-bench peers).
+a model of about 1 GiB in four files, served twice: as fast as loopback goes, and paced to
+PACED_MB_S per connection as CDNs pace them (nginx limit_rate). For each, every round,
+interleaved: curl fetching the files one after another, `kandle-server pull`, and
+huggingface_hub's snapshot_download with HF_ENDPOINT pointed at the local hub; and the same
+three for one file. Medians over rounds, plus kandle's peak resident memory.
+Results: bench-results/pull.json. Run by scripts/bench-pull (needs nginx and the
+.venv-bench peers).
 """
 import hashlib
 import json
@@ -23,6 +25,12 @@ ROUNDS = int(os.environ.get("KANDLE_BENCH_ROUNDS", "3"))
 FILE_MIB = int(os.environ.get("KANDLE_BENCH_FILE_MIB", "256"))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PORT = 18900
+PACED_MB_S = int(os.environ.get("KANDLE_BENCH_PACED_MB_S", "100"))
+SCENARIOS = {
+    name: server
+    for name, server in {"loopback": (PORT, ""), "paced": (PORT + 1, f"limit_rate {PACED_MB_S}m;")}.items()
+    if name in os.environ.get("KANDLE_BENCH_SCENARIOS", "loopback,paced").split(",")
+}
 NGINX_CONF = """
 user root;
 worker_processes 2;
@@ -37,8 +45,13 @@ http {{
   default_type application/octet-stream;
   client_body_temp_path {work}/tmp;
   proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
+{servers}
+}}
+"""
+SERVER_BLOCK = """
   server {{
     listen 127.0.0.1:{port};
+    {limit}
     location /api/models/org/big/revision/ {{
       default_type application/json;
       root {work};
@@ -54,7 +67,6 @@ http {{
       add_header X-Repo-Commit {commit};
     }}
   }}
-}}
 """
 
 
@@ -91,6 +103,8 @@ def make_model(work):
 
 
 def timed(cmd, env=None):
+    # Each run starts with the page cache's dirty bytes written out, not paying for the last.
+    os.sync()
     t = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -98,11 +112,12 @@ def timed(cmd, env=None):
     return time.perf_counter() - t
 
 
-def kandle(dest, include=None):
+def kandle(port, dest, include=None):
     cmd = ["/usr/bin/time", "-f", "%M", SERVER, "pull", "--model", "hf://org/big", "--dest", dest]
     if include:
         cmd += ["--include", include]
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{PORT}", RUST_LOG="warn")
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", RUST_LOG="warn")
+    os.sync()
     t = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -111,21 +126,21 @@ def kandle(dest, include=None):
     return seconds, int(out.stderr.strip().splitlines()[-1]) / 1024
 
 
-def curl(dest, names):
+def curl(port, dest, names):
     os.makedirs(dest, exist_ok=True)
     cmd = ["curl", "-sf"]
     for n in names:
-        cmd += ["-o", os.path.join(dest, n), f"http://127.0.0.1:{PORT}/org/big/resolve/main/{n}"]
+        cmd += ["-o", os.path.join(dest, n), f"http://127.0.0.1:{port}/org/big/resolve/main/{n}"]
     return timed(cmd)
 
 
-def hf(dest, pattern=None):
+def hf(port, dest, pattern=None):
     code = (
         "import sys; from huggingface_hub import snapshot_download; "
         f"snapshot_download('org/big', local_dir={dest!r}, max_workers=8"
         + (f", allow_patterns=[{pattern!r}]" if pattern else "") + ")"
     )
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{PORT}", HF_HUB_DISABLE_TELEMETRY="1",
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="30", HF_HOME=os.path.join(dest + "-home"))
     return timed([sys.executable, "-c", code], env)
 
@@ -136,45 +151,51 @@ def main():
     names = make_model(work)
     total = sum(os.path.getsize(os.path.join(work, "files", n)) for n in names)
     one = names[0]
+    servers = "".join(
+        SERVER_BLOCK.format(work=work, port=port, commit=COMMIT, limit=limit)
+        for port, limit in SCENARIOS.values()
+    )
     with open(os.path.join(work, "nginx.conf"), "w") as f:
-        f.write(NGINX_CONF.format(work=work, port=PORT, commit=COMMIT))
+        f.write(NGINX_CONF.format(work=work, servers=servers))
     nginx = subprocess.Popen(["nginx", "-c", os.path.join(work, "nginx.conf")])
     time.sleep(1)
-    runs = {k: [] for k in ("curl_all", "kandle_all", "hf_all", "curl_one", "kandle_one", "hf_one")}
+    kinds = ("curl_all", "kandle_all", "hf_all", "curl_one", "kandle_one", "hf_one")
+    runs = {s: {k: [] for k in kinds} for s in SCENARIOS}
     peak_mib = []
     try:
         for r in range(ROUNDS):
-            d = lambda tag: os.path.join(work, f"out-{tag}-{r}")
-            runs["curl_all"].append(curl(d("curl_all"), names))
-            s, mem = kandle(d("kandle_all"))
-            runs["kandle_all"].append(s)
-            peak_mib.append(mem)
-            runs["hf_all"].append(hf(d("hf_all")))
-            runs["curl_one"].append(curl(d("curl_one"), [one]))
-            runs["kandle_one"].append(kandle(d("kandle_one"), one)[0])
-            runs["hf_one"].append(hf(d("hf_one"), one))
-            for tag in runs:
-                shutil.rmtree(d(tag), ignore_errors=True)
-                shutil.rmtree(d(tag) + "-home", ignore_errors=True)
+            for scenario, (port, _) in SCENARIOS.items():
+                run = runs[scenario]
+                d = lambda tag: os.path.join(work, f"out-{scenario}-{tag}-{r}")
+                run["curl_all"].append(curl(port, d("curl_all"), names))
+                s, mem = kandle(port, d("kandle_all"))
+                run["kandle_all"].append(s)
+                peak_mib.append(mem)
+                run["hf_all"].append(hf(port, d("hf_all")))
+                run["curl_one"].append(curl(port, d("curl_one"), [one]))
+                s, mem = kandle(port, d("kandle_one"), one)
+                run["kandle_one"].append(s)
+                peak_mib.append(mem)
+                run["hf_one"].append(hf(port, d("hf_one"), one))
+                for tag in kinds:
+                    shutil.rmtree(d(tag), ignore_errors=True)
+                    shutil.rmtree(d(tag) + "-home", ignore_errors=True)
     finally:
         nginx.terminate()
         nginx.wait()
         shutil.rmtree(work, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    mib_s = lambda bytes_, s: bytes_ / s / (1 << 20)
     one_bytes = FILE_MIB << 20
-    results = {
-        "bytes_all": total,
-        "rounds": ROUNDS,
-        "mib_per_s": {
-            "curl_all": mib_s(total, med["curl_all"]), "kandle_all": mib_s(total, med["kandle_all"]),
-            "hf_all": mib_s(total, med["hf_all"]), "curl_one": mib_s(one_bytes, med["curl_one"]),
-            "kandle_one": mib_s(one_bytes, med["kandle_one"]), "hf_one": mib_s(one_bytes, med["hf_one"]),
-        },
-        "ratio_kandle_over_curl": {"all": med["curl_all"] / med["kandle_all"], "one": med["curl_one"] / med["kandle_one"]},
-        "ratio_kandle_over_hf": {"all": med["hf_all"] / med["kandle_all"], "one": med["hf_one"] / med["kandle_one"]},
-        "kandle_peak_rss_mib": max(peak_mib),
-    }
+    results = {"bytes_all": total, "bytes_one": one_bytes, "rounds": ROUNDS,
+               "paced_mb_s_per_connection": PACED_MB_S, "kandle_peak_rss_mib": max(peak_mib)}
+    for scenario, run in runs.items():
+        med = {k: statistics.median(v) for k, v in run.items()}
+        size = lambda k: total if k.endswith("_all") else one_bytes
+        results[scenario] = {
+            "mib_per_s": {k: size(k) / med[k] / (1 << 20) for k in kinds},
+            "kandle_over_curl": {"all": med["curl_all"] / med["kandle_all"], "one": med["curl_one"] / med["kandle_one"]},
+            "kandle_over_hf": {"all": med["hf_all"] / med["kandle_all"], "one": med["hf_one"] / med["kandle_one"]},
+            "seconds": run,
+        }
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench-results/pull.json"), "w") as f:
         json.dump(results, f, indent=1)

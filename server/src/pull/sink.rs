@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 const BUFFER: usize = 512 << 10;
 /// Buffers waiting for the thread, per file.
 const QUEUE: usize = 4;
+/// Bytes written between flushes to disk while a file downloads.
+const FLUSH_EVERY: usize = 32 << 20;
 /// Read-back step when hashing what is already on disk.
 const READ_BACK: usize = 1 << 20;
 
@@ -183,8 +185,9 @@ impl Sink {
     }
 }
 
-/// Writes on this thread and hashes on another, so a file streams at the pace of the
-/// slower of the two rather than of both in turn.
+/// Writes on this thread, hashes on another, and flushes to disk on a third as the file
+/// grows, so a file streams at the pace of the slowest of them rather than of all in turn,
+/// and the flush that makes it durable at the end has little left to do.
 fn run(
     file: &std::fs::File,
     rx: tokio::sync::mpsc::Receiver<Op>,
@@ -193,14 +196,22 @@ fn run(
     pool: &Mutex<Vec<Vec<u8>>>,
 ) -> std::io::Result<Written> {
     let (to_hasher, hasher_rx) = std::sync::mpsc::sync_channel(QUEUE);
+    let (to_flusher, flusher_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::scope(|scope| {
         let hasher = std::thread::Builder::new()
             .name("pull-hash".into())
             .spawn_scoped(scope, || hash(file, hasher_rx, hashing, pool))?;
-        let wrote = write(file, rx, marks, &to_hasher);
-        drop(to_hasher);
+        // Its errors are its own to report: the kernel tells a writeback error only once.
+        let flusher = std::thread::Builder::new()
+            .name("pull-flush".into())
+            .spawn_scoped(scope, move || {
+                flusher_rx.iter().try_for_each(|()| file.sync_data())
+            })?;
+        let wrote = write(file, rx, marks, &to_hasher, &to_flusher);
+        drop((to_hasher, to_flusher));
+        let flushed = flusher.join().expect("flush thread");
         let hashed = hasher.join().expect("hash thread");
-        wrote.and(hashed)
+        wrote.and(flushed).and(hashed)
     })
 }
 
@@ -216,12 +227,19 @@ fn write(
     mut rx: tokio::sync::mpsc::Receiver<Op>,
     mut marks: Option<std::fs::File>,
     hasher: &std::sync::mpsc::SyncSender<Hash>,
+    flusher: &std::sync::mpsc::SyncSender<()>,
 ) -> std::io::Result<()> {
+    let mut unflushed = 0;
     // A failed send means the hasher stopped on an error, which it reports.
     while let Some(op) = rx.blocking_recv() {
         match op {
             Op::Write(offset, bytes) => {
                 file.write_all_at(&bytes, offset)?;
+                unflushed += bytes.len();
+                // Never waits: a flush still running takes these bytes along too.
+                if unflushed >= FLUSH_EVERY && flusher.try_send(()).is_ok() {
+                    unflushed = 0;
+                }
                 if let Some(marks) = &mut marks {
                     writeln!(marks, "{offset} {}", offset + bytes.len() as u64)?;
                 }
