@@ -52,9 +52,9 @@ pub struct Fetcher {
     pub token: Option<String>,
     pub retry_budget: Duration,
     /// Files at least this large may use several connections.
-    pub ranged_min: u64,
+    pub split_min: u64,
     /// Connections one file may use at once.
-    pub range_parts: usize,
+    pub connections_per_file: usize,
 }
 
 /// Exponential backoff with jitter for transient failures, within a total budget.

@@ -171,8 +171,8 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
         client,
         token,
         retry_budget: opts.retry_budget,
-        ranged_min: opts.range_min_bytes,
-        range_parts: opts.concurrency.max(1),
+        split_min: opts.range_min_bytes,
+        connections_per_file: opts.concurrency.max(1),
     };
     let staging = dest.join(STAGING);
     let records: Result<Vec<FileRecord>, PullError> = futures::stream::iter(files.iter())

@@ -133,8 +133,8 @@ impl Fetcher {
         size: u64,
         todo: Vec<(u64, u64)>,
     ) -> Result<(), PullError> {
-        let max = if size >= self.ranged_min {
-            self.range_parts.max(1)
+        let max = if size >= self.split_min {
+            self.connections_per_file.max(1)
         } else {
             1
         };

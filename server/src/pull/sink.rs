@@ -1,10 +1,11 @@
-//! Where a file's bytes land. Each stream gathers what it receives into pooled buffers, and
-//! a thread of the file's own writes them at their offsets and hashes the file in order:
-//! straight from the buffer when it continues the hashed prefix (a stream, the first
-//! range), else by reading back what was written once the gap before it fills (ranges
-//! finishing out of order, a part left by an earlier process). So receiving overlaps
-//! writing and hashing, and the network's buffers are free again at once instead of
-//! waiting in a queue (which made the allocator map fresh pages for every read).
+//! Where a file's bytes land. Each connection gathers what it receives into pooled
+//! buffers (so the network's buffers are free again at once: holding them in a queue made
+//! the allocator map fresh pages for every read) and hands them to the file's threads: one
+//! writes each at its offset, one hashes the file in order (straight from the buffer when
+//! it continues the hashed prefix, else by reading back what was written once the gap
+//! before it fills: segments finishing out of order, a part left by an earlier process),
+//! and one flushes to disk as the file grows. Receiving, writing, hashing and flushing
+//! overlap.
 use super::error::PullError;
 use super::fetch::{Digest, RemoteFile};
 use sha1::Sha1;
@@ -39,12 +40,9 @@ pub(super) struct Written {
     pub check: Option<String>,
 }
 
-/// Queues writes for a file's sink thread; shared by the file's connections.
-#[derive(Clone)]
+/// Queues writes for a file's threads; shared by the file's connections.
 pub(super) struct SinkTx {
     tx: tokio::sync::mpsc::Sender<Op>,
-    /// The thread's error, taken by whichever sender finds it stopped.
-    failed: Arc<Mutex<Option<std::io::Error>>>,
     /// Written buffers, back for reuse.
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
     path: Arc<Path>,
@@ -65,14 +63,11 @@ impl SinkTx {
         reused.unwrap_or_else(|| Vec::with_capacity(BUFFER))
     }
 
+    /// Fails only when the threads stopped on an error, which `Sink::finish` reports.
     async fn send(&self, op: Op) -> Result<(), PullError> {
-        if self.tx.send(op).await.is_ok() {
-            return Ok(());
-        }
-        let error = self.failed.lock().expect("sink error lock").take();
-        Err(PullError::io(self.path.to_path_buf())(
-            error.unwrap_or_else(|| std::io::Error::other("an earlier write to this file failed")),
-        ))
+        self.tx.send(op).await.map_err(|_| {
+            PullError::io(self.path.to_path_buf())(std::io::Error::other("writing stopped"))
+        })
     }
 }
 
@@ -137,31 +132,21 @@ impl Sink {
         marks: Option<std::fs::File>,
     ) -> Result<Self, PullError> {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        let failed = Arc::new(Mutex::new(None));
         let pool = Arc::new(Mutex::new(Vec::new()));
         let mut hashing = Hashing::new(remote.digest.as_ref(), remote.size);
         for (start, end) in written {
             hashing.written(start, end);
         }
         let thread = {
-            let (failed, pool) = (failed.clone(), pool.clone());
+            let pool = pool.clone();
             std::thread::Builder::new()
                 .name("pull-write".into())
-                .spawn(move || {
-                    let result = run(&file, rx, hashing, marks, &pool);
-                    if let Err(e) = &result {
-                        // Senders find the queue closed and report this instead.
-                        *failed.lock().expect("sink error lock") =
-                            Some(std::io::Error::new(e.kind(), e.to_string()));
-                    }
-                    result
-                })
+                .spawn(move || run(&file, rx, hashing, marks, &pool))
                 .map_err(PullError::io(path))?
         };
         Ok(Self {
             tx: SinkTx {
                 tx,
-                failed,
                 pool,
                 path: Arc::from(path),
             },
@@ -173,7 +158,8 @@ impl Sink {
         &self.tx
     }
 
-    /// Waits for every queued write, flushes the file to disk, and returns its digests.
+    /// Waits for every queued write, flushes the file to disk, and returns its digests. Call
+    /// it before reporting a download's error: a failed write is the cause then.
     pub(super) async fn finish(self) -> Result<Written, PullError> {
         let Self { tx, thread } = self;
         let path = tx.path.to_path_buf();
