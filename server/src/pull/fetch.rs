@@ -168,16 +168,7 @@ impl Fetcher {
         part: &Path,
         progress: &Progress,
     ) -> Result<Written, PullError> {
-        if let Some(parent) = part.parent() {
-            std::fs::create_dir_all(parent).map_err(PullError::io(parent))?;
-        }
-        let handle = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(part)
-            .map_err(PullError::io(part))?;
+        let handle = open_part(part)?;
         let len = handle.metadata().map_err(PullError::io(part))?.len();
         progress.add(len);
         let sink = Sink::start(handle, part, file, [(0, len)], None)?;
@@ -213,10 +204,6 @@ impl Fetcher {
         writer: &mut Writer<'_>,
         progress: &Progress,
     ) -> Result<(), PullError> {
-        let start = writer.position();
-        if file.size.is_some_and(|size| start == size) {
-            return Ok(());
-        }
         let mut body = self.http_body(file, writer, progress).await?;
         let received = async {
             while let Some(chunk) = body.next().await {
@@ -283,6 +270,20 @@ impl Fetcher {
         progress.add_negative(writer.position());
         writer.restart().await
     }
+}
+
+/// A file's part in the staging folder, as an earlier attempt left it (or new).
+pub(super) fn open_part(part: &Path) -> Result<std::fs::File, PullError> {
+    if let Some(parent) = part.parent() {
+        std::fs::create_dir_all(parent).map_err(PullError::io(parent))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(part)
+        .map_err(PullError::io(part))
 }
 
 /// object_store's errors as pull errors: missing and forbidden are permanent, the rest

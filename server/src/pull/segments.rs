@@ -4,7 +4,7 @@
 //! records every written span in a marks file, so a restarted process fetches only the
 //! gaps, whatever connection was cut where.
 use super::error::PullError;
-use super::fetch::{Backoff, Fetcher, RemoteFile, network_message};
+use super::fetch::{Backoff, Fetcher, RemoteFile, network_message, open_part, s3_error};
 use super::pace::{Pace, TICK};
 use super::progress::Progress;
 use super::sink::{Sink, SinkTx, Written};
@@ -239,12 +239,12 @@ impl Fetcher {
             let result = store
                 .get_opts(key, options)
                 .await
-                .map_err(|e| super::fetch::s3_error(&file.url, e))?;
+                .map_err(|e| s3_error(&file.url, e))?;
             shared.ranges.store(true, Ordering::Relaxed);
             let uri = file.url.clone();
             return Ok(result
                 .into_stream()
-                .map(move |chunk| chunk.map_err(|e| super::fetch::s3_error(&uri, e)))
+                .map(move |chunk| chunk.map_err(|e| s3_error(&uri, e)))
                 .boxed());
         }
         let mut request = self
@@ -322,10 +322,9 @@ fn open(
     marks_path: &Path,
     size: u64,
 ) -> Result<(std::fs::File, Vec<(u64, u64)>), PullError> {
-    if let Some(parent) = part.parent() {
-        std::fs::create_dir_all(parent).map_err(PullError::io(parent))?;
-    }
-    let resumable = std::fs::metadata(part).is_ok_and(|m| m.len() == size) && marks_path.exists();
+    let handle = open_part(part)?;
+    let len = handle.metadata().map_err(PullError::io(part))?.len();
+    let resumable = len == size && marks_path.exists();
     let done = if resumable {
         std::fs::read_to_string(marks_path)
             .map_err(PullError::io(marks_path))?
@@ -340,13 +339,6 @@ fn open(
         std::fs::write(marks_path, "").map_err(PullError::io(marks_path))?;
         Vec::new()
     };
-    let handle = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(part)
-        .map_err(PullError::io(part))?;
     handle.set_len(size).map_err(PullError::io(part))?;
     Ok((handle, done))
 }
