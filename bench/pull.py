@@ -107,7 +107,7 @@ def make_model(work):
 
 
 def settle():
-    """Each run starts with the last one's dirty bytes on disk, not paying for them."""
+    """Each run starts with the last one's writes on disk, not paying for them."""
     os.sync()
     time.sleep(SETTLE_S)
 
@@ -188,9 +188,13 @@ def main():
                     runs[scenario][tag].append(seconds)
                     if mem is not None:
                         peak_mib.append(mem)
+                # Deleted between rounds, then a long settle: the filesystem's discards
+                # stall whoever writes next.
                 for tag in kinds:
                     shutil.rmtree(d(tag), ignore_errors=True)
                     shutil.rmtree(d(tag) + "-home", ignore_errors=True)
+                os.sync()
+                time.sleep(5 * SETTLE_S)
     finally:
         nginx.terminate()
         nginx.wait()
