@@ -278,7 +278,7 @@ struct Hashing {
     check: Option<Check>,
     init: (Option<Digest>, Option<u64>),
     hashed: u64,
-    /// Written but not yet hashed: start → end, disjoint, none touching `hashed`'s left.
+    /// Written beyond the hashed prefix, not yet hashed: start → end, disjoint.
     waiting: BTreeMap<u64, u64>,
 }
 
