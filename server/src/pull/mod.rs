@@ -4,7 +4,7 @@
 pub mod error;
 pub mod fetch;
 pub mod hub;
-pub mod pace;
+mod pace;
 pub mod progress;
 mod report;
 pub mod s3;
