@@ -226,19 +226,8 @@ impl Fetcher {
         writer: &mut Writer<'_>,
         progress: &Progress,
     ) -> Result<BoxStream<'static, Result<Bytes, PullError>>, PullError> {
-        let mut request = self.client.get(&file.url);
-        if writer.position() > 0 {
-            request = request.header(RANGE, format!("bytes={}-", writer.position()));
-        }
-        if let Some(token) = &self.token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let uri = file.url.clone();
-        let network = move |e: reqwest::Error| PullError::Network {
-            uri: uri.clone(),
-            message: network_message(&e),
-        };
-        let response = request.send().await.map_err(network.clone())?;
+        let range = (writer.position() > 0).then(|| format!("bytes={}-", writer.position()));
+        let response = self.get(file, range).await?;
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {}
             // The server ignored the range: start over.
@@ -259,16 +248,50 @@ impl Fetcher {
                 ));
             }
         }
-        Ok(response
-            .bytes_stream()
-            .map(move |chunk| chunk.map_err(&network))
-            .boxed())
+        Ok(body(file, response).boxed())
+    }
+
+    /// GETs `file` with the hub token and `range` (a Range header) if given.
+    pub(super) async fn get(
+        &self,
+        file: &RemoteFile,
+        range: Option<String>,
+    ) -> Result<reqwest::Response, PullError> {
+        let mut request = self.client.get(&file.url);
+        if let Some(range) = range {
+            request = request.header(RANGE, range);
+        }
+        if let Some(token) = &self.token {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        request
+            .send()
+            .await
+            .map_err(|e| network_error(&file.url, &e))
     }
 
     /// Throws the part away: the source will send the file from its start.
     async fn restart(&self, writer: &mut Writer<'_>, progress: &Progress) -> Result<(), PullError> {
         progress.add_negative(writer.position());
         writer.restart().await
+    }
+}
+
+/// A response's body, its failures named after `file`.
+pub(super) fn body(
+    file: &RemoteFile,
+    response: reqwest::Response,
+) -> impl futures::Stream<Item = Result<Bytes, PullError>> + Send + 'static {
+    let uri = file.url.clone();
+    response
+        .bytes_stream()
+        .map(move |chunk| chunk.map_err(|e| network_error(&uri, &e)))
+}
+
+fn network_error(uri: &str, e: &reqwest::Error) -> PullError {
+    PullError::Network {
+        uri: uri.into(),
+        message: network_message(e),
     }
 }
 
@@ -329,7 +352,7 @@ pub fn s3_error(uri: &str, e: object_store::Error) -> PullError {
 }
 
 /// reqwest's Display hides the cause (reset, timeout); the chain says what happened.
-pub(super) fn network_message(e: &reqwest::Error) -> String {
+fn network_message(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {

@@ -4,7 +4,7 @@
 //! records every written span in a marks file, so a restarted process fetches only the
 //! gaps, whatever connection was cut where.
 use super::error::PullError;
-use super::fetch::{Backoff, Fetcher, RemoteFile, network_message, open_part, s3_error};
+use super::fetch::{Backoff, Fetcher, RemoteFile, body, open_part, s3_error};
 use super::pace::{Pace, TICK};
 use super::progress::Progress;
 use super::sink::{Sink, SinkTx, Written};
@@ -13,7 +13,7 @@ use futures::StreamExt;
 use futures::stream::{BoxStream, FuturesUnordered};
 use object_store::{GetOptions, GetRange};
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
+use reqwest::header::CONTENT_RANGE;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -247,19 +247,9 @@ impl Fetcher {
                 .map(move |chunk| chunk.map_err(|e| s3_error(&uri, e)))
                 .boxed());
         }
-        let mut request = self
-            .client
-            .get(&file.url)
-            .header(RANGE, format!("bytes={start}-{}", end - 1));
-        if let Some(token) = &self.token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let uri = file.url.clone();
-        let network = move |e: reqwest::Error| PullError::Network {
-            uri: uri.clone(),
-            message: network_message(&e),
-        };
-        let response = request.send().await.map_err(network.clone())?;
+        let response = self
+            .get(file, Some(format!("bytes={start}-{}", end - 1)))
+            .await?;
         let skip = match response.status() {
             StatusCode::PARTIAL_CONTENT => {
                 let from = response
@@ -288,11 +278,7 @@ impl Fetcher {
         if skip > 0 {
             tracing::info!(file = %file.path, skip, "the source ignores ranges; skipping to the missing bytes");
         }
-        Ok(skip_bytes(
-            response.bytes_stream().map(move |c| c.map_err(&network)),
-            skip,
-        )
-        .boxed())
+        Ok(skip_bytes(body(file, response), skip).boxed())
     }
 }
 
