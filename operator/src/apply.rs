@@ -86,25 +86,67 @@ fn hash<T: Serialize>(v: &T) -> String {
     hex::encode(&Sha256::digest(to_value(v).to_string().as_bytes())[..8])
 }
 
-/// Whether `have` holds every field of `want` with the same value (the server may add
-/// defaults; it may not change or drop what was applied).
+/// Whether `have` holds every field of `want` with the same value, as the API server
+/// stores what was applied: it adds defaults, writes quantities in canonical form (`1Gi`
+/// for `1024Mi`), and keeps other managers' entries in lists merged by key (a sidecar's
+/// container, an injected env var). It may not change or drop what was applied.
 pub fn contains(have: &Value, want: &Value) -> bool {
     match (have, want) {
         (_, Value::Null) => true,
         (Value::Object(h), Value::Object(w)) => w
             .iter()
             .all(|(k, wv)| h.get(k).is_some_and(|hv| contains(hv, wv)) || wv.is_null()),
-        (Value::Array(h), Value::Array(w)) => {
-            h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| contains(hv, wv))
+        (Value::Array(h), Value::Array(w)) => match merge_key(w) {
+            Some(key) => w.iter().all(|wv| {
+                h.iter()
+                    .any(|hv| hv.get(key) == wv.get(key) && contains(hv, wv))
+            }),
+            None => h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| contains(hv, wv)),
+        },
+        (Value::String(h), Value::String(w)) => {
+            h == w
+                || crate::quantity::nanos(h).is_some_and(|n| crate::quantity::nanos(w) == Some(n))
         }
         (h, w) => h == w,
     }
+}
+
+/// The key server-side apply merges a list of objects by (the Kubernetes API's
+/// `x-kubernetes-list-map-keys` for the lists the operator writes: containers, env,
+/// volumes by `name`, mounts by `mountPath`, ports by number); `None` for an atomic list.
+fn merge_key(items: &[Value]) -> Option<&'static str> {
+    ["mountPath", "containerPort", "port", "name"]
+        .into_iter()
+        .find(|key| !items.is_empty() && items.iter().all(|i| i.get(key).is_some()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::contains;
     use serde_json::json;
+
+    #[test]
+    fn canonical_quantities_and_other_managers_entries_still_match() {
+        let want = json!({"containers": [{"name": "server", "resources": {"limits": {"memory": "1024Mi", "cpu": "0.5"}},
+            "env": [{"name": "A", "value": "1"}]}]});
+        let have = json!({"containers": [
+            {"name": "istio-proxy", "image": "proxy"},
+            {"name": "server", "resources": {"limits": {"memory": "1Gi", "cpu": "500m"}},
+             "env": [{"name": "INJECTED", "value": "x"}, {"name": "A", "value": "1"}],
+             "terminationMessagePath": "/dev/termination-log"}]});
+        assert!(contains(&have, &want));
+        let changed = json!({"containers": [{"name": "server", "resources": {"limits": {"memory": "2Gi", "cpu": "500m"}},
+            "env": [{"name": "A", "value": "1"}]}]});
+        assert!(!contains(&changed, &want));
+        let dropped = json!({"containers": [{"name": "server", "resources": {"limits": {"memory": "1Gi", "cpu": "500m"}},
+            "env": [{"name": "B", "value": "1"}]}]});
+        assert!(!contains(&dropped, &want));
+        // Lists without a merge key (args) stay exact.
+        assert!(!contains(
+            &json!({"args": ["a", "b"]}),
+            &json!({"args": ["a"]})
+        ));
+    }
 
     #[test]
     fn server_defaults_are_allowed_but_changed_or_missing_fields_are_not() {

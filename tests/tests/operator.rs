@@ -128,7 +128,7 @@ async fn an_undecodable_object_does_not_stall_the_others_or_loop() {
         ready["message"].as_str().unwrap().contains("spec.replicas"),
         "{ready}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiesce(&env).await;
     let reconciles = metric(&env.metrics, "kandle_operator_reconciles_total");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -150,7 +150,7 @@ async fn idle_means_no_writes_and_a_bounded_number_of_requests() {
     for name in ["idle-a", "idle-b", "idle-c"] {
         t.wait_phase(name, Phase::Ready).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    quiesce(&env).await;
     let before = env.server.total_requests();
     let writes = metric(&env.metrics, "kandle_operator_writes_total");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -178,7 +178,7 @@ async fn a_full_resync_writes_nothing() {
     for name in ["sync-a", "sync-b"] {
         t.wait_phase(name, Phase::Ready).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiesce(&env).await;
     let writes = metric(&env.metrics, "kandle_operator_writes_total");
     let reconciles = metric(&env.metrics, "kandle_operator_reconciles_total");
     // After a watch outage the controller re-lists and reconciles everything.
@@ -193,6 +193,87 @@ async fn a_full_resync_writes_nothing() {
     assert_eq!(metric(&env.metrics, "kandle_operator_writes_total"), writes);
 }
 
+/// Against an API server that defaults, writes quantities in canonical form and keeps
+/// other managers' fields: resources written as `0.5` and `1024Mi`, and a sidecar injector
+/// (a second field manager) adding a container and an env entry, cause no apply and no
+/// fight, also through a full resync.
+#[tokio::test]
+async fn canonical_quantities_and_a_foreign_manager_cause_no_writes() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Patch, PatchParams};
+    let env = Emulated::start();
+    let t = env.target();
+    t.create(
+        "foreign",
+        json!({"model": {"uri": "hf://org/m"}, "replicas": 2,
+            "resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"memory": "2048Mi"}},
+            "cache": {"sizeLimit": "20480Mi"}}),
+    )
+    .await;
+    t.wait_phase("foreign", Phase::Ready).await;
+    let deployments: Api<Deployment> = t.api();
+    let stored = deployments.get("foreign").await.unwrap();
+    let server = &stored.spec.template.spec.as_ref().unwrap().containers[0];
+    let requests = server
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .as_ref()
+        .unwrap();
+    assert_eq!(requests["memory"].0, "1Gi", "stored in canonical form");
+    assert_eq!(requests["cpu"].0, "500m");
+
+    let applies = || env.server.requests()[&("patch".to_string(), "deployments".to_string())];
+    let before = applies();
+    let injected = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "foreign"},
+        "spec": {"template": {"spec": {"containers": [
+            {"name": "server", "env": [{"name": "INJECTED", "value": "1"}]},
+            {"name": "sidecar", "image": "proxy:1"}]}}}});
+    deployments
+        .patch(
+            "foreign",
+            &PatchParams::apply("injector"),
+            &Patch::Apply(&injected),
+        )
+        .await
+        .unwrap();
+    // The operator sees the change (its watch) and the pods roll; then a full resync.
+    let reconciles = metric(&env.metrics, "kandle_operator_reconciles_total");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric(&env.metrics, "kandle_operator_reconciles_total") <= reconciles {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconcile after the change"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.wait_phase("foreign", Phase::Ready).await;
+    let reconciles = metric(&env.metrics, "kandle_operator_reconciles_total");
+    env.server.interrupt_watches(|_| {});
+    while metric(&env.metrics, "kandle_operator_reconciles_total") <= reconciles {
+        assert!(std::time::Instant::now() < deadline, "no resync");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        applies(),
+        before + 1,
+        "only the injector applied the Deployment"
+    );
+    let now = deployments.get("foreign").await.unwrap();
+    let pod = now.spec.template.spec.unwrap();
+    let names: Vec<_> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["server", "sidecar"]);
+    assert!(
+        pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "INJECTED"),
+        "the other manager's env entry stays"
+    );
+}
+
 /// Two replicas with leader election: one reconciles; when it goes, the other takes over.
 #[tokio::test]
 async fn two_operators_one_leader() {
@@ -202,8 +283,9 @@ async fn two_operators_one_leader() {
         namespace: "kandle-system".into(),
         name: "kandle-operator".into(),
         identity: identity.into(),
-        duration: Duration::from_millis(1500),
-        renew_every: Duration::from_millis(300),
+        // Long enough that a loaded 2-core machine renews well in time.
+        duration: Duration::from_secs(5),
+        renew_every: Duration::from_millis(500),
     };
     let start = |identity: &'static str| {
         let client = operator_client(&server);
@@ -223,13 +305,26 @@ async fn two_operators_one_leader() {
         });
         (task, metrics)
     };
+    let leases: Api<Lease> = Api::namespaced(server.client(), "kandle-system");
+    let holder = || async {
+        leases
+            .get_opt("kandle-operator")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec?.holder_identity)
+    };
     let (first, first_metrics) = start("first");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The second starts once the first holds the Lease: observed, not assumed after a pause.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while holder().await.as_deref() != Some("first") {
+        assert!(std::time::Instant::now() < deadline, "the first never led");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (second, second_metrics) = start("second");
     let t = Target {
         client: server.client(),
         namespace: "default".into(),
-        timeout: Duration::from_secs(10),
+        timeout: Duration::from_secs(30),
         real: false,
     };
     t.create("led", json!({"model": {"uri": "hf://org/m"}}))
@@ -241,35 +336,14 @@ async fn two_operators_one_leader() {
         0,
         "the standby does not reconcile"
     );
-    let leases: Api<Lease> = Api::namespaced(server.client(), "kandle-system");
-    assert_eq!(
-        leases
-            .get("kandle-operator")
-            .await
-            .unwrap()
-            .spec
-            .unwrap()
-            .holder_identity
-            .as_deref(),
-        Some("first")
-    );
+    assert_eq!(holder().await.as_deref(), Some("first"));
 
     first.abort();
     t.create("taken-over", json!({"model": {"uri": "hf://org/m"}}))
         .await;
     t.wait_phase("taken-over", Phase::Ready).await;
     assert!(metric(&second_metrics, "kandle_operator_reconciles_total") > 0);
-    assert_eq!(
-        leases
-            .get("kandle-operator")
-            .await
-            .unwrap()
-            .spec
-            .unwrap()
-            .holder_identity
-            .as_deref(),
-        Some("second")
-    );
+    assert_eq!(holder().await.as_deref(), Some("second"));
     second.abort();
     assert_nothing_forbidden(&server);
 }
@@ -321,12 +395,31 @@ async fn real_cluster_scenarios() {
 }
 
 /// A counter's value in the operator's `/metrics` text.
+/// Waits until the API server has had no request for a second: the operator is done with
+/// what it was doing, however slow the machine (fails after 30 s of activity).
+async fn quiesce(env: &Emulated) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = env.server.total_requests();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if env.server.total_requests() == before {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never idle: {:?}",
+            env.server.requests()
+        );
+    }
+}
+
+/// A counter's value; a metric that is not there (renamed, never registered) fails the
+/// test rather than reading as 0.
 fn metric(metrics: &Metrics, name: &str) -> u64 {
-    metrics
-        .encode()
-        .lines()
+    let text = metrics.encode();
+    text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
 /// A PVC cache: the Job pulls first, the Deployment follows; a new image means a new Job

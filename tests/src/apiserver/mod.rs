@@ -5,12 +5,18 @@
 //! patches, status subresources, generations, no-op writes, finalizers, garbage
 //! collection, and ModelDeployment writes checked against the CRD schema and CEL rules.
 //!
-//! Approximations: server-side apply is a merge that removes what the one field manager
-//! stopped setting (no managedFields, no conflicts between managers); strategic merge
+//! Objects come back as a real API server returns them: defaulted, with canonical
+//! quantities (`defaults`), and an apply that creates an object is authorised as `create`
+//! too.
+//!
+//! Approximations: server-side apply merges lists of objects by key and removes what a
+//! field manager stopped setting, judged from that manager's last applied configuration
+//! (no managedFields in the objects, no conflicts between managers); strategic merge
 //! patches merge like JSON merge patches; there is no admission (other than the CRD's
 //! schema and rules), no paging
 //! (lists come whole), and a watch does not send DELETED for objects that stop matching
 //! its label selector.
+pub mod defaults;
 pub mod loopback;
 pub mod patch;
 pub mod rbac;
@@ -32,6 +38,9 @@ use tokio::sync::watch;
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+/// Kind, namespace, name, status part or not, and field manager.
+type AppliedKey = (String, String, String, bool, String);
+
 /// Requests by verb (`get`, `list`, `watch`, `create`, `update`, `patch`, `delete`) and resource.
 pub type RequestCounts = BTreeMap<(String, String), u64>;
 
@@ -44,8 +53,9 @@ pub struct ApiServer {
 
 struct Inner {
     store: Arc<Store>,
-    /// Last configuration applied to each object part, for server-side apply.
-    applied: Mutex<HashMap<(String, String, String, bool), Value>>,
+    /// Last configuration each field manager applied to each object part, for server-side
+    /// apply: what that manager owns.
+    applied: Mutex<HashMap<AppliedKey, Value>>,
     requests: Mutex<RequestCounts>,
     /// Bumped to end every open watch (the connection dropped); watches started later go on.
     watch_epoch: watch::Sender<u64>,
@@ -183,9 +193,24 @@ impl ApiServer {
                 resource: &resource,
                 namespace: path.namespace.as_deref(),
             };
-            if !policy.allows(&access) {
-                self.count("forbidden", kind.plural);
-                return Err(ApiError::new(403, "Forbidden", policy.forbidden(&access)));
+            // As the real patch handler does: an apply that would create the object is
+            // also authorised as `create` (apiserver `handlers/patch.go`).
+            let creates = parts.method == Method::PATCH
+                && part == Part::Main
+                && content_type.starts_with("application/apply-patch")
+                && path
+                    .name
+                    .as_deref()
+                    .is_some_and(|name| self.inner.store.get(kind, &ns, name).is_none());
+            let create = Access {
+                verb: "create",
+                ..access
+            };
+            for access in std::iter::once(&access).chain(creates.then_some(&create)) {
+                if !policy.allows(access) {
+                    self.count("forbidden", kind.plural);
+                    return Err(ApiError::new(403, "Forbidden", policy.forbidden(access)));
+                }
             }
         }
         let store = &self.inner.store;
@@ -258,6 +283,7 @@ impl ApiServer {
                     ns.clone(),
                     name.to_string(),
                     part == Part::Status,
+                    query.get("fieldManager").cloned().unwrap_or_default(),
                 );
                 let mut applied = self.inner.applied.lock().unwrap();
                 let obj = match (content_type.as_str(), existing) {

@@ -32,6 +32,14 @@ struct ChartRules {
 }
 
 impl Policy {
+    /// `rules` granted everywhere to `user`.
+    pub fn cluster_wide(user: &str, rules: Vec<PolicyRule>) -> Self {
+        Self {
+            user: user.into(),
+            grants: rules.into_iter().map(|r| (None, r)).collect(),
+        }
+    }
+
     /// The chart's rules as installed with its defaults: the watched rules cluster-wide and
     /// the Lease rules in `release_namespace`.
     pub fn chart(release_namespace: &str) -> Self {
@@ -134,5 +142,65 @@ mod tests {
                     "cannot get resource \"secrets\" in API group \"\" in the namespace \"ml\""
                 )
         );
+    }
+
+    /// A Service applied by `server`'s user: created on the first apply, then changed.
+    async fn apply_service_twice(server: &super::super::ApiServer) -> Result<(), kube::Error> {
+        use k8s_openapi::api::core::v1::Service;
+        use kube::api::{Api, Patch, PatchParams};
+        let api: Api<Service> = Api::namespaced(server.client(), "ml");
+        let params = PatchParams::apply("kandle").force();
+        for port in [80, 81] {
+            let service = serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "m", "namespace": "ml"},
+                "spec": {"ports": [{"port": port}]},
+            });
+            api.patch("m", &params, &Patch::Apply(&service)).await?;
+        }
+        Ok(())
+    }
+
+    fn rule(verbs: &[&str]) -> PolicyRule {
+        PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["services".into()]),
+            verbs: verbs.iter().map(|v| v.to_string()).collect(),
+            ..PolicyRule::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_apply_that_creates_is_also_authorised_as_create() {
+        let server = super::super::ApiServer::default();
+        let patch_only = server.as_user(Policy::cluster_wide("u", vec![rule(&["patch"])]));
+        let err = apply_service_twice(&patch_only).await.unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 403 && s.message.contains("cannot create resource \"services\"")),
+            "{err:?}"
+        );
+        let both = server.as_user(Policy::cluster_wide("u", vec![rule(&["create", "patch"])]));
+        apply_service_twice(&both).await.unwrap();
+        // Once the object exists, an apply is a patch alone.
+        apply_service_twice(&patch_only).await.unwrap();
+    }
+
+    #[test]
+    fn the_chart_may_create_every_child_it_applies() {
+        let p = Policy::chart("kandle-system");
+        for (group, resource) in [
+            ("apps", "deployments"),
+            ("", "services"),
+            ("", "persistentvolumeclaims"),
+            ("policy", "poddisruptionbudgets"),
+            ("batch", "jobs"),
+        ] {
+            for verb in ["create", "patch"] {
+                assert!(
+                    p.allows(&access(verb, group, resource, Some("ml"))),
+                    "{verb} {resource}"
+                );
+            }
+        }
     }
 }

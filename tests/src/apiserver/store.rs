@@ -60,6 +60,12 @@ pub const KINDS: &[Kind] = &[
         status: true,
     },
     Kind {
+        plural: "networkpolicies",
+        api_version: "networking.k8s.io/v1",
+        kind: "NetworkPolicy",
+        status: false,
+    },
+    Kind {
         plural: "secrets",
         api_version: "v1",
         kind: "Secret",
@@ -282,6 +288,7 @@ impl Store {
         if kind.status {
             meta["generation"] = json!(1);
         }
+        super::defaults::apply(kind, &mut obj);
         state.objects.insert(k, obj.clone());
         self.record(&mut state, kind, "ADDED", obj.clone());
         Ok(obj)
@@ -357,6 +364,9 @@ impl Store {
             }
         }
         obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if part == Part::Main {
+            super::defaults::apply(kind, &mut obj);
+        }
         if kind.status
             && without(&obj, &["metadata", "status"]) != without(&old, &["metadata", "status"])
         {
