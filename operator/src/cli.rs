@@ -44,6 +44,9 @@ pub struct ChildArgs {
     /// DNS suffix of the cluster's Services, for `status.endpoint`.
     #[arg(long, env = "KANDLE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// The operator's own namespace, which NetworkPolicies admit for its metric scrapes.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kandle-system")]
+    pub operator_namespace: String,
 }
 
 impl ChildArgs {
@@ -51,6 +54,7 @@ impl ChildArgs {
         crate::build::Settings {
             server_image: self.server_image.clone(),
             cluster_domain: self.cluster_domain.clone(),
+            operator_namespace: self.operator_namespace.clone(),
         }
     }
 }

@@ -16,6 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
@@ -40,6 +41,7 @@ struct Stores {
     deployments: Store<Deployment>,
     services: Store<Service>,
     pdbs: Store<PodDisruptionBudget>,
+    network_policies: Store<NetworkPolicy>,
     jobs: Store<Job>,
     pvcs: Store<PersistentVolumeClaim>,
     pods: Store<Pod>,
@@ -108,6 +110,8 @@ pub async fn run(
     let (services, service_events) = reflect::<Service>(&client, ns, &relisted, keep_all, |_| {});
     let (pdbs, pdb_events) =
         reflect::<PodDisruptionBudget>(&client, ns, &relisted, keep_all, |_| {});
+    let (network_policies, network_policy_events) =
+        reflect::<NetworkPolicy>(&client, ns, &relisted, keep_all, |_| {});
     let (jobs, job_events) = reflect::<Job>(&client, ns, &relisted, keep_all, |_| {});
     let (pvcs, pvc_events) =
         reflect::<PersistentVolumeClaim>(&client, ns, &relisted, keep_all, |_| {});
@@ -125,6 +129,7 @@ pub async fn run(
         deployments,
         services,
         pdbs,
+        network_policies,
         jobs,
         pvcs,
         pods,
@@ -136,6 +141,7 @@ pub async fn run(
         let _ = ready.deployments.wait_until_ready().await;
         let _ = ready.services.wait_until_ready().await;
         let _ = ready.pdbs.wait_until_ready().await;
+        let _ = ready.network_policies.wait_until_ready().await;
         let _ = ready.jobs.wait_until_ready().await;
         let _ = ready.pvcs.wait_until_ready().await;
         let _ = ready.pods.wait_until_ready().await;
@@ -184,6 +190,7 @@ pub async fn run(
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(pdb_events)
+        .owns_stream(network_policy_events)
         .owns_stream(job_events)
         .owns_stream(pvc_events)
         .watches_stream(pod_events, |pod| {
@@ -462,6 +469,7 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             Child::Deployment(o) => apply_from(ctx, &stores.deployments, o.as_ref()).await,
             Child::Service(o) => apply_from(ctx, &stores.services, o.as_ref()).await,
             Child::Pdb(o) => apply_from(ctx, &stores.pdbs, o.as_ref()).await,
+            Child::NetworkPolicy(o) => apply_from(ctx, &stores.network_policies, o.as_ref()).await,
             Child::Job(o) => apply_from(ctx, &stores.jobs, o.as_ref()).await,
             Child::Pvc(o) => apply_from(ctx, &stores.pvcs, o.as_ref()).await,
         };
@@ -489,6 +497,15 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
         stores.pdbs.get(&ObjectRef::new(&name).within(&ns)),
         &uid,
         |n| wanted("PodDisruptionBudget", n),
+    )
+    .await?;
+    writes += prune(
+        ctx,
+        stores
+            .network_policies
+            .get(&ObjectRef::new(&name).within(&ns)),
+        &uid,
+        |n| wanted("NetworkPolicy", n),
     )
     .await?;
     writes += prune(

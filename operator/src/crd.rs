@@ -1,6 +1,9 @@
 //! The `ModelDeployment` API. Doc comments here become the CRD's descriptions, which
 //! `kubectl explain` shows, so they are written for the platform team reading them there.
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -8,6 +11,38 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// The CRD as installed: kube-derive's, with `metadata.name` bounded in the schema. The
+/// API server estimates each CEL rule's cost from the bounds of what it reads, and the root
+/// rule reads the name: unbounded, it would count as a string of megabytes and the API
+/// server would refuse the CRD.
+pub fn definition() -> CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = ModelDeployment::crd();
+    let root = crd.spec.versions[0]
+        .schema
+        .as_mut()
+        .and_then(|s| s.open_api_v3_schema.as_mut())
+        .expect("the derived CRD has a schema");
+    let name = JSONSchemaProps {
+        type_: Some("string".into()),
+        description: Some(
+            "The ModelDeployment's name: a DNS label of at most 49 characters.".into(),
+        ),
+        max_length: Some(MAX_NAME_LEN as i64),
+        ..JSONSchemaProps::default()
+    };
+    root.properties.get_or_insert_default().insert(
+        "metadata".into(),
+        JSONSchemaProps {
+            type_: Some("object".into()),
+            description: Some("Standard object metadata.".into()),
+            properties: Some(BTreeMap::from([("name".into(), name)])),
+            ..JSONSchemaProps::default()
+        },
+    );
+    crd
+}
 
 /// The longest `metadata.name`: the pull Job's name (`NAME-pull-HASH8`) and the pods'
 /// labels must stay within Kubernetes' 63-character limits.
@@ -74,12 +109,29 @@ pub struct ModelDeploymentSpec {
     /// The Service in front of the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceSpec>,
+    /// Who may reach the pods. When set, a NetworkPolicy admits the serving port only
+    /// from pods of the model's own namespace, of `fromNamespaces`, and of the operator's
+    /// namespace (which reads the pods' metrics); nothing else gets in. Absent: no policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// A NetworkPolicy in front of the serving pods (enforced where the cluster's network
+/// plugin enforces NetworkPolicies).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Further namespaces, by name, whose pods may call the model (an ingress
+    /// controller's, a gateway's, the applications').
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    pub from_namespaces: Vec<String>,
 }
 
 /// What is served, from where.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
-    validation = Rule::new("self.uri.matches('^(hf://[^/@]+/[^/@]+(@[^/@]+)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$')").message("uri must be hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, https://HOST/PATH or pvc://CLAIM/PATH"),
+    validation = Rule::new("self.uri.matches('^(hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[A-Za-z0-9][-_.A-Za-z0-9]*(@[^@]+)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$')").message("uri must be hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, https://HOST/PATH or pvc://CLAIM/PATH"),
     validation = Rule::new("!has(self.revision) || (self.uri.startsWith('hf://') && !self.uri.contains('@'))").message("revision applies to hf:// URIs without an @REVISION of their own"),
     validation = Rule::new("!has(self.sha256) || self.uri.startsWith('https://') || self.uri.startsWith('http://')").message("sha256 applies to a single-file https:// model"),
 )]
@@ -111,14 +163,16 @@ pub struct ModelSpec {
     pub credentials_secret: Option<String>,
     /// Expected sha256 (hex) of a single-file `https://` model; the pull fails on a mismatch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"), length(max = 64))]
     pub sha256: Option<String>,
     /// Only pull files matching these globs (replaces kandle's own choice), for example
     /// `["*Q4_K_M.gguf"]` to pick one quantisation from a GGUF repository.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
     pub include: Vec<String>,
     /// Leave out files matching these globs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
     pub exclude: Vec<String>,
 }
 
@@ -165,10 +219,12 @@ pub struct ResourcesSpec {
     pub gpu: Option<GpuSpec>,
     /// Resource requests of the serving container (`cpu`, `memory`, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "quantity_map")]
     pub requests: BTreeMap<String, Quantity>,
     /// Resource limits of the serving container. The memory limit also sizes how long
     /// the server may take to load the model before its startup probe gives up.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "quantity_map")]
     pub limits: BTreeMap<String, Quantity>,
 }
 
@@ -248,6 +304,11 @@ pub struct CacheSpec {
     /// `pvc`: a Job pulls it once into a PersistentVolumeClaim that pods mount read-only.
     #[serde(default)]
     pub volume: CacheVolume,
+    /// Most the `emptyDir` may hold (its `sizeLimit`): a pod whose model outgrows it is
+    /// evicted rather than filling the node's disk. Set it above the model's size.
+    #[serde(default = "default_cache_size")]
+    #[schemars(schema_with = "quantity")]
+    pub size_limit: Quantity,
     /// The claim made for `volume: pvc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc: Option<PvcSpec>,
@@ -274,6 +335,7 @@ pub struct PvcSpec {
     pub storage_class_name: Option<String>,
     /// Size of the claim; it must hold the model.
     #[serde(default = "default_pvc_size")]
+    #[schemars(schema_with = "quantity")]
     pub size: Quantity,
     /// Access modes of the claim. Pods on several nodes need `ReadWriteMany` or `ReadOnlyMany`
     /// support from the storage class; `ReadWriteOnce` keeps them on the node that pulled.
@@ -479,6 +541,29 @@ pub struct RolledBack {
     pub message: String,
 }
 
+/// Kubernetes' quantity grammar (`500m`, `1.5`, `8Gi`, `1e3`) without a sign: a negative
+/// or malformed request, limit or size is refused here rather than by the children's
+/// API calls later.
+pub const QUANTITY_PATTERN: &str = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
+/// A resource quantity as controller-gen writes one: an integer, or a string of the
+/// grammar (the pattern applies to strings only).
+fn quantity(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "pattern": QUANTITY_PATTERN,
+        "maxLength": 64,
+    })
+}
+
+fn quantity_map(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": quantity(g),
+        "maxProperties": 32,
+    })
+}
+
 /// Kept as written: a copy of the spec, not validated again.
 fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
@@ -516,6 +601,10 @@ pub struct ModelStatus {
     /// Number of model files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<i64>,
+    /// Files checked by size alone, because their source published no hash (an https://
+    /// URL without a sha256, an S3 multipart upload). Absent when every file was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unverified_files: Option<i64>,
 }
 
 fn one() -> i32 {
@@ -526,6 +615,9 @@ fn default_target_in_flight() -> i32 {
 }
 fn default_scale_down_delay() -> i32 {
     300
+}
+pub fn default_cache_size() -> Quantity {
+    Quantity("20Gi".into())
 }
 fn default_pvc_size() -> Quantity {
     Quantity("20Gi".into())
@@ -571,5 +663,91 @@ impl Default for ServiceSpec {
             port: default_service_port(),
             annotations: BTreeMap::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    /// The fields a CEL rule reads: `self.a.b` paths, relative to the rule's node.
+    fn paths(rule: &str) -> Vec<Vec<&str>> {
+        rule.match_indices("self.")
+            .filter(|(i, _)| {
+                rule[..*i]
+                    .chars()
+                    .last()
+                    .is_none_or(|c| !c.is_alphanumeric() && c != '_' && c != '.')
+            })
+            .map(|(i, _)| {
+                let rest = &rule[i + "self.".len()..];
+                let end = rest
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+                    .unwrap_or(rest.len());
+                let mut path: Vec<&str> =
+                    rest[..end].split('.').filter(|s| !s.is_empty()).collect();
+                // `self.uri.matches(...)`: the last name is a method, not a field.
+                if rest[end..].starts_with('(') {
+                    path.pop();
+                }
+                path
+            })
+            .collect()
+    }
+
+    /// Walks the schema; at each rule, every value it reads must be bounded: strings by
+    /// `maxLength` or an enum, lists by `maxItems`, maps by `maxProperties`.
+    fn unbounded(schema: &Value, at: &str, out: &mut Vec<String>) {
+        for rule in schema["x-kubernetes-validations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let rule = rule["rule"].as_str().unwrap();
+            for path in paths(rule) {
+                let mut node = schema;
+                for field in &path {
+                    node = &node["properties"][field];
+                }
+                let bounded = match node["type"].as_str() {
+                    Some("string") => node.get("maxLength").is_some() || node.get("enum").is_some(),
+                    Some("array") => node.get("maxItems").is_some(),
+                    Some("object") if node.get("additionalProperties").is_some() => {
+                        node.get("maxProperties").is_some()
+                    }
+                    // Numbers, booleans and plain objects cost a constant; an unknown path
+                    // (a typo) is unbounded too.
+                    Some(_) => true,
+                    None => false,
+                };
+                if !bounded {
+                    out.push(format!("{at}: `{rule}` reads self.{}", path.join(".")));
+                }
+            }
+        }
+        for (name, child) in schema["properties"].as_object().into_iter().flatten() {
+            unbounded(child, &format!("{at}.{name}"), out);
+        }
+        for key in ["items", "additionalProperties"] {
+            if schema[key].is_object() {
+                unbounded(&schema[key], &format!("{at}[]"), out);
+            }
+        }
+    }
+
+    #[test]
+    fn every_value_a_cel_rule_reads_is_bounded() {
+        let crd = serde_json::to_value(super::definition()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut out = Vec::new();
+        unbounded(schema, "", &mut out);
+        assert!(out.is_empty(), "unbounded reads: {out:#?}");
+        // The check itself can fail: an unbounded string is found.
+        let bare = serde_json::json!({"type": "object",
+            "properties": {"s": {"type": "string"}},
+            "x-kubernetes-validations": [{"rule": "self.s.matches('^a$')"}]});
+        let mut out = Vec::new();
+        unbounded(&bare, "", &mut out);
+        assert_eq!(out.len(), 1);
     }
 }

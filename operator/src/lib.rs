@@ -12,6 +12,7 @@ pub mod http;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod reference;
 pub mod render;
 pub mod replicas;
@@ -21,6 +22,5 @@ pub mod validate;
 
 /// The CRD as `kandle-operator crd` prints it and `crds/` holds it.
 pub fn crd_yaml() -> String {
-    use kube::CustomResourceExt;
-    serde_saphyr::to_string(&crd::ModelDeployment::crd()).expect("the CRD serializes")
+    serde_saphyr::to_string(&crd::definition()).expect("the CRD serializes")
 }

@@ -3,7 +3,6 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     JSONSchemaProps, JSONSchemaPropsOrArray,
 };
-use kube::CustomResourceExt;
 
 /// Fields whose type is Kubernetes' own: described by `kubectl explain`, not repeated here.
 const EMBEDDED: &[&str] = &[
@@ -14,7 +13,7 @@ const EMBEDDED: &[&str] = &[
 ];
 
 pub fn markdown() -> String {
-    let crd = crate::crd::ModelDeployment::crd();
+    let crd = crate::crd::definition();
     let version = &crd.spec.versions[0];
     let root = version
         .schema

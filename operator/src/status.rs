@@ -44,6 +44,7 @@ struct PullReport {
     revision: Option<String>,
     size_bytes: Option<i64>,
     files: Option<i64>,
+    unverified_files: Option<i64>,
     error: Option<String>,
     transient: Option<bool>,
 }
@@ -476,6 +477,7 @@ fn model_status(r: &PullReport) -> ModelStatus {
         resolved_revision: r.revision.clone(),
         size_bytes: r.size_bytes,
         files: r.files,
+        unverified_files: r.unverified_files,
     }
 }
 

@@ -2,7 +2,6 @@
 //! schema (types, bounds, enums, required and unknown fields) and its CEL rules. `render`
 //! uses it, and so do the tests' API server and the example checks.
 use crate::crd::ModelDeployment;
-use kube::CustomResourceExt;
 use kube::core::cel::Validator;
 use serde_json::{Map, Value};
 use std::sync::LazyLock;
@@ -14,7 +13,7 @@ pub struct Invalid(pub Vec<String>);
 
 /// The CRD's openAPIV3Schema, as the API server and kube's CEL validator read it.
 static SCHEMA: LazyLock<Value> = LazyLock::new(|| {
-    let crd = ModelDeployment::crd();
+    let crd = crate::crd::definition();
     let schema = crd.spec.versions[0]
         .schema
         .as_ref()
@@ -33,7 +32,11 @@ static STRUCTURAL: LazyLock<jsonschema::Validator> = LazyLock::new(|| {
     for field in ["apiVersion", "kind"] {
         root.insert(field.into(), serde_json::json!({"type": "string"}));
     }
-    root.insert("metadata".into(), serde_json::json!({"type": "object"}));
+    // The CRD bounds metadata.name; the API server checks the rest of metadata itself.
+    let metadata = root
+        .entry("metadata")
+        .or_insert_with(|| serde_json::json!({"type": "object"}));
+    metadata["x-kubernetes-preserve-unknown-fields"] = Value::Bool(true);
     to_json_schema(&mut schema);
     jsonschema::options()
         .with_draft(jsonschema::Draft::Draft4)
@@ -57,6 +60,7 @@ pub fn model_deployment(doc: &Value) -> Result<ModelDeployment, Invalid> {
         Some(name) if !name.is_empty() => {}
         _ => errors.push("metadata.name: Required value".into()),
     }
+    errors.extend(metadata_errors(doc));
     errors.extend(STRUCTURAL.iter_errors(doc).map(describe));
     if errors.is_empty()
         && let Err(failed) = Validator::new().validate(&SCHEMA, doc, None)
@@ -74,6 +78,80 @@ pub fn model_deployment(doc: &Value) -> Result<ModelDeployment, Invalid> {
         return Err(Invalid(errors));
     }
     serde_json::from_value(doc.clone()).map_err(|e| Invalid(vec![e.to_string()]))
+}
+
+/// What the API server checks of every object's metadata, and of the label maps the
+/// children carry: a namespace is a DNS label; label and annotation keys are qualified
+/// names; label values are at most 63 name characters.
+fn metadata_errors(doc: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(ns) = doc.pointer("/metadata/namespace").and_then(Value::as_str)
+        && !dns_label(ns)
+    {
+        errors.push(format!(
+            "metadata.namespace: Invalid value: {ns:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', start and end with one, and be at most 63 characters"
+        ));
+    }
+    let maps = [
+        ("metadata.labels", "/metadata/labels", true),
+        ("metadata.annotations", "/metadata/annotations", false),
+        (
+            "spec.scheduling.nodeSelector",
+            "/spec/scheduling/nodeSelector",
+            true,
+        ),
+        (
+            "spec.service.annotations",
+            "/spec/service/annotations",
+            false,
+        ),
+    ];
+    for (path, pointer, values_are_labels) in maps {
+        let Some(map) = doc.pointer(pointer).and_then(Value::as_object) else {
+            continue;
+        };
+        for (key, value) in map {
+            if !qualified_name(key) {
+                errors.push(format!(
+                    "{path}: Invalid value: {key:?}: a key must be a name of at most 63 alphanumeric characters, '-', '_' or '.' (starting and ending alphanumeric), with an optional DNS subdomain prefix and '/'"
+                ));
+            }
+            if values_are_labels
+                && let Some(v) = value.as_str()
+                && !(v.is_empty() || name_part(v))
+            {
+                errors.push(format!(
+                    "{path}.{key}: Invalid value: {v:?}: a label value must be empty or at most 63 alphanumeric characters, '-', '_' or '.', starting and ending alphanumeric"
+                ));
+            }
+        }
+    }
+    errors
+}
+
+fn dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// `[prefix/]name` as label and annotation keys take.
+fn qualified_name(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    name_part(name) && prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(dns_label))
+}
+
+fn name_part(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// One structural error in the API server's words: `spec.replicas: ...`.
@@ -232,12 +310,46 @@ mod tests {
     }
 
     #[test]
+    fn what_the_api_server_refuses_in_metadata_and_quantities_is_refused() {
+        let mut bad = doc(json!({"model": {"uri": "hf://o/m"},
+            "resources": {"requests": {"cpu": "abc"}, "limits": {"memory": "-5Gi"}},
+            "scheduling": {"nodeSelector": {"bad key!": "v", "ok": "bad value!"}},
+            "cache": {"volume": "pvc", "pvc": {"size": "20 GB"}}}));
+        bad["metadata"]["namespace"] = json!("Bad NS!");
+        bad["metadata"]["labels"] = json!({"-x": "1", "a/b/c": "2", "team": "ml"});
+        let errors = model_deployment(&bad).unwrap_err().0.join("\n");
+        for field in [
+            "metadata.namespace",
+            "\"-x\"",
+            "\"a/b/c\"",
+            "spec.resources.requests.cpu",
+            "spec.resources.limits.memory",
+            "spec.cache.pvc.size",
+            "\"bad key!\"",
+            "nodeSelector.ok",
+        ] {
+            assert!(errors.contains(field), "{field} not in:\n{errors}");
+        }
+        assert!(!errors.contains("\"team\""), "{errors}");
+        let mut good = doc(json!({"model": {"uri": "hf://o/m"},
+            "resources": {"requests": {"cpu": "500m", "memory": "1.5Gi"}, "limits": {"memory": 8589934592u64}},
+            "scheduling": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}}));
+        good["metadata"]["namespace"] = json!("ml-prod");
+        good["metadata"]["labels"] = json!({"app.kubernetes.io/part-of": "llm", "empty": ""});
+        model_deployment(&good).unwrap();
+    }
+
+    #[test]
     fn names_that_cannot_become_child_names_are_refused() {
         for name in ["Upper", "1starts-with-digit", &"a".repeat(50)] {
             let mut d = doc(json!({"model": {"uri": "hf://a/b"}}));
             d["metadata"]["name"] = json!(name);
             let e = model_deployment(&d).unwrap_err().to_string();
-            assert!(e.contains("DNS label"), "{name}: {e}");
+            // The schema bounds the length; the CEL rule says what a name must look like.
+            assert!(
+                e.contains("DNS label") || e.contains("longer than 49"),
+                "{name}: {e}"
+            );
         }
     }
 }

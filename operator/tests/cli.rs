@@ -180,10 +180,7 @@ fn every_field_is_described() {
             walk(&format!("{here}[]"), &child["items"], missing);
         }
     }
-    let crd: serde_json::Value = serde_json::to_value(
-        <kandle_operator::crd::ModelDeployment as kube::CustomResourceExt>::crd(),
-    )
-    .unwrap();
+    let crd: serde_json::Value = serde_json::to_value(kandle_operator::crd::definition()).unwrap();
     let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
     let mut missing = Vec::new();
     walk("", schema, &mut missing);

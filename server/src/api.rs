@@ -1,6 +1,13 @@
 //! OpenAI wire types. Requests accept what the official clients send (unknown fields are
 //! ignored, as OpenAI does); responses carry every field the clients read.
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// `null` read as the field's default, as OpenAI's API reads it.
+fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> Result<T, D::Error> {
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
 
 /// A string or a list of strings (`stop`, `prompt`).
 #[derive(Debug, Clone, Deserialize)]
@@ -21,7 +28,7 @@ impl StringOrList {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub include_usage: bool,
 }
 
@@ -39,7 +46,7 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<serde_json::Value>,

@@ -66,6 +66,11 @@ pub struct FetchArgs {
     /// not where one connection fills the link.
     #[arg(long, env = "KANDLE_PULL_RANGE_MIN_BYTES", default_value_t = 16 << 20)]
     pub range_min_bytes: u64,
+    /// A folder of credential files, one per key (`HF_TOKEN`, `AWS_ACCESS_KEY_ID`, ...), as
+    /// a Kubernetes Secret mounted as a volume gives; each file wins over the environment
+    /// variable of its name.
+    #[arg(long, env = "KANDLE_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
 }
 
 impl FetchArgs {
@@ -77,6 +82,7 @@ impl FetchArgs {
             concurrency: self.concurrency,
             retry_budget: std::time::Duration::from_secs(self.retry_seconds),
             range_min_bytes: self.range_min_bytes,
+            credentials_dir: self.credentials_dir.clone(),
         }
     }
 }
@@ -152,7 +158,23 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "KANDLE_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// File holding the API key(s), one per line; clients then send `Authorization: Bearer KEY`.
+    /// Let special tokens typed into chat messages act as control tokens. Off: they are
+    /// read as plain text, so a user cannot close their turn or forge a system message.
+    #[arg(long, env = "KANDLE_SPECIAL_TOKENS_IN_CONTENT")]
+    pub special_tokens_in_content: bool,
+    /// Connections open at once; more wait in the kernel's backlog until one closes.
+    #[arg(long, env = "KANDLE_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from when it
+    /// opens or finished its last request: closes half-sent, silent and idle keep-alive
+    /// connections.
+    #[arg(long, env = "KANDLE_HEADER_TIMEOUT_SECONDS", default_value_t = 15)]
+    pub header_timeout_seconds: u64,
+    /// Seconds a request's whole body may take to arrive; slower is a 408.
+    #[arg(long, env = "KANDLE_BODY_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub body_timeout_seconds: u64,
+    /// File holding the API key(s), one per line (blank lines and lines starting with `#`
+    /// are ignored); clients then send `Authorization: Bearer KEY`.
     #[arg(long, env = "KANDLE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// After SIGTERM, how long requests in flight may take to finish.

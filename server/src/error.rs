@@ -21,11 +21,16 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("Request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("The request body did not arrive within {seconds} s")]
+    BodyTimeout { seconds: u64 },
+    #[error("Method not allowed; see the API reference for this path's methods")]
+    MethodNotAllowed,
     #[error("The server is at capacity; retry later")]
     Overloaded,
     #[error("{0}")]
     Unavailable(&'static str),
-    #[error("Internal error: {0}")]
+    /// The cause goes to the log only: it can hold paths or a backtrace.
+    #[error("The server could not complete the request; its log has the cause")]
     Internal(String),
 }
 
@@ -64,6 +69,8 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,6 +84,8 @@ impl ApiError {
             Self::NotFound => ("invalid_request_error", Some("not_found")),
             Self::Unauthorized(_) => ("authentication_error", Some("invalid_api_key")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            Self::BodyTimeout { .. } => ("invalid_request_error", Some("timeout")),
+            Self::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed")),
             Self::Overloaded => ("rate_limit_error", Some("queue_full")),
             Self::Unavailable(_) => ("server_error", Some("unavailable")),
             Self::Internal(_) => ("server_error", None),
@@ -85,6 +94,9 @@ impl ApiError {
 
     /// The JSON body, also sent as the last event of a stream that fails midway.
     pub fn body(&self) -> serde_json::Value {
+        if let Self::Internal(cause) = self {
+            tracing::error!(%cause, "request failed");
+        }
         let (kind, code) = self.kind_and_code();
         let param = match self {
             Self::InvalidRequest { param, .. } => param.as_deref(),
@@ -105,9 +117,6 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Self::Internal(cause) = &self {
-            tracing::error!(%cause, "request failed");
-        }
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         if matches!(self, Self::Overloaded) {
             response.headers_mut().insert(

@@ -21,4 +21,5 @@ pub mod model;
 pub mod pull;
 pub mod sampling;
 pub mod serve;
+pub mod tokenize;
 pub mod validation;

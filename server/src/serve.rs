@@ -7,8 +7,10 @@ use crate::http::{AppState, Engine, router};
 use crate::metrics::{Metrics, ModelLabels};
 use crate::model::{self, Backend, LoadOptions};
 use crate::pull::{self, uri::ModelUri};
+use crate::tokenize::PromptTokenizer;
 use crate::validation::SamplingParams;
 use anyhow::{Context, bail};
+use kandle_listen::ConnectionLimits;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +88,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_name,
         created: crate::http::unix_now(),
         info,
+        prompts: Arc::new(PromptTokenizer::new(
+            tokenizer.clone(),
+            max_input_tokens,
+            args.special_tokens_in_content,
+        )),
         tokenizer,
         chat_template: loaded.chat_template.map(Arc::new),
         engine,
@@ -99,6 +106,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_keys,
         max_input_tokens,
         max_body_bytes: args.max_body_bytes,
+        body_timeout: Duration::from_secs(args.body_timeout_seconds.max(1)),
     });
     let listener = TcpListener::bind((args.host, args.port))
         .await
@@ -106,9 +114,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "listening");
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let drained = drain_on_signal(state.clone(), grace);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(drained)
-        .await?;
+    let limits = ConnectionLimits {
+        max_connections: args.max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),
+    };
+    kandle_listen::serve(listener, router(state), limits, drained).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -175,10 +185,11 @@ async fn shutdown_signal() {
 fn read_api_keys(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading API key file {}", path.display()))?;
+    // Comments and blank lines are for people; a key is never either.
     let keys: Vec<String> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(String::from)
         .collect();
     if keys.is_empty() {

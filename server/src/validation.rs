@@ -454,6 +454,37 @@ mod tests {
         assert!(parse(r#"{"model":"m","input":7}"#).is_err());
     }
 
+    /// JSON of any shape, a few levels deep: what a hostile client can put in a field.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            "\\PC{0,12}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!("user")),
+            Just(serde_json::json!("text")),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("role".to_string()),
+                        Just("content".to_string()),
+                        Just("type".to_string()),
+                        Just("text".to_string()),
+                        Just("include_usage".to_string()),
+                        "[a-z]{1,6}"
+                    ],
+                    inner,
+                    0..4,
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest! {
         // Whatever bytes arrive, parsing and validation answer Ok or a 400, and never panic.
         #[test]
@@ -467,6 +498,40 @@ mod tests {
             }
             if let Err(e) = parse_json::<EmbeddingRequest>(&body) {
                 prop_assert_eq!(e.status().as_u16(), 400);
+            }
+        }
+
+        // Valid JSON of any shape in every field a request has: Ok, or a 400.
+        #[test]
+        fn arbitrary_json_in_every_field_is_ok_or_a_400(
+            fields in proptest::collection::vec((
+                prop_oneof![
+                    Just("model"), Just("messages"), Just("prompt"), Just("input"), Just("stop"),
+                    Just("stream"), Just("stream_options"), Just("logprobs"), Just("seed"),
+                    Just("max_tokens"), Just("temperature"), Just("top_p"), Just("n"),
+                ],
+                json_value(),
+            ), 0..6)
+        ) {
+            let body = serde_json::Value::Object(
+                fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            );
+            let bytes = body.to_string().into_bytes();
+            let outcomes = [
+                parse_json::<ChatCompletionRequest>(&bytes).and_then(|r| {
+                    chat_messages(r.messages)?;
+                    generation_params(r.sampling).map(drop)
+                }),
+                parse_json::<CompletionRequest>(&bytes).and_then(|r| {
+                    completion_prompt(r.prompt)?;
+                    generation_params(r.sampling).map(drop)
+                }),
+                parse_json::<EmbeddingRequest>(&bytes).and_then(|r| embedding_inputs(r.input).map(drop)),
+            ];
+            for outcome in outcomes {
+                if let Err(e) = outcome {
+                    prop_assert_eq!(e.status().as_u16(), 400);
+                }
             }
         }
 

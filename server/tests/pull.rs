@@ -45,6 +45,7 @@ fn hub_with(model: &TinyLlama) -> (Arc<Hub>, String) {
             commit: COMMIT.into(),
             files,
             token: None,
+            listing: None,
         },
     );
     let url = hub::start(hub.clone());
@@ -283,6 +284,7 @@ fn auth_and_missing_repos_fail_at_once_with_a_cause() {
             commit: COMMIT.into(),
             files,
             token: Some("hf_secret_token".into()),
+            listing: None,
         },
     );
     let dest = tempfile::tempdir().unwrap();
@@ -384,7 +386,9 @@ fn a_killed_pull_resumes_with_range_requests_for_the_missing_bytes_only() {
     )
     .spawn()
     .unwrap();
-    let marks = dest.path().join(".kandle-staging/model.safetensors.ranges");
+    let marks = dest
+        .path()
+        .join(".kandle-staging/.kandle-ranges-model.safetensors");
     let written = || -> Vec<(u64, u64)> {
         std::fs::read_to_string(&marks)
             .unwrap_or_default()

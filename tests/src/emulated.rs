@@ -38,6 +38,7 @@ pub fn settings() -> Settings {
     Settings {
         server_image: "kandle-server:test".into(),
         cluster_domain: "cluster.local".into(),
+        operator_namespace: "kandle-system".into(),
     }
 }
 

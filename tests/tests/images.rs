@@ -41,6 +41,7 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
         &kandle_operator::build::Settings {
             server_image: "x".into(),
             cluster_domain: "cluster.local".into(),
+            operator_namespace: "kandle-system".into(),
         },
         "default",
     )

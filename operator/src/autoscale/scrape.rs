@@ -1,7 +1,11 @@
 //! Reading the serving pods' `/metrics`: their load (for the autoscaler) and their request
 //! counters (for canary verdicts).
+use futures::StreamExt;
 use futures::future::{BoxFuture, join_all};
 use std::time::Duration;
+
+/// A server's `/metrics` is a few KiB; a pod that sends more than this is not answering.
+const MAX_METRICS_BYTES: usize = 1 << 20;
 
 /// A ready serving pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,10 +52,22 @@ impl HttpLoad {
         let url = format!("http://{}:{}/metrics", pod.ip.as_deref()?, self.port);
         let answer = async {
             let response = self.client.get(&url).send().await?.error_for_status()?;
-            response.text().await
+            let mut body = Vec::new();
+            let mut chunks = response.bytes_stream();
+            while let Some(chunk) = chunks.next().await {
+                body.extend_from_slice(&chunk?);
+                if body.len() > MAX_METRICS_BYTES {
+                    return Ok(None);
+                }
+            }
+            Ok::<_, reqwest::Error>(Some(body))
         };
         match answer.await {
-            Ok(text) => parse(&text),
+            Ok(Some(body)) => parse(&String::from_utf8_lossy(&body)),
+            Ok(None) => {
+                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, "metrics larger than {MAX_METRICS_BYTES} bytes; ignored");
+                None
+            }
             Err(e) => {
                 tracing::debug!(pod = %pod.name, namespace = %pod.namespace, error = %e, "cannot scrape");
                 None
@@ -147,5 +163,28 @@ mod tests {
         assert_eq!(metrics[1], None, "no IP yet");
         // 127.0.0.2 is loopback too on Linux, but nothing listens there on that port.
         assert_eq!(metrics[2], None);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_ignored_unread() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Valid metrics, padded past the bound with comment lines.
+        let huge = format!(
+            "kandle_requests_in_flight 2\nkandle_requests_queued 1\n{}",
+            "# padding\n".repeat(MAX_METRICS_BYTES / 8)
+        );
+        let app = axum::Router::new().route("/metrics", axum::routing::get(|| async { huge }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let pod = PodTarget {
+            namespace: "ml".into(),
+            name: "p".into(),
+            instance: "m".into(),
+            ip: Some("127.0.0.1".into()),
+        };
+        let metrics = HttpLoad::new(port, Duration::from_secs(5))
+            .scrape(std::slice::from_ref(&pod))
+            .await;
+        assert_eq!(metrics[0], None);
     }
 }

@@ -5,7 +5,7 @@ use super::cache::ModelSource;
 use super::labels::{REVISION_LABEL, meta, selector};
 use super::pod::{MODELS, container_security, mount, pod_security, pull_container, tmp_volume};
 use super::quantity;
-use crate::crd::{ModelDeployment, Task};
+use crate::crd::{ModelDeployment, Task, default_cache_size};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -99,7 +99,15 @@ fn pod_spec(md: &ModelDeployment, image: &str, source: &ModelSource) -> PodSpec 
     let model_volume = match source {
         ModelSource::PerPod => Volume {
             name: "model".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(
+                    md.spec
+                        .cache
+                        .as_ref()
+                        .map_or_else(default_cache_size, |c| c.size_limit.clone()),
+                ),
+                ..EmptyDirVolumeSource::default()
+            }),
             ..Volume::default()
         },
         ModelSource::PvcCache { claim, .. } | ModelSource::UserClaim { claim, .. } => Volume {

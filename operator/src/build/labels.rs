@@ -14,8 +14,6 @@ pub const REVISION_LABEL: &str = "kandle.dev/revision";
 const NAME: &str = "app.kubernetes.io/name";
 const INSTANCE: &str = "app.kubernetes.io/instance";
 
-/// Labels that select the serving pods of one ModelDeployment (the Deployment's
-/// immutable selector, the Service's and the PDB's).
 /// The revision a Deployment's pod template carries (what it is rolling out).
 pub fn template_revision(d: &k8s_openapi::api::apps::v1::Deployment) -> Option<&str> {
     d.spec
@@ -28,6 +26,8 @@ pub fn template_revision(d: &k8s_openapi::api::apps::v1::Deployment) -> Option<&
         .map(String::as_str)
 }
 
+/// Labels that select the serving pods of one ModelDeployment (the Deployment's
+/// immutable selector, the Service's and the PDB's).
 pub fn selector(md: &ModelDeployment) -> BTreeMap<String, String> {
     BTreeMap::from([
         (NAME.to_string(), "kandle-server".to_string()),
@@ -42,6 +42,17 @@ pub fn selector_string(md: &ModelDeployment) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Labels of every pod of one ModelDeployment, serving or pulling.
+pub fn instance_labels(md: &ModelDeployment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (INSTANCE.to_string(), md.name_any()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGED_BY.to_string(),
+        ),
+    ])
 }
 
 /// Selects every child of one ModelDeployment, whatever its component.

@@ -21,6 +21,7 @@ use crate::crd::ModelDeployment;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -33,6 +34,8 @@ pub struct Settings {
     pub server_image: String,
     /// DNS suffix of Services, for `status.endpoint`.
     pub cluster_domain: String,
+    /// Where the operator runs: its scrapes of the pods' metrics come from there.
+    pub operator_namespace: String,
 }
 
 /// Every child kind, in the order they are applied and printed.
@@ -44,6 +47,7 @@ pub enum Child {
     Deployment(Box<Deployment>),
     Service(Box<Service>),
     Pdb(Box<PodDisruptionBudget>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 impl Child {
@@ -54,6 +58,7 @@ impl Child {
             Self::Deployment(_) => "Deployment",
             Self::Service(_) => "Service",
             Self::Pdb(_) => "PodDisruptionBudget",
+            Self::NetworkPolicy(_) => "NetworkPolicy",
         }
     }
 
@@ -64,6 +69,7 @@ impl Child {
             Self::Deployment(o) => o.name_any(),
             Self::Service(o) => o.name_any(),
             Self::Pdb(o) => o.name_any(),
+            Self::NetworkPolicy(o) => o.name_any(),
         }
     }
 }
@@ -153,6 +159,9 @@ pub fn desired(md: &ModelDeployment, settings: &Settings, replicas: i32) -> Desi
     children.push(Child::Service(Box::new(service::service(md))));
     if replicas > 1 {
         children.push(Child::Pdb(Box::new(service::disruption_budget(md))));
+    }
+    if let Some(policy) = service::network_policy(md, settings) {
+        children.push(Child::NetworkPolicy(Box::new(policy)));
     }
     Desired {
         children,

@@ -4,8 +4,26 @@ use super::cache::ModelSource;
 use crate::crd::ModelDeployment;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext,
-    SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use std::collections::BTreeMap;
+
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+        .collect()
+}
+
+/// What a pull needs: a few buffers per connection and sha256 on about one core
+/// (`kandle-server pull` peaks near 50 MiB). Requests let it run under a ResourceQuota;
+/// limits bound a multi-GB download and leave room for page cache that the kernel
+/// reclaims under the limit.
+const PULL_REQUESTS: [(&str, &str); 2] = [("cpu", "250m"), ("memory", "128Mi")];
+const PULL_LIMITS: [(&str, &str); 2] = [("cpu", "2"), ("memory", "1Gi")];
+/// `/tmp` holds no model data, only what libraries write there.
+const TMP_SIZE: &str = "1Gi";
 
 /// The uid and gid of the images' non-root user.
 const USER: i64 = 65532;
@@ -47,7 +65,10 @@ pub fn tmp_volume() -> (Volume, VolumeMount) {
     (
         Volume {
             name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(TMP_SIZE.into())),
+                ..EmptyDirVolumeSource::default()
+            }),
             ..Volume::default()
         },
         mount("tmp", "/tmp", false),
@@ -106,6 +127,11 @@ pub fn pull_container(md: &ModelDeployment, image: &str, source: &ModelSource) -
             }]
         }),
         volume_mounts: Some(vec![mount("model", MODELS, false), tmp_volume().1]),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&PULL_REQUESTS)),
+            limits: Some(quantities(&PULL_LIMITS)),
+            ..ResourceRequirements::default()
+        }),
         security_context: Some(container_security()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()

@@ -2,6 +2,7 @@
 use super::*;
 use crate::crd::ModelDeployment;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
@@ -9,6 +10,7 @@ pub(crate) fn settings() -> Settings {
     Settings {
         server_image: "kandle-server:test".into(),
         cluster_domain: "cluster.local".into(),
+        operator_namespace: "kandle-system".into(),
     }
 }
 
@@ -460,5 +462,77 @@ fn endpoints_name_the_service_and_a_non_default_port() {
     assert_eq!(
         endpoint(&m, &settings()),
         "http://smollm.ml.svc.cluster.local:8000/v1"
+    );
+}
+
+#[test]
+fn pull_steps_are_bounded_and_the_model_volume_has_a_size_limit() {
+    let d = children(&md(json!({"model": {"uri": "hf://org/m"}})));
+    let pull = container(pod(&d), "pull");
+    let resources = pull.resources.as_ref().expect("pull resources");
+    let get = |m: &Option<std::collections::BTreeMap<String, Quantity>>, k: &str| {
+        m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone())
+    };
+    assert_eq!(get(&resources.requests, "memory").as_deref(), Some("128Mi"));
+    assert_eq!(get(&resources.requests, "cpu").as_deref(), Some("250m"));
+    assert_eq!(get(&resources.limits, "memory").as_deref(), Some("1Gi"));
+    let size = |d: &Desired, volume: &str| {
+        pod(d)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == volume)
+            .and_then(|v| v.empty_dir.as_ref()?.size_limit.clone())
+            .map(|q| q.0)
+    };
+    assert_eq!(size(&d, "model").as_deref(), Some("20Gi"), "the default");
+    assert_eq!(size(&d, "tmp").as_deref(), Some("1Gi"));
+    let big = children(&md(
+        json!({"model": {"uri": "hf://org/m"}, "cache": {"sizeLimit": "200Gi"}}),
+    ));
+    assert_eq!(size(&big, "model").as_deref(), Some("200Gi"));
+    let job = children(&md(
+        json!({"model": {"uri": "hf://org/m"}, "cache": {"volume": "pvc"}}),
+    ));
+    let job_pod = job
+        .children
+        .iter()
+        .find_map(|c| match c {
+            Child::Job(j) => j.spec.as_ref()?.template.spec.clone(),
+            _ => None,
+        })
+        .expect("a pull Job");
+    assert!(container(&job_pod, "pull").resources.is_some());
+}
+
+#[test]
+fn a_network_policy_admits_the_serving_port_from_chosen_namespaces_only() {
+    assert!(
+        !kinds(&children(&md(json!({"model": {"uri": "hf://org/m"}})))).contains(&"NetworkPolicy"),
+        "none unless asked for"
+    );
+    let d = children(&md(json!({"model": {"uri": "hf://org/m"},
+        "networkPolicy": {"fromNamespaces": ["apps", "ml"]}})));
+    let policy = d
+        .children
+        .iter()
+        .find_map(|c| match c {
+            Child::NetworkPolicy(p) => Some(p.as_ref()),
+            _ => None,
+        })
+        .expect("a NetworkPolicy");
+    let spec = serde_json::to_value(policy.spec.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        spec,
+        json!({
+            "podSelector": {"matchLabels": {"app.kubernetes.io/instance": "smollm",
+                "app.kubernetes.io/managed-by": "kandle-operator"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name",
+                    "operator": "In", "values": ["apps", "kandle-system", "ml"]}]}}],
+                "ports": [{"port": 8080, "protocol": "TCP"}],
+            }],
+        })
     );
 }

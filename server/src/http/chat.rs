@@ -1,7 +1,7 @@
 //! `POST /v1/chat/completions`.
 use super::generate::{Format, Generation, respond};
 use super::json::ApiJson;
-use super::{AppState, RequestStart, blocking, encode, unix_now};
+use super::{AppState, RequestStart, unix_now};
 use crate::api::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, Usage,
@@ -30,9 +30,11 @@ pub async fn chat_completions(
     let messages = chat_messages(req.messages)?;
     let params = generation_params(req.sampling)?;
     let permit = state.admission.admit().await?;
-    let tokenizer = state.tokenizer.clone();
     // Templates add their own BOS, as transformers' apply_chat_template assumes.
-    let prompt = blocking(move || encode(&tokenizer, &template.render(&messages)?, false)).await?;
+    let prompt = state
+        .prompts
+        .run(move |p| p.encode_chat(&template, &messages))
+        .await?;
     let format = ChatFormat {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),

@@ -1,7 +1,7 @@
 //! `POST /v1/completions`.
 use super::generate::{Format, Generation, respond};
 use super::json::ApiJson;
-use super::{AppState, RequestStart, blocking, encode, unix_now};
+use super::{AppState, RequestStart, unix_now};
 use crate::api::{Completion, CompletionChoice, CompletionRequest, Usage};
 use crate::engine::generation::FinishReason;
 use crate::error::ApiError;
@@ -45,8 +45,10 @@ pub async fn completions(
             ids
         }
         PromptInput::Text(text) => {
-            let tokenizer = state.tokenizer.clone();
-            blocking(move || encode(&tokenizer, &text, true)).await?
+            state
+                .prompts
+                .run(move |p| p.encode("prompt", &text, true))
+                .await?
         }
     };
     let format = CompletionFormat {

@@ -1,6 +1,6 @@
 //! `POST /v1/embeddings`: every input of a request goes to the batcher at once.
 use super::json::ApiJson;
-use super::{AppState, Engine, blocking};
+use super::{AppState, Engine};
 use crate::api::{EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage, EmbeddingVector};
 use crate::error::ApiError;
 use crate::validation::{
@@ -42,17 +42,18 @@ pub async fn embeddings(
     }
     let inputs = embedding_inputs(req.input)?;
     let _permit = state.admission.admit().await?;
-    let tokenizer = state.tokenizer.clone();
-    let sequences = blocking(move || {
-        inputs
-            .into_iter()
-            .map(|input| match input {
-                PromptInput::Tokens(ids) => Ok(ids),
-                PromptInput::Text(text) => super::encode(&tokenizer, &text, true),
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await?;
+    let sequences = state
+        .prompts
+        .run(move |p| {
+            inputs
+                .into_iter()
+                .map(|input| match input {
+                    PromptInput::Tokens(ids) => Ok(ids),
+                    PromptInput::Text(text) => p.encode("input", &text, true),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
     for ids in &sequences {
         check_token_ids("input", ids, state.info.vocab_size)?;
         check_input_len(ids.len(), state.max_input_tokens)?;

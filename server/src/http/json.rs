@@ -15,7 +15,12 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
         // Content-Type is not required: `curl -d` sends form encoding by default.
-        let body = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let body = tokio::time::timeout(state.body_timeout, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::BodyTimeout {
+                seconds: state.body_timeout.as_secs(),
+            })?;
+        let body = body.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge {
                     limit: state.max_body_bytes,

@@ -15,6 +15,7 @@ use crate::engine::generation::GenerationEngine;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RouteCode};
 use crate::model::ModelInfo;
+use crate::tokenize::PromptTokenizer;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, header};
@@ -49,6 +50,8 @@ pub struct AppState {
     pub created: u64,
     pub info: ModelInfo,
     pub tokenizer: Arc<Tokenizer>,
+    /// Prompts to token ids, within bounds.
+    pub prompts: Arc<PromptTokenizer>,
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub engine: Engine,
     pub admission: Admission,
@@ -58,6 +61,8 @@ pub struct AppState {
     pub api_keys: Vec<String>,
     pub max_input_tokens: usize,
     pub max_body_bytes: usize,
+    /// How long a request's whole body may take to arrive.
+    pub body_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -84,6 +89,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(
             ServiceBuilder::new()
@@ -156,7 +162,10 @@ fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim_start())
         .ok_or(ApiError::Unauthorized(
             "Missing API key: send `Authorization: Bearer KEY`",
         ))?;
@@ -173,26 +182,6 @@ fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Runs tokenizer or template work on the blocking pool, off tokio's worker threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
-}
-
-fn encode(
-    tokenizer: &Tokenizer,
-    text: &str,
-    add_special_tokens: bool,
-) -> Result<Vec<u32>, ApiError> {
-    tokenizer
-        .encode_fast(text, add_special_tokens)
-        .map(|enc| enc.get_ids().to_vec())
-        .map_err(|e| ApiError::invalid(format!("Could not tokenize the input: {e}")))
 }
 
 pub(crate) fn unix_now() -> u64 {

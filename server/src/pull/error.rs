@@ -51,6 +51,12 @@ pub enum PullError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// What a remote listed or sent is unsafe or unverifiable (a name outside the folder,
+    /// a file without a size or hash, more bytes than announced).
+    #[error("{uri}: refused: {reason}")]
+    Refused { uri: String, reason: String },
+    #[error("--sha256 must be 64 hexadecimal digits, got `{0}`")]
+    BadSha256(String),
     #[error("{uri}: unexpected answer: {message}")]
     Protocol { uri: String, message: String },
     #[error("{0}")]

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::ObjectStore;
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, RANGE};
+use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +44,15 @@ pub struct FileRecord {
     pub path: String,
     pub size: u64,
     pub sha256: String,
+    /// Checked against a hash its source published; false when only its size was known
+    /// (a URL without `--sha256`, an S3 multipart upload).
+    #[serde(default = "verified_by_default")]
+    pub verified: bool,
+}
+
+/// Markers written before `verified` existed held only verified files.
+fn verified_by_default() -> bool {
+    true
 }
 
 pub struct Fetcher {
@@ -146,6 +155,7 @@ impl Fetcher {
                     path: file.path.clone(),
                     size: len,
                     sha256,
+                    verified: file.digest.is_some(),
                 });
             };
             progress.add_negative(len);
@@ -204,12 +214,24 @@ impl Fetcher {
         writer: &mut Writer<'_>,
         progress: &Progress,
     ) -> Result<(), PullError> {
-        let mut body = self.http_body(file, writer, progress).await?;
+        let (mut body, total) = self.http_body(file, writer, progress).await?;
         let received = async {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk?;
+                if writer.position() + chunk.len() as u64 > total {
+                    return Err(PullError::Refused {
+                        uri: file.url.clone(),
+                        reason: format!("the server sent more than the {total} bytes it announced"),
+                    });
+                }
                 progress.add(chunk.len() as u64);
                 writer.push(&chunk).await?;
+            }
+            if writer.position() < total {
+                return Err(PullError::Network {
+                    uri: file.url.clone(),
+                    message: format!("connection closed at byte {} of {total}", writer.position()),
+                });
             }
             Ok(())
         }
@@ -219,15 +241,26 @@ impl Fetcher {
         received
     }
 
-    /// The rest of the file over HTTP: a Range request when a part exists.
+    /// The rest of the file over HTTP (a Range request when a part exists), with the whole
+    /// file's size as the server announces it: a file of unknown size has no bound, so it
+    /// is refused.
     async fn http_body(
         &self,
         file: &RemoteFile,
         writer: &mut Writer<'_>,
         progress: &Progress,
-    ) -> Result<BoxStream<'static, Result<Bytes, PullError>>, PullError> {
+    ) -> Result<(BoxStream<'static, Result<Bytes, PullError>>, u64), PullError> {
         let range = (writer.position() > 0).then(|| format!("bytes={}-", writer.position()));
         let response = self.get(file, range).await?;
+        let total = match response.status() {
+            StatusCode::PARTIAL_CONTENT => response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit_once('/'))
+                .and_then(|(_, total)| total.parse::<u64>().ok()),
+            _ => response.content_length(),
+        };
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {}
             // The server ignored the range: start over.
@@ -248,7 +281,12 @@ impl Fetcher {
                 ));
             }
         }
-        Ok(body(file, response).boxed())
+        let total = total.ok_or_else(|| PullError::Refused {
+            uri: file.url.clone(),
+            reason: "the server announced no size (Content-Length); a download needs a bound"
+                .into(),
+        })?;
+        Ok((body(file, response).boxed(), total))
     }
 
     /// GETs `file` with the hub token and `range` (a Range header) if given.
@@ -275,6 +313,31 @@ impl Fetcher {
         progress.add_negative(writer.position());
         writer.restart().await
     }
+}
+
+/// A small answer (a listing) read whole, refused past `max` bytes whatever its headers say.
+pub(super) async fn bounded_body(
+    uri: &str,
+    response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, PullError> {
+    let too_large = || PullError::Refused {
+        uri: uri.into(),
+        reason: format!("the answer is larger than {max} bytes"),
+    };
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| network_error(uri, &e))?;
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// A response's body, its failures named after `file`.

@@ -26,6 +26,9 @@ struct Lfs {
     size: u64,
 }
 
+/// A listing is a few KiB per file; a larger answer is not a hub's.
+const MAX_LISTING_BYTES: usize = 16 << 20;
+
 pub struct Listing {
     pub commit: String,
     pub files: Vec<RemoteFile>,
@@ -38,6 +41,22 @@ pub fn endpoint() -> String {
     )
 }
 
+/// `endpoint` with `segments` appended, each percent-encoded as one path segment.
+fn url(endpoint: &str, uri: &str, segments: &[&str]) -> Result<reqwest::Url, PullError> {
+    let mut url = reqwest::Url::parse(endpoint).map_err(|e| PullError::Refused {
+        uri: uri.into(),
+        reason: format!("HF_ENDPOINT `{endpoint}` is not a URL: {e}"),
+    })?;
+    url.path_segments_mut()
+        .map_err(|()| PullError::Refused {
+            uri: uri.into(),
+            reason: format!("HF_ENDPOINT `{endpoint}` cannot take a path"),
+        })?
+        .pop_if_empty()
+        .extend(segments);
+    Ok(url)
+}
+
 pub async fn list(
     client: &reqwest::Client,
     token: Option<&str>,
@@ -46,8 +65,14 @@ pub async fn list(
 ) -> Result<Listing, PullError> {
     let endpoint = endpoint();
     let uri = format!("hf://{repo}@{revision}");
-    let url = format!("{endpoint}/api/models/{repo}/revision/{revision}?blobs=true");
-    let mut request = client.get(&url);
+    let (org, name) = repo.split_once('/').unwrap_or((repo, ""));
+    let mut listing = url(
+        &endpoint,
+        &uri,
+        &["api", "models", org, name, "revision", revision],
+    )?;
+    listing.set_query(Some("blobs=true"));
+    let mut request = client.get(listing);
     if let Some(token) = token {
         request = request.header(AUTHORIZATION, format!("Bearer {token}"));
     }
@@ -62,10 +87,8 @@ pub async fn list(
             token.is_some(),
         ));
     }
-    let info: RepoInfo = response.json().await.map_err(|e| PullError::Protocol {
-        uri: uri.clone(),
-        message: e.to_string(),
-    })?;
+    let body = super::fetch::bounded_body(&uri, response, MAX_LISTING_BYTES).await?;
+    let info = parse_listing(&uri, &body)?;
     let files = info
         .siblings
         .into_iter()
@@ -74,17 +97,79 @@ pub async fn list(
                 Some(lfs) => (Some(lfs.size), Some(Digest::Sha256(lfs.sha256))),
                 None => (s.size, s.blob_id.map(Digest::GitBlobSha1)),
             };
-            RemoteFile {
+            let mut segments = vec![org, name, "resolve", info.sha.as_str()];
+            segments.extend(s.rfilename.split('/'));
+            Ok(RemoteFile {
                 object: None,
-                url: format!("{endpoint}/{repo}/resolve/{}/{}", info.sha, s.rfilename),
+                url: url(&endpoint, &uri, &segments)?.into(),
                 path: s.rfilename,
                 size,
                 digest,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_, PullError>>()?;
     Ok(Listing {
         commit: info.sha,
         files,
     })
+}
+
+/// A listing's bytes as the hub's JSON, its commit a real git id (it goes into URLs and
+/// the marker).
+fn parse_listing(uri: &str, body: &[u8]) -> Result<RepoInfo, PullError> {
+    let info: RepoInfo = serde_json::from_slice(body).map_err(|e| PullError::Protocol {
+        uri: uri.into(),
+        message: e.to_string(),
+    })?;
+    if !(info.sha.len() == 40 && info.sha.chars().all(|c| c.is_ascii_hexdigit())) {
+        return Err(PullError::Protocol {
+            uri: uri.into(),
+            message: format!(
+                "the commit `{}` is not a git commit id",
+                info.sha.escape_debug()
+            ),
+        });
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn file_names_are_encoded_as_path_segments() {
+        let u = url(
+            "http://h:1/",
+            "u",
+            &["o", "n", "resolve", "c", "a b", "x?y#z"],
+        )
+        .unwrap();
+        assert_eq!(u.as_str(), "http://h:1/o/n/resolve/c/a%20b/x%3Fy%23z");
+        let u = url("http://h:1/mirror", "u", &["api", "refs/pr/1"]).unwrap();
+        assert_eq!(u.as_str(), "http://h:1/mirror/api/refs%2Fpr%2F1");
+    }
+
+    proptest! {
+        /// Any bytes a hub sends give a listing or an error, never a panic.
+        #[test]
+        fn any_listing_parses_or_fails_cleanly(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_listing("hf://o/n", &body);
+        }
+
+        #[test]
+        fn listings_shaped_like_the_hubs_parse_or_fail_cleanly(
+            sha in "[0-9a-f]{0,41}",
+            name in "\\PC{0,40}",
+            size in proptest::option::of(any::<u64>()),
+        ) {
+            let body = serde_json::json!({
+                "sha": sha,
+                "siblings": [{"rfilename": name, "size": size, "blobId": "ab"}],
+            });
+            let parsed = parse_listing("hf://o/n", body.to_string().as_bytes());
+            prop_assert_eq!(parsed.is_ok(), sha.len() == 40);
+        }
+    }
 }

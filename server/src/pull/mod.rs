@@ -1,9 +1,11 @@
 //! `kandle-server pull`: a model from the hub, a URL or a path into a folder that
 //! `serve --model DIR` loads. Verified, resumable, atomic, and safe when several
 //! processes share the folder.
+pub mod credentials;
 pub mod error;
 pub mod fetch;
 pub mod hub;
+pub mod names;
 mod pace;
 pub mod progress;
 mod report;
@@ -13,12 +15,14 @@ pub mod select;
 mod sink;
 pub mod uri;
 
+use credentials::Credentials;
 use error::PullError;
 use fetch::{Digest, Fetcher, FileRecord, RemoteFile};
 use futures::{StreamExt, TryStreamExt};
 use progress::Progress;
 pub use report::Report;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use uri::ModelUri;
@@ -38,6 +42,8 @@ pub struct PullOptions {
     pub retry_budget: Duration,
     /// Files at least this large may take several connections.
     pub range_min_bytes: u64,
+    /// A folder of credential files (a mounted Secret), read before the environment.
+    pub credentials_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,15 +60,23 @@ impl Marker {
 
     /// Every listed file is there with its recorded size (hashes were checked on arrival).
     fn complete(&self, dest: &Path) -> bool {
-        self.files
-            .iter()
-            .all(|f| std::fs::metadata(dest.join(&f.path)).is_ok_and(|m| m.len() == f.size))
+        self.files.iter().all(|f| {
+            names::inside(dest, &f.path)
+                .is_ok_and(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == f.size))
+        })
     }
 }
 
 /// Pulls `uri` into `dest`; returns the marker describing what is there.
 pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, PullError> {
     let parsed = ModelUri::parse(uri)?;
+    let sha256 = match &opts.sha256 {
+        Some(h) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Some(h.to_lowercase())
+        }
+        Some(h) => return Err(PullError::BadSha256(h.chars().take(80).collect())),
+        None => None,
+    };
     tokio::fs::create_dir_all(dest)
         .await
         .map_err(PullError::io(dest))?;
@@ -76,7 +90,8 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
             uri: uri.into(),
             message: e.to_string(),
         })?;
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+    let credentials = Credentials::load(opts.credentials_dir.as_deref())?;
+    let token = credentials.get("HF_TOKEN");
     let include = select::globs(&opts.include).map_err(|source| PullError::Select {
         uri: uri.into(),
         source,
@@ -99,6 +114,8 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
                     return Ok(m);
                 }
                 let listing = hub::list(&client, token.as_deref(), repo, revision).await?;
+                // The whole listing: a hostile one is refused, not just filtered.
+                check_listing(uri, &listing.files, true)?;
                 let names: Vec<String> = listing.files.iter().map(|f| f.path.clone()).collect();
                 let chosen = select::select(&names, include.as_ref(), exclude.as_ref()).map_err(
                     |source| PullError::Select {
@@ -106,7 +123,7 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
                         source,
                     },
                 )?;
-                let files = listing
+                let files: Vec<RemoteFile> = listing
                     .files
                     .into_iter()
                     .filter(|f| chosen.contains(&f.path))
@@ -120,26 +137,22 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
                     .filter(|n| !n.is_empty())
                     .unwrap_or("model.gguf");
                 let name = name.split(['?', '#']).next().unwrap_or(name).to_string();
-                let digest = opts
-                    .sha256
-                    .clone()
-                    .map(|h| Digest::Sha256(h.to_lowercase()));
-                (
-                    None,
-                    vec![RemoteFile {
-                        path: name,
-                        url: url.clone(),
-                        object: None,
-                        size: None,
-                        digest,
-                    }],
-                )
+                let files = vec![RemoteFile {
+                    path: name,
+                    url: url.clone(),
+                    object: None,
+                    size: None,
+                    digest: sha256.map(Digest::Sha256),
+                }];
+                check_listing(uri, &files, false)?;
+                (None, files)
             }
             ModelUri::Local(path) => {
                 return copy_local(uri, path, dest, include.as_ref(), exclude.as_ref()).await;
             }
             ModelUri::S3 { bucket, prefix } => {
-                let files = s3::list(bucket, prefix).await?;
+                let files = s3::list(bucket, prefix, &credentials).await?;
+                check_listing(uri, &files, false)?;
                 let names: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
                 let chosen = select::select(&names, include.as_ref(), exclude.as_ref()).map_err(
                     |source| PullError::Select {
@@ -147,13 +160,11 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
                         source,
                     },
                 )?;
-                (
-                    None,
-                    files
-                        .into_iter()
-                        .filter(|f| chosen.contains(&f.path))
-                        .collect(),
-                )
+                let files: Vec<RemoteFile> = files
+                    .into_iter()
+                    .filter(|f| chosen.contains(&f.path))
+                    .collect();
+                (None, files)
             }
         };
 
@@ -177,9 +188,11 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
     let staging = dest.join(STAGING);
     let records: Result<Vec<FileRecord>, PullError> = futures::stream::iter(files.iter())
         .map(|file| {
-            let part = staging.join(&file.path);
-            let (fetcher, progress) = (&fetcher, &progress);
-            async move { fetcher.fetch(file, &part, progress).await }
+            let (fetcher, progress, staging) = (&fetcher, &progress, &staging);
+            async move {
+                let part = names::inside(staging, &file.path).map_err(|e| refused(uri, e))?;
+                fetcher.fetch(file, &part, progress).await
+            }
         })
         .buffer_unordered(opts.concurrency.max(1))
         .try_collect()
@@ -203,18 +216,47 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
     Ok(marker)
 }
 
+fn refused(uri: &str, e: names::NameError) -> PullError {
+    PullError::Refused {
+        uri: uri.into(),
+        reason: e.to_string(),
+    }
+}
+
+/// A remote's listing, refused unless every file has a safe name of its own and a size to
+/// check (`need_digest`: and a hash; a source that publishes them must publish them all).
+fn check_listing(uri: &str, files: &[RemoteFile], need_digest: bool) -> Result<(), PullError> {
+    let mut seen = HashSet::new();
+    for f in files {
+        names::check(&f.path).map_err(|e| refused(uri, e))?;
+        let reason = if !seen.insert(f.path.as_str()) {
+            "is listed twice"
+        } else if need_digest && (f.size.is_none() || f.digest.is_none()) {
+            "is listed without the size and hash to check it by"
+        } else {
+            continue;
+        };
+        return Err(PullError::Refused {
+            uri: uri.into(),
+            reason: format!("file {:?} {reason}", f.path),
+        });
+    }
+    Ok(())
+}
+
 /// Moves verified files from staging into place, then writes the marker last.
 async fn publish(dest: &Path, staging: &Path, marker: &Marker) -> Result<(), PullError> {
     // A changed revision may have dropped files: the old marker must not vouch for a mix.
     let _ = tokio::fs::remove_file(dest.join(MARKER)).await;
     for f in &marker.files {
-        let target = dest.join(&f.path);
+        let target = names::inside(dest, &f.path).map_err(|e| refused(&marker.source, e))?;
         if let Some(parent) = target.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
                 .map_err(PullError::io(parent))?;
         }
-        tokio::fs::rename(staging.join(&f.path), &target)
+        let staged = names::inside(staging, &f.path).map_err(|e| refused(&marker.source, e))?;
+        tokio::fs::rename(staged, &target)
             .await
             .map_err(PullError::io(&target))?;
     }
@@ -297,10 +339,12 @@ async fn copy_local(
                 std::fs::copy(&from, &to).map_err(PullError::io(&from))?;
             }
             let (size, sha256) = hash_file(&to)?;
+            // The source is this machine's own file: hashed here, nothing to check against.
             files.push(FileRecord {
                 path: name,
                 size,
                 sha256,
+                verified: true,
             });
         }
         Ok(Marker {

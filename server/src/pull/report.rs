@@ -16,6 +16,9 @@ pub struct Report {
     pub size_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files: Option<usize>,
+    /// Files checked by size alone: their source published no hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unverified_files: Option<usize>,
     /// The failure as users should read it (it names the URI and the cause).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -32,6 +35,8 @@ impl Report {
                 revision: marker.revision.clone(),
                 size_bytes: Some(marker.files.iter().map(|f| f.size).sum()),
                 files: Some(marker.files.len()),
+                unverified_files: Some(marker.files.iter().filter(|f| !f.verified).count())
+                    .filter(|&n| n > 0),
                 error: None,
                 transient: None,
             },
@@ -40,6 +45,7 @@ impl Report {
                 revision: None,
                 size_bytes: None,
                 files: None,
+                unverified_files: None,
                 error: Some(e.to_string()),
                 transient: Some(e.is_transient()),
             },

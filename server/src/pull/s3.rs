@@ -1,16 +1,28 @@
 //! S3 and S3-compatible stores, configured by the usual AWS variables
 //! (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+use super::credentials::Credentials;
 use super::error::PullError;
 use super::fetch::{Digest, RemoteFile, s3_error};
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{ObjectStore, RetryConfig};
 use std::sync::Arc;
 
-pub async fn list(bucket: &str, prefix: &str) -> Result<Vec<RemoteFile>, PullError> {
+pub async fn list(
+    bucket: &str,
+    prefix: &str,
+    credentials: &Credentials,
+) -> Result<Vec<RemoteFile>, PullError> {
     let uri = format!("s3://{bucket}/{prefix}");
-    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
-    let store = AmazonS3Builder::from_env()
+    let endpoint = credentials.get("AWS_ENDPOINT_URL").unwrap_or_default();
+    let mut builder = AmazonS3Builder::from_env();
+    // Keys given as files, read the way object_store reads the environment's.
+    for (key, value) in credentials.aws_files() {
+        if let Ok(key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            builder = builder.with_config(key, value);
+        }
+    }
+    let store = builder
         .with_bucket_name(bucket)
         .with_allow_http(endpoint.starts_with("http://"))
         // The pull's own retry policy applies; one policy, one budget.
@@ -32,12 +44,19 @@ pub async fn list(bucket: &str, prefix: &str) -> Result<Vec<RemoteFile>, PullErr
     } else {
         format!("{prefix}/")
     };
+    if let Some(meta) = objects.iter().find(|m| m.e_tag.is_none()) {
+        return Err(PullError::Refused {
+            uri,
+            reason: format!("object `{}` has no ETag to check it by", meta.location),
+        });
+    }
     Ok(objects
         .into_iter()
         .filter_map(|meta| {
             let key = meta.location.to_string();
             let path = key.strip_prefix(&strip)?.to_string();
-            // A single-part upload's ETag is the MD5 of the content; multipart ones are not.
+            // A single-part upload's ETag is the MD5 of the content; a multipart one's is
+            // not, so such files are checked by size alone and reported unverified.
             let digest = meta
                 .e_tag
                 .as_deref()

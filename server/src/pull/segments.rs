@@ -21,11 +21,12 @@ use std::sync::{Arc, Mutex};
 /// A segment with less than twice this left is not split.
 const MIN_SPLIT: u64 = 4 << 20;
 
-/// The list of written spans beside a part file.
+/// The list of written spans beside a part file, under a name no remote file may take.
 pub fn marks(part: &Path) -> PathBuf {
-    let mut name = part.as_os_str().to_owned();
-    name.push(".ranges");
-    PathBuf::from(name)
+    let mut name = std::ffi::OsString::from(super::names::RESERVED_PREFIX);
+    name.push("ranges-");
+    name.push(part.file_name().unwrap_or_default());
+    part.with_file_name(name)
 }
 
 /// Bytes [next, end) of the file, still to come; `end` drops when the segment is split.

@@ -22,6 +22,21 @@ pub struct Repo {
     pub files: BTreeMap<String, Vec<u8>>,
     /// Only `Authorization: Bearer TOKEN` may read it.
     pub token: Option<String>,
+    /// A hostile hub's listing: these entries instead of the files' true ones.
+    pub listing: Option<Vec<serde_json::Value>>,
+}
+
+impl Repo {
+    /// The listing entry the hub publishes for `path`: size, git blob id, and for large
+    /// files the LFS sha256.
+    pub fn entry(path: &str, data: &[u8]) -> serde_json::Value {
+        let mut s =
+            serde_json::json!({"rfilename": path, "size": data.len(), "blobId": git_blob_id(data)});
+        if data.len() > LFS_THRESHOLD {
+            s["lfs"] = serde_json::json!({"sha256": sha256_hex(data), "size": data.len(), "pointerSize": 134});
+        }
+        s
+    }
 }
 
 #[derive(Default, Clone)]
@@ -36,6 +51,8 @@ pub struct Faults {
     pub throttle: Option<Duration>,
     /// Answer every request with the whole file, as servers without range support do.
     pub ignore_ranges: bool,
+    /// Send no Content-Length (a chunked body of unannounced size).
+    pub no_length: bool,
 }
 
 impl Faults {
@@ -171,17 +188,12 @@ async fn info(
     if !authorized(repo, &headers) {
         return (StatusCode::UNAUTHORIZED, "gated").into_response();
     }
-    let siblings: Vec<serde_json::Value> = repo
-        .files
-        .iter()
-        .map(|(path, data)| {
-            let mut s = serde_json::json!({"rfilename": path, "size": data.len(), "blobId": git_blob_id(data)});
-            if data.len() > LFS_THRESHOLD {
-                s["lfs"] = serde_json::json!({"sha256": sha256_hex(data), "size": data.len(), "pointerSize": 134});
-            }
-            s
-        })
-        .collect();
+    let siblings: Vec<serde_json::Value> = repo.listing.clone().unwrap_or_else(|| {
+        repo.files
+            .iter()
+            .map(|(path, data)| Repo::entry(path, data))
+            .collect()
+    });
     axum::Json(serde_json::json!({"id": format!("{org}/{name}"), "sha": repo.commit, "siblings": siblings})).into_response()
 }
 
@@ -290,9 +302,11 @@ fn answer(
             yield Ok::<_, std::io::Error>(Bytes::copy_from_slice(piece));
         }
     };
-    let mut response = Response::builder()
-        .status(status)
-        .header(header::CONTENT_LENGTH, end - start)
+    let mut response = Response::builder().status(status);
+    if !fault.no_length {
+        response = response.header(header::CONTENT_LENGTH, end - start);
+    }
+    response = response
         .header(header::ETAG, format!("\"{etag}\""))
         .header("x-linked-etag", format!("\"{etag}\""))
         .header("x-linked-size", total)

@@ -1,0 +1,89 @@
+//! Accepting HTTP connections with bounds, for the server and the operator alike: at most
+//! `max_connections` open at once, each HTTP/1.1 connection closed when its client is slow
+//! to send a request's headers or sits idle between requests, and every connection closed
+//! shortly after shutdown. A silent or slow client costs one slot for a bounded time,
+//! never a file descriptor for good. HTTP/1.1 only: what the OpenAI clients, kubelet probes
+//! and Prometheus speak, and the protocol whose timeouts hyper bounds.
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// After shutdown, how long connections get to close on their own before they are dropped.
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+/// Pause after a failed accept (out of file descriptors): no hot loop, room to recover.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// From when a connection waits for a request until that request's headers are in:
+    /// bounds half-sent headers, silent connections and idle keep-alive alike.
+    pub header_timeout: Duration,
+}
+
+/// Serves `app` until `shutdown` resolves (by then requests in flight have drained), then
+/// closes the connections that are left.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&listener, &slots) => accepted,
+        };
+        let Some((stream, permit)) = accepted else {
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection closed");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(CLOSE_WITHIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing connections still open after shutdown");
+    }
+}
+
+/// The next connection, once a slot is free; `None` after a failed accept.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = slots.clone().acquire_owned().await.expect("never closed");
+    match listener.accept().await {
+        Ok((stream, _)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, permit))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "accept failed");
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            None
+        }
+    }
+}

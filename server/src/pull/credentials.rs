@@ -1,0 +1,110 @@
+//! Credentials for the pull: read from a folder of files (a Kubernetes Secret mounted as a
+//! volume, one file per key, so they never sit in the process environment where `/proc`
+//! shows them), else from the environment. Values never reach logs or `Debug` output.
+use super::error::PullError;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A Secret's value is at most 1 MiB; a credential far less.
+const MAX_VALUE_BYTES: u64 = 64 << 10;
+/// More keys than any credentials Secret holds: the folder is not one.
+const MAX_KEYS: usize = 64;
+
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// From files, by key (the file's name).
+    files: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("keys", &self.files.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// The keys of `dir` (none when `dir` is `None`). Kubernetes' own entries (`..data`,
+    /// the timestamped folder) start with a dot and are skipped.
+    pub fn load(dir: Option<&Path>) -> Result<Self, PullError> {
+        let Some(dir) = dir else {
+            return Ok(Self::default());
+        };
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(PullError::io(dir))? {
+            let entry = entry.map_err(PullError::io(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with('.') || !path.is_file() {
+                continue;
+            }
+            if files.len() == MAX_KEYS {
+                return Err(PullError::Unsupported(format!(
+                    "{}: more than {MAX_KEYS} credential files",
+                    dir.display()
+                )));
+            }
+            let len = std::fs::metadata(&path)
+                .map_err(PullError::io(&path))?
+                .len();
+            if len > MAX_VALUE_BYTES {
+                return Err(PullError::Unsupported(format!(
+                    "{}: a credential of {len} bytes; at most {MAX_VALUE_BYTES}",
+                    path.display()
+                )));
+            }
+            let value = std::fs::read_to_string(&path).map_err(PullError::io(&path))?;
+            files.insert(name, value.trim().to_string());
+        }
+        Ok(Self { files })
+    }
+
+    /// `key`'s value: its file, else the environment variable of that name; empty is none.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.files
+            .get(key)
+            .cloned()
+            .or_else(|| std::env::var(key).ok())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The `AWS_*` keys given as files (the environment's are read by object_store).
+    pub fn aws_files(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.files
+            .iter()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_win_over_the_environment_and_debug_shows_no_value() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("HF_TOKEN"), "hf_from_file\n").unwrap();
+        std::fs::write(dir.path().join("AWS_ACCESS_KEY_ID"), "AKIA").unwrap();
+        std::fs::create_dir(dir.path().join("..2026_12_01")).unwrap();
+        let c = Credentials::load(Some(dir.path())).unwrap();
+        assert_eq!(c.get("HF_TOKEN").as_deref(), Some("hf_from_file"));
+        assert_eq!(
+            c.aws_files().collect::<Vec<_>>(),
+            [("AWS_ACCESS_KEY_ID", "AKIA")]
+        );
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("HF_TOKEN") && !debug.contains("hf_from_file"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn oversized_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("HF_TOKEN"), vec![b'a'; 70 << 10]).unwrap();
+        assert!(Credentials::load(Some(dir.path())).is_err());
+    }
+}
