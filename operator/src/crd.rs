@@ -155,9 +155,10 @@ pub struct ModelSpec {
     /// What the model serves (default: read from the model's config).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<Task>,
-    /// Secret whose keys become environment variables of the pull step only: `HF_TOKEN`
-    /// for gated hub models, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
-    /// `AWS_ENDPOINT_URL` for S3. The serving container never sees it.
+    /// Secret mounted as files (one per key) into the pull step only: `HF_TOKEN` for gated
+    /// hub models, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ENDPOINT_URL` for S3. The serving container never sees it. Until it exists the
+    /// phase is `Failed`, naming it, and the pull is retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,

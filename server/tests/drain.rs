@@ -9,7 +9,10 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn sigterm_lets_a_stream_in_flight_finish() {
-    let (_dir, mut server) = start_tiny(&TinyLlama::SLOW, &["--shutdown-grace-seconds", "60"]);
+    let (_dir, mut server) = start_tiny(
+        &TinyLlama::SLOW,
+        &["--shutdown-grace-seconds", "60", "--log-format", "json"],
+    );
     let body = json!({"model": "tiny", "prompt": "drain", "temperature": 0, "max_tokens": 300, "stream": true});
     let response = client()
         .post(server.url("/v1/completions"))
@@ -27,7 +30,8 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
     assert!(kill.success());
     let readyz = server.url("/readyz");
     let mut saw_unready = false;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         if tokio::task::spawn_blocking({
             let url = readyz.clone();
             move || status_of(&url)
@@ -42,6 +46,11 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(saw_unready, "/readyz turns 503 after SIGTERM");
+    // Not a race the test may lose: the stream must still be running when draining began.
+    let draining = server
+        .log_line(|v| v["fields"]["message"] == "draining: refusing new requests")
+        .await;
+    assert_eq!(draining["fields"]["in_flight"], 1, "{draining}");
     let refused = client().get(server.url("/v1/models")).send().await.unwrap();
     assert_eq!(
         refused.status().as_u16(),

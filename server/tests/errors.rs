@@ -249,25 +249,14 @@ async fn request_ids_are_echoed_or_made_and_logged_as_json() {
         36,
         "a UUID when the client sent none"
     );
-    // Every log line is a JSON object, and the request's line carries its id (the reader
-    // thread may take a moment to see it).
-    let logged = |logs: &[String]| {
-        logs.iter().any(|l| {
-            let v: serde_json::Value =
-                serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"));
-            v["span"]["request_id"] == "abc-123" && v["fields"]["status"] == 200
-        })
-    };
-    for _ in 0..100 {
-        if logged(&server.logs.lock().unwrap()) {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // The request's line carries its id, and every log line is a JSON object.
+    server
+        .log_line(|v| v["span"]["request_id"] == "abc-123" && v["fields"]["status"] == 200)
+        .await;
+    for line in server.logs.lock().unwrap().iter() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|_| panic!("not JSON: {line}"));
     }
-    panic!(
-        "no JSON log line for request abc-123: {:#?}",
-        server.logs.lock().unwrap()
-    );
 }
 
 #[tokio::test]

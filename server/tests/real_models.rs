@@ -3,9 +3,11 @@
 mod common;
 
 use base64::Engine as _;
+use candle_core::Tensor;
 use common::{Server, minilm_dir, post, smollm2_gguf};
 use kandle_server::cli::{DeviceArg, DtypeArg};
-use kandle_server::model::{LoadOptions, load};
+use kandle_server::engine::{LanguageModel, SequenceModel};
+use kandle_server::model::{Backend, LoadOptions, LoadedModel, load};
 use kandle_server::validation::TemplateMessage;
 use serde_json::{Value, json};
 
@@ -127,21 +129,10 @@ async fn minilm_matches_sentence_transformers() {
 
 #[test]
 fn smollm2_prompt_ids_match_llama_cpp() {
-    let model = load(&LoadOptions {
-        path: smollm2_gguf(),
-        task: None,
-        dtype: DtypeArg::Auto,
-        device: DeviceArg::Cpu,
-    })
-    .unwrap();
-    let reference = reference("smollm2_reference.json");
-    for case in reference["cases"].as_array().unwrap() {
-        let expected: Vec<u32> = case["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+    let smol = Smollm2::load();
+    let model = &smol.model;
+    for case in smol.cases() {
+        let expected = ids(&case["prompt_ids"]);
         let ids = if case["kind"] == "chat" {
             let messages: Vec<TemplateMessage> =
                 serde_json::from_value::<Vec<Value>>(case["messages"].clone())
@@ -182,26 +173,188 @@ fn smollm2_prompt_ids_match_llama_cpp() {
     }
 }
 
-/// A step where llama.cpp's best logit led the runner-up by less than this is a near-tie:
-/// another correct kernel (candle's Q4_1 x Q8_1 dot products accumulate in another order)
-/// may pick the runner-up there, and the texts part from then on.
-const NEAR_TIE: f64 = 0.25;
+/// Where llama.cpp's best logit leads the runner-up by at least this, kandle must pick the
+/// same token. Closer leads are near-ties that another correct kernel may rank the other
+/// way: candle's Q4_1 x Q8_1 dot products accumulate in another order, and two builds of
+/// llama.cpp itself (0.3.36 built on two machines) differ by up to 0.46 in a step's lead.
+const CLEAR_LEAD: f32 = 1.0;
+/// How far kandle's logits may sit from llama.cpp's, measured against each step's leader
+/// (a shift of all logits changes no choice): on average over all steps (x86-64 AVX2
+/// shows 0.24), and at the worst step (1.5).
+const MEAN_RELATIVE_ERROR: f32 = 0.35;
+const MAX_RELATIVE_ERROR: f32 = 2.0;
+/// Of the reference's tokens, the share kandle's free-running greedy decoding reproduces
+/// before its first difference, summed over the prompts (x86-64 AVX2 gives 40%; the two
+/// llama.cpp builds above agree on 68%).
+const SHARED_PREFIX_FLOOR: f64 = 0.25;
 
+struct Smollm2 {
+    model: LoadedModel,
+    reference: Value,
+}
+
+impl Smollm2 {
+    fn load() -> Self {
+        let model = load(&LoadOptions {
+            path: smollm2_gguf(),
+            task: None,
+            dtype: DtypeArg::Auto,
+            device: DeviceArg::Cpu,
+        })
+        .unwrap();
+        Self {
+            model,
+            reference: reference("smollm2_reference.json"),
+        }
+    }
+
+    fn sequence(&self) -> Box<dyn SequenceModel> {
+        match &self.model.backend {
+            Backend::Generator(lm) => lm.new_sequence(),
+            Backend::Embedder(_) => panic!("SmolLM2 loads as a generator"),
+        }
+    }
+
+    fn cases(&self) -> &[Value] {
+        self.reference["cases"].as_array().unwrap()
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.reference["max_tokens"].as_u64().unwrap() as usize
+    }
+
+    /// kandle's own greedy continuation of the case's prompt, as token ids.
+    fn greedy(&self, case: &Value) -> Vec<u32> {
+        let prompt = ids(&case["prompt_ids"]);
+        let mut seq = self.sequence();
+        let mut logits = seq.forward(&prompt, 0).unwrap();
+        let mut out = Vec::new();
+        while out.len() < self.max_tokens() {
+            let next = ranked(&logits)[0];
+            if self.model.info.eos_token_ids.contains(&next) {
+                break;
+            }
+            out.push(next);
+            logits = seq.forward(&[next], prompt.len() + out.len() - 1).unwrap();
+        }
+        out
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Token ids, best first.
+fn ranked(logits: &Tensor) -> Vec<u32> {
+    logits.arg_sort_last_dim(false).unwrap().to_vec1().unwrap()
+}
+
+/// Teacher forcing: llama.cpp's prompt and greedy tokens go through kandle one step at a
+/// time, so every step is compared, not only those before the first difference.
+#[test]
+fn smollm2_logits_follow_llama_cpp_at_every_step() {
+    let smol = Smollm2::load();
+    let eos = smol.reference["eos_id"].as_u64().unwrap() as u32;
+    let mut errors = Vec::new();
+    for case in smol.cases() {
+        let prompt = ids(&case["prompt_ids"]);
+        let forced = ids(&case["greedy_ids"]);
+        let mut seq = smol.sequence();
+        let mut logits = seq.forward(&prompt, 0).unwrap();
+        for (step, (top, top_logits)) in case["top_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["top_logits"].as_array().unwrap())
+            .enumerate()
+        {
+            let (top, top_logits) = (ids(top), floats(top_logits));
+            let ours: Vec<f32> = logits.to_vec1().unwrap();
+            let relative = |id: u32| ours[id as usize] - ours[top[0] as usize];
+            let error = top
+                .iter()
+                .zip(&top_logits)
+                .map(|(&id, &theirs)| (relative(id) - (theirs - top_logits[0])).abs())
+                .fold(0f32, f32::max);
+            errors.push(error);
+            let mine = ranked(&logits);
+            let context = format!(
+                "prompt {:?}, step {step}: llama.cpp ranks {top:?} {top_logits:?}, kandle ranks {:?}",
+                case["prompt"],
+                &mine[..top.len()]
+            );
+            if top_logits[0] - top_logits[1] >= CLEAR_LEAD {
+                assert_eq!(mine[0], top[0], "{context}");
+            } else {
+                assert!(mine[..2].contains(&top[0]), "near-tie, {context}");
+            }
+            assert!(error <= MAX_RELATIVE_ERROR, "error {error}: {context}");
+            match forced.get(step) {
+                Some(&next) => {
+                    logits = seq.forward(&[next], prompt.len() + step).unwrap();
+                }
+                None => assert_eq!(top[0], eos, "the reference ends only at end of sequence"),
+            }
+        }
+    }
+    let mean = errors.iter().sum::<f32>() / errors.len() as f32;
+    eprintln!(
+        "{} steps; error relative to the leader: mean {mean:.3}, worst {:.3}",
+        errors.len(),
+        errors.iter().fold(0f32, |a, &b| a.max(b))
+    );
+    assert!(errors.len() >= 7 * 10, "the reference has too few steps");
+    assert!(mean <= MEAN_RELATIVE_ERROR, "mean error {mean}");
+}
+
+/// Free-running greedy decoding: kandle's continuation equals llama.cpp's token for token
+/// up to a near-tie.
+#[test]
+fn smollm2_greedy_continuations_match_llama_cpp() {
+    let smol = Smollm2::load();
+    let (mut shared, mut total) = (0, 0);
+    for case in smol.cases() {
+        let theirs = ids(&case["greedy_ids"]);
+        let ours = smol.greedy(case);
+        total += theirs.len();
+        let step = ours
+            .iter()
+            .zip(&theirs)
+            .position(|(a, b)| a != b)
+            .unwrap_or(ours.len().min(theirs.len()));
+        shared += step;
+        if ours == theirs {
+            continue;
+        }
+        let top_logits = floats(&case["top_logits"][step]);
+        let lead = top_logits[0] - top_logits[1];
+        eprintln!(
+            "{:?}: parts at token {step}, where llama.cpp led by {lead}",
+            case["prompt"]
+        );
+        assert!(
+            lead < CLEAR_LEAD,
+            "prompt {:?}: kandle parts from llama.cpp at token {step}, where llama.cpp led by {lead}\n kandle: {ours:?}\n llama.cpp: {theirs:?}",
+            case["prompt"]
+        );
+    }
+    let share = shared as f64 / total as f64;
+    eprintln!("{shared} of {total} reference tokens reproduced before the first difference");
+    assert!(share >= SHARED_PREFIX_FLOOR, "only {shared} of {total}");
+}
+
+/// The HTTP API serves exactly what the engine computes: the same greedy tokens, decoded.
 #[tokio::test]
-async fn smollm2_greedy_output_matches_llama_cpp() {
-    let reference = reference("smollm2_reference.json");
-    let tokenizer = load(&LoadOptions {
-        path: smollm2_gguf(),
-        task: None,
-        dtype: DtypeArg::Auto,
-        device: DeviceArg::Cpu,
-    })
-    .unwrap()
-    .tokenizer;
+async fn smollm2_served_text_is_the_greedy_continuation() {
+    let smol = Smollm2::load();
     let server = Server::start(&smollm2_gguf(), &["--served-model-name", "smollm2"]);
-    let max_tokens = reference["max_tokens"].as_u64().unwrap();
-    let mut identical = 0;
-    for case in reference["cases"].as_array().unwrap() {
+    let max_tokens = smol.max_tokens();
+    for case in smol.cases() {
         let (path, body) = if case["kind"] == "chat" {
             (
                 "/v1/chat/completions",
@@ -215,42 +368,30 @@ async fn smollm2_greedy_output_matches_llama_cpp() {
         };
         let (status, r) = post(&server, path, body).await;
         assert_eq!(status, 200, "{r}");
+        let greedy = smol.greedy(case);
         assert_eq!(
             r["usage"]["prompt_tokens"],
             case["prompt_ids"].as_array().unwrap().len()
+        );
+        // The end-of-sequence token counts as generated, as vLLM and TGI count it.
+        let stopped = greedy.len() < max_tokens;
+        assert_eq!(
+            r["usage"]["completion_tokens"],
+            greedy.len() + usize::from(stopped),
+            "{r}"
         );
         let choice = &r["choices"][0];
         let text = choice["text"]
             .as_str()
             .or(choice["message"]["content"].as_str())
             .unwrap();
-        if text == case["greedy_text"].as_str().unwrap() {
-            identical += 1;
-            continue;
-        }
-        // Find the reference token where the texts part, and require it to be a near-tie.
-        let ids: Vec<u32> = case["greedy_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let step = (1..=ids.len())
-            .find(|&k| !text.starts_with(&tokenizer.decode(&ids[..k], true).unwrap()))
-            .expect("texts differ within the reference's tokens")
-            - 1;
-        let margin = case["greedy_margins"][step].as_f64().unwrap();
-        eprintln!(
-            "{:?}: parted at token {step} where llama.cpp led by {margin}",
-            case["prompt"]
-        );
-        assert!(
-            margin < NEAR_TIE,
-            "prompt {:?}: kandle parts from llama.cpp at token {step}, where llama.cpp's lead was {margin}\n kandle: {text:?}\n llama.cpp: {:?}",
-            case["prompt"],
-            case["greedy_text"]
-        );
+        let expected = smol.model.tokenizer.decode(&greedy, true).unwrap();
+        assert_eq!(text, expected, "prompt {:?}", case["prompt"]);
+        let finish = if greedy.len() == max_tokens {
+            "length"
+        } else {
+            "stop"
+        };
+        assert_eq!(choice["finish_reason"], finish);
     }
-    let cases = reference["cases"].as_array().unwrap().len();
-    eprintln!("{identical} of {cases} greedy continuations identical to llama.cpp's");
 }

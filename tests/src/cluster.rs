@@ -16,6 +16,8 @@ use tokio::sync::Notify;
 
 pub const PULLED_REVISION: &str = "0123456789abcdef0123456789abcdef01234567";
 pub const PULLED_BYTES: i64 = 269_060_552;
+/// `kandle-server pull`'s exit code when its credentials Secret does not exist.
+const EXIT_MISSING_SECRET: i64 = 5;
 
 #[derive(Clone)]
 pub struct Cluster {
@@ -214,12 +216,18 @@ impl Cluster {
 
         // The kubelet and scheduler: pending pods start if their GPUs fit.
         for pod in self.owned("pods", d) {
-            // Pods waiting for GPUs or a secret are tried again; a failed pull stays failed.
-            let waiting =
-                pod["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"].as_str();
-            if pod["status"]["phase"] == "Pending"
-                && waiting.is_none_or(|r| r == "CreateContainerConfigError")
-            {
+            // Pods waiting for GPUs are tried again, and so is a pull that waited for its
+            // secret once the secret exists; other failed pulls fail the same way again.
+            let pull = &pod["status"]["initContainerStatuses"][0];
+            let waiting = pull["state"]["waiting"]["reason"].as_str();
+            let secret_came = pull["lastState"]["terminated"]["exitCode"] == EXIT_MISSING_SECRET
+                && self
+                    .missing_secret(
+                        pod["metadata"]["namespace"].as_str().unwrap_or_default(),
+                        &pod["spec"]["initContainers"][0],
+                    )
+                    .is_none();
+            if pod["status"]["phase"] == "Pending" && (waiting.is_none() || secret_came) {
                 let status = self.run_pod(&pod);
                 let _ = self.store.update(
                     pods_kind,
@@ -345,15 +353,8 @@ impl Cluster {
         let mut status = json!({"phase": "Running", "podIP": format!("10.1.{}.{}", ip / 250, ip % 250 + 1),
             "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]});
         if let Some(pull) = pull {
-            if let Some(secret) = self.missing_secret(pod, pull) {
-                status["conditions"][1]["status"] = json!("False");
-                status["phase"] = json!("Pending");
-                status["initContainerStatuses"] = json!([{"name": "pull", "image": pull["image"], "imageID": "", "ready": false,
-                    "restartCount": 0, "state": {"waiting": {"reason": "CreateContainerConfigError",
-                    "message": format!("secret \"{secret}\" not found")}}}]);
-                return status;
-            }
-            let (state, failed) = pull_outcome(pull);
+            let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+            let (state, failed) = self.pull_outcome(ns, pull);
             if failed {
                 status["conditions"][1]["status"] = json!("False");
                 status["initContainerStatuses"] = json!([{"name": "pull", "image": pull["image"], "imageID": "", "ready": false,
@@ -378,16 +379,38 @@ impl Cluster {
         status
     }
 
-    /// A secret the container takes its environment from that does not exist.
-    fn missing_secret(&self, pod: &Value, container: &Value) -> Option<String> {
-        let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
-        container["envFrom"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["secretRef"]["name"].as_str())
-            .find(|name| self.store.get(kind("secrets").unwrap(), ns, name).is_none())
+    /// The pull's `--credentials-secret`, when it does not exist: its volume is mounted
+    /// `optional`, so the pull runs and reports it.
+    fn missing_secret(&self, ns: &str, pull: &Value) -> Option<String> {
+        arg(pull, "--credentials-secret")
+            .filter(|name| self.store.get(kind("secrets").unwrap(), ns, name).is_none())
             .map(str::to_string)
+    }
+
+    /// The pull container's terminated state with its report, and whether it failed.
+    fn pull_outcome(&self, ns: &str, pull: &Value) -> (Value, bool) {
+        let uri = arg(pull, "--model").unwrap_or_default();
+        let (code, report) = if let Some(secret) = self.missing_secret(ns, pull) {
+            let error = format!(
+                "secret \"{secret}\" not found or empty (nothing mounted after 60 s): create it in the ModelDeployment's namespace; the pull is retried"
+            );
+            (
+                EXIT_MISSING_SECRET,
+                json!({"error": error, "transient": false}),
+            )
+        } else if uri.contains("does-not-exist") {
+            (
+                3,
+                json!({"error": format!("{uri}: not found (404)"), "transient": false}),
+            )
+        } else {
+            let pulled =
+                json!({"revision": PULLED_REVISION, "sizeBytes": PULLED_BYTES, "files": 6});
+            (0, pulled)
+        };
+        let reason = if code == 0 { "Completed" } else { "Error" };
+        let state = json!({"terminated": {"exitCode": code, "reason": reason, "message": report.to_string(), "finishedAt": now()}});
+        (state, code != 0)
     }
 
     fn sync_job(&self, job: &Value) {
@@ -397,12 +420,23 @@ impl Cluster {
             .unwrap_or_default()
             .to_string();
         let name = job["metadata"]["name"].as_str().unwrap_or_default();
+        let template = &job["spec"]["template"];
+        let pull = &template["spec"]["containers"][0];
+        // A pod that failed for want of its secret does not count (the Job's podFailurePolicy
+        // ignores exit code 5); once the secret exists, its replacement runs.
+        for pod in self.owned("pods", job) {
+            if pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"]
+                == EXIT_MISSING_SECRET
+                && self.missing_secret(&ns, pull).is_none()
+            {
+                let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+                let _ = self.store.delete(pods_kind, &ns, pod_name);
+            }
+        }
         if self.owned("pods", job).is_empty() {
-            let template = &job["spec"]["template"];
             let mut labels = template["metadata"]["labels"].clone();
             labels["batch.kubernetes.io/job-name"] = json!(name);
-            let pull = &template["spec"]["containers"][0];
-            let (state, failed) = pull_outcome(pull);
+            let (state, failed) = self.pull_outcome(&ns, pull);
             let pod = json!({
                 "metadata": {"name": format!("{name}-{}", self.names.fetch_add(1, Ordering::SeqCst)), "labels": labels,
                              "ownerReferences": [owner_ref(job, "batch/v1", "Job")]},
@@ -413,12 +447,19 @@ impl Cluster {
             });
             let _ = self.store.create(pods_kind, &ns, pod);
         }
-        let failed = self
+        let exits: Vec<Value> = self
             .owned("pods", job)
             .iter()
-            .any(|p| p["status"]["phase"] == "Failed");
-        let condition = if failed { "Failed" } else { "Complete" };
-        let status = json!({"conditions": [{"type": condition, "status": "True"}], "succeeded": i32::from(!failed), "failed": i32::from(failed)});
+            .map(|p| p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"].clone())
+            .collect();
+        let failed = exits.iter().any(|c| c != 0 && *c != EXIT_MISSING_SECRET);
+        let succeeded = exits.iter().any(|c| c == 0);
+        let conditions = match (failed, succeeded) {
+            (true, _) => json!([{"type": "Failed", "status": "True"}]),
+            (false, true) => json!([{"type": "Complete", "status": "True"}]),
+            (false, false) => json!([]),
+        };
+        let status = json!({"conditions": conditions, "succeeded": i32::from(succeeded), "failed": i32::from(failed)});
         let _ = self.store.update(
             kind("jobs").unwrap(),
             &ns,
@@ -473,30 +514,11 @@ fn gpus(spec: &Value) -> i64 {
         .sum()
 }
 
-/// The pull container's terminated state with its report, and whether it failed.
-fn pull_outcome(pull: &Value) -> (Value, bool) {
-    let uri = pull["args"]
-        .as_array()
-        .and_then(|a| {
-            let i = a.iter().position(|x| x == "--model")?;
-            a.get(i + 1)?.as_str()
-        })
-        .unwrap_or_default();
-    if uri.contains("does-not-exist") {
-        let report =
-            json!({"error": format!("{uri}: not found (404)"), "transient": false}).to_string();
-        (
-            json!({"terminated": {"exitCode": 3, "reason": "Error", "message": report, "finishedAt": now()}}),
-            true,
-        )
-    } else {
-        let report =
-            json!({"revision": PULLED_REVISION, "sizeBytes": PULLED_BYTES, "files": 6}).to_string();
-        (
-            json!({"terminated": {"exitCode": 0, "reason": "Completed", "message": report, "finishedAt": now()}}),
-            false,
-        )
-    }
+/// A container argument's value: `--flag VALUE`.
+fn arg<'a>(container: &'a Value, flag: &str) -> Option<&'a str> {
+    let args = container["args"].as_array()?;
+    let i = args.iter().position(|x| x == flag)?;
+    args.get(i + 1)?.as_str()
 }
 
 fn owner_ref(owner: &Value, api_version: &str, kind: &str) -> Value {

@@ -289,28 +289,32 @@ pub async fn pull_failure_is_reported(t: &Target) {
     assert_eq!(condition(&failed, "ModelReady").reason, "PullFailed");
 }
 
-/// What the schema cannot catch, a missing secret, is reported; creating it heals.
-pub async fn missing_secret_is_reported_until_created(t: &Target) {
+/// What the schema cannot catch, a missing secret, is reported; creating it heals. The
+/// pull reads the secret as files from an `optional` volume, so it runs, says what is
+/// missing, and is retried (by the kubelet, or by the Job, which does not count it as a
+/// failure) until the secret exists. `cache` is the spec's cache (`{}` for the pods' own).
+pub async fn missing_secret_is_reported_until_created(t: &Target, name: &str, cache: Value) {
+    let secret_name = format!("{name}-token");
     t.create(
-        "secretive",
-        json!({"model": {"uri": t.model_uri(), "credentialsSecret": "secretive-token"}}),
+        name,
+        json!({"model": {"uri": t.model_uri(), "credentialsSecret": secret_name}, "cache": cache}),
     )
     .await;
-    let failed = t.wait_phase("secretive", Phase::Failed).await;
+    let failed = t.wait_phase(name, Phase::Failed).await;
     let message = &condition(&failed, "Ready").message;
     assert!(
-        message.contains("secret \"secretive-token\" not found"),
+        message.contains(&format!("secret \"{secret_name}\" not found")),
         "{message}"
     );
     let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "secretive-token"}, "stringData": {"KANDLE_E2E_UNUSED": "1"}}),
+        json!({"metadata": {"name": secret_name}, "stringData": {"KANDLE_E2E_UNUSED": "1"}}),
     )
     .unwrap();
     t.api::<Secret>()
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    t.wait_phase("secretive", Phase::Ready).await;
+    t.wait_phase(name, Phase::Ready).await;
 }
 
 /// `kubectl scale mdep/NAME --replicas 3` (and HPA, KEDA) go through the scale

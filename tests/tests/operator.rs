@@ -51,7 +51,11 @@ async fn kubectl_scale_is_followed() {
 
 #[tokio::test]
 async fn a_missing_secret_is_reported_until_created() {
-    scenarios::missing_secret_is_reported_until_created(&Emulated::start().target()).await;
+    let env = Emulated::start();
+    let t = env.target();
+    scenarios::missing_secret_is_reported_until_created(&t, "secretive", json!({})).await;
+    let pvc = json!({"volume": "pvc", "pvc": {"size": "1Gi"}});
+    scenarios::missing_secret_is_reported_until_created(&t, "secretive-cached", pvc).await;
 }
 
 /// Changes made while the watches were down, with the history compacted, are found by
@@ -390,7 +394,7 @@ async fn real_cluster_scenarios() {
     scenarios::drift_is_repaired(&t).await;
     scenarios::deletion_collects_children(&t).await;
     scenarios::pull_failure_is_reported(&t).await;
-    scenarios::missing_secret_is_reported_until_created(&t).await;
+    scenarios::missing_secret_is_reported_until_created(&t, "secretive", json!({})).await;
     scenarios::scale_subresource_is_followed(&t).await;
 }
 

@@ -2,7 +2,7 @@
 //! PersistentVolumeClaim, or already on the user's own claim.
 use super::Settings;
 use super::labels::meta;
-use super::pod::{MODELS, pod_security, pull_container, tmp_volume};
+use super::pod::{MODELS, credentials_volume, pod_security, pull_container, tmp_volume};
 use crate::crd::{CacheVolume, ModelDeployment};
 use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
@@ -17,6 +17,9 @@ use std::collections::BTreeMap;
 
 /// Exit code of `kandle-server pull` for failures no retry can fix (401, 404, bad hash).
 pub const PULL_EXIT_PERMANENT: i32 = 3;
+/// Exit code of `kandle-server pull` when its credentials Secret does not exist (it waits a
+/// minute for it first): retried until someone creates it.
+pub const PULL_EXIT_MISSING_SECRET: i32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
@@ -105,7 +108,8 @@ pub fn claim(md: &ModelDeployment) -> PersistentVolumeClaim {
 }
 
 /// The Job that pulls the model into the claim once. A permanent pull failure fails the
-/// Job at once; transient ones are retried by the Job's backoff.
+/// Job at once; transient ones are retried by the Job's backoff, a missing Secret for as
+/// long as it is missing.
 pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource) -> Job {
     let ModelSource::PvcCache { claim, .. } = source else {
         unreachable!("a pull Job exists only for a pvc cache")
@@ -115,17 +119,23 @@ pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource)
     let mut pod = PodSpec {
         restart_policy: Some("Never".into()),
         containers: vec![pull_container(md, &image, source)],
-        volumes: Some(vec![
-            Volume {
-                name: "model".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.clone(),
-                    read_only: None,
+        volumes: Some(
+            [
+                Some(Volume {
+                    name: "model".into(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.clone(),
+                        read_only: None,
+                    }),
+                    ..Volume::default()
                 }),
-                ..Volume::default()
-            },
-            tmp_volume().0,
-        ]),
+                Some(tmp_volume().0),
+                credentials_volume(md),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         security_context: Some(pod_security()),
         automount_service_account_token: Some(false),
         ..PodSpec::default()
@@ -144,15 +154,22 @@ pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource)
         spec: Some(JobSpec {
             backoff_limit: Some(6),
             pod_failure_policy: Some(PodFailurePolicy {
-                rules: vec![PodFailurePolicyRule {
-                    action: "FailJob".into(),
+                rules: [
+                    ("FailJob", PULL_EXIT_PERMANENT),
+                    // Not counted against the backoff: the Job waits for the Secret.
+                    ("Ignore", PULL_EXIT_MISSING_SECRET),
+                ]
+                .into_iter()
+                .map(|(action, code)| PodFailurePolicyRule {
+                    action: action.into(),
                     on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
                         container_name: Some("pull".into()),
                         operator: "In".into(),
-                        values: vec![PULL_EXIT_PERMANENT],
+                        values: vec![code],
                     }),
                     ..PodFailurePolicyRule::default()
-                }],
+                })
+                .collect(),
             }),
             template: PodTemplateSpec {
                 metadata: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {

@@ -3,7 +3,9 @@
 use super::Settings;
 use super::cache::ModelSource;
 use super::labels::{REVISION_LABEL, meta, selector};
-use super::pod::{MODELS, container_security, mount, pod_security, pull_container, tmp_volume};
+use super::pod::{
+    MODELS, container_security, credentials_volume, mount, pod_security, pull_container, tmp_volume,
+};
 use super::quantity;
 use crate::crd::{ModelDeployment, Task, default_cache_size};
 use k8s_openapi::api::apps::v1::{
@@ -134,6 +136,9 @@ fn pod_spec(md: &ModelDeployment, image: &str, source: &ModelSource) -> PodSpec 
         ..Volume::default()
     };
     let mut volumes = vec![model_volume, tmp, shm];
+    if *source == ModelSource::PerPod {
+        volumes.extend(credentials_volume(md));
+    }
     let api_key = md
         .spec
         .server

@@ -1,10 +1,11 @@
 //! Pieces shared by the serving pods and the pull Job's pods: the hardened security
-//! settings, the pull container and the writable scratch volume.
+//! settings, the pull container with its credentials volume, and the writable scratch
+//! volume.
 use super::cache::ModelSource;
 use crate::crd::ModelDeployment;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
@@ -29,6 +30,8 @@ const TMP_SIZE: &str = "1Gi";
 const USER: i64 = 65532;
 /// Where the model volume is mounted in every container.
 pub const MODELS: &str = "/models";
+/// Where the pull container finds `spec.model.credentialsSecret`, one file per key.
+const CREDENTIALS: &str = "/var/run/secrets/kandle/credentials";
 
 /// Pod-level security: non-root, the runtime's default seccomp profile, and a group that
 /// can write the model volume.
@@ -84,9 +87,28 @@ pub fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-/// `kandle-server pull` into `dest`, with the credentials secret as its environment (the
-/// only container that sees it) and its JSON report as the termination message, which
-/// the operator reads into status.
+/// `spec.model.credentialsSecret` as files, for the pull container only: files, not
+/// environment variables, which `/proc` and crash dumps show. `optional`, so that a Secret
+/// not created yet lets the pull start and say so in its report (the status shows it)
+/// instead of leaving the pod stuck in ContainerCreating; the kubelet fills the volume
+/// once the Secret exists.
+pub fn credentials_volume(md: &ModelDeployment) -> Option<Volume> {
+    let name = md.spec.model.credentials_secret.as_ref()?;
+    Some(Volume {
+        name: "credentials".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(name.clone()),
+            optional: Some(true),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    })
+}
+
+/// `kandle-server pull` into `dest`, with the credentials secret as files (the only
+/// container that sees it) and its JSON report as the termination message, which the
+/// operator reads into status.
 pub fn pull_container(md: &ModelDeployment, image: &str, source: &ModelSource) -> Container {
     let model = &md.spec.model;
     let mut args = vec![
@@ -108,6 +130,16 @@ pub fn pull_container(md: &ModelDeployment, image: &str, source: &ModelSource) -
     if let Some(sha) = &model.sha256 {
         args.extend(["--sha256".to_string(), sha.clone()]);
     }
+    let mut mounts = vec![mount("model", MODELS, false), tmp_volume().1];
+    if let Some(secret) = &model.credentials_secret {
+        args.extend([
+            "--credentials-dir".to_string(),
+            CREDENTIALS.into(),
+            "--credentials-secret".into(),
+            secret.clone(),
+        ]);
+        mounts.push(mount("credentials", CREDENTIALS, true));
+    }
     Container {
         name: "pull".into(),
         image: Some(image.into()),
@@ -117,16 +149,7 @@ pub fn pull_container(md: &ModelDeployment, image: &str, source: &ModelSource) -
             value: Some("/tmp".into()),
             ..EnvVar::default()
         }]),
-        env_from: model.credentials_secret.as_ref().map(|name| {
-            vec![EnvFromSource {
-                secret_ref: Some(SecretEnvSource {
-                    name: name.clone(),
-                    optional: Some(false),
-                }),
-                ..EnvFromSource::default()
-            }]
-        }),
-        volume_mounts: Some(vec![mount("model", MODELS, false), tmp_volume().1]),
+        volume_mounts: Some(mounts),
         resources: Some(ResourceRequirements {
             requests: Some(quantities(&PULL_REQUESTS)),
             limits: Some(quantities(&PULL_LIMITS)),

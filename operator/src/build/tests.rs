@@ -235,6 +235,18 @@ fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
     );
 }
 
+/// The Secrets mounted into `c`, by name.
+fn mounted_secrets(pod: &PodSpec, c: &Container) -> Vec<String> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| {
+            let volume = pod.volumes.iter().flatten().find(|v| v.name == m.name)?;
+            volume.secret.as_ref()?.secret_name.clone()
+        })
+        .collect()
+}
+
 #[test]
 fn secrets_reach_only_the_container_that_needs_them() {
     let d = children(&md(json!({
@@ -244,19 +256,34 @@ fn secrets_reach_only_the_container_that_needs_them() {
     let pod = pod(&d);
     let pull = container(pod, "pull");
     let server = container(pod, "server");
-    let secret_of = |c: &Container| {
-        c.env_from
-            .iter()
-            .flatten()
-            .filter_map(|e| e.secret_ref.as_ref())
-            .map(|s| s.name.clone())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(secret_of(pull), ["hf-token"]);
-    assert!(
-        secret_of(server).is_empty(),
+    assert_eq!(mounted_secrets(pod, pull), ["hf-token"]);
+    assert_eq!(
+        mounted_secrets(pod, server),
+        ["keys"],
         "the hub token never reaches the server"
     );
+    assert!(
+        pull.env_from.is_none() && server.env_from.is_none(),
+        "secrets as files, never in the environment"
+    );
+    let credentials = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| {
+            v.secret
+                .as_ref()
+                .filter(|s| s.secret_name.as_deref() == Some("hf-token"))
+        })
+        .unwrap();
+    assert_eq!(
+        (credentials.optional, credentials.default_mode),
+        (Some(true), Some(0o440)),
+        "a missing Secret lets the pull report it"
+    );
+    assert!(pull.args.as_ref().unwrap().join(" ").contains(
+        "--credentials-dir /var/run/secrets/kandle/credentials --credentials-secret hf-token"
+    ));
     let text = serde_json::to_string(server).unwrap();
     assert!(!text.contains("hf-token"));
     assert!(
@@ -338,14 +365,7 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
             .join(" ")
             .contains(&format!("--dest /models/{folder}"))
     );
-    assert_eq!(
-        pull.env_from.as_ref().unwrap()[0]
-            .secret_ref
-            .as_ref()
-            .unwrap()
-            .name,
-        "tok"
-    );
+    assert_eq!(mounted_secrets(job_pod, pull), ["tok"]);
     let policy = job
         .spec
         .as_ref()
@@ -353,10 +373,20 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
         .pod_failure_policy
         .as_ref()
         .unwrap();
+    let rules: Vec<_> = policy
+        .rules
+        .iter()
+        .map(|r| {
+            (
+                r.action.as_str(),
+                r.on_exit_codes.as_ref().unwrap().values.clone(),
+            )
+        })
+        .collect();
     assert_eq!(
-        policy.rules[0].on_exit_codes.as_ref().unwrap().values,
-        [3],
-        "a permanent pull failure fails the Job"
+        rules,
+        [("FailJob", vec![3]), ("Ignore", vec![5])],
+        "a permanent pull failure fails the Job; a missing Secret is waited for"
     );
     let pod = pod(&ready);
     assert!(pod.init_containers.is_none());

@@ -3,7 +3,48 @@
 //! shows them), else from the environment. Values never reach logs or `Debug` output.
 use super::error::PullError;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How often a folder still waiting for its Secret is looked at again.
+const POLL: Duration = Duration::from_secs(2);
+
+/// Where the credentials come from.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    /// A folder of credential files, read before the environment.
+    pub dir: Option<PathBuf>,
+    /// The Secret `dir` mounts. A Secret that does not exist mounts (`optional: true`) as an
+    /// empty folder that the kubelet fills once it is created, so an empty folder is looked
+    /// at again for `wait` before the pull reports the Secret missing.
+    pub secret: Option<String>,
+    pub wait: Duration,
+}
+
+impl Source {
+    pub async fn load(&self) -> Result<Credentials, PullError> {
+        let (Some(dir), Some(secret)) = (&self.dir, &self.secret) else {
+            return Credentials::load(self.dir.as_deref());
+        };
+        let deadline = Instant::now() + self.wait;
+        loop {
+            if dir.exists() {
+                let found = Credentials::load(Some(dir))?;
+                if !found.files.is_empty() {
+                    return Ok(found);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(PullError::MissingSecret {
+                    name: secret.clone(),
+                    waited: self.wait.as_secs(),
+                });
+            }
+            tokio::time::sleep(POLL.min(left)).await;
+        }
+    }
+}
 
 /// A Secret's value is at most 1 MiB; a credential far less.
 const MAX_VALUE_BYTES: u64 = 64 << 10;
@@ -99,6 +140,40 @@ mod tests {
             debug.contains("HF_TOKEN") && !debug.contains("hf_from_file"),
             "{debug}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_named_secret_is_waited_for_then_reported_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Source {
+            dir: Some(dir.path().join("credentials")),
+            secret: Some("hf-token".into()),
+            wait: Duration::from_millis(100),
+        };
+        let e = source.load().await.unwrap_err();
+        assert!(matches!(e, PullError::MissingSecret { .. }));
+        assert!(
+            e.to_string().contains("secret \"hf-token\" not found"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), super::super::error::EXIT_MISSING_SECRET);
+
+        // The kubelet fills the folder once the Secret exists.
+        let filled = Source {
+            wait: Duration::from_secs(30),
+            ..source
+        };
+        let writer = tokio::spawn({
+            let dir = dir.path().join("credentials");
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                std::fs::create_dir(&dir).unwrap();
+                std::fs::write(dir.join("HF_TOKEN"), "hf_late").unwrap();
+            }
+        });
+        let c = filled.load().await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(c.get("HF_TOKEN").as_deref(), Some("hf_late"));
     }
 
     #[test]

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 pub const EXIT_PERMANENT: u8 = 3;
 /// Exit code of a pull that may succeed if retried later (network, 5xx, 429).
 pub const EXIT_TRANSIENT: u8 = 4;
+/// Exit code of a pull whose credentials Secret does not exist: it fails until someone
+/// creates the Secret, so it is retried (slowly) but shown as failed.
+pub const EXIT_MISSING_SECRET: u8 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -61,6 +64,10 @@ pub enum PullError {
     Protocol { uri: String, message: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "secret \"{name}\" not found or empty (nothing mounted after {waited} s): create it in the ModelDeployment's namespace; the pull is retried"
+    )]
+    MissingSecret { name: String, waited: u64 },
 }
 
 impl PullError {
@@ -79,7 +86,9 @@ impl PullError {
     }
 
     pub fn exit_code(&self) -> u8 {
-        if self.is_transient() {
+        if matches!(self, Self::MissingSecret { .. }) {
+            EXIT_MISSING_SECRET
+        } else if self.is_transient() {
             EXIT_TRANSIENT
         } else {
             EXIT_PERMANENT

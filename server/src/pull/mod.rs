@@ -15,7 +15,6 @@ pub mod select;
 mod sink;
 pub mod uri;
 
-use credentials::Credentials;
 use error::PullError;
 use fetch::{Digest, Fetcher, FileRecord, RemoteFile};
 use futures::{StreamExt, TryStreamExt};
@@ -42,8 +41,7 @@ pub struct PullOptions {
     pub retry_budget: Duration,
     /// Files at least this large may take several connections.
     pub range_min_bytes: u64,
-    /// A folder of credential files (a mounted Secret), read before the environment.
-    pub credentials_dir: Option<PathBuf>,
+    pub credentials: credentials::Source,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +88,7 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
             uri: uri.into(),
             message: e.to_string(),
         })?;
-    let credentials = Credentials::load(opts.credentials_dir.as_deref())?;
+    let credentials = opts.credentials.load().await?;
     let token = credentials.get("HF_TOKEN");
     let include = select::globs(&opts.include).map_err(|source| PullError::Select {
         uri: uri.into(),

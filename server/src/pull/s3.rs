@@ -3,10 +3,14 @@
 use super::credentials::Credentials;
 use super::error::PullError;
 use super::fetch::{Digest, RemoteFile, s3_error};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{ObjectStore, RetryConfig};
+use std::collections::HashSet;
 use std::sync::Arc;
+
+/// More objects than any model folder holds: the listing is bounded like the hub's.
+const MAX_OBJECTS: usize = 10_000;
 
 pub async fn list(
     bucket: &str,
@@ -36,9 +40,18 @@ pub async fn list(
     let base = object_store::path::Path::from(prefix);
     let objects: Vec<_> = store
         .list(Some(&base))
+        .take(MAX_OBJECTS + 1)
         .try_collect()
         .await
         .map_err(|e| s3_error(&uri, e))?;
+    if objects.len() > MAX_OBJECTS {
+        return Err(PullError::Refused {
+            uri,
+            reason: format!(
+                "more than {MAX_OBJECTS} objects under the prefix; name the model's own folder"
+            ),
+        });
+    }
     let strip = if prefix.is_empty() {
         String::new()
     } else {
@@ -50,8 +63,23 @@ pub async fn list(
             reason: format!("object `{}` has no ETag to check it by", meta.location),
         });
     }
+    // Consoles create zero-byte `folder/` markers, which object_store lists as `folder`:
+    // they are not files, and one would stand where the folder must go.
+    let folders: HashSet<&str> = objects
+        .iter()
+        .flat_map(|m| {
+            let key = m.location.as_ref();
+            key.match_indices('/').map(move |(i, _)| &key[..i])
+        })
+        .collect();
+    let markers: HashSet<String> = objects
+        .iter()
+        .filter(|m| m.size == 0 && folders.contains(m.location.as_ref()))
+        .map(|m| m.location.to_string())
+        .collect();
     Ok(objects
         .into_iter()
+        .filter(|meta| !markers.contains(meta.location.as_ref()))
         .filter_map(|meta| {
             let key = meta.location.to_string();
             let path = key.strip_prefix(&strip)?.to_string();
