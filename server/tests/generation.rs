@@ -336,3 +336,76 @@ fn half_precision_greedy_follows_f32() {
         );
     }
 }
+
+/// The logits after a prompt, for the checkpoint written with `config` merged in; or the
+/// load error.
+fn logits_with(config: serde_json::Value) -> Result<Vec<f32>, String> {
+    let dir = tempfile::tempdir().unwrap();
+    TinyLlama::FAST.write_with(dir.path(), config);
+    let model = load(&LoadOptions {
+        path: dir.path().to_path_buf(),
+        task: None,
+        dtype: DtypeArg::F32,
+        device: DeviceArg::Cpu,
+    })
+    .map_err(|e| e.to_string())?;
+    let prompt = model
+        .tokenizer
+        .encode("rotary", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let Backend::Generator(lm) = model.backend else {
+        panic!("a Llama loads as a generator")
+    };
+    let logits = lm.new_sequence().forward(&prompt, 0).unwrap();
+    Ok(logits.to_vec1().unwrap())
+}
+
+/// transformers 5 writes `rope_parameters` where earlier versions wrote `rope_theta` and
+/// `rope_scaling`; both spellings are the same model, and what kandle cannot run is
+/// refused by name rather than run wrongly.
+#[test]
+fn every_config_field_that_changes_the_maths_is_read_or_refused() {
+    let scaling = json!({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64});
+    let mut llama3 = scaling.clone();
+    llama3["rope_type"] = json!("llama3");
+    let classic = logits_with(json!({"rope_theta": 500000.0, "rope_scaling": llama3})).unwrap();
+    let mut parameters = llama3.clone();
+    parameters["rope_theta"] = json!(500000.0);
+    let v5 = logits_with(json!({"rope_theta": null, "rope_parameters": parameters})).unwrap();
+    assert_eq!(
+        classic, v5,
+        "rope_parameters read as rope_theta + rope_scaling"
+    );
+    let plain = logits_with(json!({"rope_theta": 500000.0})).unwrap();
+    assert!(classic != plain, "llama3 scaling changes the logits");
+    let default_theta = logits_with(json!({})).unwrap();
+    assert!(plain != default_theta, "the rotary base changes the logits");
+    let v5_plain =
+        logits_with(json!({"rope_theta": null, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}))
+            .unwrap();
+    assert!(
+        plain == v5_plain,
+        "a default rope_parameters is its rope_theta"
+    );
+
+    for (config, named) in [
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}),
+            "yarn",
+        ),
+        (
+            json!({"rope_scaling": {"type": "linear", "factor": 2.0}}),
+            "linear",
+        ),
+        (json!({"attention_bias": true}), "attention_bias"),
+        (json!({"mlp_bias": true}), "mlp_bias"),
+        (json!({"hidden_act": "gelu"}), "gelu"),
+        (json!({"head_dim": 32}), "head_dim"),
+    ] {
+        let error = logits_with(config.clone()).expect_err(&config.to_string());
+        assert!(error.contains(named), "{config}: {error}");
+    }
+}

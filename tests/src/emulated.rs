@@ -73,7 +73,9 @@ impl Emulated {
         Target {
             client: self.server.client(),
             namespace: "default".into(),
-            timeout: Duration::from_secs(10),
+            // Generous: waits end as soon as the state is there, and a loaded 2-core
+            // machine may take seconds for what usually takes milliseconds.
+            timeout: Duration::from_secs(30),
             real: false,
         }
     }

@@ -123,6 +123,24 @@ impl Target {
             .collect()
     }
 
+    /// Waits for an event about `name` with `reason` and a note containing `note`, and
+    /// returns them all: events are recorded after the writes they report, so they may
+    /// trail the state a test waited for.
+    pub async fn wait_event(&self, name: &str, reason: &str, note: &str) -> Vec<(String, String)> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let events = self.events(name).await;
+            if events.iter().any(|(r, n)| r == reason && n.contains(note)) {
+                return events;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {reason} event about {name} with {note:?}: {events:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn wait_phase(&self, name: &str, phase: Phase) -> ModelDeployment {
         self.wait::<ModelDeployment>(name, &format!("{phase:?}"), |md| {
             md.status.as_ref().is_some_and(|s| {

@@ -64,12 +64,7 @@ async fn scales_up_and_down_with_the_load() {
         "{}",
         scaled.message
     );
-    let up = t.events("busy").await;
-    assert!(
-        up.iter()
-            .any(|(reason, note)| reason == "ScaledUp" && note.contains("to 4 replicas")),
-        "{up:?}"
-    );
+    t.wait_event("busy", "ScaledUp", "to 4 replicas").await;
 
     // Above the maximum, the maximum.
     env.load.offer("busy", 400.0);
@@ -77,13 +72,7 @@ async fn scales_up_and_down_with_the_load() {
 
     env.load.offer("busy", 8.0);
     let md = wait_replicas(&t, "busy", 1).await;
-    assert!(
-        t.events("busy")
-            .await
-            .iter()
-            .any(|(reason, _)| reason == "ScaledDown"),
-        "a ScaledDown event"
-    );
+    t.wait_event("busy", "ScaledDown", "").await;
     assert_eq!(md.status.as_ref().unwrap().phase, Some(Phase::Ready));
     assert_spec_untouched(&md);
 }

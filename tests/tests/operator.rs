@@ -102,22 +102,30 @@ async fn an_undecodable_object_does_not_stall_the_others_or_loop() {
     t.create("healthy", json!({"model": {"uri": "hf://org/m"}}))
         .await;
     t.wait_phase("healthy", Phase::Ready).await;
-    let events = env
+    // Its event may trail the healthy one's readiness: wait for it.
+    let invalid_spec = |e: &serde_json::Value| {
+        e["regarding"]["name"] == "broken"
+            && e["reason"] == "InvalidSpec"
+            && e["note"].as_str().unwrap_or("").contains("spec.replicas")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env
         .server
         .store()
-        .list(kind("events").unwrap(), None, |e| {
-            e["regarding"]["name"] == "broken"
-        })
-        .0;
-    assert!(
-        events.iter().any(|e| e["reason"] == "InvalidSpec"
-            && e["note"].as_str().unwrap_or("").contains("spec.replicas")),
-        "{events:?}"
-    );
+        .list(kind("events").unwrap(), None, invalid_spec)
+        .0
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no InvalidSpec event naming spec.replicas for the broken object"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The typed client cannot read it either, so look at what is stored.
     let models = kind("modeldeployments").unwrap();
     let stored = || env.server.store().get(models, "default", "broken").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while stored()["status"]["phase"] != "Failed" && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -187,7 +195,7 @@ async fn a_full_resync_writes_nothing() {
     let reconciles = metric(&env.metrics, "kandle_operator_reconciles_total");
     // After a watch outage the controller re-lists and reconciles everything.
     env.server.interrupt_watches(|_| {});
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while metric(&env.metrics, "kandle_operator_reconciles_total") < reconciles + 2
         && std::time::Instant::now() < deadline
     {

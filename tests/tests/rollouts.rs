@@ -133,7 +133,7 @@ async fn a_rollout_that_cannot_surge_for_want_of_gpus_replaces_one_pod_at_a_time
         })
         .await;
     assert_eq!(after.status.unwrap().ready_replicas, Some(2));
-    let events = t.events("big").await;
+    let events = t.wait_event("big", "GPUFallback", "").await;
     let fallback = events
         .iter()
         .find(|(reason, _)| reason == "GPUFallback")
@@ -204,8 +204,7 @@ async fn a_rollout_that_misses_its_deadline_is_rolled_back() {
         "{}",
         ready.message
     );
-    let events = t.events("careful").await;
-    assert!(events.iter().any(|(r, _)| r == "RolledBack"), "{events:?}");
+    t.wait_event("careful", "RolledBack", "").await;
 
     // Not retried: well past another deadline, the pods still run the old image.
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
@@ -278,12 +277,8 @@ async fn a_healthy_canary_steps_through_its_weights_and_is_promoted() {
     // 25% then 50% of 4 replicas, then gone.
     t.wait_gone::<Deployment>("tweety-canary").await;
     assert_eq!(*canary_replicas.lock().unwrap(), vec![1, 2]);
-    let events = t.events("tweety").await;
     for reason in ["CanaryStep", "CanaryPromoted"] {
-        assert!(
-            events.iter().any(|(r, _)| r == reason),
-            "{reason} in {events:?}"
-        );
+        t.wait_event("tweety", reason, "").await;
     }
 }
 
@@ -313,11 +308,7 @@ async fn a_canary_that_fails_too_often_is_aborted_and_not_retried() {
     let ready = kandle_tests::scenarios::condition(&md, "Ready");
     assert_eq!(ready.reason, "CanaryAborted");
     t.wait_gone::<Deployment>("shaky-canary").await;
-    let events = t.events("shaky").await;
-    assert!(
-        events.iter().any(|(r, _)| r == "CanaryAborted"),
-        "{events:?}"
-    );
+    t.wait_event("shaky", "CanaryAborted", "").await;
     // The old revision serves at full strength, and the canary is not tried again.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let md = t.api::<ModelDeployment>().get("shaky").await.unwrap();

@@ -16,10 +16,7 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel, LoadError> {
-    let config_path = dir.join("config.json");
-    let cfg: llama::LlamaConfig = serde_json::from_value(config.clone())
-        .map_err(|e| LoadError::invalid(&config_path, e.to_string()))?;
-    let cfg = cfg.into_config(false);
+    let cfg = config_of(config, &dir.join("config.json"))?;
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
     let tokenizer_config =
         read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
@@ -57,6 +54,66 @@ pub fn load(
         chat_template,
         backend: Backend::Generator(CausalLm::llama(model, cache, device.clone())),
     })
+}
+
+/// The config as candle's Llama reads it, with every field that changes the maths either
+/// carried over or refused by name: candle ignores what it does not know, and a model run
+/// with the wrong rotary base or without its biases generates fluent nonsense.
+fn config_of(config: &serde_json::Value, path: &Path) -> Result<llama::Config, LoadError> {
+    let refuse = |message: String| Err(LoadError::invalid(path, message));
+    let mut config = config.clone();
+    let Some(fields) = config.as_object_mut() else {
+        return refuse("not a JSON object".into());
+    };
+    // transformers 5 writes one `rope_parameters` object where earlier versions wrote
+    // `rope_theta` and `rope_scaling`.
+    if let Some(params) = fields.remove("rope_parameters").filter(|p| !p.is_null()) {
+        if let Some(theta) = params.get("rope_theta") {
+            fields.insert("rope_theta".into(), theta.clone());
+        }
+        fields.insert("rope_scaling".into(), params);
+    }
+    if let Some(scaling) = fields.remove("rope_scaling").filter(|s| !s.is_null()) {
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        match kind {
+            "default" => {}
+            "llama3" => {
+                fields.insert("rope_scaling".into(), scaling);
+            }
+            other => {
+                return refuse(format!(
+                    "rope scaling `{other}` is not supported (supported: default, llama3)"
+                ));
+            }
+        }
+    }
+    for flag in ["attention_bias", "mlp_bias"] {
+        if fields.get(flag).and_then(|v| v.as_bool()) == Some(true) {
+            return refuse(format!("`{flag}: true` is not supported for llama"));
+        }
+    }
+    if let Some(act) = fields.get("hidden_act").and_then(|v| v.as_str())
+        && act != "silu"
+    {
+        return refuse(format!(
+            "hidden_act `{act}` is not supported (supported: silu)"
+        ));
+    }
+    let cfg: llama::LlamaConfig = serde_json::from_value(config.clone())
+        .map_err(|e| LoadError::invalid(path, e.to_string()))?;
+    let head_dim = cfg.hidden_size / cfg.num_attention_heads.max(1);
+    if let Some(declared) = config.get("head_dim").and_then(|v| v.as_u64())
+        && declared as usize != head_dim
+    {
+        return refuse(format!(
+            "head_dim {declared} differs from hidden_size / num_attention_heads ({head_dim}), which is not supported for llama"
+        ));
+    }
+    Ok(cfg.into_config(false))
 }
 
 /// `eos_token_id` is a number or a list of numbers in Hugging Face configs.

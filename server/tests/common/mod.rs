@@ -39,11 +39,16 @@ impl TinyLlama {
     /// Writes a Llama checkpoint with deterministic random weights, a byte-level BPE
     /// tokenizer and a ChatML template: the files a Hugging Face folder holds.
     pub fn write(&self, dir: &Path) {
+        self.write_with(dir, serde_json::json!({}));
+    }
+
+    /// `write`, with `config` merged into config.json (a null removes the key).
+    pub fn write_with(&self, dir: &Path, overrides: serde_json::Value) {
         let tokenizer = byte_level_tokenizer();
         tokenizer.save(dir.join("tokenizer.json"), false).unwrap();
         let vocab = tokenizer.get_vocab_size(true);
         let eos = tokenizer.token_to_id("<|im_end|>").unwrap();
-        let config = serde_json::json!({
+        let base_config = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": self.hidden, "intermediate_size": self.hidden * 2,
             "num_hidden_layers": self.layers, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -51,6 +56,16 @@ impl TinyLlama {
             "rope_theta": 10000.0, "tie_word_embeddings": false,
             "bos_token_id": tokenizer.token_to_id("<s>").unwrap(), "eos_token_id": eos,
         });
+        let mut config = base_config;
+        for (key, value) in overrides.as_object().unwrap() {
+            match value {
+                serde_json::Value::Null => config.as_object_mut().unwrap().remove(key),
+                v => config
+                    .as_object_mut()
+                    .unwrap()
+                    .insert(key.clone(), v.clone()),
+            };
+        }
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
         let tokenizer_config = serde_json::json!({
             "bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML,
