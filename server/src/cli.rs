@@ -22,6 +22,10 @@ pub enum Command {
     Pull(PullArgs),
 }
 
+/// Longest duration any `--*-seconds` flag takes: a day. Larger values are typos, and
+/// the largest would overflow the deadlines computed from them.
+const MAX_SECONDS: u64 = 86_400;
+
 /// The model kandle serves when none is named: small, real, and public on the hub.
 pub const DEFAULT_MODEL: &str = "hf://HuggingFaceTB/SmolLM2-135M-Instruct";
 
@@ -59,7 +63,8 @@ pub struct FetchArgs {
     #[arg(long, env = "KANDLE_PULL_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
     /// How long transient failures (network, 429, 5xx) are retried before giving up.
-    #[arg(long, env = "KANDLE_PULL_RETRY_SECONDS", default_value_t = 300)]
+    #[arg(long, env = "KANDLE_PULL_RETRY_SECONDS", default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(..=MAX_SECONDS))]
     pub retry_seconds: u64,
     /// Files at least this large may take more connections, up to `--concurrency`: they
     /// start on one and double while that pays (a CDN caps each connection), which it does
@@ -76,7 +81,8 @@ pub struct FetchArgs {
     /// pull fails with exit code 5 and a report that names the Secret.
     #[arg(long, env = "KANDLE_CREDENTIALS_SECRET", requires = "credentials_dir")]
     pub credentials_secret: Option<String>,
-    #[arg(long, env = "KANDLE_CREDENTIALS_WAIT_SECONDS", default_value_t = 60)]
+    #[arg(long, env = "KANDLE_CREDENTIALS_WAIT_SECONDS", default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(..=MAX_SECONDS))]
     pub credentials_wait_seconds: u64,
 }
 
@@ -179,18 +185,42 @@ pub struct ServeArgs {
     /// Seconds a connection may take to send a request's headers, counted from when it
     /// opens or finished its last request: closes half-sent, silent and idle keep-alive
     /// connections.
-    #[arg(long, env = "KANDLE_HEADER_TIMEOUT_SECONDS", default_value_t = 15)]
+    #[arg(long, env = "KANDLE_HEADER_TIMEOUT_SECONDS", default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(..=MAX_SECONDS))]
     pub header_timeout_seconds: u64,
     /// Seconds a request's whole body may take to arrive; slower is a 408.
-    #[arg(long, env = "KANDLE_BODY_TIMEOUT_SECONDS", default_value_t = 30)]
+    #[arg(long, env = "KANDLE_BODY_TIMEOUT_SECONDS", default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(..=MAX_SECONDS))]
     pub body_timeout_seconds: u64,
     /// File holding the API key(s), one per line (blank lines and lines starting with `#`
     /// are ignored); clients then send `Authorization: Bearer KEY`.
     #[arg(long, env = "KANDLE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// After SIGTERM, how long requests in flight may take to finish.
-    #[arg(long, env = "KANDLE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    #[arg(long, env = "KANDLE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(..=MAX_SECONDS))]
     pub shutdown_grace_seconds: u64,
     #[arg(long, env = "KANDLE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_beyond_a_day_are_refused_at_the_command_line() {
+        for flag in [
+            "--retry-seconds",
+            "--credentials-wait-seconds",
+            "--header-timeout-seconds",
+            "--body-timeout-seconds",
+            "--shutdown-grace-seconds",
+        ] {
+            let parse = |v: &str| Cli::try_parse_from(["kandle-server", "serve", flag, v]);
+            assert!(parse("18446744073709551615").is_err(), "{flag}");
+            assert!(parse("86401").is_err(), "{flag}");
+            assert!(parse("86400").is_ok(), "{flag}");
+        }
+    }
 }

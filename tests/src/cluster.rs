@@ -216,8 +216,9 @@ impl Cluster {
 
         // The kubelet and scheduler: pending pods start if their GPUs fit.
         for pod in self.owned("pods", d) {
-            // Pods waiting for GPUs are tried again, and so is a pull that waited for its
-            // secret once the secret exists; other failed pulls fail the same way again.
+            // Pods waiting for GPUs or for a volume to mount are tried again, and so is a pull
+            // that waited for its secret once the secret exists; other failed pulls fail the
+            // same way again.
             let pull = &pod["status"]["initContainerStatuses"][0];
             let waiting = pull["state"]["waiting"]["reason"].as_str();
             let secret_came = pull["lastState"]["terminated"]["exitCode"] == EXIT_MISSING_SECRET
@@ -227,7 +228,9 @@ impl Cluster {
                         &pod["spec"]["initContainers"][0],
                     )
                     .is_none();
-            if pod["status"]["phase"] == "Pending" && (waiting.is_none() || secret_came) {
+            let mounting = waiting == Some("PodInitializing");
+            if pod["status"]["phase"] == "Pending" && (waiting.is_none() || mounting || secret_came)
+            {
                 let status = self.run_pod(&pod);
                 let _ = self.store.update(
                     pods_kind,
@@ -346,6 +349,20 @@ impl Cluster {
                     "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod."}]});
             }
         }
+        // A required Secret volume that does not exist: the kubelet cannot mount it and
+        // the pod waits in ContainerCreating, with nothing in its status to say why.
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+        let unmountable = spec["volumes"].as_array().into_iter().flatten().any(|v| {
+            v["secret"]["optional"] != true
+                && v["secret"]["secretName"].as_str().is_some_and(|name| {
+                    self.store.get(kind("secrets").unwrap(), ns, name).is_none()
+                })
+        });
+        if unmountable {
+            return json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "initContainerStatuses": [{"name": "pull", "image": "", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}]});
+        }
         let pull = spec["initContainers"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["name"] == "pull"));
@@ -353,7 +370,6 @@ impl Cluster {
         let mut status = json!({"phase": "Running", "podIP": format!("10.1.{}.{}", ip / 250, ip % 250 + 1),
             "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]});
         if let Some(pull) = pull {
-            let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
             let (state, failed) = self.pull_outcome(ns, pull);
             if failed {
                 status["conditions"][1]["status"] = json!("False");
