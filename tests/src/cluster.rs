@@ -228,7 +228,9 @@ impl Cluster {
                         &pod["spec"]["initContainers"][0],
                     )
                     .is_none();
-            let mounting = waiting == Some("PodInitializing");
+            let mounting = waiting == Some("PodInitializing")
+                || pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                    == "ContainerCreating";
             if pod["status"]["phase"] == "Pending" && (waiting.is_none() || mounting || secret_came)
             {
                 let status = self.run_pod(&pod);
@@ -359,9 +361,19 @@ impl Cluster {
                 })
         });
         if unmountable {
-            return json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
-                "initContainerStatuses": [{"name": "pull", "image": "", "imageID": "", "ready": false,
-                    "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}]});
+            // The first container the pod would start waits: its pull, else its server.
+            let (list, reason, first) = match spec["initContainers"].get(0) {
+                Some(c) => ("initContainerStatuses", "PodInitializing", c),
+                None => (
+                    "containerStatuses",
+                    "ContainerCreating",
+                    &spec["containers"][0],
+                ),
+            };
+            let mut status = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]});
+            status[list] = json!([{"name": first["name"], "image": first["image"], "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": reason}}}]);
+            return status;
         }
         let pull = spec["initContainers"]
             .as_array()
