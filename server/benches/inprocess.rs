@@ -5,8 +5,8 @@
 //! embed MODEL_DIR ITERS BATCH...        seconds per batch (tokenize + forward + pool)
 //! generate GGUF PROMPTS_JSON TOKENS     TTFT per prompt, decode tok/s, aggregate tok/s at 8
 use kandle_server::cli::{DeviceArg, DtypeArg};
-use kandle_server::engine::EmbeddingModel;
-use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob};
+use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
+use kandle_server::engine::{BLOCK_TOKENS, EmbeddingModel};
 use kandle_server::metrics::Metrics;
 use kandle_server::model::{Backend, LoadOptions, load};
 use kandle_server::validation::SamplingParams;
@@ -79,12 +79,21 @@ async fn generate(args: &[String]) {
     let Backend::Generator(lm) = loaded.backend else {
         panic!("not a generative model")
     };
+    // Room for every concurrent sequence: the benchmark measures batching, not preemption.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + tokens;
+    let limits = Limits {
+        max_running: 64,
+        max_step_tokens: 512,
+        kv_blocks: 64 * longest.div_ceil(BLOCK_TOKENS),
+    };
     let engine = GenerationEngine::start(
         lm,
         Arc::new(loaded.tokenizer),
         Vec::new(),
+        limits,
         Arc::new(Metrics::new()),
-    );
+    )
+    .unwrap();
     let greedy = SamplingParams::greedy();
     // Returns (time to the first token, time for all of them).
     let run = |prompt: Vec<u32>, max_new_tokens: usize| {
@@ -130,13 +139,17 @@ async fn generate(args: &[String]) {
         "decode_tokens_per_s_c1".into(),
         json!((n - 1) as f64 / (total - ttft)),
     );
-    let start = Instant::now();
-    let all = futures::future::join_all((0..8).map(|_| run(prompts[0].clone(), tokens))).await;
-    let generated: usize = all.iter().map(|r| r.2).sum();
-    out.insert(
-        "aggregate_tokens_per_s_c8".into(),
-        json!(generated as f64 / start.elapsed().as_secs_f64()),
-    );
+    for concurrency in [8, 32] {
+        let start = Instant::now();
+        let all =
+            futures::future::join_all((0..concurrency).map(|_| run(prompts[0].clone(), tokens)))
+                .await;
+        let generated: usize = all.iter().map(|r| r.2).sum();
+        out.insert(
+            format!("aggregate_tokens_per_s_c{concurrency}"),
+            json!(generated as f64 / start.elapsed().as_secs_f64()),
+        );
+    }
     println!("{}", serde_json::Value::Object(out));
 }
 

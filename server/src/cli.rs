@@ -131,6 +131,40 @@ pub enum LogFormat {
     Json,
 }
 
+/// An amount of memory: absolute, or a share of what the container may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Memory {
+    Bytes(u64),
+    Fraction(f64),
+}
+
+fn parse_memory(s: &str) -> Result<Memory, String> {
+    let s = s.trim();
+    if s.contains('.') {
+        return match s.parse::<f64>() {
+            Ok(f) if f > 0.0 && f <= 1.0 => Ok(Memory::Fraction(f)),
+            _ => Err(format!("`{s}`: a fraction must be in (0, 1]")),
+        };
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let scale: u64 = match unit {
+        "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => return Err(format!("unknown unit `{other}` (use KiB, MiB, GiB or TiB)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|&n| n > 0)
+        .map(Memory::Bytes)
+        .ok_or_else(|| format!("`{s}` is not a positive amount of memory"))
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Model to serve: a folder (safetensors or GGUF), a `.gguf` file, or a URI to pull
@@ -163,9 +197,20 @@ pub struct ServeArgs {
     /// Requests allowed to wait; past concurrent + queue a request gets 429.
     #[arg(long, env = "KANDLE_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
-    /// Most sequences in one embedding batch.
+    /// Most sequences in one embedding batch, or generated side by side.
     #[arg(long, env = "KANDLE_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
+    /// Tokens one generation step feeds the model: a token for each sequence being
+    /// generated plus chunks of prompts being read. Larger reads prompts faster and makes
+    /// the other sequences' next tokens wait longer.
+    #[arg(long, env = "KANDLE_MAX_STEP_TOKENS", default_value_t = 512,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_step_tokens: u64,
+    /// Memory for the KV cache of generative models: bytes (`2GiB`, `512MiB`, `1000000`)
+    /// or a fraction of the container's memory limit (`0.25`). It is raised to hold at
+    /// least one sequence of the model's whole context.
+    #[arg(long, env = "KANDLE_KV_CACHE_MEMORY", default_value = "0.25", value_parser = parse_memory)]
+    pub kv_cache_memory: Memory,
     /// Token budget of one embedding batch (padded tokens).
     #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
@@ -207,6 +252,25 @@ pub struct ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_is_bytes_with_a_binary_unit_or_a_fraction() {
+        assert_eq!(parse_memory("512MiB"), Ok(Memory::Bytes(512 << 20)));
+        assert_eq!(parse_memory("4096"), Ok(Memory::Bytes(4096)));
+        assert_eq!(parse_memory("0.25"), Ok(Memory::Fraction(0.25)));
+        for bad in [
+            "0",
+            "1.5",
+            "0.0",
+            "2GB",
+            "-1",
+            "99999999999999TiB",
+            "",
+            "NaN.",
+        ] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations_beyond_a_day_are_refused_at_the_command_line() {

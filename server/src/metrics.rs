@@ -38,6 +38,12 @@ pub struct Metrics {
     pub tokens_generated: Counter,
     pub prompt_tokens: Counter,
     pub batch_size: Histogram,
+    pub kv_cache_blocks: Gauge,
+    pub kv_cache_blocks_used: Gauge,
+    pub kv_cache_bytes: Gauge,
+    pub sequences_running: Gauge,
+    pub sequences_waiting: Gauge,
+    pub preemptions: Counter,
     pub model_load_seconds: Gauge<f64, AtomicU64>,
     pub model_info: Family<ModelLabels, Gauge>,
 }
@@ -62,6 +68,12 @@ impl Metrics {
         let tokens_generated = Counter::default();
         let prompt_tokens = Counter::default();
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        let kv_cache_blocks = Gauge::default();
+        let kv_cache_blocks_used = Gauge::default();
+        let kv_cache_bytes = Gauge::default();
+        let sequences_running = Gauge::default();
+        let sequences_waiting = Gauge::default();
+        let preemptions = Counter::default();
         let model_load_seconds = Gauge::<f64, AtomicU64>::default();
         let model_info = Family::<ModelLabels, Gauge>::default();
 
@@ -107,8 +119,39 @@ impl Metrics {
         );
         registry.register(
             "batch_size",
-            "Sequences per embedding batch",
+            "Sequences per embedding batch or generation step",
             batch_size.clone(),
+        );
+        registry.register(
+            "kv_cache_blocks",
+            "Blocks in the KV-cache pool (16 tokens each)",
+            kv_cache_blocks.clone(),
+        );
+        registry.register(
+            "kv_cache_blocks_used",
+            "KV-cache blocks held by sequences",
+            kv_cache_blocks_used.clone(),
+        );
+        registry.register_with_unit(
+            "kv_cache",
+            "Memory of the KV-cache pool",
+            prometheus_client::registry::Unit::Bytes,
+            kv_cache_bytes.clone(),
+        );
+        registry.register(
+            "sequences_running",
+            "Sequences the generation engine is advancing",
+            sequences_running.clone(),
+        );
+        registry.register(
+            "sequences_waiting",
+            "Sequences waiting for KV-cache blocks or a place in the batch",
+            sequences_waiting.clone(),
+        );
+        registry.register(
+            "preemptions",
+            "Sequences set back to the queue to free KV-cache blocks (recomputed later)",
+            preemptions.clone(),
         );
         registry.register(
             "model_load_seconds",
@@ -131,6 +174,12 @@ impl Metrics {
             tokens_generated,
             prompt_tokens,
             batch_size,
+            kv_cache_blocks,
+            kv_cache_blocks_used,
+            kv_cache_bytes,
+            sequences_running,
+            sequences_waiting,
+            preemptions,
             model_load_seconds,
             model_info,
         }

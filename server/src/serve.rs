@@ -1,11 +1,12 @@
 //! `kandle-server serve`: load, warm, bind, serve, and drain on SIGTERM.
 use crate::admission::Admission;
-use crate::cli::ServeArgs;
+use crate::cli::{Memory, ServeArgs};
 use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
-use crate::engine::generation::{Event, GenerationEngine, GenerationJob};
+use crate::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
+use crate::engine::{BLOCK_TOKENS, LanguageModel};
 use crate::http::{AppState, Engine, router};
 use crate::metrics::{Metrics, ModelLabels};
-use crate::model::{self, Backend, LoadOptions};
+use crate::model::{self, Backend, LoadOptions, ModelInfo};
 use crate::pull::{self, uri::ModelUri};
 use crate::tokenize::PromptTokenizer;
 use crate::validation::SamplingParams;
@@ -35,11 +36,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let loaded = tokio::task::spawn_blocking(move || model::load(&opts))
         .await?
         .with_context(|| format!("loading {}", model_path.display()))?;
-    let info = loaded.info.clone();
+    let mut info = loaded.info.clone();
     let model_name = args
         .served_model_name
         .clone()
         .unwrap_or_else(|| default_name(&args.model));
+    let generation = match &loaded.backend {
+        Backend::Generator(lm) => {
+            Some(generation_limits(&args, &mut info, lm.kv_bytes_per_block()))
+        }
+        Backend::Embedder(_) => None,
+    };
     let max_input_tokens = match args.max_input_tokens {
         Some(n) if n > info.context_length => {
             bail!(
@@ -52,14 +59,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = match loaded.backend {
-        Backend::Generator(lm) => Engine::Generation(GenerationEngine::start(
-            lm,
-            tokenizer.clone(),
-            info.eos_token_ids.clone(),
-            metrics.clone(),
-        )),
+        Backend::Generator(lm) => Engine::Generation(
+            GenerationEngine::start(
+                lm,
+                tokenizer.clone(),
+                info.eos_token_ids.clone(),
+                generation.expect("limits for a generator"),
+                metrics.clone(),
+            )
+            .context("allocating the KV cache")?,
+        ),
         Backend::Embedder(embedder) => Engine::Embedding(EmbeddingEngine::start(
-            embedder,
+            *embedder,
             BatchLimits {
                 max_batch_size: args.max_batch_size.max(1),
                 max_batch_tokens: args.max_batch_tokens.max(1),
@@ -124,6 +135,36 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// One real pass through the model so the first client does not pay for lazy setup.
+/// Sizes the KV-cache pool from `--kv-cache-memory`. A pool too small for one sequence of
+/// the model's whole context shortens the context served, as vLLM does, rather than let a
+/// sequence fail halfway; more than every running sequence's whole context would be unused.
+fn generation_limits(args: &ServeArgs, info: &mut ModelInfo, block_bytes: usize) -> Limits {
+    let wanted = match args.kv_cache_memory {
+        Memory::Bytes(b) => b,
+        Memory::Fraction(f) => (crate::memory::limit_bytes().unwrap_or(0) as f64 * f) as u64,
+    };
+    let per_context = info.context_length.div_ceil(BLOCK_TOKENS);
+    let max_running = args.max_batch_size.max(1);
+    let blocks = usize::try_from(wanted / block_bytes.max(1) as u64)
+        .unwrap_or(usize::MAX)
+        .clamp(1, per_context.saturating_mul(max_running));
+    if blocks < per_context {
+        let served = blocks * BLOCK_TOKENS;
+        tracing::warn!(
+            model_context = info.context_length,
+            served_context = served,
+            kv_cache_bytes = blocks * block_bytes,
+            "the KV cache holds less than one whole context; serving a shorter one (raise --kv-cache-memory for more)"
+        );
+        info.context_length = served;
+    }
+    Limits {
+        max_running,
+        max_step_tokens: args.max_step_tokens as usize,
+        kv_blocks: blocks,
+    }
+}
+
 async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
     match engine {
         Engine::Embedding(e) => {

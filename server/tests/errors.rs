@@ -275,11 +275,35 @@ async fn metrics_use_the_contract_names() {
         "kandle_tokens_generated_total",
         "kandle_prompt_tokens_total",
         "kandle_batch_size",
+        "kandle_kv_cache_blocks ",
+        "kandle_kv_cache_blocks_used 0",
+        "kandle_kv_cache_bytes ",
+        "kandle_sequences_running 0",
+        "kandle_sequences_waiting 0",
+        "kandle_preemptions_total 0",
         "kandle_model_load_seconds",
         "kandle_model_info{model=\"tiny\",task=\"chat\",dtype=\"f32\",device=\"cpu\"} 1",
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
+}
+
+/// A KV cache too small for the model's whole context shortens the context served: a
+/// request that would not fit is a 400 naming the shorter context, not a failure halfway.
+#[tokio::test]
+async fn a_small_kv_cache_shortens_the_context_served() {
+    let (_model, server) = tiny(&["--kv-cache-memory", "1", "--log-format", "json"]);
+    let body = json!({"model": "tiny", "prompt": "hi", "temperature": 0, "max_tokens": 100});
+    let (status, error) = post(&server, "/v1/completions", body).await;
+    let message = error_message(&error);
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains("context length is 16 tokens"), "{message}");
+    let body = json!({"model": "tiny", "prompt": "hi", "temperature": 0, "max_tokens": 3});
+    assert_eq!(post(&server, "/v1/completions", body).await.0, 200);
+    let warning = server
+        .log_line(|v| v["fields"]["served_context"] == 16)
+        .await;
+    assert_eq!(warning["level"], "WARN");
 }
 
 #[tokio::test]

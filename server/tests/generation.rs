@@ -5,7 +5,6 @@ mod common;
 use candle_core::Tensor;
 use common::{Server, TinyLlama, client, post, read_sse, start_tiny};
 use kandle_server::cli::{DeviceArg, DtypeArg};
-use kandle_server::engine::LanguageModel;
 use kandle_server::model::{Backend, LoadOptions, load};
 use serde_json::json;
 
@@ -279,7 +278,7 @@ fn half_precision_greedy_follows_f32() {
             .get_ids()
             .to_vec();
         match model.backend {
-            Backend::Generator(lm) => (prompt, lm.new_sequence()),
+            Backend::Generator(lm) => (prompt, lm.sequence(128).unwrap()),
             Backend::Embedder(_) => panic!("a Llama loads as a generator"),
         }
     };
@@ -358,7 +357,11 @@ fn logits_with(config: serde_json::Value) -> Result<Vec<f32>, String> {
     let Backend::Generator(lm) = model.backend else {
         panic!("a Llama loads as a generator")
     };
-    let logits = lm.new_sequence().forward(&prompt, 0).unwrap();
+    let logits = lm
+        .sequence(prompt.len())
+        .unwrap()
+        .forward(&prompt, 0)
+        .unwrap();
     Ok(logits.to_vec1().unwrap())
 }
 
@@ -381,6 +384,11 @@ fn every_config_field_that_changes_the_maths_is_read_or_refused() {
     );
     let plain = logits_with(json!({"rope_theta": 500000.0})).unwrap();
     assert!(classic != plain, "llama3 scaling changes the logits");
+    let linear = logits_with(
+        json!({"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+    )
+    .unwrap();
+    assert!(linear != plain, "linear scaling changes the logits");
     let default_theta = logits_with(json!({})).unwrap();
     assert!(plain != default_theta, "the rotary base changes the logits");
     let v5_plain =
@@ -397,13 +405,14 @@ fn every_config_field_that_changes_the_maths_is_read_or_refused() {
             "yarn",
         ),
         (
-            json!({"rope_scaling": {"type": "linear", "factor": 2.0}}),
-            "linear",
+            json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+            "dynamic",
         ),
-        (json!({"attention_bias": true}), "attention_bias"),
-        (json!({"mlp_bias": true}), "mlp_bias"),
         (json!({"hidden_act": "gelu"}), "gelu"),
-        (json!({"head_dim": 32}), "head_dim"),
+        // Config fields that imply tensors or shapes the checkpoint lacks: the tensor is named.
+        (json!({"attention_bias": true}), "q_proj.bias"),
+        (json!({"mlp_bias": true}), "gate_proj.bias"),
+        (json!({"head_dim": 32}), "q_proj.weight"),
     ] {
         let error = logits_with(config.clone()).expect_err(&config.to_string());
         assert!(error.contains(named), "{config}: {error}");

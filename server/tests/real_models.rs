@@ -6,7 +6,7 @@ use base64::Engine as _;
 use candle_core::Tensor;
 use common::{Server, minilm_dir, post, smollm2_gguf};
 use kandle_server::cli::{DeviceArg, DtypeArg};
-use kandle_server::engine::{LanguageModel, SequenceModel};
+use kandle_server::model::decoder::Sequence;
 use kandle_server::model::{Backend, LoadOptions, LoadedModel, load};
 use kandle_server::validation::TemplateMessage;
 use serde_json::{Value, json};
@@ -208,9 +208,9 @@ impl Smollm2 {
         }
     }
 
-    fn sequence(&self) -> Box<dyn SequenceModel> {
+    fn sequence(&self) -> Sequence {
         match &self.model.backend {
-            Backend::Generator(lm) => lm.new_sequence(),
+            Backend::Generator(lm) => lm.sequence(1024).unwrap(),
             Backend::Embedder(_) => panic!("SmolLM2 loads as a generator"),
         }
     }

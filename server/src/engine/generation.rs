@@ -1,19 +1,20 @@
-//! The generation scheduler: one thread owns the model and advances every active sequence
-//! by one step per round (a prompt chunk or one token), so a long answer never blocks a
-//! short one. Each sequence has its own KV cache; the weights are shared.
-use super::{EngineError, Health, LanguageModel, SequenceModel, spawn_worker};
+//! The generation scheduler: continuous batching. One thread owns the model; each step is
+//! one forward pass over every running sequence (a token for each decoding sequence, a
+//! prompt chunk for each being read), under a token budget per step, so weights are read
+//! once for all of them and a long answer never blocks a short one. KV-cache blocks are
+//! handed out as sequences grow; when the pool runs dry the newest sequence is set back to
+//! the queue and recomputed later, so no sequence ever writes into another's blocks.
+use super::blocks::BlockPool;
+use super::{BLOCK_TOKENS, Chunk, EngineError, Health, LanguageModel, spawn_worker};
 use crate::detokenize::{Delta, TextStream};
 use crate::metrics::Metrics;
 use crate::sampling::Sampler;
 use crate::validation::SamplingParams;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
-
-/// Prompt tokens processed per step: long prompts are split so that other sequences keep
-/// producing tokens while one prompt is read.
-const PREFILL_CHUNK: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -48,6 +49,17 @@ pub struct GenerationJob {
     pub span: tracing::Span,
 }
 
+/// How much work one step may take on, and how much cache memory there is.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sequences advanced together.
+    pub max_running: usize,
+    /// Tokens fed to one forward pass (each decoding sequence's one, plus prompt chunks).
+    pub max_step_tokens: usize,
+    /// KV-cache blocks in the pool.
+    pub kv_blocks: usize,
+}
+
 struct Submitted {
     job: GenerationJob,
     events: mpsc::UnboundedSender<Event>,
@@ -61,12 +73,19 @@ pub struct GenerationEngine {
 }
 
 impl GenerationEngine {
+    /// Allocates the KV cache, then starts the worker; an allocation failure is returned.
     pub fn start(
-        model: impl LanguageModel,
+        mut model: impl LanguageModel,
         tokenizer: Arc<Tokenizer>,
         eos_token_ids: Vec<u32>,
+        limits: Limits,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> candle_core::Result<Self> {
+        model.allocate_kv(limits.kv_blocks)?;
+        metrics.kv_cache_blocks.set(limits.kv_blocks as i64);
+        metrics
+            .kv_cache_bytes
+            .set((limits.kv_blocks * model.kv_bytes_per_block()) as i64);
         let (jobs, rx) = mpsc::unbounded_channel();
         let health = spawn_worker("generation-worker", move || {
             Scheduler {
@@ -74,10 +93,14 @@ impl GenerationEngine {
                 tokenizer: &tokenizer,
                 eos: &eos_token_ids,
                 metrics: &metrics,
+                limits,
+                pool: BlockPool::new(limits.kv_blocks),
+                running: Vec::new(),
+                waiting: VecDeque::new(),
             }
             .run(rx)
         });
-        Self { jobs, health }
+        Ok(Self { jobs, health })
     }
 
     pub fn health(&self) -> &Health {
@@ -102,141 +125,264 @@ impl GenerationEngine {
     }
 }
 
-struct Scheduler<'a, M> {
-    model: M,
-    tokenizer: &'a Tokenizer,
-    eos: &'a [u32],
-    metrics: &'a Metrics,
-}
-
 struct Sequence<'a> {
-    lm: Box<dyn SequenceModel>,
     job: GenerationJob,
     events: mpsc::UnboundedSender<Event>,
     enqueued: Instant,
-    prefilled: usize,
-    generated: Vec<u32>,
+    /// The prompt, then every generated token.
+    tokens: Vec<u32>,
+    /// Leading tokens whose keys and values are in the cache.
+    cached: usize,
+    blocks: Vec<u32>,
     sampler: Sampler,
     text: TextStream<'a>,
     last_token_at: Option<Instant>,
 }
 
+impl Sequence<'_> {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.job.prompt.len()
+    }
+}
+
+struct Scheduler<'a, M> {
+    model: M,
+    tokenizer: &'a Tokenizer,
+    eos: &'a [u32],
+    metrics: &'a Metrics,
+    limits: Limits,
+    pool: BlockPool,
+    /// Oldest first: the newest is the first set back when blocks run out.
+    running: Vec<Sequence<'a>>,
+    waiting: VecDeque<Sequence<'a>>,
+}
+
 impl<'a, M: LanguageModel> Scheduler<'a, M> {
-    fn run(&self, mut rx: mpsc::UnboundedReceiver<Submitted>) {
-        let mut active: Vec<Sequence<'a>> = Vec::new();
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Submitted>) {
         loop {
-            if active.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.blocking_recv() {
-                    Some(s) => active.push(self.admit(s)),
+                    Some(s) => self.enqueue(s),
                     None => return,
                 }
             }
             while let Ok(s) = rx.try_recv() {
-                active.push(self.admit(s));
+                self.enqueue(s);
             }
-            active.retain_mut(|seq| !self.step(seq));
+            self.drop_cancelled();
+            let planned = self.plan();
+            if planned.is_empty() {
+                continue;
+            }
+            self.step(&planned);
+            self.metrics
+                .sequences_running
+                .set(self.running.len() as i64);
+            self.metrics
+                .sequences_waiting
+                .set(self.waiting.len() as i64);
+            self.metrics
+                .kv_cache_blocks_used
+                .set((self.limits.kv_blocks - self.pool.available()) as i64);
         }
     }
 
-    fn admit(&self, s: Submitted) -> Sequence<'a> {
+    fn enqueue(&mut self, s: Submitted) {
         let text = TextStream::new(self.tokenizer, &s.job.prompt, s.job.stop.clone());
-        Sequence {
-            lm: self.model.new_sequence(),
+        self.waiting.push_back(Sequence {
             sampler: Sampler::new(&s.job.sampling),
+            tokens: s.job.prompt.clone(),
             job: s.job,
             events: s.events,
             enqueued: s.enqueued,
-            prefilled: 0,
-            generated: Vec::new(),
+            cached: 0,
+            blocks: Vec::new(),
             text,
             last_token_at: None,
+        });
+    }
+
+    fn drop_cancelled(&mut self) {
+        let pool = &mut self.pool;
+        let mut keep = |seq: &mut Sequence<'_>| {
+            if seq.events.is_closed() {
+                tracing::debug!(parent: &seq.job.span, "client went away; sequence dropped");
+                pool.release(&mut seq.blocks);
+                false
+            } else {
+                true
+            }
+        };
+        self.running.retain_mut(&mut keep);
+        self.waiting.retain_mut(keep);
+    }
+
+    /// Picks each running sequence's rows for this step, giving it the blocks they need
+    /// (setting the newest sequences back when there are too few), then admits waiting
+    /// sequences in order while the budget and the pool allow. Prompt chunks leave room in
+    /// the budget for every later decoding sequence's token, so a long prompt slows the
+    /// others' steps but does not stall them. Returns (index into `running`, rows) pairs.
+    fn plan(&mut self) -> Vec<(usize, usize)> {
+        let decoding = |s: &Sequence<'_>| s.tokens.len() - s.cached == 1;
+        let mut budget = self.limits.max_step_tokens;
+        let mut planned = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = &self.running[i];
+            let remaining = seq.tokens.len() - seq.cached;
+            let later_decoding = self.running[i + 1..].iter().filter(|s| decoding(s)).count();
+            // At least one row even when the decoding sequences would take the whole budget,
+            // so a prompt is never starved by a small --max-step-tokens.
+            let rows = remaining.min(budget.saturating_sub(later_decoding).max(1));
+            let needed = (seq.cached + rows).div_ceil(BLOCK_TOKENS) - seq.blocks.len();
+            while self.pool.available() < needed && self.running.len() > i + 1 {
+                self.preempt_newest();
+            }
+            let seq = &mut self.running[i];
+            if !self.pool.take(needed, &mut seq.blocks) {
+                // The pool fits at least one whole context, so only a sequence that is not
+                // the oldest can get here; it waits its turn again.
+                self.preempt_newest();
+                break;
+            }
+            planned.push((i, rows));
+            budget -= rows;
+            i += 1;
+        }
+        while budget > 0 && self.running.len() < self.limits.max_running {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let rows = (seq.tokens.len() - seq.cached).min(budget);
+            if !self.pool.take(rows.div_ceil(BLOCK_TOKENS), &mut seq.blocks) {
+                break;
+            }
+            let seq = self.waiting.pop_front().expect("front exists");
+            planned.push((self.running.len(), rows));
+            self.running.push(seq);
+            budget -= rows;
+        }
+        planned
+    }
+
+    /// Frees the newest running sequence's blocks and puts it at the head of the queue; it
+    /// will read its prompt and generated tokens again.
+    fn preempt_newest(&mut self) {
+        if let Some(mut seq) = self.running.pop() {
+            self.pool.release(&mut seq.blocks);
+            seq.cached = 0;
+            self.metrics.preemptions.inc();
+            tracing::debug!(parent: &seq.job.span, tokens = seq.tokens.len(), "preempted for KV-cache blocks");
+            self.waiting.push_front(seq);
         }
     }
 
-    /// Advances one sequence by one step; true when it has finished.
-    fn step(&self, seq: &mut Sequence<'a>) -> bool {
-        if seq.events.is_closed() {
-            tracing::debug!(parent: &seq.job.span, "client went away; sequence dropped");
-            return true;
+    /// One forward pass over the planned rows, then a token for each sequence whose rows
+    /// reached its end; finished sequences leave and give their blocks back.
+    fn step(&mut self, planned: &[(usize, usize)]) {
+        let chunks: Vec<Chunk<'_>> = planned
+            .iter()
+            .map(|&(i, rows)| {
+                let seq = &self.running[i];
+                Chunk {
+                    tokens: &seq.tokens[seq.cached..seq.cached + rows],
+                    start: seq.cached,
+                    blocks: &seq.blocks,
+                }
+            })
+            .collect();
+        self.metrics.batch_size.observe(chunks.len() as f64);
+        let logits = self.model.forward(&chunks);
+        let mut finished = vec![false; self.running.len()];
+        for (row, &(i, rows)) in planned.iter().enumerate() {
+            let seq = &mut self.running[i];
+            let span = seq.job.span.clone();
+            let _enter = span.enter();
+            let outcome = logits
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .and_then(|l| Ok(l.get(row)?))
+                .and_then(|l| {
+                    seq.cached += rows;
+                    if seq.cached < seq.tokens.len() {
+                        return Ok(None);
+                    }
+                    advance(seq, &l, self.eos, self.metrics)
+                });
+            finished[i] = match outcome {
+                Ok(None) => false,
+                Ok(Some(event)) => {
+                    let _ = seq.events.send(event);
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "generation step failed");
+                    let _ = seq
+                        .events
+                        .send(Event::Failed(EngineError::Model(e.to_string())));
+                    true
+                }
+            };
         }
-        let span = seq.job.span.clone();
-        let _enter = span.enter();
-        match self.advance(seq) {
-            Ok(Some(event)) => {
-                let _ = seq.events.send(event);
-                true
+        let mut index = 0;
+        let pool = &mut self.pool;
+        self.running.retain_mut(|seq| {
+            let done = finished[index];
+            index += 1;
+            if done {
+                pool.release(&mut seq.blocks);
             }
-            Ok(None) => false,
-            Err(e) => {
-                tracing::error!(error = %e, "generation step failed");
-                let _ = seq
-                    .events
-                    .send(Event::Failed(EngineError::Model(e.to_string())));
-                true
-            }
-        }
+            !done
+        });
     }
+}
 
-    /// One step; Some(final event) when the sequence is done.
-    fn advance(&self, seq: &mut Sequence<'a>) -> anyhow::Result<Option<Event>> {
-        let prompt_len = seq.job.prompt.len();
-        let logits = if seq.prefilled < prompt_len {
-            let end = (seq.prefilled + PREFILL_CHUNK).min(prompt_len);
-            let logits = seq
-                .lm
-                .forward(&seq.job.prompt[seq.prefilled..end], seq.prefilled)?;
-            seq.prefilled = end;
-            if end < prompt_len {
-                return Ok(None);
-            }
-            logits
-        } else {
-            let last = *seq.generated.last().expect("a token follows the prompt");
-            seq.lm
-                .forward(&[last], prompt_len + seq.generated.len() - 1)?
-        };
-        let token = seq.sampler.sample(&logits)?;
-        let now = Instant::now();
-        match seq.last_token_at {
-            None => self
-                .metrics
-                .time_to_first_token
-                .observe((now - seq.enqueued).as_secs_f64()),
-            Some(at) => self
-                .metrics
-                .inter_token_latency
-                .observe((now - at).as_secs_f64()),
-        }
-        seq.last_token_at = Some(now);
-        seq.generated.push(token);
-        self.metrics.tokens_generated.inc();
-        let completion_tokens = seq.generated.len();
-        let done = |reason| Event::Done {
-            reason,
-            completion_tokens,
-        };
+/// Samples the token after the sequence's last; Some(final event) when it is done.
+fn advance(
+    seq: &mut Sequence<'_>,
+    logits: &candle_core::Tensor,
+    eos: &[u32],
+    metrics: &Metrics,
+) -> anyhow::Result<Option<Event>> {
+    let token = seq.sampler.sample(logits)?;
+    let now = Instant::now();
+    match seq.last_token_at {
+        None => metrics
+            .time_to_first_token
+            .observe((now - seq.enqueued).as_secs_f64()),
+        Some(at) => metrics
+            .inter_token_latency
+            .observe((now - at).as_secs_f64()),
+    }
+    seq.last_token_at = Some(now);
+    seq.tokens.push(token);
+    metrics.tokens_generated.inc();
+    let completion_tokens = seq.generated();
+    let done = |reason| Event::Done {
+        reason,
+        completion_tokens,
+    };
 
-        if self.eos.contains(&token) {
-            send_text(seq, |text| text.finish());
+    if eos.contains(&token) {
+        send_text(seq, |text| text.finish());
+        return Ok(Some(done(FinishReason::Stop)));
+    }
+    match seq
+        .text
+        .push(token)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?
+    {
+        Delta::Text(t) => send_text(seq, |_| t),
+        Delta::Stopped(t) => {
+            send_text(seq, |_| t);
             return Ok(Some(done(FinishReason::Stop)));
         }
-        match seq
-            .text
-            .push(token)
-            .map_err(|e| anyhow::anyhow!("decoding: {e}"))?
-        {
-            Delta::Text(t) => send_text(seq, |_| t),
-            Delta::Stopped(t) => {
-                send_text(seq, |_| t);
-                return Ok(Some(done(FinishReason::Stop)));
-            }
-        }
-        if seq.generated.len() >= seq.job.max_new_tokens {
-            send_text(seq, |text| text.finish());
-            return Ok(Some(done(FinishReason::Length)));
-        }
-        Ok(None)
     }
+    if completion_tokens >= seq.job.max_new_tokens {
+        send_text(seq, |text| text.finish());
+        return Ok(Some(done(FinishReason::Length)));
+    }
+    Ok(None)
 }
 
 fn send_text(seq: &mut Sequence<'_>, text: impl FnOnce(&mut TextStream<'_>) -> String) {
@@ -254,36 +400,101 @@ mod tests {
 
     const VOCAB: usize = 8;
 
-    /// Always predicts the token after the last one (mod VOCAB), slowly, like a real model.
-    #[derive(Clone)]
-    struct Counting;
-    impl SequenceModel for Counting {
-        fn forward(&mut self, tokens: &[u32], _pos: usize) -> candle_core::Result<Tensor> {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-            let next = (tokens[tokens.len() - 1] as usize + 1) % VOCAB;
-            let logits: Vec<f32> = (0..VOCAB)
-                .map(|i| if i == next { 1.0 } else { 0.0 })
-                .collect();
-            Tensor::new(logits, &Device::Cpu)
-        }
+    /// Predicts the token after the last one (mod VOCAB), slowly, like a real model. It
+    /// reads each sequence's history back from its KV-cache slots and fails when that is
+    /// not a counting run, so a sequence given another's blocks, or recomputed wrongly after
+    /// preemption, cannot pass unnoticed.
+    #[derive(Default)]
+    struct Counting {
+        slots: Vec<u32>,
+        passes: Arc<std::sync::atomic::AtomicUsize>,
+        largest_step: Arc<std::sync::atomic::AtomicUsize>,
     }
+
     impl LanguageModel for Counting {
-        fn new_sequence(&self) -> Box<dyn SequenceModel> {
-            Box::new(self.clone())
+        fn kv_bytes_per_block(&self) -> usize {
+            BLOCK_TOKENS * 4
+        }
+
+        fn allocate_kv(&mut self, blocks: usize) -> candle_core::Result<()> {
+            self.slots = vec![u32::MAX; blocks * BLOCK_TOKENS];
+            Ok(())
+        }
+
+        fn forward(&mut self, chunks: &[Chunk<'_>]) -> candle_core::Result<Tensor> {
+            use std::sync::atomic::Ordering::Relaxed;
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            self.passes.fetch_add(1, Relaxed);
+            let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+            self.largest_step.fetch_max(rows, Relaxed);
+            let slot = |c: &Chunk<'_>, pos: usize| {
+                c.blocks[pos / BLOCK_TOKENS] as usize * BLOCK_TOKENS + pos % BLOCK_TOKENS
+            };
+            let mut logits = Vec::new();
+            for c in chunks {
+                for (k, &t) in c.tokens.iter().enumerate() {
+                    self.slots[slot(c, c.start + k)] = t;
+                }
+                let end = c.start + c.tokens.len();
+                let history: Vec<u32> = (0..end).map(|p| self.slots[slot(c, p)]).collect();
+                if history
+                    .windows(2)
+                    .any(|w| w[1] as usize != (w[0] as usize + 1) % VOCAB)
+                {
+                    candle_core::bail!("cache corrupted: {history:?}");
+                }
+                let next = (history[end - 1] as usize + 1) % VOCAB;
+                logits.extend((0..VOCAB).map(|i| if i == next { 1f32 } else { 0.0 }));
+            }
+            Tensor::from_vec(logits, (chunks.len(), VOCAB), &Device::Cpu)
         }
     }
 
-    fn engine(eos: Vec<u32>) -> GenerationEngine {
+    const ROOMY: Limits = Limits {
+        max_running: 32,
+        max_step_tokens: 256,
+        kv_blocks: 256,
+    };
+
+    fn engine_with(
+        eos: Vec<u32>,
+        model: Counting,
+        limits: Limits,
+    ) -> (GenerationEngine, Arc<Metrics>) {
         let vocab = (0..VOCAB)
             .map(|i| (format!("t{i}"), i as u32))
             .chain([("<unk>".to_string(), VOCAB as u32)]);
-        let model = WordLevel::builder()
+        let tokenizer = WordLevel::builder()
             .vocab(vocab.collect())
             .unk_token("<unk>".into())
             .build()
             .unwrap();
-        let tokenizer = Arc::new(Tokenizer::new(model));
-        GenerationEngine::start(Counting, tokenizer, eos, Arc::new(Metrics::new()))
+        let metrics = Arc::new(Metrics::new());
+        let engine = GenerationEngine::start(
+            model,
+            Arc::new(Tokenizer::new(tokenizer)),
+            eos,
+            limits,
+            metrics.clone(),
+        )
+        .unwrap();
+        (engine, metrics)
+    }
+
+    fn engine(eos: Vec<u32>) -> GenerationEngine {
+        engine_with(eos, Counting::default(), ROOMY).0
+    }
+
+    /// What Counting generates after `prompt`: " t5 t6 t7 t0 …".
+    fn counting_text(prompt: &[u32], n: usize) -> String {
+        let last = *prompt.last().unwrap() as usize;
+        (1..=n)
+            .map(|k| format!(" t{}", (last + k) % VOCAB))
+            .collect()
+    }
+
+    fn counting_prompt(first: usize, len: usize) -> Vec<u32> {
+        (first..first + len).map(|i| (i % VOCAB) as u32).collect()
     }
 
     fn job(prompt: Vec<u32>, max_new_tokens: usize, stop: &[&str]) -> GenerationJob {
@@ -351,5 +562,79 @@ mod tests {
         let prompt: Vec<u32> = (0..600).map(|i| (i % VOCAB) as u32).collect();
         let (_, _, n, _) = collect(engine.submit(job(prompt, 2, &[])).unwrap()).await;
         assert_eq!(n, 2);
+    }
+
+    /// Eight sequences of different lengths advance together: each step is one forward
+    /// pass for all of them, not one per sequence.
+    #[tokio::test]
+    async fn one_forward_pass_serves_every_running_sequence() {
+        let model = Counting::default();
+        let passes = model.passes.clone();
+        let (engine, _) = engine_with(vec![], model, ROOMY);
+        // Submitted together, before the worker wakes, so they run side by side.
+        let receivers: Vec<_> = (0..8)
+            .map(|i| {
+                engine
+                    .submit(job(counting_prompt(i, 3 + 5 * i), 40, &[]))
+                    .unwrap()
+            })
+            .collect();
+        let results = futures::future::join_all(receivers.into_iter().map(collect)).await;
+        for (i, (text, reason, n, _)) in results.into_iter().enumerate() {
+            assert_eq!(
+                (text, reason, n),
+                (
+                    counting_text(&counting_prompt(i, 3 + 5 * i), 40),
+                    FinishReason::Length,
+                    40
+                )
+            );
+        }
+        let passes = passes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            passes <= 2 * 40,
+            "{passes} forward passes for 8 x 40 tokens"
+        );
+    }
+
+    /// A pool far smaller than the load: sequences wait for blocks or are set back and
+    /// recomputed, none fails or reads another's cache, every block comes back, and no step
+    /// exceeds its token budget.
+    #[tokio::test]
+    async fn an_exhausted_kv_pool_makes_sequences_wait_never_mix() {
+        let limits = Limits {
+            max_running: 8,
+            max_step_tokens: 48,
+            kv_blocks: 8,
+        };
+        let model = Counting::default();
+        let largest_step = model.largest_step.clone();
+        let (engine, metrics) = engine_with(vec![], model, limits);
+        let cases: Vec<(Vec<u32>, usize)> = (0..12)
+            .map(|i| (counting_prompt(i, 5 + 7 * i % 40), 30 + 3 * i))
+            .collect();
+        let receivers: Vec<_> = cases
+            .iter()
+            .map(|(prompt, n)| engine.submit(job(prompt.clone(), *n, &[])).unwrap())
+            .collect();
+        let results = futures::future::join_all(receivers.into_iter().map(collect)).await;
+        for ((prompt, n), (text, reason, got, _)) in cases.iter().zip(results) {
+            assert_eq!(
+                (text, reason, got),
+                (counting_text(prompt, *n), FinishReason::Length, *n)
+            );
+        }
+        assert!(
+            metrics.preemptions.get() > 0,
+            "the pool was too small for all at once"
+        );
+        assert!(largest_step.load(std::sync::atomic::Ordering::Relaxed) <= 48);
+        let used = || metrics.kv_cache_blocks_used.get();
+        // The gauge is set after the step in which the last sequence finished.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while used() != 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(used(), 0, "every block came back");
     }
 }

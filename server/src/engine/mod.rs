@@ -1,5 +1,6 @@
 //! The threads that run models. Model work never runs on tokio's threads: each engine owns
 //! an OS thread fed by a channel, replies through channels, and publishes its health.
+pub mod blocks;
 pub mod embedding;
 pub mod generation;
 
@@ -7,15 +8,27 @@ use candle_core::Tensor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// One sequence's view of a causal language model: it owns its KV cache.
-pub trait SequenceModel: Send {
-    /// Runs `tokens` at positions `pos..` and returns the logits for the next token.
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor>;
+/// Tokens per KV-cache block: the unit in which sequences are given cache memory.
+pub const BLOCK_TOKENS: usize = 16;
+
+/// One sequence's rows in an engine step: `tokens` at positions `start..`, whose keys and
+/// values go to (and whose earlier ones are read from) the cache blocks `blocks` lists.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub blocks: &'a [u32],
 }
 
+/// A causal language model with a paged KV cache that it owns and the scheduler allots.
 pub trait LanguageModel: Send + 'static {
-    /// A fresh sequence sharing this model's weights.
-    fn new_sequence(&self) -> Box<dyn SequenceModel>;
+    /// Bytes one cache block takes.
+    fn kv_bytes_per_block(&self) -> usize;
+    /// Replaces the KV cache with one of `blocks` blocks.
+    fn allocate_kv(&mut self, blocks: usize) -> candle_core::Result<()>;
+    /// One forward pass over every chunk; f32 logits [chunks, vocab], one row per chunk, for
+    /// the token after its last.
+    fn forward(&mut self, chunks: &[Chunk<'_>]) -> candle_core::Result<Tensor>;
 }
 
 pub trait EmbeddingModel: Send + 'static {

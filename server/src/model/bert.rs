@@ -66,12 +66,12 @@ pub fn load(
         },
         tokenizer,
         chat_template: None,
-        backend: Backend::Embedder(Embedder {
+        backend: Backend::Embedder(Box::new(Embedder {
             model,
             pooling,
             normalize,
             device: device.clone(),
-        }),
+        })),
     })
 }
 

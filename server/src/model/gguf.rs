@@ -1,14 +1,13 @@
-//! Llama-family GGUF files (quantized), with the tokenizer rebuilt from GGUF metadata so
-//! token ids match llama.cpp's.
-use super::{
-    Backend, LoadError, LoadedModel, ModelInfo, Task, causal::CausalLm, device_name,
-    generation_task,
-};
+//! GGUF files (quantized Llama, Mistral, Qwen2 and Qwen3) on kandle's decoder, with the
+//! tokenizer rebuilt from GGUF metadata so token ids match llama.cpp's.
+use super::decoder::config::{Biases, DecoderConfig, RopeScaling, RopeStyle};
+use super::decoder::source::{Gguf, Source};
+use super::decoder::{Decoder, Weights};
+use super::{Backend, LoadError, LoadedModel, ModelInfo, Task, device_name, generation_task};
 use crate::chat_template::ChatTemplate;
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
-use candle_transformers::models::quantized_llama::{self, ModelWeights};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
@@ -59,21 +58,102 @@ fn meta_str<'a>(ct: &'a Content, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+fn meta_f64(ct: &Content, key: &str) -> Option<f64> {
+    meta(ct, key).and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
+}
+
+/// Architectures the decoder runs, as `general.architecture` names them (Mistral's files say
+/// `llama`).
+const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// The decoder's shape from GGUF metadata, following llama.cpp's reading of the same keys.
+fn config(ct: &Content, file: &Path) -> Result<DecoderConfig, LoadError> {
+    let arch = meta_str(ct, "general.architecture").unwrap_or_default();
+    if !ARCHITECTURES.contains(&arch) {
+        return Err(LoadError::invalid(
+            file,
+            format!(
+                "GGUF architecture `{arch}` is not supported (supported: {})",
+                ARCHITECTURES.join(", ")
+            ),
+        ));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let count = |k: &str| meta_u32(ct, &key(k)).map(|n| n as usize);
+    let required = |k: &str| {
+        count(k)
+            .ok_or_else(|| LoadError::invalid(file, format!("GGUF metadata has no `{}`", key(k))))
+    };
+    let refuse = |m: String| Err(LoadError::invalid(file, m));
+    if count("expert_count").unwrap_or(0) > 0 {
+        return refuse("mixture-of-experts GGUF models are not supported".into());
+    }
+    let hidden_size = required("embedding_length")?;
+    let num_heads = required("attention.head_count")?;
+    let head_dim = count("attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
+    if let Some(rotated) = count("rope.dimension_count")
+        && rotated != head_dim
+    {
+        return refuse(format!(
+            "rotary embeddings over {rotated} of {head_dim} head dimensions are not supported"
+        ));
+    }
+    let rope_scaling = match meta_str(ct, &key("rope.scaling.type")) {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear(
+            meta_f64(ct, &key("rope.scaling.factor"))
+                .filter(|f| *f > 0.0)
+                .unwrap_or(1.0),
+        ),
+        Some(other) => return refuse(format!("GGUF rope scaling `{other}` is not supported")),
+    };
+    let num_layers = required("block_count")?;
+    let names = &ct.tensor_infos;
+    let vocab_size = names
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| LoadError::invalid(file, "no `token_embd.weight` tensor"))?;
+    DecoderConfig {
+        family: arch.to_string(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: required("feed_forward_length")?,
+        num_layers,
+        num_heads,
+        num_kv_heads: count("attention.head_count_kv").unwrap_or(num_heads),
+        head_dim,
+        rms_norm_eps: meta_f64(ct, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: meta_f64(ct, &key("rope.freq_base")).unwrap_or(10_000.0),
+        rope_scaling,
+        // llama.cpp's converter permutes Llama's q/k rows for its interleaved rotation; it
+        // leaves Qwen's as they were (NEOX).
+        rope_style: if arch == "llama" {
+            RopeStyle::Interleaved
+        } else {
+            RopeStyle::Halves
+        },
+        windows: vec![None; num_layers],
+        // GGUF files carry the biases they have; llama.cpp loads them when present.
+        biases: Biases {
+            qkv: names.contains_key("blk.0.attn_q.bias"),
+            output: names.contains_key("blk.0.attn_output.bias"),
+            mlp: names.contains_key("blk.0.ffn_up.bias"),
+        },
+        qk_norm: arch == "qwen3",
+        tie_word_embeddings: !names.contains_key("output.weight"),
+        context_length: required("context_length")?,
+    }
+    .check()
+    .map_err(|m| LoadError::invalid(file, m))
+}
+
 pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedModel, LoadError> {
     let mut reader = std::fs::File::open(file).map_err(|source| LoadError::Io {
         path: file.to_path_buf(),
         source,
     })?;
     let ct = Content::read(&mut reader).map_err(|e| LoadError::invalid(file, e.to_string()))?;
-    let arch = meta_str(&ct, "general.architecture")
-        .unwrap_or_default()
-        .to_string();
-    if arch != "llama" {
-        return Err(LoadError::invalid(
-            file,
-            format!("GGUF architecture `{arch}` is not supported (supported: llama)"),
-        ));
-    }
+    let cfg = config(&ct, file)?;
     let tokenizer = tokenizer(&ct, file)?;
     let token = |key: &str| {
         meta_u32(&ct, key)
@@ -94,24 +174,36 @@ pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedMo
         .filter_map(|k| meta_u32(&ct, k))
         .collect();
     eos.dedup();
-    let context_length = meta_u32(&ct, "llama.context_length")
-        .map_or(quantized_llama::MAX_SEQ_LEN, |n| n as usize)
-        .min(quantized_llama::MAX_SEQ_LEN);
-    let vocab_size = tokenizer.get_vocab_size(true);
-    let model = ModelWeights::from_gguf(ct, &mut reader, device)?;
+    let info = ModelInfo {
+        architecture: cfg.family.clone(),
+        task,
+        dtype: "gguf".into(),
+        device: device_name(device),
+        context_length: cfg.context_length,
+        vocab_size: cfg.vocab_size,
+        eos_token_ids: eos,
+    };
+    let weights = (|| {
+        let mut source = Gguf::new(ct, reader, device);
+        // Llama 3.1 files carry their rope scaling as per-frequency divisors.
+        let freq_factors = if source.has("rope_freqs.weight") {
+            Some(
+                source
+                    .tensor("rope_freqs.weight")?
+                    .dequantize(&Device::Cpu)?
+                    .to_vec1::<f32>()?,
+            )
+        } else {
+            None
+        };
+        Weights::load(cfg, &mut source, freq_factors, device)
+    })()
+    .map_err(|e| LoadError::invalid(file, e.to_string()))?;
     Ok(LoadedModel {
-        info: ModelInfo {
-            architecture: "llama".into(),
-            task,
-            dtype: "gguf".into(),
-            device: device_name(device),
-            context_length,
-            vocab_size,
-            eos_token_ids: eos,
-        },
+        info,
         tokenizer,
         chat_template,
-        backend: Backend::Generator(CausalLm::quantized(model, device.clone())),
+        backend: Backend::Generator(Decoder::new(weights)),
     })
 }
 

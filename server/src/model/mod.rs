@@ -1,10 +1,11 @@
 //! Model loading: find what a folder holds, load it with candle, and describe it.
 //!
-//! Families: Llama safetensors (`llama`), Llama GGUF (`gguf`), BERT embeddings (`bert`).
+//! Families: decoders (Llama, Mistral, Qwen2, Qwen3) from safetensors (`causal_lm`) or GGUF
+//! (`gguf`), on kandle's own `decoder`; BERT embeddings (`bert`).
 pub mod bert;
-pub mod causal;
+pub mod causal_lm;
+pub mod decoder;
 pub mod gguf;
-pub mod llama;
 pub mod weights;
 
 use crate::chat_template::ChatTemplate;
@@ -85,8 +86,9 @@ pub struct ModelInfo {
 }
 
 pub enum Backend {
-    Generator(causal::CausalLm),
-    Embedder(bert::Embedder),
+    Generator(decoder::Decoder),
+    /// Boxed: BERT's weights struct is large, and a backend moves between threads once.
+    Embedder(Box<bert::Embedder>),
 }
 
 pub struct LoadedModel {
@@ -141,11 +143,8 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let dtype = dtype(opts.dtype, &device);
     match model_type {
         "bert" => bert::load(path, &config, task, dtype, &device),
-        "llama" => llama::load(path, &config, task, dtype, &device),
-        other => Err(LoadError::invalid(
-            &path.join("config.json"),
-            format!("model_type `{other}` is not supported (supported: llama, bert)"),
-        )),
+        // The decoder's config names what it does not support.
+        _ => causal_lm::load(path, &config, task, dtype, &device),
     }
 }
 

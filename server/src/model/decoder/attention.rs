@@ -1,0 +1,266 @@
+//! Attention over a paged KV cache. Keys and values live in one pool per layer, in blocks of
+//! [`BLOCK_TOKENS`] token slots; a sequence's block table says which. Each step writes the new
+//! rows' keys and values into their slots, gathers every sequence's slots into one packed
+//! tensor, and attends each row against its own sequence only, so a sequence's result never
+//! depends on its neighbours.
+use crate::engine::{BLOCK_TOKENS, Chunk};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Keys and values of every layer: [slots, kv_heads, head_dim] each.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    blocks: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        layers: usize,
+        blocks: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (blocks * BLOCK_TOKENS, kv_heads, head_dim);
+        let layers = (0..layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, blocks })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.layers.first().map_or(DType::F32, |(k, _)| k.dtype())
+    }
+}
+
+/// Where one step's rows go and what they attend to; built once per step, used by every layer.
+pub struct Layout {
+    /// Slot of each new row, broadcast to [rows, kv_heads, head_dim] for `scatter_set`.
+    write: Tensor,
+    /// Slots of every sequence's keys (its cached ones, then the new ones), packed.
+    read: Tensor,
+    seqlens_q: Vec<usize>,
+    seqlens_k: Vec<usize>,
+}
+
+impl Layout {
+    pub fn new(
+        chunks: &[Chunk<'_>],
+        cache: &KvCache,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let slot = |blocks: &[u32], pos: usize| -> Result<u32> {
+            match blocks.get(pos / BLOCK_TOKENS) {
+                Some(&b) if (b as usize) < cache.blocks => {
+                    Ok(b * BLOCK_TOKENS as u32 + (pos % BLOCK_TOKENS) as u32)
+                }
+                _ => candle_core::bail!("position {pos} has no block in the KV cache"),
+            }
+        };
+        let (mut write, mut read) = (Vec::new(), Vec::new());
+        let (mut seqlens_q, mut seqlens_k) = (Vec::new(), Vec::new());
+        for c in chunks {
+            let end = c.start + c.tokens.len();
+            for pos in c.start..end {
+                write.push(slot(c.blocks, pos)?);
+            }
+            for pos in 0..end {
+                read.push(slot(c.blocks, pos)?);
+            }
+            seqlens_q.push(c.tokens.len());
+            seqlens_k.push(end);
+        }
+        let rows = write.len();
+        let write = Tensor::from_vec(write, (rows, 1, 1), device)?
+            .broadcast_as((rows, kv_heads, head_dim))?
+            .contiguous()?;
+        let total = read.len();
+        Ok(Self {
+            write,
+            read: Tensor::from_vec(read, total, device)?,
+            seqlens_q,
+            seqlens_k,
+        })
+    }
+}
+
+/// q: [rows, heads, head_dim]; k, v: [rows, kv_heads, head_dim]. Returns [rows, heads, head_dim].
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cache: &KvCache,
+    layer: usize,
+    layout: &Layout,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Tensor> {
+    let (k_pool, v_pool) = &cache.layers[layer];
+    let dtype = cache.dtype();
+    k_pool.scatter_set(&layout.write, &k.to_dtype(dtype)?, 0)?;
+    v_pool.scatter_set(&layout.write, &v.to_dtype(dtype)?, 0)?;
+    let keys = k_pool.index_select(&layout.read, 0)?;
+    let values = v_pool.index_select(&layout.read, 0)?;
+    let out = if q.device().is_cpu() && dtype == DType::F32 {
+        let lens = |l: &[usize]| Tensor::from_iter(l.iter().map(|&n| n as u32), &Device::Cpu);
+        let (max_q, max_k) = (
+            layout.seqlens_q.iter().copied().max().unwrap_or(0),
+            layout.seqlens_k.iter().copied().max().unwrap_or(0),
+        );
+        candle_nn::attention::flash_attn_varlen_cpu(
+            &q.to_dtype(DType::F32)?,
+            &keys,
+            &values,
+            None,
+            &lens(&layout.seqlens_q)?,
+            &lens(&layout.seqlens_k)?,
+            max_q,
+            max_k,
+            scale,
+            true,
+            window.map(|w| w.saturating_sub(1)),
+            None,
+        )?
+    } else {
+        attend_each(
+            q,
+            &keys,
+            &values,
+            &layout.seqlens_q,
+            &layout.seqlens_k,
+            window,
+            scale,
+        )?
+    };
+    out.to_dtype(q.dtype())
+}
+
+/// Attention one sequence at a time with plain tensor operations: the path for devices
+/// without the fused CPU kernel, and the reference the kernel is tested against.
+fn attend_each(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    seqlens_q: &[usize],
+    seqlens_k: &[usize],
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Tensor> {
+    let groups = q.dim(1)? / keys.dim(1)?;
+    let (mut q_at, mut k_at) = (0, 0);
+    let mut outs = Vec::with_capacity(seqlens_q.len());
+    for (&lq, &lk) in seqlens_q.iter().zip(seqlens_k) {
+        let qs = q
+            .narrow(0, q_at, lq)?
+            .transpose(0, 1)?
+            .to_dtype(DType::F32)?;
+        let expand = |t: &Tensor| -> Result<Tensor> {
+            let t = t
+                .narrow(0, k_at, lk)?
+                .transpose(0, 1)?
+                .to_dtype(DType::F32)?;
+            let (h, l, d) = t.dims3()?;
+            t.unsqueeze(1)?
+                .broadcast_as((h, groups, l, d))?
+                .reshape((h * groups, l, d))
+        };
+        let (ks, vs) = (expand(keys)?, expand(values)?);
+        let offset = lk - lq;
+        let mask: Vec<f32> = (0..lq)
+            .flat_map(|i| {
+                (0..lk).map(move |j| {
+                    let visible = j <= i + offset && window.is_none_or(|w| i + offset - j < w);
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (lq, lk), q.device())?;
+        let scores = (qs.contiguous()?.matmul(&ks.t()?.contiguous()?)? * scale as f64)?
+            .broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&vs.contiguous()?)?.transpose(0, 1)?);
+        q_at += lq;
+        k_at += lk;
+    }
+    Tensor::cat(&outs, 0)?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused kernel and the plain path agree, with GQA, a window and mixed prefill and
+    /// decode rows; and a row's result does not change with its neighbours.
+    #[test]
+    fn the_cpu_kernel_matches_plain_attention_and_ignores_neighbours() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, d) = (4, 2, 8);
+        let cache = KvCache::new(1, 8, kv_heads, d, DType::F32, &dev).unwrap();
+        let tokens = [1u32; 40];
+        let blocks_a = [3u32, 0, 5];
+        let blocks_b = [1u32, 7];
+        let chunks = [
+            Chunk {
+                tokens: &tokens[..20],
+                start: 0,
+                blocks: &blocks_a,
+            },
+            Chunk {
+                tokens: &tokens[..3],
+                start: 0,
+                blocks: &blocks_b,
+            },
+        ];
+        let rows = 23;
+        let rand = |h| Tensor::randn(0f32, 1.0, (rows, h, d), &dev).unwrap();
+        let (q, k, v) = (rand(heads), rand(kv_heads), rand(kv_heads));
+        let layout = Layout::new(&chunks, &cache, kv_heads, d, &dev).unwrap();
+        for window in [None, Some(5)] {
+            let fused = attend(&q, &k, &v, &cache, 0, &layout, window, 0.3).unwrap();
+            let keys = cache.layers[0].0.index_select(&layout.read, 0).unwrap();
+            let values = cache.layers[0].1.index_select(&layout.read, 0).unwrap();
+            let plain = attend_each(&q, &keys, &values, &[20, 3], &[20, 3], window, 0.3).unwrap();
+            let diff = (fused - &plain).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{window:?}");
+        }
+        // Sequence b alone, decoding one more token after its three: the same rows as
+        // among a's.
+        let alone = [Chunk {
+            tokens: &tokens[..3],
+            start: 0,
+            blocks: &blocks_b,
+        }];
+        let layout = Layout::new(&alone, &cache, kv_heads, d, &dev).unwrap();
+        let (qb, kb, vb) = (
+            q.narrow(0, 20, 3).unwrap(),
+            k.narrow(0, 20, 3).unwrap(),
+            v.narrow(0, 20, 3).unwrap(),
+        );
+        let together = attend(
+            &q,
+            &k,
+            &v,
+            &cache,
+            0,
+            &Layout::new(&chunks, &cache, kv_heads, d, &dev).unwrap(),
+            None,
+            0.3,
+        )
+        .unwrap()
+        .narrow(0, 20, 3)
+        .unwrap();
+        let single = attend(&qb, &kb, &vb, &cache, 0, &layout, None, 0.3).unwrap();
+        assert_eq!(
+            together.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            single.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! kandle's decoder against Hugging Face transformers, one tiny random checkpoint per family
+//! (written, with transformers' own logits and greedy tokens, by
+//! scripts/reference/tiny_decoders.py): Llama with Llama 3 rope scaling, Mistral with a
+//! sliding window shorter than the prompts, Qwen2 with q/k/v biases and tied embeddings,
+//! Qwen3 with per-head q/k norms. In f32 every logit must be within 1e-4 of transformers' at
+//! every step, and greedy decoding must give transformers' tokens: alone, among other
+//! sequences of different lengths, and when a small KV cache forces preemption.
+use kandle_server::cli::{DeviceArg, DtypeArg};
+use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
+use kandle_server::metrics::Metrics;
+use kandle_server::model::{Backend, LoadOptions, LoadedModel, load};
+use kandle_server::validation::SamplingParams;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const FAMILIES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+const TOLERANCE: f32 = 1e-4;
+
+fn dir(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tiny")
+        .join(family)
+}
+
+fn model(family: &str) -> LoadedModel {
+    load(&LoadOptions {
+        path: dir(family),
+        task: None,
+        dtype: DtypeArg::F32,
+        device: DeviceArg::Cpu,
+    })
+    .unwrap_or_else(|e| panic!("{family}: {e}"))
+}
+
+struct Case {
+    prompt: Vec<u32>,
+    greedy: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn cases(family: &str) -> Vec<Case> {
+    let text = std::fs::read_to_string(dir(family).join("reference.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            prompt: ids(&c["prompt_ids"]),
+            greedy: ids(&c["greedy_ids"]),
+            logits: c["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    row.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn largest_difference(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap() as u32
+}
+
+/// Prompt in one pass, then transformers' greedy tokens one at a time: every step's logits
+/// match, and kandle's own argmax is transformers' token.
+#[test]
+fn logits_match_transformers_at_every_step() {
+    for family in FAMILIES {
+        let loaded = model(family);
+        let Backend::Generator(lm) = &loaded.backend else {
+            panic!("{family} is a generator")
+        };
+        let mut worst = 0f32;
+        for (n, case) in cases(family).iter().enumerate() {
+            let mut seq = lm.sequence(case.prompt.len() + case.greedy.len()).unwrap();
+            for (step, want) in case.logits.iter().enumerate() {
+                let got: Vec<f32> = if step == 0 {
+                    seq.forward(&case.prompt, 0)
+                } else {
+                    seq.forward(&case.greedy[step - 1..step], case.prompt.len() + step - 1)
+                }
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+                let diff = largest_difference(&got, want);
+                worst = worst.max(diff);
+                assert!(
+                    diff <= TOLERANCE,
+                    "{family} case {n} step {step}: a logit is {diff} off"
+                );
+                assert_eq!(
+                    argmax(&got),
+                    case.greedy[step],
+                    "{family} case {n} step {step}"
+                );
+            }
+        }
+        eprintln!("{family}: largest logit difference {worst:e}");
+    }
+}
+
+/// The whole sequence read as one prompt gives the same last logits as reading it token by
+/// token: the prefill path (many rows, causal mask, window) agrees with the decode path.
+#[test]
+fn one_long_chunk_equals_many_steps() {
+    for family in FAMILIES {
+        let loaded = model(family);
+        let Backend::Generator(lm) = &loaded.backend else {
+            panic!()
+        };
+        for case in cases(family) {
+            let steps = case.greedy.len();
+            let tokens: Vec<u32> = case
+                .prompt
+                .iter()
+                .chain(&case.greedy[..steps - 1])
+                .copied()
+                .collect();
+            let got: Vec<f32> = lm
+                .sequence(tokens.len())
+                .unwrap()
+                .forward(&tokens, 0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let diff = largest_difference(&got, &case.logits[steps - 1]);
+            assert!(diff <= TOLERANCE, "{family}: {diff}");
+        }
+    }
+}
+
+async fn generate(engine: &GenerationEngine, prompt: Vec<u32>, max_new_tokens: usize) -> String {
+    let mut rx = engine
+        .submit(GenerationJob {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_new_tokens,
+            stop: Vec::new(),
+            span: tracing::Span::none(),
+        })
+        .unwrap();
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done {
+                completion_tokens, ..
+            } => {
+                assert_eq!(completion_tokens, max_new_tokens);
+                return text;
+            }
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+    panic!("no Done event")
+}
+
+/// Greedy text of the reference prompts, each alone, then all of them at once beside six
+/// other sequences of different lengths (so each step mixes prefill chunks and decoding
+/// rows), then the same with a KV cache so small that sequences are preempted and
+/// recomputed: always transformers' tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_tokens_do_not_depend_on_the_batch() {
+    for family in FAMILIES {
+        let cases = cases(family);
+        let loaded = model(family);
+        let tokenizer = loaded.tokenizer.clone();
+        let expected: Vec<String> = cases
+            .iter()
+            .map(|c| tokenizer.decode(&c.greedy, false).unwrap())
+            .collect();
+        let others: Vec<Vec<u32>> = (0..6)
+            .map(|i| (0..4 + 9 * i).map(|t| (t * 7 + i) as u32 % 96).collect())
+            .collect();
+        let steps = cases[0].greedy.len();
+        for kv_blocks in [64, 4] {
+            let loaded = model(family);
+            let Backend::Generator(lm) = loaded.backend else {
+                panic!()
+            };
+            let metrics = Arc::new(Metrics::new());
+            let limits = Limits {
+                max_running: 16,
+                max_step_tokens: 40,
+                kv_blocks,
+            };
+            let engine = GenerationEngine::start(
+                lm,
+                Arc::new(tokenizer.clone()),
+                vec![],
+                limits,
+                metrics.clone(),
+            )
+            .unwrap();
+            let alone = generate(&engine, cases[1].prompt.clone(), steps).await;
+            assert_eq!(alone.trim(), expected[1], "{family}: alone");
+            let all = cases.iter().map(|c| c.prompt.clone()).chain(others.clone());
+            let texts = futures::future::join_all(all.map(|p| generate(&engine, p, steps))).await;
+            for (n, want) in expected.iter().enumerate() {
+                assert_eq!(
+                    texts[n].trim(),
+                    want,
+                    "{family}: case {n} among others, {kv_blocks} blocks"
+                );
+            }
+            if kv_blocks == 4 {
+                assert!(
+                    metrics.preemptions.get() > 0,
+                    "{family}: 4 blocks forced no preemption"
+                );
+            }
+        }
+    }
+}
