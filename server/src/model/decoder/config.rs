@@ -155,6 +155,11 @@ impl DecoderConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{name}` must be positive"));
         }
+        // Far above any real model, and low enough that products of these never overflow.
+        const LARGEST: usize = 1 << 24;
+        if let Some((name, v)) = positive.iter().find(|(_, v)| *v > LARGEST) {
+            return Err(format!("`{name}` is {v}, more than {LARGEST}"));
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -324,6 +329,10 @@ mod tests {
             (json!({"head_dim": 7}), "head_dim"),
             (json!({"num_attention_heads": 0}), "num_attention_heads"),
             (json!({"vocab_size": -1}), "vocab_size"),
+            (
+                json!({"intermediate_size": 1u64 << 40}),
+                "intermediate_size",
+            ),
         ] {
             let err = DecoderConfig::from_hf(&base(extra.clone())).unwrap_err();
             assert!(err.contains(named), "{extra}: {err}");
