@@ -188,6 +188,14 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
     }
 
     fn enqueue(&mut self, s: Submitted) {
+        // A sequence the whole pool cannot hold would preempt itself forever; `serve` sizes
+        // the context to the pool, so only a misconfigured caller gets here.
+        let capacity = self.limits.kv_blocks * BLOCK_TOKENS;
+        if s.job.prompt.len() + s.job.max_new_tokens > capacity {
+            let message = format!("the sequence needs more than the KV cache's {capacity} tokens");
+            let _ = s.events.send(Event::Failed(EngineError::Model(message)));
+            return;
+        }
         let text = TextStream::new(self.tokenizer, &s.job.prompt, s.job.stop.clone());
         self.waiting.push_back(Sequence {
             sampler: Sampler::new(&s.job.sampling),
