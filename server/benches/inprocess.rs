@@ -4,6 +4,9 @@
 //!
 //! embed MODEL_DIR ITERS BATCH...        seconds per batch (tokenize + forward + pool)
 //! generate GGUF PROMPTS_JSON TOKENS     TTFT per prompt, decode tok/s, aggregate tok/s at 8
+//!                                       and 32 concurrent requests
+//! kernels                               memory read bandwidth, and the Q4_1 matmul's weight
+//!                                       bytes/s and multiply-adds/s at 1 to 256 rows
 use kandle_server::cli::{DeviceArg, DtypeArg};
 use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
 use kandle_server::engine::{BLOCK_TOKENS, EmbeddingModel};
@@ -153,6 +156,73 @@ async fn generate(args: &[String]) {
     println!("{}", serde_json::Value::Object(out));
 }
 
+/// Best of `times` runs of `f`, in seconds.
+fn best(times: usize, mut f: impl FnMut()) -> f64 {
+    (0..times)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn kernels() {
+    use kandle_server::model::decoder::q4_1::{BLOCK, BLOCK_BYTES, Matrix};
+    let pool = candle_core::utils::barrier_pool();
+    // Bigger than any last-level cache, as a model's weights are.
+    let words = vec![1u64; 32 << 20];
+    let sum = std::sync::atomic::AtomicU64::new(0);
+    let read = best(5, || {
+        pool.execute_chunked(words.len() / 4096, |range| {
+            let s: u64 = words[range.start * 4096..range.end * 4096].iter().sum();
+            sum.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+        })
+    });
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "read_gb_per_s".into(),
+        json!(words.len() as f64 * 8.0 / read / 1e9),
+    );
+    // SmolLM2-135M's Q4_1 layers hold 66 MB; a matrix of that size, in fixed random bytes.
+    let (rows, cols) = (102_400, 1024);
+    let mut state = 1u64;
+    let bytes: Vec<u8> = (0..rows * cols / BLOCK * BLOCK_BYTES)
+        .enumerate()
+        .map(|(i, _)| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            // Keep the f16 scale and minimum small and finite.
+            if i % BLOCK_BYTES < 4 {
+                0x20
+            } else {
+                (state >> 56) as u8
+            }
+        })
+        .collect();
+    let weight_bytes = bytes.len() as f64;
+    let w = Matrix::new(Arc::new(bytes), 0, rows, cols).unwrap();
+    for m in [1usize, 8, 32, 256] {
+        let x = candle_core::Tensor::ones(
+            (m, cols),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let t = best(if m > 32 { 2 } else { 5 }, || {
+            w.forward(&x).unwrap();
+        });
+        out.insert(
+            format!("q4_1_rows{m}_weight_gb_per_s"),
+            json!(weight_bytes / t / 1e9),
+        );
+        out.insert(
+            format!("q4_1_rows{m}_gmac_per_s"),
+            json!((m * rows * cols) as f64 / t / 1e9),
+        );
+    }
+    println!("{}", serde_json::Value::Object(out));
+}
+
 async fn futures_ttft<F, Fut>(run: &F, prompt: &[u32], times: usize) -> Vec<f64>
 where
     F: Fn(Vec<u32>, usize) -> Fut,
@@ -175,8 +245,9 @@ async fn main() {
     match args.first().map(String::as_str) {
         Some("embed") => embed(&args[1..]),
         Some("generate") => generate(&args[1..]).await,
+        Some("kernels") => kernels(),
         _ => eprintln!(
-            "usage: inprocess embed MODEL ITERS BATCH... | generate GGUF PROMPTS_JSON TOKENS"
+            "usage: inprocess embed MODEL ITERS BATCH... | generate GGUF PROMPTS_JSON TOKENS | kernels"
         ),
     }
 }

@@ -4,7 +4,8 @@
 //! (requests to typed work), `engine` (the threads that run models: a batching embedder and
 //! a step-interleaving generator), `model` (loading and running model families), and the
 //! small pieces they share (`admission`, `metrics`, `error`).
-// Unsafe only where candle requires it to memory-map weights (see `model::weights`).
+// Unsafe only to memory-map weights (`model::weights`, `model::decoder::source`) and in CPU
+// kernels (`model::decoder::q4_1`).
 #![deny(unsafe_code)]
 
 pub mod admission;

@@ -184,7 +184,7 @@ pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedMo
         eos_token_ids: eos,
     };
     let weights = (|| {
-        let mut source = Gguf::new(ct, reader, device);
+        let mut source = Gguf::open(ct, &reader, device)?;
         // Llama 3.1 files carry their rope scaling as per-frequency divisors.
         let freq_factors = if source.has("rope_freqs.weight") {
             Some(

@@ -5,20 +5,22 @@
 //! attention is per sequence.
 pub mod attention;
 pub mod config;
+pub mod matrix;
+pub mod q4_1;
 pub mod rope;
 pub mod source;
 
 use crate::engine::{BLOCK_TOKENS, Chunk, LanguageModel};
 use attention::{KvCache, Layout};
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use config::DecoderConfig;
+use matrix::Matrix;
 use rope::Rope;
 use source::Source;
 use std::sync::Arc;
 
 struct Linear {
-    weight: QMatMul,
+    weight: Matrix,
     bias: Option<Tensor>,
 }
 
@@ -65,10 +67,10 @@ struct Layer {
 
 pub struct Weights {
     cfg: DecoderConfig,
-    embed: QMatMul,
+    embed: Arc<Matrix>,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Arc<Matrix>,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -120,11 +122,11 @@ impl Weights {
                 })
             })
             .collect::<Result<_>>()?;
-        let embed = src.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let embed = Arc::new(src.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?);
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            src.matrix("lm_head.weight", cfg.vocab_size, h)?
+            Arc::new(src.matrix("lm_head.weight", cfg.vocab_size, h)?)
         };
         Ok(Self {
             rope: Rope::new(&cfg, rope_freq_factors, device)?,

@@ -1,18 +1,23 @@
 //! Where a decoder's tensors come from: memory-mapped safetensors (dense, in the chosen
-//! dtype) or a GGUF file (quantized matrices kept quantized). The decoder asks for tensors
+//! dtype) or a memory-mapped GGUF file (quantized matrices kept quantized: Q4_1 on the CPU
+//! straight from the mapping, other types copied once into candle's storage). The decoder asks for tensors
 //! by their Hugging Face names and shapes; a tensor of the wrong shape is a load error that
 //! names it, never a panic in a later forward pass.
+use super::matrix::Matrix;
+use super::q4_1;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 use std::fs::File;
+use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub trait Source {
     fn has(&self, name: &str) -> bool;
     /// A [rows, cols] matrix, as the right operand of a linear layer or an embedding table.
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatMul>;
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix>;
     /// A vector of `len` values (a norm's weight, a bias) in the activations' dtype.
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor>;
     /// The dtype of activations and dense weights.
@@ -57,8 +62,10 @@ impl Source for Safetensors {
         self.files.get(name).is_ok()
     }
 
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatMul> {
-        Ok(QMatMul::Tensor(self.load(name, &[rows, cols])?))
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Ok(Matrix::Candle(QMatMul::Tensor(
+            self.load(name, &[rows, cols])?,
+        )))
     }
 
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
@@ -72,26 +79,58 @@ impl Source for Safetensors {
 
 pub struct Gguf {
     content: Content,
-    file: File,
+    map: q4_1::Bytes,
     device: Device,
 }
 
 impl Gguf {
-    pub fn new(content: Content, file: File, device: &Device) -> Self {
-        Self {
+    #[allow(unsafe_code)]
+    pub fn open(content: Content, file: &File, device: &Device) -> Result<Self> {
+        // SAFETY: mapped read-only; as with safetensors, nothing rewrites a published model
+        // file while the server runs (pulls publish by rename).
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        Ok(Self {
             content,
-            file,
+            map: Arc::new(map),
             device: device.clone(),
-        }
+        })
     }
 
     pub fn content(&self) -> &Content {
         &self.content
     }
 
-    pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        self.content
-            .tensor(&mut self.file, &gguf_name(name), &self.device)
+    /// The tensor's type, dims and where its bytes lie in the file, checked against the file's
+    /// length: the offsets and shapes in a GGUF header are the file's word, not facts.
+    fn locate(&self, name: &str) -> Result<(GgmlDType, Vec<usize>, Range<usize>)> {
+        let gguf = gguf_name(name);
+        let Some(info) = self.content.tensor_infos.get(&gguf) else {
+            candle_core::bail!("the file has no tensor `{gguf}`");
+        };
+        let dims = info.shape.dims().to_vec();
+        let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let bytes = elems
+            .filter(|e| e.is_multiple_of(block))
+            .map(|e| e / block * size);
+        let start =
+            usize::try_from(self.content.tensor_data_offset.saturating_add(info.offset)).ok();
+        let len = (*self.map).as_ref().len();
+        match (bytes, start) {
+            (Some(bytes), Some(start)) if start.checked_add(bytes).is_some_and(|e| e <= len) => {
+                Ok((info.ggml_dtype, dims, start..start + bytes))
+            }
+            _ => candle_core::bail!(
+                "tensor `{gguf}` ({:?} {dims:?} at {}) does not fit in the file",
+                info.ggml_dtype,
+                info.offset
+            ),
+        }
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<QTensor> {
+        let (dtype, dims, range) = self.locate(name)?;
+        ggml_file::qtensor_from_ggml(dtype, &(*self.map).as_ref()[range], dims, &self.device)
     }
 }
 
@@ -132,10 +171,18 @@ impl Source for Gguf {
         self.content.tensor_infos.contains_key(&gguf_name(name))
     }
 
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatMul> {
-        let t = self.tensor(name)?;
-        check_shape(name, t.shape().dims(), &[rows, cols])?;
-        QMatMul::from_qtensor(t)
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let (dtype, dims, range) = self.locate(name)?;
+        check_shape(name, &dims, &[rows, cols])?;
+        if dtype == GgmlDType::Q4_1 && self.device.is_cpu() {
+            return Ok(Matrix::Q4_1(q4_1::Matrix::new(
+                self.map.clone(),
+                range.start,
+                rows,
+                cols,
+            )?));
+        }
+        Ok(Matrix::Candle(QMatMul::from_qtensor(self.tensor(name)?)?))
     }
 
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
