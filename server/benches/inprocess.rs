@@ -200,7 +200,7 @@ fn kernels() {
         })
         .collect();
     let weight_bytes = bytes.len() as f64;
-    let w = Matrix::new(Arc::new(bytes), 0, rows, cols).unwrap();
+    let w = Matrix::new(&bytes, rows, cols).unwrap();
     for m in [1usize, 8, 32, 256] {
         let x = candle_core::Tensor::ones(
             (m, cols),

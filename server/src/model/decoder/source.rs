@@ -1,6 +1,6 @@
 //! Where a decoder's tensors come from: memory-mapped safetensors (dense, in the chosen
-//! dtype) or a memory-mapped GGUF file (quantized matrices kept quantized: Q4_1 on the CPU
-//! straight from the mapping, other types copied once into candle's storage). The decoder asks for tensors
+//! dtype) or a memory-mapped GGUF file (quantized matrices kept quantized, copied once from
+//! the mapping into candle's storage or, for Q4_1 on the CPU, kandle's interleaved layout). The decoder asks for tensors
 //! by their Hugging Face names and shapes; a tensor of the wrong shape is a load error that
 //! names it, never a panic in a later forward pass.
 use super::matrix::Matrix;
@@ -12,7 +12,6 @@ use candle_core::{DType, Device, Result, Tensor};
 use std::fs::File;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 pub trait Source {
     fn has(&self, name: &str) -> bool;
@@ -79,7 +78,7 @@ impl Source for Safetensors {
 
 pub struct Gguf {
     content: Content,
-    map: q4_1::Bytes,
+    map: memmap2::Mmap,
     device: Device,
 }
 
@@ -91,7 +90,7 @@ impl Gguf {
         let map = unsafe { memmap2::Mmap::map(file)? };
         Ok(Self {
             content,
-            map: Arc::new(map),
+            map,
             device: device.clone(),
         })
     }
@@ -115,7 +114,7 @@ impl Gguf {
             .map(|e| e / block * size);
         let start =
             usize::try_from(self.content.tensor_data_offset.saturating_add(info.offset)).ok();
-        let len = (*self.map).as_ref().len();
+        let len = self.map.len();
         match (bytes, start) {
             (Some(bytes), Some(start)) if start.checked_add(bytes).is_some_and(|e| e <= len) => {
                 Ok((info.ggml_dtype, dims, start..start + bytes))
@@ -130,7 +129,7 @@ impl Gguf {
 
     pub fn tensor(&self, name: &str) -> Result<QTensor> {
         let (dtype, dims, range) = self.locate(name)?;
-        ggml_file::qtensor_from_ggml(dtype, &(*self.map).as_ref()[range], dims, &self.device)
+        ggml_file::qtensor_from_ggml(dtype, &self.map[range], dims, &self.device)
     }
 }
 
@@ -176,8 +175,7 @@ impl Source for Gguf {
         check_shape(name, &dims, &[rows, cols])?;
         if dtype == GgmlDType::Q4_1 && self.device.is_cpu() {
             return Ok(Matrix::Q4_1(q4_1::Matrix::new(
-                self.map.clone(),
-                range.start,
+                &self.map[range],
                 rows,
                 cols,
             )?));
