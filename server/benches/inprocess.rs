@@ -88,6 +88,8 @@ async fn generate(args: &[String]) {
         max_running: 64,
         max_step_tokens: 512,
         kv_blocks: 64 * longest.div_ceil(BLOCK_TOKENS),
+        // Off: the same prompts run again and again here, and llama.cpp is timed without it.
+        prefix_caching: false,
     };
     let engine = GenerationEngine::start(
         lm,

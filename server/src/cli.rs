@@ -211,6 +211,11 @@ pub struct ServeArgs {
     /// least one sequence of the model's whole context.
     #[arg(long, env = "KANDLE_KV_CACHE_MEMORY", default_value = "0.25", value_parser = parse_memory)]
     pub kv_cache_memory: Memory,
+    /// Reuse the KV cache of a prompt prefix that earlier sequences computed (a shared system
+    /// prompt, the earlier turns of a chat): `true` or `false`.
+    #[arg(long, env = "KANDLE_PREFIX_CACHING", default_value_t = true,
+        action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
     /// Token budget of one embedding batch (padded tokens).
     #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub sequences_running: Gauge,
     pub sequences_waiting: Gauge,
     pub preemptions: Counter,
+    pub prefix_cache_queries: Counter,
+    pub prefix_cache_hits: Counter,
     pub model_load_seconds: Gauge<f64, AtomicU64>,
     pub model_info: Family<ModelLabels, Gauge>,
 }
@@ -74,6 +76,8 @@ impl Metrics {
         let sequences_running = Gauge::default();
         let sequences_waiting = Gauge::default();
         let preemptions = Counter::default();
+        let prefix_cache_queries = Counter::default();
+        let prefix_cache_hits = Counter::default();
         let model_load_seconds = Gauge::<f64, AtomicU64>::default();
         let model_info = Family::<ModelLabels, Gauge>::default();
 
@@ -154,6 +158,16 @@ impl Metrics {
             preemptions.clone(),
         );
         registry.register(
+            "prefix_cache_queries",
+            "Prompt tokens of sequences admitted while prefix caching is on",
+            prefix_cache_queries.clone(),
+        );
+        registry.register(
+            "prefix_cache_hits",
+            "Of those tokens, the ones found in the prefix cache (hit rate: hits / queries)",
+            prefix_cache_hits.clone(),
+        );
+        registry.register(
             "model_load_seconds",
             "Time taken to load and warm the model",
             model_load_seconds.clone(),
@@ -180,6 +194,8 @@ impl Metrics {
             sequences_running,
             sequences_waiting,
             preemptions,
+            prefix_cache_queries,
+            prefix_cache_hits,
             model_load_seconds,
             model_info,
         }

@@ -162,6 +162,7 @@ fn generation_limits(args: &ServeArgs, info: &mut ModelInfo, block_bytes: usize)
         max_running,
         max_step_tokens: args.max_step_tokens as usize,
         kv_blocks: blocks,
+        prefix_caching: args.prefix_caching,
     }
 }
 

@@ -180,8 +180,9 @@ async fn generate(engine: &GenerationEngine, prompt: Vec<u32>, max_new_tokens: u
 
 /// Greedy text of the reference prompts, each alone, then all of them at once beside six
 /// other sequences of different lengths (so each step mixes prefill chunks and decoding
-/// rows), then the same with a KV cache so small that sequences are preempted and
-/// recomputed: always transformers' tokens.
+/// rows), with prefix caching off and on, then with a KV cache so small that sequences are
+/// preempted and recomputed: always transformers' tokens. A prompt that shares three full
+/// blocks with another gives the same text whether those blocks come from the cache or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_tokens_do_not_depend_on_the_batch() {
     for family in FAMILIES {
@@ -196,7 +197,9 @@ async fn greedy_tokens_do_not_depend_on_the_batch() {
             .map(|i| (0..4 + 9 * i).map(|t| (t * 7 + i) as u32 % 96).collect())
             .collect();
         let steps = cases[0].greedy.len();
-        for kv_blocks in [64, 4] {
+        let long: Vec<u32> = others[5].iter().chain(&cases[0].prompt).copied().collect();
+        let mut long_text = None;
+        for (kv_blocks, prefix_caching) in [(64, false), (64, true), (4, true)] {
             let loaded = model(family);
             let Backend::Generator(lm) = loaded.backend else {
                 panic!()
@@ -206,6 +209,7 @@ async fn greedy_tokens_do_not_depend_on_the_batch() {
                 max_running: 16,
                 max_step_tokens: 40,
                 kv_blocks,
+                prefix_caching,
             };
             let engine = GenerationEngine::start(
                 lm,
@@ -215,6 +219,18 @@ async fn greedy_tokens_do_not_depend_on_the_batch() {
                 metrics.clone(),
             )
             .unwrap();
+            let first = generate(&engine, long.clone(), steps).await;
+            let again = generate(&engine, long.clone(), steps).await;
+            assert_eq!(
+                again, first,
+                "{family}: {kv_blocks} blocks, caching {prefix_caching}"
+            );
+            assert_eq!(&first, long_text.get_or_insert(first.clone()), "{family}");
+            assert_eq!(
+                metrics.prefix_cache_hits.get() > 0,
+                prefix_caching,
+                "{family}: the second run reused the first's blocks"
+            );
             let alone = generate(&engine, cases[1].prompt.clone(), steps).await;
             assert_eq!(alone.trim(), expected[1], "{family}: alone");
             let all = cases.iter().map(|c| c.prompt.clone()).chain(others.clone());
@@ -223,7 +239,7 @@ async fn greedy_tokens_do_not_depend_on_the_batch() {
                 assert_eq!(
                     texts[n].trim(),
                     want,
-                    "{family}: case {n} among others, {kv_blocks} blocks"
+                    "{family}: case {n} among others, {kv_blocks} blocks, caching {prefix_caching}"
                 );
             }
             if kv_blocks == 4 {

@@ -281,6 +281,8 @@ async fn metrics_use_the_contract_names() {
         "kandle_sequences_running 0",
         "kandle_sequences_waiting 0",
         "kandle_preemptions_total 0",
+        "kandle_prefix_cache_queries_total ",
+        "kandle_prefix_cache_hits_total ",
         "kandle_model_load_seconds",
         "kandle_model_info{model=\"tiny\",task=\"chat\",dtype=\"f32\",device=\"cpu\"} 1",
     ] {

@@ -3,7 +3,8 @@
 //! prompt chunk for each being read), under a token budget per step, so weights are read
 //! once for all of them and a long answer never blocks a short one. KV-cache blocks are
 //! handed out as sequences grow; when the pool runs dry the newest sequence is set back to
-//! the queue and recomputed later, so no sequence ever writes into another's blocks.
+//! the queue and recomputed later, so no sequence ever writes into another's blocks. Full
+//! blocks are shared between sequences with the same prefix (see `blocks`).
 use super::blocks::BlockPool;
 use super::{BLOCK_TOKENS, Chunk, EngineError, Health, LanguageModel, spawn_worker};
 use crate::detokenize::{Delta, TextStream};
@@ -58,6 +59,8 @@ pub struct Limits {
     pub max_step_tokens: usize,
     /// KV-cache blocks in the pool.
     pub kv_blocks: usize,
+    /// Whether sequences reuse the cached blocks of a prefix they share.
+    pub prefix_caching: bool,
 }
 
 struct Submitted {
@@ -94,7 +97,7 @@ impl GenerationEngine {
                 eos: &eos_token_ids,
                 metrics: &metrics,
                 limits,
-                pool: BlockPool::new(limits.kv_blocks),
+                pool: BlockPool::new(limits.kv_blocks, limits.prefix_caching),
                 running: Vec::new(),
                 waiting: VecDeque::new(),
             }
@@ -134,6 +137,9 @@ struct Sequence<'a> {
     /// Leading tokens whose keys and values are in the cache.
     cached: usize,
     blocks: Vec<u32>,
+    /// Leading full blocks recorded in the pool's prefix cache, and the id of their content.
+    registered: usize,
+    prefix: u64,
     sampler: Sampler,
     text: TextStream<'a>,
     last_token_at: Option<Instant>,
@@ -205,6 +211,8 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             enqueued: s.enqueued,
             cached: 0,
             blocks: Vec::new(),
+            registered: 0,
+            prefix: 0,
             text,
             last_token_at: None,
         });
@@ -261,9 +269,28 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
-            let rows = (seq.tokens.len() - seq.cached).min(budget);
-            if !self.pool.take(rows.div_ceil(BLOCK_TOKENS), &mut seq.blocks) {
+            // Cached blocks of its prefix, leaving at least one token to compute: the last
+            // one's logits are what the sequence waits for.
+            let (hits, prefix) = self.pool.reuse(
+                &seq.tokens,
+                (seq.tokens.len() - 1) / BLOCK_TOKENS,
+                &mut seq.blocks,
+            );
+            let cached = hits * BLOCK_TOKENS;
+            let rows = (seq.tokens.len() - cached).min(budget);
+            if !self.pool.take(
+                (cached + rows).div_ceil(BLOCK_TOKENS) - hits,
+                &mut seq.blocks,
+            ) {
+                self.pool.release(&mut seq.blocks);
                 break;
+            }
+            (seq.cached, seq.registered, seq.prefix) = (cached, hits, prefix);
+            if self.limits.prefix_caching {
+                self.metrics
+                    .prefix_cache_queries
+                    .inc_by(seq.tokens.len() as u64);
+                self.metrics.prefix_cache_hits.inc_by(cached as u64);
             }
             let seq = self.waiting.pop_front().expect("front exists");
             planned.push((self.running.len(), rows));
@@ -278,7 +305,7 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
     fn preempt_newest(&mut self) {
         if let Some(mut seq) = self.running.pop() {
             self.pool.release(&mut seq.blocks);
-            seq.cached = 0;
+            (seq.cached, seq.registered, seq.prefix) = (0, 0, 0);
             self.metrics.preemptions.inc();
             tracing::debug!(parent: &seq.job.span, tokens = seq.tokens.len(), "preempted for KV-cache blocks");
             self.waiting.push_front(seq);
@@ -312,6 +339,7 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
                 .and_then(|l| Ok(l.get(row)?))
                 .and_then(|l| {
                     seq.cached += rows;
+                    register_full_blocks(seq, &mut self.pool);
                     if seq.cached < seq.tokens.len() {
                         return Ok(None);
                     }
@@ -342,6 +370,16 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             }
             !done
         });
+    }
+}
+
+/// Offers the blocks the sequence has filled since the last step to the prefix cache.
+fn register_full_blocks(seq: &mut Sequence<'_>, pool: &mut BlockPool) {
+    while (seq.registered + 1) * BLOCK_TOKENS <= seq.cached {
+        let i = seq.registered;
+        let tokens = &seq.tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
+        seq.prefix = pool.register(seq.prefix, tokens, seq.blocks[i]);
+        seq.registered += 1;
     }
 }
 
@@ -417,6 +455,7 @@ mod tests {
         slots: Vec<u32>,
         passes: Arc<std::sync::atomic::AtomicUsize>,
         largest_step: Arc<std::sync::atomic::AtomicUsize>,
+        rows: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl LanguageModel for Counting {
@@ -435,6 +474,7 @@ mod tests {
             self.passes.fetch_add(1, Relaxed);
             let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
             self.largest_step.fetch_max(rows, Relaxed);
+            self.rows.fetch_add(rows, Relaxed);
             let slot = |c: &Chunk<'_>, pos: usize| {
                 c.blocks[pos / BLOCK_TOKENS] as usize * BLOCK_TOKENS + pos % BLOCK_TOKENS
             };
@@ -462,6 +502,7 @@ mod tests {
         max_running: 32,
         max_step_tokens: 256,
         kv_blocks: 256,
+        prefix_caching: true,
     };
 
     fn engine_with(
@@ -610,10 +651,17 @@ mod tests {
     /// exceeds its token budget.
     #[tokio::test]
     async fn an_exhausted_kv_pool_makes_sequences_wait_never_mix() {
+        for prefix_caching in [false, true] {
+            exhaust_the_pool(prefix_caching).await;
+        }
+    }
+
+    async fn exhaust_the_pool(prefix_caching: bool) {
         let limits = Limits {
             max_running: 8,
             max_step_tokens: 48,
             kv_blocks: 8,
+            prefix_caching,
         };
         let model = Counting::default();
         let largest_step = model.largest_step.clone();
@@ -629,7 +677,8 @@ mod tests {
         for ((prompt, n), (text, reason, got, _)) in cases.iter().zip(results) {
             assert_eq!(
                 (text, reason, got),
-                (counting_text(prompt, *n), FinishReason::Length, *n)
+                (counting_text(prompt, *n), FinishReason::Length, *n),
+                "prefix caching {prefix_caching}"
             );
         }
         assert!(
@@ -644,5 +693,44 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert_eq!(used(), 0, "every block came back");
+    }
+
+    /// A prompt that starts like an earlier one (its whole text, then more) computes only
+    /// what follows the cached full blocks, gives the same text as without the cache, and the
+    /// hit shows in the metrics; with caching off everything is computed again.
+    #[tokio::test]
+    async fn a_shared_prefix_is_computed_once() {
+        for prefix_caching in [true, false] {
+            let model = Counting::default();
+            let rows = model.rows.clone();
+            let limits = Limits {
+                prefix_caching,
+                ..ROOMY
+            };
+            let (engine, metrics) = engine_with(vec![], model, limits);
+            let computed = || rows.load(std::sync::atomic::Ordering::Relaxed);
+            let first = counting_prompt(3, 70);
+            let (text, ..) = collect(engine.submit(job(first.clone(), 5, &[])).unwrap()).await;
+            assert_eq!(text, counting_text(&first, 5));
+            let before = computed();
+            // The first sequence's prompt and answer, then a follow-up: like a chat's next turn.
+            let second = counting_prompt(3, 100);
+            let (text, ..) = collect(engine.submit(job(second.clone(), 5, &[])).unwrap()).await;
+            assert_eq!(
+                text,
+                counting_text(&second, 5),
+                "prefix caching {prefix_caching}"
+            );
+            let recomputed = computed() - before;
+            if prefix_caching {
+                // 70 prompt + 4 fed-back tokens made 4 full blocks (64 tokens).
+                assert_eq!(recomputed, 100 - 64 + 4, "the tail and 4 decode steps");
+                assert_eq!(metrics.prefix_cache_hits.get(), 64);
+                assert_eq!(metrics.prefix_cache_queries.get(), 170);
+            } else {
+                assert_eq!(recomputed, 100 + 4);
+                assert_eq!(metrics.prefix_cache_hits.get(), 0);
+            }
+        }
     }
 }
