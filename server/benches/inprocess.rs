@@ -170,7 +170,7 @@ fn best(times: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn kernels() {
-    use kandle_server::model::decoder::q4_1::{BLOCK, BLOCK_BYTES, Matrix};
+    use kandle_server::model::decoder::quant::{BLOCK, Format, Matrix};
     let pool = candle_core::utils::barrier_pool();
     // Bigger than any last-level cache, as a model's weights are.
     let words = vec![1u64; 32 << 20];
@@ -189,12 +189,12 @@ fn kernels() {
     // SmolLM2-135M's Q4_1 layers hold 66 MB; a matrix of that size, in fixed random bytes.
     let (rows, cols) = (102_400, 1024);
     let mut state = 1u64;
-    let bytes: Vec<u8> = (0..rows * cols / BLOCK * BLOCK_BYTES)
+    let bytes: Vec<u8> = (0..rows * cols / BLOCK * Format::Q4_1.block_bytes())
         .enumerate()
         .map(|(i, _)| {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
             // Keep the f16 scale and minimum small and finite.
-            if i % BLOCK_BYTES < 4 {
+            if i % Format::Q4_1.block_bytes() < 4 {
                 0x20
             } else {
                 (state >> 56) as u8
@@ -202,7 +202,7 @@ fn kernels() {
         })
         .collect();
     let weight_bytes = bytes.len() as f64;
-    let w = Matrix::new(&bytes, rows, cols).unwrap();
+    let w = Matrix::new(Format::Q4_1, &bytes, rows, cols).unwrap();
     for m in [1usize, 8, 32, 256] {
         let x = candle_core::Tensor::ones(
             (m, cols),

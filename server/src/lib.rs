@@ -5,7 +5,7 @@
 //! a step-interleaving generator), `model` (loading and running model families), and the
 //! small pieces they share (`admission`, `metrics`, `error`).
 // Unsafe only to memory-map weights (`model::weights`, `model::decoder::source`) and in CPU
-// kernels (`model::decoder::q4_1`).
+// kernels (`model::decoder::quant`).
 #![deny(unsafe_code)]
 
 pub mod admission;

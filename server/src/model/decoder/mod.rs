@@ -6,7 +6,7 @@
 pub mod attention;
 pub mod config;
 pub mod matrix;
-pub mod q4_1;
+pub mod quant;
 pub mod rope;
 pub mod source;
 

@@ -1,10 +1,11 @@
 //! Where a decoder's tensors come from: memory-mapped safetensors (dense, in the chosen
 //! dtype) or a memory-mapped GGUF file (quantized matrices kept quantized, copied once from
-//! the mapping into candle's storage or, for Q4_1 on the CPU, kandle's interleaved layout). The decoder asks for tensors
+//! the mapping into candle's storage or, for Q4_1 and Q8_0 on the CPU, kandle's interleaved
+//! layout). The decoder asks for tensors
 //! by their Hugging Face names and shapes; a tensor of the wrong shape is a load error that
 //! names it, never a panic in a later forward pass.
 use super::matrix::Matrix;
-use super::q4_1;
+use super::quant::{self, Format};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
 use candle_core::safetensors::MmapedSafetensors;
@@ -173,8 +174,16 @@ impl Source for Gguf {
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let (dtype, dims, range) = self.locate(name)?;
         check_shape(name, &dims, &[rows, cols])?;
-        if dtype == GgmlDType::Q4_1 && self.device.is_cpu() {
-            return Ok(Matrix::Q4_1(q4_1::Matrix::new(
+        let format = match dtype {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        };
+        if let Some(format) = format
+            && self.device.is_cpu()
+        {
+            return Ok(Matrix::Quantized(quant::Matrix::new(
+                format,
                 &self.map[range],
                 rows,
                 cols,

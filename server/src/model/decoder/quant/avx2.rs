@@ -1,0 +1,127 @@
+//! The AVX2 kernels (with FMA and F16C), chosen at run time.
+use super::{BLOCK, Format, GROUP, Q8};
+use std::arch::x86_64::*;
+
+/// As `super::quantize` (`cvtps` rounds half to even, like `round_ties_even`).
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn quantize(x: &[f32]) -> Vec<Q8> {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    x.chunks_exact(BLOCK)
+        .map(|b| {
+            // SAFETY: a block is 32 floats.
+            let v: [__m256; 4] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(b.as_ptr().add(8 * i)) });
+            let m = v.iter().fold(_mm256_setzero_ps(), |m, v| {
+                _mm256_max_ps(m, _mm256_and_ps(*v, abs))
+            });
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+            // Packing works within 128-bit lanes; the permute puts the 8 quads in order.
+            let q16 = [
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            ];
+            let q8 = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(q16[0], q16[1]),
+                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+            );
+            let mut qs = [0i8; BLOCK];
+            // SAFETY: `qs` is 32 bytes.
+            unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), q8) };
+            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+            Q8 {
+                qs,
+                d,
+                s: d * sum as f32,
+            }
+        })
+        .collect()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dots_q4_1<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, block) in w.chunks_exact(Format::Q4_1.group_block_bytes()).enumerate() {
+        let p = block.as_ptr();
+        // SAFETY: a group block is 160 bytes: 16 of scales, 16 of minimums, 128 of nibbles.
+        let (d, m, raw) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
+                [0, 1, 2, 3].map(|i| _mm256_loadu_si256(p.add(32 + 32 * i).cast())),
+            )
+        };
+        // q[c]: values 4c..4c + 4 of all 8 rows.
+        let q: [__m256i; 8] = std::array::from_fn(|c| {
+            if c < 4 {
+                _mm256_and_si256(raw[c], low)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(raw[c - 4]), low)
+            }
+        });
+        for r in 0..R {
+            let y = &x[r][b];
+            let mut sum16 = _mm256_setzero_si256();
+            for (c, q) in q.iter().enumerate() {
+                // SAFETY: `qs` is 32 bytes.
+                let y4 = unsafe { y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned() };
+                // u4 x i8 pairs: at most 2 * 15 * 127 each, so 8 of them fit in i16.
+                sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(*q, _mm256_set1_epi32(y4)));
+            }
+            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
+            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);
+        }
+    }
+    store(acc)
+}
+
+/// Q8_0 weights are signed, and `maddubs` takes one unsigned operand: it gets |w|, and the
+/// activations take w's signs. Pair sums reach 2 * 128 * 127, so each 4-value chunk widens
+/// to i32 at once.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dots_q8_0<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, block) in w.chunks_exact(Format::Q8_0.group_block_bytes()).enumerate() {
+        let p = block.as_ptr();
+        // SAFETY: a group block is 272 bytes: 16 of scales, then 8 vectors of 32 values.
+        let (d, q) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                [0, 1, 2, 3, 4, 5, 6, 7].map(|c| _mm256_loadu_si256(p.add(16 + 32 * c).cast())),
+            )
+        };
+        let abs = q.map(|q| _mm256_sign_epi8(q, q));
+        for r in 0..R {
+            let y = &x[r][b];
+            let mut sum = _mm256_setzero_si256();
+            for c in 0..8 {
+                // SAFETY: `qs` is 32 bytes.
+                let y4 = unsafe { y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned() };
+                let signed = _mm256_sign_epi8(_mm256_set1_epi32(y4), q[c]);
+                let pairs = _mm256_maddubs_epi16(abs[c], signed);
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+            }
+            let sum = _mm256_cvtepi32_ps(sum);
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
+        }
+    }
+    store(acc)
+}
+
+#[target_feature(enable = "avx")]
+fn store<const R: usize>(acc: [__m256; R]) -> [[f32; GROUP]; R] {
+    let mut out = [[0f32; GROUP]; R];
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: `o` is 8 floats.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+    }
+    out
+}
