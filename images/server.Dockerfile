@@ -1,6 +1,8 @@
 # kandle-server for CPUs. Build from the repository root:
 #   docker build -f images/server.Dockerfile -t kandle-server .
-# TARGET_CPU picks the instruction set the binary may use (x86-64-v3 for AVX2 machines).
+# TARGET_CPU is the baseline the compiler may assume. The quantized matmul kernels pick AVX2
+# at run time whatever it is; x86-64-v3 also lets the compiler use AVX2 everywhere else
+# (norms, activations), for machines known to have it.
 ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TARGET_CPU=x86-64-v2

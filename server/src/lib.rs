@@ -4,14 +4,15 @@
 //! (requests to typed work), `engine` (the threads that run models: a batching embedder and
 //! a step-interleaving generator), `model` (loading and running model families), and the
 //! small pieces they share (`admission`, `metrics`, `error`).
-// Unsafe only to memory-map weights (`model::weights`, `model::decoder::source`) and in CPU
-// kernels (`model::decoder::quant`).
+// Unsafe only to memory-map weights (`model::weights`, `model::decoder::source`), in CPU
+// kernels (`model::decoder::quant`) and to size thread pools before threads start (`cpus`).
 #![deny(unsafe_code)]
 
 pub mod admission;
 pub mod api;
 pub mod chat_template;
 pub mod cli;
+pub mod cpus;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
