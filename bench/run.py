@@ -9,6 +9,8 @@
    and kandle's aggregate tokens/s at concurrency 8 and 32 (llama-cpp-python runs one
    sequence).
 4. Time from process start to ready: kandle-server against a Python process loading each peer.
+5. Memory bandwidth: the machine's read bandwidth and kandle's quantized matmul alone, so that
+   decode tokens/s can be read as bytes of weights per second against the limit.
 
 Run with scripts/bench (it installs the peers). Results: bench-results/results.json.
 """
@@ -184,6 +186,21 @@ def main():
         "kandle_aggregate_c32_vs_c8": k["aggregate_tokens_per_s_c32"] / k["aggregate_tokens_per_s_c8"],
     }}
     del llm
+
+    # 5. Decoding one token reads every weight once: how close each engine is to the bus.
+    kernels = median_of([kandle_inprocess(binary, "kernels") for _ in range(ROUNDS)])
+    weight_bytes = os.path.getsize(GGUF)  # the tensors are all but a few MB of the file
+    results["bandwidth"] = {
+        "read_gb_per_s": kernels["read_gb_per_s"],
+        "kandle_q4_1_matmul_gb_per_s": kernels["q4_1_rows1_weight_gb_per_s"],
+        "kandle_q4_1_matmul_gmac_per_s_rows_8_32_256": [
+            kernels[f"q4_1_rows{m}_gmac_per_s"] for m in (8, 32, 256)],
+        "weight_bytes_per_token": weight_bytes,
+        "kandle_decode_share_of_bandwidth":
+            weight_bytes * k["decode_tokens_per_s_c1"] / 1e9 / kernels["read_gb_per_s"],
+        "llama_decode_share_of_bandwidth":
+            weight_bytes * l["decode_tokens_per_s_c1"] / 1e9 / kernels["read_gb_per_s"],
+    }
 
     # 2. HTTP embeddings with oha, then overload.
     body = json.dumps({"model": "m", "input": SENTENCES[0]})
