@@ -197,8 +197,16 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
         // A sequence the whole pool cannot hold would preempt itself forever; `serve` sizes
         // the context to the pool, so only a misconfigured caller gets here.
         let capacity = self.limits.kv_blocks * BLOCK_TOKENS;
-        if s.job.prompt.len() + s.job.max_new_tokens > capacity {
-            let message = format!("the sequence needs more than the KV cache's {capacity} tokens");
+        let refusal = if s.job.prompt.is_empty() {
+            Some("an empty prompt has no next token".to_string())
+        } else if s.job.prompt.len() + s.job.max_new_tokens > capacity {
+            Some(format!(
+                "the sequence needs more than the KV cache's {capacity} tokens"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
             let _ = s.events.send(Event::Failed(EngineError::Model(message)));
             return;
         }
@@ -571,6 +579,25 @@ mod tests {
             }
         }
         panic!("stream ended without Done");
+    }
+
+    /// Sequences the engine cannot run fail at once, and the engine serves the next one.
+    #[tokio::test]
+    async fn an_empty_or_oversized_sequence_fails_at_once() {
+        let (engine, _) = engine_with(
+            vec![],
+            Counting::default(),
+            Limits {
+                kv_blocks: 2,
+                ..ROOMY
+            },
+        );
+        for (prompt, n) in [(vec![], 3), (counting_prompt(0, 20), 20)] {
+            let mut rx = engine.submit(job(prompt, n, &[])).unwrap();
+            assert!(matches!(rx.recv().await, Some(Event::Failed(_))));
+        }
+        let (text, ..) = collect(engine.submit(job(vec![0], 3, &[])).unwrap()).await;
+        assert_eq!(text, " t1 t2 t3");
     }
 
     #[tokio::test]

@@ -111,7 +111,7 @@ impl Matrix {
     /// The matrix from its GGUF blocks; refused unless `cols` is whole blocks and `bytes` holds
     /// exactly the blocks of `rows` rows.
     pub fn new(format: Format, bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
             candle_core::bail!("a {format:?} row of {cols} values is not whole blocks of {BLOCK}");
         }
         let (blocks, block_bytes) = (cols / BLOCK, format.block_bytes());
@@ -288,16 +288,20 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// The best kernel this CPU runs, chosen once per process.
     fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::env::var_os("KANDLE_PORTABLE_KERNELS").is_none()
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return Self::Avx2;
-        }
-        Self::Portable
+        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if std::env::var_os("KANDLE_PORTABLE_KERNELS").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Self::Avx2;
+            }
+            Self::Portable
+        })
     }
 
     fn quantize(self, x: &[f32]) -> Vec<Q8> {
@@ -522,6 +526,7 @@ mod tests {
             assert!(Matrix::new(format, &bytes[1..], 2, BLOCK).is_err());
             assert!(Matrix::new(format, &bytes, 3, BLOCK).is_err());
             assert!(Matrix::new(format, &bytes, 1, BLOCK + 1).is_err());
+            assert!(Matrix::new(format, &[], 2, 0).is_err());
             assert!(Matrix::new(format, &bytes, usize::MAX, BLOCK).is_err());
         }
     }
