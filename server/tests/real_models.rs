@@ -188,6 +188,28 @@ const MAX_RELATIVE_ERROR: f32 = 2.0;
 /// llama.cpp builds above agree on 68%).
 const SHARED_PREFIX_FLOOR: f64 = 0.25;
 
+/// A GGUF whose header promises tensors past the end of the file (a cut-short download, or a
+/// hostile one) is refused at load with a message, never read out of bounds.
+#[test]
+fn a_truncated_gguf_is_refused() {
+    let bytes = std::fs::read(smollm2_gguf()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load(&LoadOptions {
+        path: cut,
+        task: None,
+        dtype: DtypeArg::Auto,
+        device: DeviceArg::Cpu,
+    })
+    .err()
+    .expect("half a file does not load");
+    assert!(
+        err.to_string().contains("does not fit in the file"),
+        "{err}"
+    );
+}
+
 struct Smollm2 {
     model: LoadedModel,
     reference: Value,
