@@ -8,11 +8,11 @@
 //! kernels                               memory read bandwidth, and the Q4_1 matmul's weight
 //!                                       bytes/s and multiply-adds/s at 1 to 256 rows
 use kandle_server::cli::{DeviceArg, DtypeArg};
+use kandle_server::engine::SamplingParams;
 use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
 use kandle_server::engine::{BLOCK_TOKENS, EmbeddingModel};
 use kandle_server::metrics::Metrics;
 use kandle_server::model::{Backend, LoadOptions, load};
-use kandle_server::validation::SamplingParams;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,4 +1,5 @@
 //! One error type for the HTTP edge, mapped once to OpenAI's error shape and status code.
+use crate::engine::EngineError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -115,6 +116,17 @@ impl ApiError {
     }
 }
 
+/// The engine knows nothing of HTTP; its errors take their OpenAI shape here, once.
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::WorkerDead => Self::Unavailable("The model worker has stopped"),
+            EngineError::Model(m) => Self::Internal(m),
+            EngineError::Refused(m) => Self::invalid(m),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
@@ -125,5 +137,20 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_map_to_the_status_a_client_can_act_on() {
+        let status = |e: EngineError| ApiError::from(e).status().as_u16();
+        assert_eq!(status(EngineError::WorkerDead), 503);
+        assert_eq!(status(EngineError::Model("nan".into())), 500);
+        let refused = ApiError::from(EngineError::Refused("too long".into()));
+        assert_eq!(refused.status().as_u16(), 400);
+        assert_eq!(refused.body()["error"]["message"], "too long");
     }
 }

@@ -22,7 +22,6 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod pull;
-pub mod sampling;
 pub mod serve;
 pub mod tokenize;
 pub mod validation;

@@ -1,6 +1,7 @@
 //! `kandle-server serve`: load, warm, bind, serve, and drain on SIGTERM.
 use crate::admission::Admission;
 use crate::cli::{Memory, ServeArgs};
+use crate::engine::SamplingParams;
 use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
 use crate::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
 use crate::engine::{BLOCK_TOKENS, LanguageModel};
@@ -9,7 +10,6 @@ use crate::metrics::{Metrics, ModelLabels};
 use crate::model::{self, Backend, LoadOptions, ModelInfo};
 use crate::pull::{self, uri::ModelUri};
 use crate::tokenize::PromptTokenizer;
-use crate::validation::SamplingParams;
 use anyhow::{Context, bail};
 use kandle_listen::ConnectionLimits;
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 use crate::api::{
     ChatMessage, EmbeddingInput, MessageContent, Prompt, SamplingFields, StringOrList,
 };
+use crate::engine::SamplingParams;
 use crate::error::ApiError;
 use serde::de::DeserializeOwned;
 
@@ -39,31 +40,6 @@ pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::ModelNotFound(requested.to_string()))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f64,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    pub seed: u64,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-}
-
-impl SamplingParams {
-    /// Deterministic argmax decoding with no penalties.
-    pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: None,
-            top_k: None,
-            seed: 0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-        }
     }
 }
 

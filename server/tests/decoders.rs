@@ -6,10 +6,10 @@
 //! every step, and greedy decoding must give transformers' tokens: alone, among other
 //! sequences of different lengths, and when a small KV cache forces preemption.
 use kandle_server::cli::{DeviceArg, DtypeArg};
+use kandle_server::engine::SamplingParams;
 use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
 use kandle_server::metrics::Metrics;
 use kandle_server::model::{Backend, LoadOptions, LoadedModel, load};
-use kandle_server::validation::SamplingParams;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -175,12 +175,15 @@ fn smollm2_prompt_ids_match_llama_cpp() {
 
 /// Where llama.cpp's best logit leads the runner-up by at least this, kandle must pick the
 /// same token. Closer leads are near-ties that another correct kernel may rank the other
-/// way: candle's Q4_1 x Q8_1 dot products accumulate in another order, and two builds of
-/// llama.cpp itself (0.3.36 built on two machines) differ by up to 0.46 in a step's lead.
+/// way, and kandle need only see llama.cpp's choice as a contender too (within this of its
+/// own best): activations are rounded to 8 bits before each quantized product, so the last
+/// bit of any earlier sum can flip roundings and move logits by tenths (kandle's attention
+/// summed in another order moves a step's lead by up to 0.5), and two builds of llama.cpp
+/// itself (0.3.36 built on two machines) differ by up to 0.46 in a step's lead.
 const CLEAR_LEAD: f32 = 1.0;
 /// How far kandle's logits may sit from llama.cpp's, measured against each step's leader
 /// (a shift of all logits changes no choice): on average over all steps (x86-64 AVX2
-/// shows 0.24), and at the worst step (1.5).
+/// shows 0.24 to 0.27 as summation orders change), and at the worst step (1.7).
 const MEAN_RELATIVE_ERROR: f32 = 0.35;
 const MAX_RELATIVE_ERROR: f32 = 2.0;
 /// Of the reference's tokens, the share kandle's free-running greedy decoding reproduces
@@ -313,7 +316,8 @@ fn smollm2_logits_follow_llama_cpp_at_every_step() {
             if top_logits[0] - top_logits[1] >= CLEAR_LEAD {
                 assert_eq!(mine[0], top[0], "{context}");
             } else {
-                assert!(mine[..2].contains(&top[0]), "near-tie, {context}");
+                let behind = ours[mine[0] as usize] - ours[top[0] as usize];
+                assert!(behind < CLEAR_LEAD, "near-tie, {behind} behind: {context}");
             }
             assert!(error <= MAX_RELATIVE_ERROR, "error {error}: {context}");
             match forced.get(step) {

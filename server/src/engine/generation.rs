@@ -6,11 +6,10 @@
 //! the queue and recomputed later, so no sequence ever writes into another's blocks. Full
 //! blocks are shared between sequences with the same prefix (see `blocks`).
 use super::blocks::BlockPool;
+use super::sampling::{Sampler, SamplingParams};
 use super::{BLOCK_TOKENS, Chunk, EngineError, Health, LanguageModel, spawn_worker};
 use crate::detokenize::{Delta, TextStream};
 use crate::metrics::Metrics;
-use crate::sampling::Sampler;
-use crate::validation::SamplingParams;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -207,7 +206,7 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             None
         };
         if let Some(message) = refusal {
-            let _ = s.events.send(Event::Failed(EngineError::Model(message)));
+            let _ = s.events.send(Event::Failed(EngineError::Refused(message)));
             return;
         }
         let text = TextStream::new(self.tokenizer, &s.job.prompt, s.job.stop.clone());
@@ -398,7 +397,7 @@ fn advance(
     eos: &[u32],
     metrics: &Metrics,
 ) -> anyhow::Result<Option<Event>> {
-    let token = seq.sampler.sample(logits)?;
+    let token = seq.sampler.sample(logits.to_vec1()?);
     let now = Instant::now();
     match seq.last_token_at {
         None => metrics

@@ -3,6 +3,9 @@
 pub mod blocks;
 pub mod embedding;
 pub mod generation;
+pub mod sampling;
+
+pub use sampling::SamplingParams;
 
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -42,15 +45,9 @@ pub enum EngineError {
     WorkerDead,
     #[error("model failed: {0}")]
     Model(String),
-}
-
-impl From<EngineError> for crate::error::ApiError {
-    fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::WorkerDead => Self::Unavailable("The model worker has stopped"),
-            EngineError::Model(m) => Self::Internal(m),
-        }
-    }
+    /// Work the engine can never do, whatever the load (validation keeps it out).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Liveness of an engine's thread: cleared when the thread ends for any reason, panics

@@ -192,3 +192,11 @@ fn dtype_name(dtype: DType) -> String {
 fn device_name(device: &Device) -> String {
     if device.is_cuda() { "cuda" } else { "cpu" }.to_string()
 }
+
+/// The largest difference between two f32 tensors of one shape, for tests.
+#[cfg(test)]
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("two f32 tensors of one shape")
+}

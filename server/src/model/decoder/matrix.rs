@@ -18,6 +18,34 @@ impl Matrix {
         }
     }
 
+    /// The matrices' rows one after another, as one matrix, where their storage allows: the
+    /// same kandle format, or dense candle tensors of one dtype; None otherwise.
+    pub fn stack(parts: &[&Self]) -> Result<Option<Self>> {
+        let quantized: Option<Vec<&quant::Matrix>> = parts
+            .iter()
+            .map(|m| match m {
+                Self::Quantized(q) => Some(q),
+                Self::Candle(_) => None,
+            })
+            .collect();
+        if let Some(q) = quantized {
+            return Ok(quant::Matrix::stack(&q).map(Self::Quantized));
+        }
+        let dense: Option<Vec<Tensor>> = parts
+            .iter()
+            .map(|m| match m {
+                Self::Candle(QMatMul::Tensor(t)) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        match dense {
+            Some(ts) if ts.iter().all(|t| t.dtype() == ts[0].dtype()) => {
+                Ok(Some(Self::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?))))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The rows `ids` of an embedding table, as f32.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         match self {

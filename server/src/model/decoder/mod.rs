@@ -5,6 +5,8 @@
 //! attention is per sequence.
 pub mod attention;
 pub mod config;
+mod disjoint;
+mod linear;
 pub mod matrix;
 pub mod quant;
 pub mod rope;
@@ -14,54 +16,22 @@ use crate::engine::{BLOCK_TOKENS, Chunk, LanguageModel};
 use attention::{KvCache, Layout};
 use candle_core::{DType, Device, Result, Tensor};
 use config::DecoderConfig;
+use linear::{Linear, Stacked};
 use matrix::Matrix;
 use rope::Rope;
 use source::Source;
 use std::sync::Arc;
 
-struct Linear {
-    weight: Matrix,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn load(
-        src: &mut dyn Source,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        Ok(Self {
-            weight: src.matrix(&format!("{name}.weight"), rows, cols)?,
-            bias: if bias {
-                Some(src.vector(&format!("{name}.bias"), rows)?)
-            } else {
-                None
-            },
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
-
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Stacked,
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     mlp_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Stacked,
     down: Linear,
 }
 
@@ -89,16 +59,19 @@ impl Weights {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
-                let mut lin = |name: &str, rows, cols, bias| {
-                    Linear::load(src, &format!("{p}.{name}"), rows, cols, bias)
-                };
-                let q = lin("self_attn.q_proj", q_rows, h, b.qkv)?;
-                let k = lin("self_attn.k_proj", kv_rows, h, b.qkv)?;
-                let v = lin("self_attn.v_proj", kv_rows, h, b.qkv)?;
-                let o = lin("self_attn.o_proj", h, q_rows, b.output)?;
-                let gate = lin("mlp.gate_proj", cfg.intermediate_size, h, b.mlp)?;
-                let up = lin("mlp.up_proj", cfg.intermediate_size, h, b.mlp)?;
-                let down = lin("mlp.down_proj", h, cfg.intermediate_size, b.mlp)?;
+                let name = |n: &str| format!("{p}.{n}");
+                let (q, k, v) = (
+                    name("self_attn.q_proj"),
+                    name("self_attn.k_proj"),
+                    name("self_attn.v_proj"),
+                );
+                let qkv =
+                    Stacked::load(src, &[(&q, q_rows), (&k, kv_rows), (&v, kv_rows)], h, b.qkv)?;
+                let o = Linear::load(src, &name("self_attn.o_proj"), h, q_rows, b.output)?;
+                let (gate, up) = (name("mlp.gate_proj"), name("mlp.up_proj"));
+                let i = cfg.intermediate_size;
+                let gate_up = Stacked::load(src, &[(&gate, i), (&up, i)], h, b.mlp)?;
+                let down = Linear::load(src, &name("mlp.down_proj"), h, i, b.mlp)?;
                 let (q_norm, k_norm) = if cfg.qk_norm {
                     (
                         Some(src.vector(&format!("{p}.self_attn.q_norm.weight"), d)?),
@@ -110,14 +83,11 @@ impl Weights {
                 Ok(Layer {
                     attn_norm: src.vector(&format!("{p}.input_layernorm.weight"), h)?,
                     mlp_norm: src.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                    q,
-                    k,
-                    v,
+                    qkv,
                     o,
                     q_norm,
                     k_norm,
-                    gate,
-                    up,
+                    gate_up,
                     down,
                 })
             })
@@ -179,9 +149,10 @@ impl Weights {
             .to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = norm(&x, &layer.attn_norm)?;
-            let mut q = layer.q.forward(&h)?.reshape((rows, heads, d))?;
-            let mut k = layer.k.forward(&h)?.reshape((rows, kv_heads, d))?;
-            let v = layer.v.forward(&h)?.reshape((rows, kv_heads, d))?;
+            let [q, k, v] = layer.qkv.forward(&h)?;
+            let mut q = q.reshape((rows, heads, d))?;
+            let mut k = k.reshape((rows, kv_heads, d))?;
+            let v = v.reshape((rows, kv_heads, d))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = norm(&q, qn)?;
                 k = norm(&k, kn)?;
@@ -191,8 +162,8 @@ impl Weights {
             let attn = attention::attend(&q, &k, &v, cache, i, &layout, cfg.windows[i], scale)?;
             x = (x + layer.o.forward(&attn.reshape((rows, heads * d))?)?)?;
             let h = norm(&x, &layer.mlp_norm)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let [gate, up] = layer.gate_up.forward(&h)?;
+            let gated = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
         // Only each chunk's last row predicts a token.

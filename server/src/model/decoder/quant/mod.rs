@@ -24,6 +24,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
+use super::disjoint::DisjointOut;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
 
@@ -142,6 +143,24 @@ impl Matrix {
         self.cols
     }
 
+    /// The matrices' rows one after another, as one matrix; None unless they share a format
+    /// and a width and each has whole groups of rows (as every projection does).
+    pub fn stack(parts: &[&Self]) -> Option<Self> {
+        let first = parts.first()?;
+        let fits = |m: &&Self| {
+            m.format == first.format && m.cols == first.cols && m.rows.is_multiple_of(GROUP)
+        };
+        parts.iter().all(fits).then(|| Self {
+            format: first.format,
+            packed: parts.iter().fold(Vec::new(), |mut all, m| {
+                all.extend_from_slice(&m.packed);
+                all
+            }),
+            rows: parts.iter().map(|m| m.rows).sum(),
+            cols: first.cols,
+        })
+    }
+
     fn blocks(&self) -> usize {
         self.cols / BLOCK
     }
@@ -186,7 +205,7 @@ impl Matrix {
         let kernel = Kernel::detect();
         let xq = kernel.quantize(x);
         let mut out = vec![0f32; m * n];
-        let dst = SharedOut(out.as_mut_ptr());
+        let dst = DisjointOut::new(&mut out);
         let groups = n.div_ceil(GROUP);
         candle_core::utils::barrier_pool().execute_chunked(
             groups.div_ceil(GROUPS_PER_ITEM),
@@ -195,8 +214,11 @@ impl Matrix {
                 // SAFETY: each (row, column) is written by exactly one work item, and `out`
                 // outlives the pool's call.
                 let write = |r: usize, g: usize, v: [f32; GROUP]| {
-                    let cols = GROUP.min(n - g * GROUP);
-                    unsafe { dst.write(r * n + g * GROUP, &v[..cols]) }
+                    let at = r * n + g * GROUP;
+                    match n - g * GROUP {
+                        cols if cols >= GROUP => unsafe { dst.write_array(at, &v) },
+                        cols => unsafe { dst.write(at, &v[..cols]) },
+                    }
                 };
                 let full = m - m % ROW_TILE;
                 for g in range.start * GROUPS_PER_ITEM..groups.min(range.end * GROUPS_PER_ITEM) {
@@ -244,15 +266,6 @@ impl CustomOp1 for Matrix {
     }
 }
 
-struct SharedOut(*mut f32);
-// SAFETY: writers touch disjoint elements (see `Matrix::matmul`).
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    unsafe fn write(&self, i: usize, v: &[f32]) {
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), v.len()) }
-    }
-}
-
 /// 32 activations as 8-bit integers: `x ≈ d * q`, with `s = d * Σq` for the minimum's term.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
@@ -277,6 +290,15 @@ impl Q8 {
             d,
             s: d * sum as f32,
         }
+    }
+}
+
+/// Whether the CPU kernels run their AVX2 code (chosen once per process, as for these).
+pub fn avx2() -> bool {
+    match Kernel::detect() {
+        Kernel::Portable => false,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => true,
     }
 }
 
@@ -393,6 +415,43 @@ mod tests {
         (0..m * k)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0)
             .collect()
+    }
+
+    /// A stacked matrix computes exactly its parts' outputs side by side; parts of another
+    /// format, width or a ragged row count do not stack.
+    #[test]
+    fn stacked_matrices_give_their_parts_outputs_side_by_side() {
+        let cols = 64;
+        let part = |format, rows, seed| {
+            let (bytes, _) = random(format, rows, cols, seed);
+            Matrix::new(format, &bytes, rows, cols).unwrap()
+        };
+        let (q, k, v) = (
+            part(Format::Q4_1, 24, 1),
+            part(Format::Q4_1, 8, 2),
+            part(Format::Q4_1, 16, 3),
+        );
+        let stacked = Matrix::stack(&[&q, &k, &v]).unwrap();
+        let x = activations(5, cols);
+        let (m, n) = (5, 48);
+        let whole = stacked.matmul(&x, m);
+        for (r, row) in whole.chunks_exact(n).enumerate() {
+            let mut at = 0;
+            for p in [&q, &k, &v] {
+                let alone = p.matmul(&x[r * cols..(r + 1) * cols], 1);
+                assert_eq!(&row[at..at + p.rows], &alone[..], "row {r}");
+                at += p.rows;
+            }
+        }
+        let q8 = part(Format::Q8_0, 8, 4);
+        assert!(Matrix::stack(&[&q, &q8]).is_none(), "formats differ");
+        assert!(
+            Matrix::stack(&[&q, &part(Format::Q4_1, 12, 5)]).is_none(),
+            "12 rows"
+        );
+        let (bytes, _) = random(Format::Q4_1, 8, 32, 6);
+        let narrow = Matrix::new(Format::Q4_1, &bytes, 8, 32).unwrap();
+        assert!(Matrix::stack(&[&q, &narrow]).is_none(), "widths differ");
     }
 
     /// Every kernel this CPU can run, one row or a tile of rows at a time, and the whole

@@ -1,10 +1,12 @@
 //! Attention over a paged KV cache. Keys and values live in one pool per layer, in blocks of
 //! [`BLOCK_TOKENS`] token slots; a sequence's block table says which. Each step writes the new
-//! rows' keys and values into their slots, gathers every sequence's slots into one packed
-//! tensor, and attends each row against its own sequence only, so a sequence's result never
-//! depends on its neighbours.
+//! rows' keys and values into their slots and attends each row against its own sequence only,
+//! so a sequence's result never depends on its neighbours: on the CPU in place (`cpu`), on
+//! other devices by gathering each sequence's slots.
+mod cpu;
+
 use crate::engine::{BLOCK_TOKENS, Chunk};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
 /// Keys and values of every layer: [slots, kv_heads, head_dim] each.
 pub struct KvCache {
@@ -43,7 +45,10 @@ pub struct Layout {
     /// Slot of each new row, broadcast to [rows, kv_heads, head_dim] for `scatter_set`.
     write: Tensor,
     /// Slots of every sequence's keys (its cached ones, then the new ones), packed.
-    read: Tensor,
+    slots: Vec<u32>,
+    /// The same slots as a tensor, for devices that gather them (none on the CPU).
+    read: Option<Tensor>,
+    spans: Vec<cpu::Span>,
     seqlens_q: Vec<usize>,
     seqlens_k: Vec<usize>,
 }
@@ -65,9 +70,15 @@ impl Layout {
             }
         };
         let (mut write, mut read) = (Vec::new(), Vec::new());
-        let (mut seqlens_q, mut seqlens_k) = (Vec::new(), Vec::new());
+        let (mut seqlens_q, mut seqlens_k, mut spans) = (Vec::new(), Vec::new(), Vec::new());
         for c in chunks {
             let end = c.start + c.tokens.len();
+            spans.push(cpu::Span {
+                q_start: write.len(),
+                q_len: c.tokens.len(),
+                k_start: read.len(),
+                k_len: end,
+            });
             for pos in c.start..end {
                 write.push(slot(c.blocks, pos)?);
             }
@@ -84,7 +95,12 @@ impl Layout {
         let total = read.len();
         Ok(Self {
             write,
-            read: Tensor::from_vec(read, total, device)?,
+            read: match device {
+                Device::Cpu => None,
+                _ => Some(Tensor::from_vec(read.clone(), total, device)?),
+            },
+            slots: read,
+            spans,
             seqlens_q,
             seqlens_k,
         })
@@ -107,33 +123,40 @@ pub fn attend(
     let dtype = cache.dtype();
     k_pool.scatter_set(&layout.write, &k.to_dtype(dtype)?, 0)?;
     v_pool.scatter_set(&layout.write, &v.to_dtype(dtype)?, 0)?;
-    let keys = k_pool.index_select(&layout.read, 0)?;
-    let values = v_pool.index_select(&layout.read, 0)?;
     let out = if q.device().is_cpu() && dtype == DType::F32 {
-        let lens = |l: &[usize]| Tensor::from_iter(l.iter().map(|&n| n as u32), &Device::Cpu);
-        let (max_q, max_k) = (
-            layout.seqlens_q.iter().copied().max().unwrap_or(0),
-            layout.seqlens_k.iter().copied().max().unwrap_or(0),
-        );
-        candle_nn::attention::flash_attn_varlen_cpu(
-            &q.to_dtype(DType::F32)?,
-            &keys,
-            &values,
-            None,
-            &lens(&layout.seqlens_q)?,
-            &lens(&layout.seqlens_k)?,
-            max_q,
-            max_k,
+        let (rows, heads, dim) = q.dims3()?;
+        let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (k_storage, k_layout) = k_pool.storage_and_layout();
+        let (v_storage, v_layout) = v_pool.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(k_all)), Storage::Cpu(CpuStorage::F32(v_all))) =
+            (&*k_storage, &*v_storage)
+        else {
+            candle_core::bail!("the CPU KV cache is not f32");
+        };
+        let out = cpu::attend(&cpu::Inputs {
+            q: &q,
+            k_pool: &k_all[k_layout.start_offset()..],
+            v_pool: &v_all[v_layout.start_offset()..],
+            slots: &layout.slots,
+            spans: &layout.spans,
+            heads: cpu::Heads {
+                heads,
+                kv_heads: k_pool.dim(1)?,
+                dim,
+            },
+            window,
             scale,
-            true,
-            window.map(|w| w.saturating_sub(1)),
-            None,
-        )?
+        });
+        Tensor::from_vec(out, (rows, heads, dim), &Device::Cpu)?
     } else {
+        let read = match &layout.read {
+            Some(read) => read.clone(),
+            None => Tensor::new(layout.slots.as_slice(), q.device())?,
+        };
         attend_each(
             q,
-            &keys,
-            &values,
+            &k_pool.index_select(&read, 0)?,
+            &v_pool.index_select(&read, 0)?,
             &layout.seqlens_q,
             &layout.seqlens_k,
             window,
@@ -197,16 +220,17 @@ fn attend_each(
 mod tests {
     use super::*;
 
-    /// The fused kernel and the plain path agree, with GQA, a window and mixed prefill and
-    /// decode rows; and a row's result does not change with its neighbours.
+    /// The CPU kernel and the plain path agree, with GQA, a window, prefill rows and a decode
+    /// row after cached ones; and a row's result does not change with its neighbours.
     #[test]
     fn the_cpu_kernel_matches_plain_attention_and_ignores_neighbours() {
         let dev = Device::Cpu;
-        let (heads, kv_heads, d) = (4, 2, 8);
+        let (heads, kv_heads, d) = (9, 3, 64);
         let cache = KvCache::new(1, 8, kv_heads, d, DType::F32, &dev).unwrap();
         let tokens = [1u32; 40];
         let blocks_a = [3u32, 0, 5];
         let blocks_b = [1u32, 7];
+        let blocks_c = [2u32];
         let chunks = [
             Chunk {
                 tokens: &tokens[..20],
@@ -218,18 +242,37 @@ mod tests {
                 start: 0,
                 blocks: &blocks_b,
             },
+            // Position 5, after five keys an earlier step left in block 2.
+            Chunk {
+                tokens: &tokens[..1],
+                start: 5,
+                blocks: &blocks_c,
+            },
         ];
-        let rows = 23;
+        let rows = 24;
         let rand = |h| Tensor::randn(0f32, 1.0, (rows, h, d), &dev).unwrap();
         let (q, k, v) = (rand(heads), rand(kv_heads), rand(kv_heads));
+        let earlier = Tensor::randn(0f32, 1.0, (5, kv_heads, d), &dev).unwrap();
+        let slots = Tensor::new(&[32u32, 33, 34, 35, 36], &dev).unwrap();
+        let slots = slots.reshape((5, 1, 1)).unwrap();
+        let slots = slots
+            .broadcast_as((5, kv_heads, d))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        for pool in [&cache.layers[0].0, &cache.layers[0].1] {
+            pool.scatter_set(&slots, &earlier, 0).unwrap();
+        }
         let layout = Layout::new(&chunks, &cache, kv_heads, d, &dev).unwrap();
         for window in [None, Some(5)] {
             let fused = attend(&q, &k, &v, &cache, 0, &layout, window, 0.3).unwrap();
-            let keys = cache.layers[0].0.index_select(&layout.read, 0).unwrap();
-            let values = cache.layers[0].1.index_select(&layout.read, 0).unwrap();
-            let plain = attend_each(&q, &keys, &values, &[20, 3], &[20, 3], window, 0.3).unwrap();
-            let diff = (fused - &plain).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{window:?}");
+            let read = Tensor::new(layout.slots.as_slice(), &dev).unwrap();
+            let keys = cache.layers[0].0.index_select(&read, 0).unwrap();
+            let values = cache.layers[0].1.index_select(&read, 0).unwrap();
+            let plain =
+                attend_each(&q, &keys, &values, &[20, 3, 1], &[20, 3, 6], window, 0.3).unwrap();
+            let diff = crate::model::max_abs_diff(&fused, &plain);
+            assert!(diff < 1e-5, "{window:?}: {diff}");
         }
         // Sequence b alone, decoding one more token after its three: the same rows as
         // among a's.

@@ -1,27 +1,24 @@
-//! BERT-family embedding models, pooled and normalised as their sentence-transformers
-//! configs declare (`modules.json`, `1_Pooling/config.json`).
+//! BERT-family embedding models on kandle's own encoder, pooled and normalised as their
+//! sentence-transformers configs declare (`modules.json`, `1_Pooling/config.json`).
+mod encoder;
+mod gelu;
+mod pooling;
+
 use super::weights::{catch_load, mmap_var_builder, read_optional_json, safetensors_files};
 use super::{
     Backend, LoadError, LoadedModel, ModelInfo, Task, device_name, dtype_name, load_tokenizer,
 };
 use crate::engine::EmbeddingModel;
-use candle_core::{D, DType, Device, Tensor};
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_core::{DType, Device};
+use encoder::{Config, Encoder};
+use pooling::Pooling;
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    Cls,
-    Mean,
-    Max,
-    LastToken,
-}
-
 pub struct Embedder {
-    model: BertModel,
+    encoder: Encoder,
+    hidden_size: usize,
     pooling: Pooling,
     normalize: bool,
-    device: Device,
 }
 
 pub fn load(
@@ -40,6 +37,8 @@ pub fn load(
     let config_path = dir.join("config.json");
     let cfg: Config = serde_json::from_value(config.clone())
         .map_err(|e| LoadError::invalid(&config_path, e.to_string()))?;
+    cfg.check()
+        .map_err(|m| LoadError::invalid(&config_path, m))?;
     let (pooling, normalize) = sentence_transformers_config(dir)?;
     // sentence-transformers truncates at max_seq_length; kandle refuses longer inputs instead.
     let context_length = read_optional_json(&dir.join("sentence_bert_config.json"))?
@@ -48,12 +47,7 @@ pub fn load(
         .min(cfg.max_position_embeddings);
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
     let vb = mmap_var_builder(&safetensors_files(dir)?, dtype, device)?;
-    // Checkpoints saved from BertModel have bare names; those from task heads prefix `bert.`.
-    let model = catch_load(dir, || {
-        BertModel::load(vb.clone(), &cfg)
-            .or_else(|_| BertModel::load(vb.pp("bert"), &cfg))
-            .map_err(LoadError::from)
-    })?;
+    let encoder = catch_load(dir, || Encoder::load(vb, &cfg).map_err(LoadError::from))?;
     Ok(LoadedModel {
         info: ModelInfo {
             architecture: "bert".into(),
@@ -67,10 +61,10 @@ pub fn load(
         tokenizer,
         chat_template: None,
         backend: Backend::Embedder(Box::new(Embedder {
-            model,
+            encoder,
+            hidden_size: cfg.hidden_size,
             pooling,
             normalize,
-            device: device.clone(),
         })),
     })
 }
@@ -115,48 +109,14 @@ fn sentence_transformers_config(dir: &Path) -> Result<(Pooling, bool), LoadError
 
 impl EmbeddingModel for Embedder {
     fn embed(&self, batch: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let max_len = batch.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(batch.len() * max_len);
-        let mut mask = Vec::with_capacity(batch.len() * max_len);
-        for seq in batch {
-            ids.extend_from_slice(seq);
-            ids.extend(std::iter::repeat_n(0u32, max_len - seq.len()));
-            mask.extend(std::iter::repeat_n(1u32, seq.len()));
-            mask.extend(std::iter::repeat_n(0u32, max_len - seq.len()));
-        }
-        let shape = (batch.len(), max_len);
-        let ids = Tensor::from_vec(ids, shape, &self.device)?;
-        let mask = Tensor::from_vec(mask, shape, &self.device)?;
-        let hidden = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
-        let hidden = hidden.to_dtype(DType::F32)?;
-        let mask_f = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let pooled = match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => {
-                let sum = hidden.broadcast_mul(&mask_f)?.sum(1)?;
-                let count = mask_f.sum(1)?;
-                sum.broadcast_div(&count)?
-            }
-            Pooling::Max => {
-                // Padding must never win the max: push it far below any activation.
-                let penalty = ((mask_f.ones_like()? - &mask_f)? * -1e9)?;
-                hidden.broadcast_add(&penalty)?.max(1)?
-            }
-            Pooling::LastToken => {
-                let rows = batch
-                    .iter()
-                    .enumerate()
-                    .map(|(i, seq)| hidden.get(i)?.get(seq.len() - 1))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::stack(&rows, 0)?
-            }
-        };
-        let pooled = if self.normalize {
-            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-            pooled.broadcast_div(&norm.maximum(1e-12)?)?
-        } else {
-            pooled
-        };
-        pooled.to_vec2()
+        let hidden = self
+            .encoder
+            .forward(batch)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+        Ok(self
+            .pooling
+            .pool(&hidden, self.hidden_size, &lens, self.normalize))
     }
 }

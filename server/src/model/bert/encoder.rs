@@ -1,0 +1,383 @@
+//! BERT's encoder over packed sequences: a batch's tokens sit in one [tokens, hidden] matrix
+//! with no padding, so each linear layer is one matrix product over exactly the tokens there
+//! are, whatever the mix of lengths. Only attention needs the sequences apart; it gathers them
+//! into a padded [batch, heads, longest, head_dim] view and back.
+use super::gelu;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use serde::Deserialize;
+
+/// The config fields that change the maths; any other value of them is refused at load.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    #[serde(default = "absolute")]
+    pub position_embedding_type: String,
+}
+
+fn absolute() -> String {
+    "absolute".into()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// `gelu` in transformers: the exact, erf-based GELU.
+    GeluErf,
+    /// `gelu_new` and `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    Relu,
+}
+
+impl Config {
+    /// Refuses what this encoder would compute differently from transformers.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.position_embedding_type != "absolute" {
+            return Err(format!(
+                "position_embedding_type `{}` is not supported (only `absolute`)",
+                self.position_embedding_type
+            ));
+        }
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(format!(
+                "hidden_size {} does not split into {} attention heads",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.type_vocab_size == 0 {
+            return Err("type_vocab_size is 0: there is no token type embedding".into());
+        }
+        self.activation().map(|_| ())
+    }
+
+    fn activation(&self) -> std::result::Result<Activation, String> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            other => Err(format!(
+                "hidden_act `{other}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu)"
+            )),
+        }
+    }
+}
+
+struct Layer {
+    /// Query, key and value in one product.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    output_norm: LayerNorm,
+}
+
+pub struct Encoder {
+    word: Tensor,
+    position: Tensor,
+    /// Token type 0's row: every input is a single segment.
+    token_type: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    activation: Activation,
+    device: Device,
+}
+
+fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((outputs, inputs), "weight")?,
+        Some(vb.get(outputs, "bias")?),
+    ))
+}
+
+fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(size, "weight")?,
+        vb.get(size, "bias")?,
+        eps,
+    ))
+}
+
+impl Encoder {
+    /// `vb` at the model's root: checkpoints saved from `BertModel` have bare names, those
+    /// from task heads prefix `bert.`.
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
+            vb
+        } else {
+            vb.pp("bert")
+        };
+        let activation = cfg.activation().map_err(candle_core::Error::msg)?;
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let emb = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layer.{i}"));
+                let attention = vb.pp("attention");
+                let part = |name: &str| linear(attention.pp("self").pp(name), h, h);
+                let (q, k, v) = (part("query")?, part("key")?, part("value")?);
+                let cat = |f: fn(&Linear) -> Tensor| Tensor::cat(&[f(&q), f(&k), f(&v)], 0);
+                Ok(Layer {
+                    qkv: Linear::new(
+                        cat(|l| l.weight().clone())?,
+                        Some(cat(|l| l.bias().expect("loaded with a bias").clone())?),
+                    ),
+                    attention_out: linear(attention.pp("output.dense"), h, h)?,
+                    attention_norm: layer_norm(attention.pp("output.LayerNorm"), h, eps)?,
+                    up: linear(vb.pp("intermediate.dense"), h, cfg.intermediate_size)?,
+                    down: linear(vb.pp("output.dense"), cfg.intermediate_size, h)?,
+                    output_norm: layer_norm(vb.pp("output.LayerNorm"), h, eps)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            word: emb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
+            position: emb.get(
+                (cfg.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            token_type: emb
+                .get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?
+                .get(0)?,
+            embedding_norm: layer_norm(emb.pp("LayerNorm"), h, eps)?,
+            layers,
+            heads: cfg.num_attention_heads,
+            activation,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The last hidden state of every token of `batch`, packed: sequence after sequence, as
+    /// f32 [tokens, hidden]. Sequences must not be empty nor longer than the position table.
+    pub fn forward(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
+        let packing = Packing::new(batch, &self.device)?;
+        let ids: Vec<u32> = batch.iter().flatten().copied().collect();
+        let ids = Tensor::new(ids, &self.device)?;
+        let x = (self.word.index_select(&ids, 0)?
+            + self.position.index_select(&packing.positions, 0)?)?
+        .broadcast_add(&self.token_type)?;
+        let mut x = self.embedding_norm.forward(&x)?;
+        for layer in &self.layers {
+            let attended = self.attention(&layer.qkv.forward(&x)?, &packing)?;
+            x = layer
+                .attention_norm
+                .forward(&(layer.attention_out.forward(&attended)? + x)?)?;
+            let up = layer.up.forward(&x)?;
+            let up = match self.activation {
+                Activation::GeluErf => gelu::gelu_erf(&up)?,
+                Activation::GeluTanh => up.gelu()?,
+                Activation::Relu => up.relu()?,
+            };
+            x = layer
+                .output_norm
+                .forward(&(layer.down.forward(&up)? + x)?)?;
+        }
+        x.to_dtype(DType::F32)
+    }
+
+    /// Scaled dot-product attention of packed [tokens, 3 * hidden] queries, keys and values,
+    /// each sequence attending to itself only; packed [tokens, hidden] out.
+    fn attention(&self, qkv: &Tensor, packing: &Packing) -> Result<Tensor> {
+        let (b, l) = (packing.lens.len(), packing.longest);
+        let hidden = qkv.dim(1)? / 3;
+        let head_dim = hidden / self.heads;
+        let padded = match &packing.gather {
+            Some(gather) => qkv.index_select(gather, 0)?,
+            None => qkv.clone(),
+        };
+        let padded = padded.reshape((b, l, 3, self.heads, head_dim))?;
+        let part = |i: usize| padded.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let q = (part(0)? * (head_dim as f64).powf(-0.5))?.contiguous()?;
+        let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(mask) = &packing.mask {
+            scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * l, hidden))?;
+        match &packing.scatter {
+            Some(scatter) => out.index_select(scatter, 0),
+            None => Ok(out),
+        }
+    }
+}
+
+/// Where each sequence's tokens sit in the packed matrix and in attention's padded view.
+struct Packing {
+    lens: Vec<usize>,
+    longest: usize,
+    /// Each token's position in its sequence.
+    positions: Tensor,
+    /// Packed row for each padded slot (padding slots repeat a real row: masked as keys,
+    /// dropped as queries); None when no sequence is padded.
+    gather: Option<Tensor>,
+    /// Padded slot for each packed row.
+    scatter: Option<Tensor>,
+    /// [batch, 1, 1, longest]: 0 for a token, -inf for padding.
+    mask: Option<Tensor>,
+}
+
+impl Packing {
+    fn new(batch: &[Vec<u32>], device: &Device) -> Result<Self> {
+        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        if lens.contains(&0) {
+            candle_core::bail!("an empty sequence cannot be encoded");
+        }
+        let positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
+        let positions = Tensor::new(positions, device)?;
+        if lens.iter().all(|&n| n == longest) {
+            return Ok(Self {
+                lens,
+                longest,
+                positions,
+                gather: None,
+                scatter: None,
+                mask: None,
+            });
+        }
+        let (mut gather, mut scatter, mut mask) = (vec![], vec![], vec![]);
+        let mut start = 0;
+        for (i, &n) in lens.iter().enumerate() {
+            for p in 0..longest {
+                gather.push((start + p.min(n - 1)) as u32);
+                mask.push(if p < n { 0f32 } else { f32::NEG_INFINITY });
+            }
+            scatter.extend((0..n).map(|p| (i * longest + p) as u32));
+            start += n;
+        }
+        let b = lens.len();
+        Ok(Self {
+            gather: Some(Tensor::new(gather, device)?),
+            scatter: Some(Tensor::new(scatter, device)?),
+            mask: Some(Tensor::from_vec(mask, (b, 1, 1, longest), device)?),
+            lens,
+            longest,
+            positions,
+        })
+    }
+}
+
+/// The rows of sequence `i` in a packed [tokens, hidden] matrix.
+pub fn rows(lens: &[usize], i: usize) -> std::ops::Range<usize> {
+    let start: usize = lens[..i].iter().sum();
+    start..start + lens[i]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 24, "hidden_act": "gelu",
+            "max_position_embeddings": 32, "type_vocab_size": 2, "layer_norm_eps": 1e-12
+        }))
+        .unwrap()
+    }
+
+    /// Random weights under the names a `BertForMaskedLM` checkpoint uses.
+    fn encoder(cfg: &Config) -> Encoder {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![cfg.vocab_size, h],
+            ),
+            ("embeddings.position_embeddings.weight".into(), vec![32, h]),
+            ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            for (name, out, inp) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", i, h),
+                ("output.dense", h, i),
+            ] {
+                shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
+                shapes.push((format!("{p}.{name}.bias"), vec![out]));
+            }
+            for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                shapes.push((format!("{p}.{norm}.weight"), vec![h]));
+                shapes.push((format!("{p}.{norm}.bias"), vec![h]));
+            }
+        }
+        let tensors = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = Tensor::randn(0f32, 0.5, shape, &Device::Cpu).unwrap();
+                (format!("bert.{name}"), t)
+            })
+            .collect();
+        Encoder::load(
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            cfg,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_sequence_encodes_the_same_alone_and_among_longer_and_shorter_ones() {
+        let cfg = config();
+        let enc = encoder(&cfg);
+        let batch = vec![
+            vec![3, 4, 5],
+            vec![7, 8, 9, 10, 11, 12],
+            vec![1],
+            vec![3, 4, 5],
+        ];
+        let packed = enc.forward(&batch).unwrap();
+        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+        assert_eq!(packed.dims(), &[13, 16]);
+        for (i, seq) in batch.iter().enumerate() {
+            let alone = enc.forward(std::slice::from_ref(seq)).unwrap();
+            let r = rows(&lens, i);
+            let among = packed.narrow(0, r.start, r.len()).unwrap();
+            let diff = crate::model::max_abs_diff(&alone, &among);
+            assert!(diff < 1e-5, "sequence {i} differs by {diff}");
+        }
+        // Attention mixes tokens within a sequence: the same token differs by context.
+        let first = packed.narrow(0, 0, 1).unwrap();
+        let other = enc
+            .forward(&[vec![3, 9, 9]])
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap();
+        let moved = crate::model::max_abs_diff(&first, &other);
+        assert!(moved > 1e-3, "context changed nothing: {moved}");
+    }
+
+    #[test]
+    fn config_values_that_change_the_maths_are_read_or_refused() {
+        let mut cfg = config();
+        assert!(cfg.check().is_ok());
+        cfg.hidden_act = "silu".into();
+        assert!(cfg.check().unwrap_err().contains("hidden_act `silu`"));
+        let mut cfg = config();
+        cfg.position_embedding_type = "relative_key".into();
+        assert!(cfg.check().unwrap_err().contains("relative_key"));
+        let mut cfg = config();
+        cfg.num_attention_heads = 3;
+        assert!(cfg.check().unwrap_err().contains("3 attention heads"));
+    }
+}
