@@ -10,20 +10,35 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fmt::Debug;
 
-/// Annotation holding the hash of what the operator last applied: it tells a field the
-/// operator stopped setting (which the server keeps until applied again) from no change.
-pub const APPLIED_HASH: &str = "kandle.dev/applied-hash";
+pub use kandle_contract::keys::APPLIED_HASH_ANNOTATION as APPLIED_HASH;
 
-/// Applies `desired` unless `observed` already matches it; returns whether it wrote.
-pub async fn apply<K>(client: &Client, desired: &K, observed: Option<&K>) -> Result<bool, Error>
-where
+/// What a child kind is to this layer: a namespaced, typed Kubernetes object.
+pub trait Object:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + k8s_openapi::Resource
+    + Serialize
+    + DeserializeOwned
+    + Clone
+    + Debug
+{
+}
+
+impl<K> Object for K where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + k8s_openapi::Resource
         + Serialize
         + DeserializeOwned
         + Clone
-        + Debug,
+        + Debug
 {
+}
+
+/// Applies `desired` unless `observed` already matches it; returns whether it wrote.
+pub async fn apply<K: Object>(
+    client: &Client,
+    desired: &K,
+    observed: Option<&K>,
+) -> Result<bool, Error> {
     let mut desired = desired.clone();
     let hash = hash(&desired);
     desired
@@ -53,26 +68,33 @@ where
 }
 
 /// Deletes a child; its dependants (a Job's pods) go in the background.
-pub async fn delete<K>(client: &Client, child: &K) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + k8s_openapi::Resource
-        + DeserializeOwned
-        + Clone
-        + Debug,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), &child.namespace().unwrap_or_default());
+pub async fn delete<K: Object>(client: &Client, child: &K) -> Result<(), Error> {
+    delete_named::<K>(
+        client,
+        &child.namespace().unwrap_or_default(),
+        &child.name_any(),
+    )
+    .await
+}
+
+/// Deletes the child of kind `K` named `name`; one already gone is no error.
+pub async fn delete_named<K: Object>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let params = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
         ..DeleteParams::default()
     };
-    match api.delete(&child.name_any(), &params).await {
+    match api.delete(name, &params).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(source) => Err(Error::Api {
             verb: "delete",
             kind: <K as k8s_openapi::Resource>::KIND,
-            name: child.name_any(),
+            name: name.to_string(),
             source,
         }),
     }

@@ -13,8 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use std::time::Duration;
 
-/// `kubectl annotate mdep NAME kandle.dev/canary=promote` (or `abort`) decides at once.
-pub const ANNOTATION: &str = "kandle.dev/canary";
+pub use kandle_contract::keys::CANARY_ANNOTATION as ANNOTATION;
 
 /// What to deploy for a ModelDeployment with `rollout.canary`.
 #[derive(Debug, Clone, PartialEq)]

@@ -67,6 +67,11 @@ pub struct RenderArgs {
     /// Namespace of documents that name none.
     #[arg(short, long, default_value = "default")]
     pub namespace: String,
+    /// What the cluster holds (`kubectl get deploy,job,pod -o yaml` of the
+    /// ModelDeployments' children): render what the operator would apply now, with their
+    /// status (canary steps, rollbacks, pulls still running) taken into account.
+    #[arg(long)]
+    pub observed: Option<PathBuf>,
     #[command(flatten)]
     pub children: ChildArgs,
 }

@@ -1,16 +1,19 @@
 //! The controller: watches ModelDeployments and their children, and reconciles each by
-//! building what it wants (pure), applying the difference, and writing status if changed.
-use crate::apply::{apply, delete};
+//! reading what the caches hold, planning (pure, `plan.rs`), applying the plan and
+//! pruning what it leaves out, then reporting: status (pure, `status/`) written if
+//! changed, and the events of what changed.
+use crate::apply::{Object, apply, delete_named};
 use crate::autoscale::Autoscaler;
 use crate::autoscale::scrape::PodTarget;
-use crate::build::{self, Child, MANAGED_BY, Settings};
-use crate::canary::{self, Canary};
-use crate::crd::{CanaryVerdict, ModelDeployment, Phase};
+use crate::build::{self, Child, ChildRef, Kind, MANAGED_BY, Settings};
+use crate::crd::ModelDeployment;
+use crate::diagnosis;
 use crate::error::{Error, backoff};
+use crate::events::{self, Announced};
 use crate::index::PodIndex;
 use crate::metrics::Metrics;
-use crate::rollout;
-use crate::status::{self, Observed};
+use crate::plan::{self, Cluster, Plan, ScrapeTarget, Scraped, Step};
+use crate::status;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -23,7 +26,7 @@ use kube::api::{Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
 use kube::core::{ApiResource, DeserializeGuard, DynamicObject};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -31,7 +34,7 @@ use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tracing::Instrument;
 
 /// Every object of a watched kind that the operator manages, kept current by a watch:
@@ -63,36 +66,8 @@ pub struct Context {
     autoscaler: Arc<Autoscaler>,
 }
 
-/// The parts of a status that events are published for.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Announced {
-    phase: Option<Phase>,
-    revision: Option<String>,
-    replicas: Option<i32>,
-    rolled_back: Option<String>,
-    canary: Option<(String, i32, CanaryVerdict)>,
-}
-
-impl Announced {
-    fn of(s: &crate::crd::ModelDeploymentStatus) -> Self {
-        Self {
-            phase: s.phase,
-            revision: s.update_revision.clone(),
-            replicas: s.desired_replicas,
-            rolled_back: s.rolled_back.as_ref().map(|r| r.revision.clone()),
-            canary: s
-                .canary
-                .as_ref()
-                .map(|c| (c.revision.clone(), c.step, c.verdict)),
-        }
-    }
-}
-
 /// Reconciles running at once.
 const CONCURRENCY: u16 = 16;
-
-/// Without changes, each ModelDeployment is looked at again this often (reads only).
-const RESYNC: Duration = Duration::from_secs(600);
 
 /// Runs the controller (and the autoscaler) until SIGTERM or ctrl-c. `namespace` limits
 /// it to one namespace.
@@ -238,14 +213,9 @@ fn ready_pods(stores: &Stores, ns: &str, name: &str) -> Vec<PodTarget> {
                     .get("app.kubernetes.io/component")
                     .map(String::as_str)
                     != Some("pull")
-                && status::pod_ready(p)
+                && diagnosis::pod_ready(p)
         })
-        .map(|p| PodTarget {
-            namespace: ns.to_string(),
-            name: p.name_any(),
-            instance: name.to_string(),
-            ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
-        })
+        .map(|p| PodTarget::of(&p, name))
         .collect()
 }
 
@@ -345,126 +315,112 @@ async fn reconcile(
     outcome
 }
 
+/// Read, plan, apply, report.
 async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     if md.meta().deletion_timestamp.is_some() {
         // Owner references hand the children to the garbage collector.
         return Ok(Action::await_change());
     }
+    let now = now();
+    let mut cluster = read(md, ctx);
+    let plan = loop {
+        match plan::plan(md, &ctx.settings, &cluster, &now) {
+            Step::Plan(plan) => break plan,
+            Step::Scrape(targets) => cluster.scraped = Scraped::Yes(scrape(ctx, &targets).await),
+        }
+    };
+    for event in &plan.events {
+        publish(ctx, event, &md.object_ref(&())).await;
+    }
+    let (mut writes, rejected) = apply_plan(ctx, md, &plan).await?;
+    let observed = plan.observed(&cluster, rejected.as_ref().map(Error::to_string));
+    let status = status::compute(md, &ctx.settings, &plan.desired, &observed, now);
+    writes += write_status(ctx, md, &status).await?;
+    ctx.metrics.wrote(writes);
+    match rejected {
+        Some(e) => Err(e),
+        None => Ok(Action::requeue(plan.recheck)),
+    }
+}
+
+/// What the caches hold of `md`'s children: found by the names `build/` gives them (pull
+/// Jobs by owner), so a reconcile costs the same with 10 or 10,000 ModelDeployments.
+fn read(md: &ModelDeployment, ctx: &Context) -> Cluster {
+    let stores = &ctx.stores;
     let ns = md.namespace().unwrap_or_default();
     let name = md.name_any();
     let uid = md.uid().unwrap_or_default();
-    let stores = &ctx.stores;
-    let deployment = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
-    let pods: Vec<Arc<Pod>> = stores
+    let get = |store: &Store<Deployment>, name: &str| store.get(&ObjectRef::new(name).within(&ns));
+    let jobs = stores
+        .jobs
+        .state_filter(|j| j.namespace().as_deref() == Some(ns.as_str()) && j.owned_by(&uid));
+    let mut owned: Vec<ChildRef> = jobs
+        .iter()
+        .map(|j| ChildRef {
+            kind: Kind::Job,
+            name: j.name_any(),
+        })
+        .collect();
+    for child in build::named_children(md) {
+        let found = match child.kind {
+            Kind::Pvc => owns(&stores.pvcs, &ns, &child.name, &uid),
+            Kind::Job => owns(&stores.jobs, &ns, &child.name, &uid),
+            Kind::Deployment => owns(&stores.deployments, &ns, &child.name, &uid),
+            Kind::Service => owns(&stores.services, &ns, &child.name, &uid),
+            Kind::Pdb => owns(&stores.pdbs, &ns, &child.name, &uid),
+            Kind::NetworkPolicy => owns(&stores.network_policies, &ns, &child.name, &uid),
+        };
+        if found {
+            owned.push(child);
+        }
+    }
+    let pods = stores
         .pod_index
         .names(&ns, &name)
         .iter()
         .filter_map(|pod| stores.pods.get(&ObjectRef::new(pod).within(&ns)))
         .collect();
-    let scaling = ctx.autoscaler.decision(&ObjectRef::from_obj(md));
-    let replicas = crate::replicas::wanted(md, scaling.map(|d| d.replicas));
-    let mut desired = build::desired(md, &ctx.settings, replicas);
-    let (serving, pulling): (Vec<&Pod>, Vec<&Pod>) = pods.iter().map(Arc::as_ref).partition(|p| {
-        p.labels()
-            .get("app.kubernetes.io/component")
-            .map(String::as_str)
-            != Some("pull")
-    });
-    let now = now();
-    // The spec that was last Ready, which canaries run beside and rollbacks return to.
-    let previous = md
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_spec.as_ref())
-        .map(|spec| {
-            let mut previous = md.clone();
-            previous.spec = *spec.clone();
-            previous
-        });
-    // Only a revision other than the one serving can be a canary, and only one still being
-    // judged needs the pods scraped.
-    let last = md.status.clone().unwrap_or_default();
-    let decided = last.canary.as_ref().is_some_and(|c| {
-        c.revision == desired.revision
-            && c.generation == md.metadata.generation.unwrap_or_default()
-            && c.verdict != CanaryVerdict::Progressing
-    });
-    let contested =
-        previous.is_some() && last.current_revision.as_deref() != Some(desired.revision.as_str());
-    let canary = match md.spec.rollout.as_ref().and_then(|r| r.canary.as_ref()) {
-        Some(_) if contested => {
-            let canary_name = format!("{name}-canary");
-            let canary_deployment = stores
-                .deployments
-                .get(&ObjectRef::new(&canary_name).within(&ns));
-            let ready = canary_ready(canary_deployment.as_deref(), &desired.revision);
-            let counters = match decided {
-                true => None,
-                false => canary_counters(ctx, &ns, &name, &serving).await,
-            };
-            canary::decide(md, &desired.revision, replicas, ready, counters, &now)
-        }
-        _ => None,
-    };
-    // A running canary is looked at again when its step ends.
-    let recheck = match &canary {
-        Some(Canary::Running { recheck, .. }) => (*recheck).clamp(Duration::from_secs(1), RESYNC),
-        _ => RESYNC,
-    };
-    let rolled_back = match &canary {
-        Some(_) => None,
-        None => rollout::rolled_back(md, deployment.as_deref(), &serving, &desired.revision),
-    };
-    if let Some(previous) = &previous {
-        match &canary {
-            Some(Canary::Running {
-                stable_replicas,
-                canary_replicas,
-                ..
-            }) => {
-                desired = build::desired(previous, &ctx.settings, *stable_replicas)
-                    .with_canary(build::desired(md, &ctx.settings, *canary_replicas));
-            }
-            Some(Canary::Aborted(_)) => desired = build::desired(previous, &ctx.settings, replicas),
-            // Until the promoted revision is rolled out, its canary pods keep serving.
-            Some(Canary::Promoted(c)) => {
-                let (_, canary_replicas) = canary::split(replicas, c.weight);
-                desired = desired.with_canary(build::desired(md, &ctx.settings, canary_replicas));
-            }
-            _ if rolled_back.is_some() => {
-                desired = build::desired(previous, &ctx.settings, replicas);
-            }
-            _ => {}
-        }
+    Cluster {
+        deployment: get(&stores.deployments, &name),
+        canary: get(&stores.deployments, &build::canary_name(&name)),
+        jobs,
+        pods,
+        owned,
+        scaling: ctx.autoscaler.decision(&ObjectRef::from_obj(md)),
+        scraped: Scraped::No,
     }
-    let fallback = rollout::gpu_fallback(md, deployment.as_deref(), &serving, &desired.revision);
-    if let Some(f) = &fallback {
-        if !rollout::one_at_a_time(deployment.as_deref()) {
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "GPUFallback".into(),
-                note: Some(truncate_note(&format!(
-                    "no free GPU for a surge pod ({}): replacing one pod at a time until revision {} is rolled out",
-                    f.message, desired.revision
-                ))),
-                action: "Rollout".into(),
-                secondary: None,
-            };
-            publish(ctx, &event, &md.object_ref(&())).await;
-        }
-        desired = desired.one_at_a_time();
-    }
-    let job_name = desired.pull_job.clone();
-    let job = job_name
-        .as_ref()
-        .and_then(|j| stores.jobs.get(&ObjectRef::new(j).within(&ns)));
-    if job_name.is_some() && !status::job_complete(job.as_deref()) {
-        desired = desired.hold_deployment();
-    }
+}
 
+/// Whether `store` holds the object `name` and this very ModelDeployment (`uid`, not a
+/// deleted one of the same name) owns it: only then is it the operator's to delete.
+fn owns<K>(store: &Store<K>, ns: &str, name: &str, uid: &str) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .get(&ObjectRef::new(name).within(ns))
+        .is_some_and(|o| o.owned_by(uid))
+}
+
+/// The canary's counters, read from the pods the plan named.
+async fn scrape(ctx: &Context, targets: &[ScrapeTarget]) -> Option<crate::crd::CanaryCounters> {
+    let pods: Vec<PodTarget> = targets.iter().map(|t| t.pod.clone()).collect();
+    let answers = ctx.autoscaler.source().scrape(&pods).await;
+    plan::counters(targets, &answers)
+}
+
+/// Applies the plan's children (unless the caches show them in place) and deletes what it
+/// prunes. Returns the writes made, and the API server's refusal of a child that only a
+/// spec change can fix (the rest is still applied).
+async fn apply_plan(
+    ctx: &Context,
+    md: &ModelDeployment,
+    plan: &Plan,
+) -> Result<(usize, Option<Error>), Error> {
+    let stores = &ctx.stores;
     let mut writes = 0;
     let mut rejected = None;
-    for child in &desired.children {
+    for child in &plan.desired.children {
         let result = match child {
             Child::Deployment(o) => apply_from(ctx, &stores.deployments, o.as_ref()).await,
             Child::Service(o) => apply_from(ctx, &stores.services, o.as_ref()).await,
@@ -479,148 +435,65 @@ async fn reconcile_one(md: &ModelDeployment, ctx: &Context) -> Result<Action, Er
             Err(e) => return Err(e),
         }
     }
-    let wanted = |kind: &str, n: &str| {
-        desired
-            .children
-            .iter()
-            .any(|c| c.kind() == kind && c.name() == n)
-            || (kind == "Deployment" && desired.hold_deployment)
-    };
-    // Children are found by their names, except pull Jobs (named for their templates),
-    // so a reconcile costs the same with 10 or 10,000 ModelDeployments.
-    let cache = format!("{name}-cache");
-    let jobs = stores
-        .jobs
-        .state_filter(|j| j.namespace().as_deref() == Some(ns.as_str()) && j.owned_by(&uid));
-    writes += prune(
-        ctx,
-        stores.pdbs.get(&ObjectRef::new(&name).within(&ns)),
-        &uid,
-        |n| wanted("PodDisruptionBudget", n),
-    )
-    .await?;
-    writes += prune(
-        ctx,
-        stores
-            .network_policies
-            .get(&ObjectRef::new(&name).within(&ns)),
-        &uid,
-        |n| wanted("NetworkPolicy", n),
-    )
-    .await?;
-    writes += prune(
-        ctx,
-        stores.pvcs.get(&ObjectRef::new(&cache).within(&ns)),
-        &uid,
-        |n| wanted("PersistentVolumeClaim", n),
-    )
-    .await?;
-    writes += prune(ctx, deployment.clone(), &uid, |n| wanted("Deployment", n)).await?;
-    writes += prune(
-        ctx,
-        stores
-            .deployments
-            .get(&ObjectRef::new(&format!("{name}-canary")).within(&ns)),
-        &uid,
-        |n| wanted("Deployment", n),
-    )
-    .await?;
-    writes += prune(ctx, jobs, &uid, |n| wanted("Job", n)).await?;
-
-    let job_pods = pulling
-        .into_iter()
-        .filter(|p| p.labels().get("batch.kubernetes.io/job-name") == job_name.as_ref())
-        .collect();
-    let observed = Observed {
-        deployment: deployment.as_deref(),
-        pods: serving,
-        job: job.as_deref(),
-        job_pods,
-        rejected: rejected.as_ref().map(|e| e.to_string()),
-        scaling,
-        fallback,
-        rolled_back,
-        canary,
-    };
-    let status = status::compute(md, &ctx.settings, &desired, &observed, now);
-    if md.status.as_ref() != Some(&status) {
-        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = serde_json::json!({
-            "apiVersion": "kandle.dev/v1alpha1",
-            "kind": "ModelDeployment",
-            "status": status,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(build::FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::Api {
-            verb: "apply status of",
-            kind: "ModelDeployment",
-            name: name.clone(),
-            source,
-        })?;
-        writes += 1;
-        announce(ctx, md, &status).await;
-    }
-    ctx.metrics.wrote(writes);
-    if let Some(e) = rejected {
-        return Err(e);
-    }
-    Ok(Action::requeue(recheck))
-}
-
-/// Whether the canary Deployment runs `revision` with every pod it wants ready.
-fn canary_ready(deployment: Option<&Deployment>, revision: &str) -> bool {
-    deployment.is_some_and(|d| {
-        let status = d.status.clone().unwrap_or_default();
-        build::template_revision(d) == Some(revision)
-            && status.observed_generation >= d.metadata.generation
-            && status.updated_replicas == d.spec.replicas
-            && status.ready_replicas == d.spec.replicas
-    })
-}
-
-/// Requests and 5xx answers of the ready serving pods, summed per track (canary or
-/// stable); `None` when no pod answered.
-async fn canary_counters(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-    serving: &[&Pod],
-) -> Option<crate::crd::CanaryCounters> {
-    let pods: Vec<(bool, PodTarget)> = serving
-        .iter()
-        .filter(|p| status::pod_ready(p))
-        .map(|p| {
-            let canary = p.labels().get(build::TRACK_LABEL).map(String::as_str) == Some("canary");
-            let target = PodTarget {
-                namespace: ns.to_string(),
-                name: p.name_any(),
-                instance: name.to_string(),
-                ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
-            };
-            (canary, target)
-        })
-        .collect();
-    let targets: Vec<PodTarget> = pods.iter().map(|(_, t)| t.clone()).collect();
-    let metrics = ctx.autoscaler.source().scrape(&targets).await;
-    let mut counters = crate::crd::CanaryCounters::default();
-    let mut answered = false;
-    for ((canary, _), m) in pods.iter().zip(metrics) {
-        let Some(m) = m else { continue };
-        answered = true;
-        if *canary {
-            counters.canary_requests += m.requests;
-            counters.canary_errors += m.errors;
-        } else {
-            counters.stable_requests += m.requests;
-            counters.stable_errors += m.errors;
+    let ns = md.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    for child in &plan.prune {
+        let name = &child.name;
+        match child.kind {
+            Kind::Pvc => delete_named::<PersistentVolumeClaim>(client, &ns, name).await?,
+            Kind::Job => delete_named::<Job>(client, &ns, name).await?,
+            Kind::Deployment => delete_named::<Deployment>(client, &ns, name).await?,
+            Kind::Service => delete_named::<Service>(client, &ns, name).await?,
+            Kind::Pdb => delete_named::<PodDisruptionBudget>(client, &ns, name).await?,
+            Kind::NetworkPolicy => delete_named::<NetworkPolicy>(client, &ns, name).await?,
         }
+        writes += 1;
     }
-    answered.then_some(counters)
+    Ok((writes, rejected))
+}
+
+/// Writes `status` unless it is what the object already has, and publishes the events of
+/// what changed; returns the writes made.
+async fn write_status(
+    ctx: &Context,
+    md: &ModelDeployment,
+    status: &crate::crd::ModelDeploymentStatus,
+) -> Result<usize, Error> {
+    if md.status.as_ref() == Some(status) {
+        return Ok(0);
+    }
+    let name = md.name_any();
+    let api: Api<ModelDeployment> =
+        Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": kandle_contract::API_VERSION,
+        "kind": "ModelDeployment",
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(build::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        verb: "apply status of",
+        kind: "ModelDeployment",
+        name,
+        source,
+    })?;
+    // The cache may still show an older status after a write: events are judged against
+    // what was last announced, so none is repeated because of that.
+    let before = {
+        let mut seen = ctx.announced.lock().expect("not poisoned");
+        seen.insert(md.uid().unwrap_or_default(), Announced::of(status))
+            .or(md.status.as_ref().map(Announced::of))
+            .unwrap_or_default()
+    };
+    for event in events::transitions(md, before, status) {
+        publish(ctx, &event, &md.object_ref(&())).await;
+    }
+    Ok(1)
 }
 
 /// An object that does not decode (written around the CRD's checks, or by a newer
@@ -631,78 +504,42 @@ async fn report_invalid(ctx: &Context, invalid: &InvalidObject) -> Error {
     let name = invalid.metadata.name.clone().unwrap_or_default();
     let resource = ApiResource::erase::<ModelDeployment>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
+    let api_error = |verb, source| Error::Api {
+        verb,
+        kind: "ModelDeployment",
+        name: name.clone(),
+        source,
+    };
     let raw = match api.get(&name).await {
         Ok(obj) => serde_json::to_value(obj).unwrap_or_default(),
-        Err(e) => {
-            return Error::Api {
-                verb: "get",
-                kind: "ModelDeployment",
-                name,
-                source: e,
-            };
-        }
+        Err(e) => return api_error("get", e),
     };
     // The validator names the field and rule; serde's own message does not.
     let message = match crate::validate::model_deployment(&raw) {
         Err(e) => e.to_string(),
         Ok(_) => invalid.error.clone(),
     };
-    let error = Error::InvalidObject(message.clone());
-    let conditions = raw["status"]["conditions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let reported = conditions.iter().any(|c| {
-        c["type"] == "Ready" && c["reason"] == "InvalidSpec" && c["message"] == message.as_str()
-    });
-    if reported && raw["status"]["observedGeneration"] == raw["metadata"]["generation"] {
-        return error;
-    }
-    let now = now();
-    let condition = |type_: &str, status: &str| {
-        serde_json::json!({
-            "type": type_, "status": status, "reason": "InvalidSpec", "message": message,
-            "observedGeneration": raw["metadata"]["generation"], "lastTransitionTime": now,
-        })
+    let Some(patch) = status::invalid::patch(&raw, &message, &now()) else {
+        return Error::InvalidObject(message);
     };
-    let patch = serde_json::json!({
-        "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
-        "status": {
-            "observedGeneration": raw["metadata"]["generation"],
-            "phase": "Failed",
-            "conditions": [condition("Ready", "False"), condition("Degraded", "True")],
-        },
-    });
     let params = PatchParams::apply(build::FIELD_MANAGER).force();
     if let Err(e) = api
         .patch_status(&name, &params, &Patch::Apply(&patch))
         .await
     {
-        return Error::Api {
-            verb: "apply status of",
-            kind: "ModelDeployment",
-            name,
-            source: e,
-        };
+        return api_error("apply status of", e);
     }
     ctx.metrics.wrote(1);
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "InvalidSpec".into(),
-        note: Some(truncate_note(&message)),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
     let reference = ObjectReference {
-        api_version: Some("kandle.dev/v1alpha1".into()),
+        api_version: Some(kandle_contract::API_VERSION.into()),
         kind: Some("ModelDeployment".into()),
-        name: Some(name),
+        name: Some(name.clone()),
         namespace: Some(ns),
         uid: invalid.metadata.uid.clone(),
         ..ObjectReference::default()
     };
-    publish(ctx, &event, &reference).await;
-    error
+    publish(ctx, &events::invalid_spec(&message), &reference).await;
+    Error::InvalidObject(message)
 }
 
 /// Seconds-precision now, as the API server stores times.
@@ -711,117 +548,11 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::from_second(now).expect("now is a valid time"))
 }
 
-/// Events for what a cluster operator should see: phase changes (with their cause), new
-/// revisions rolling out, and the autoscaler's changes (with the numbers behind them).
-async fn announce(ctx: &Context, md: &ModelDeployment, status: &crate::crd::ModelDeploymentStatus) {
-    let Announced {
-        phase,
-        revision,
-        replicas,
-        rolled_back,
-        canary,
-    } = {
-        let mut seen = ctx.announced.lock().expect("not poisoned");
-        seen.insert(md.uid().unwrap_or_default(), Announced::of(status))
-            .or(md.status.as_ref().map(Announced::of))
-            .unwrap_or_default()
-    };
-    let mut events = Vec::new();
-    if revision.is_some() && revision != status.update_revision {
-        events.push(Event {
-            type_: EventType::Normal,
-            reason: "RolloutStarted".into(),
-            note: Some(format!(
-                "revision {} replaces {}",
-                status.update_revision.clone().unwrap_or_default(),
-                revision.unwrap_or_default()
-            )),
-            action: "Rollout".into(),
-            secondary: None,
-        });
-    }
-    if phase != status.phase
-        && let Some(phase) = status.phase
-    {
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
-        events.push(Event {
-            type_: if matches!(phase, Phase::Degraded | Phase::Failed) {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: format!("{phase:?}"),
-            note: ready.map(|c| truncate_note(&format!("{}: {}", c.reason, c.message))),
-            action: "Reconcile".into(),
-            secondary: None,
-        });
-    }
-    if let Some(rb) = &status.rolled_back
-        && rolled_back.as_ref() != Some(&rb.revision)
-    {
-        events.push(Event {
-            type_: EventType::Warning,
-            reason: "RolledBack".into(),
-            note: Some(truncate_note(&format!(
-                "revision {} made no progress ({}); back to revision {}",
-                rb.revision,
-                rb.message,
-                status.update_revision.clone().unwrap_or_default()
-            ))),
-            action: "Rollback".into(),
-            secondary: None,
-        });
-    }
-    if let Some(c) = &status.canary
-        && canary != Some((c.revision.clone(), c.step, c.verdict))
-    {
-        let (type_, reason) = match c.verdict {
-            CanaryVerdict::Progressing => (EventType::Normal, "CanaryStep"),
-            CanaryVerdict::Promoted => (EventType::Normal, "CanaryPromoted"),
-            CanaryVerdict::Aborted => (EventType::Warning, "CanaryAborted"),
-        };
-        events.push(Event {
-            type_,
-            reason: reason.into(),
-            note: Some(truncate_note(&format!(
-                "revision {}: {}",
-                c.revision, c.message
-            ))),
-            action: "Canary".into(),
-            secondary: None,
-        });
-    }
-    if let (Some(from), Some(to)) = (replicas, status.desired_replicas)
-        && from != to
-        && md.spec.autoscaling.is_some()
-    {
-        let why = status.conditions.iter().find(|c| c.type_ == "Autoscaled");
-        events.push(Event {
-            type_: EventType::Normal,
-            reason: if to > from { "ScaledUp" } else { "ScaledDown" }.into(),
-            note: Some(truncate_note(&format!(
-                "from {from} to {to} replicas: {}",
-                why.map(|c| c.message.as_str()).unwrap_or_default()
-            ))),
-            action: "Scale".into(),
-            secondary: None,
-        });
-    }
-    let reference = md.object_ref(&());
-    for event in events {
-        publish(ctx, &event, &reference).await;
-    }
-}
-
 /// Events are best effort: a refused one is logged, never fails the reconcile.
 async fn publish(ctx: &Context, event: &Event, reference: &ObjectReference) {
     if let Err(e) = ctx.recorder.publish(event, reference).await {
         tracing::warn!(error = %e, "cannot publish an event");
     }
-}
-
-fn truncate_note(s: &str) -> String {
-    s.chars().take(1000).collect()
 }
 
 fn error_policy(
@@ -843,46 +574,16 @@ fn error_policy(
 }
 
 /// Applies `desired` unless the store shows it already in place.
-async fn apply_from<K>(ctx: &Context, store: &Store<K>, desired: &K) -> Result<bool, Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + k8s_openapi::Resource
-        + serde::Serialize
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
+async fn apply_from<K: Object>(
+    ctx: &Context,
+    store: &Store<K>,
+    desired: &K,
+) -> Result<bool, Error> {
     let observed = store.get(&ObjectRef::from_obj(desired));
     apply(&ctx.client, desired, observed.as_deref()).await
 }
 
-/// Deletes those `found` objects that this ModelDeployment owns but no longer wants;
-/// returns how many.
-async fn prune<K>(
-    ctx: &Context,
-    found: impl IntoIterator<Item = Arc<K>>,
-    uid: &str,
-    wanted: impl Fn(&str) -> bool,
-) -> Result<usize, Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + k8s_openapi::Resource
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
-    let mut deleted = 0;
-    for o in found {
-        if o.owned_by(uid) && !wanted(&o.name_any()) {
-            delete(&ctx.client, o.as_ref()).await?;
-            deleted += 1;
-        }
-    }
-    Ok(deleted)
-}
-
-/// Whether a child's controller reference points at this very ModelDeployment (not a
-/// deleted one of the same name): only then is it the operator's to delete.
+/// Whether a child's controller reference points at this very ModelDeployment.
 trait Owned {
     fn owned_by(&self, uid: &str) -> bool;
 }

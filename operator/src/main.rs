@@ -31,10 +31,20 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let observed = match args.observed.as_ref().map(std::fs::read_to_string) {
+                None => None,
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    let path = args.observed.as_ref().expect("read from it").display();
+                    eprintln!("error: {path}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match kandle_operator::render::render(
                 &input,
                 &args.children.settings(),
                 &args.namespace,
+                observed.as_deref(),
             ) {
                 Ok(yaml) => {
                     print!("{yaml}");

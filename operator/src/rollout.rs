@@ -95,7 +95,7 @@ pub fn rolled_back(
         c.type_.as_deref() == Some("Progressing")
             && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
     })?;
-    let message = crate::status::pod_problem(pods, revision)
+    let message = crate::diagnosis::pod_problem(pods, revision)
         .or_else(|| exceeded.message.clone())
         .unwrap_or_default();
     Some(RolledBack {
@@ -108,7 +108,7 @@ pub fn rolled_back(
 /// Whether the Deployment already rolls one pod at a time.
 pub fn one_at_a_time(deployment: Option<&Deployment>) -> bool {
     deployment
-        .and_then(|d| d.spec.strategy.as_ref()?.rolling_update.as_ref())
+        .and_then(crate::build::rolling_update)
         .is_some_and(|r| {
             r.max_surge == Some(IntOrString::Int(0))
                 && r.max_unavailable == Some(IntOrString::Int(1))

@@ -164,6 +164,79 @@ fn render_fills_the_namespace_and_prints_children_in_apply_order() {
     assert!(yaml.contains("image: registry.local/kandle-server:dev"));
 }
 
+/// `render --observed` goes through the reconcile's plan step: a ModelDeployment as
+/// `kubectl get -o yaml` shows it mid-canary renders both Deployments, split by the step's
+/// weight, and a pvc cache whose pull Job has not finished holds its Deployment back.
+#[test]
+fn render_with_what_the_cluster_holds_shows_what_the_operator_would_apply_now() {
+    let dir = std::env::temp_dir().join(format!("kandle-render-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nothing = dir.join("observed.yaml");
+    std::fs::write(&nothing, "apiVersion: v1\nkind: List\nitems: []\n").unwrap();
+    let observed = nothing.to_str().unwrap();
+    let render = |input: &str, observed: Option<&str>| {
+        let mut args = vec!["render", "-f", "-", "-n", "ml"];
+        args.extend(observed.map(|o| ["--observed", o]).into_iter().flatten());
+        let out = operator(&args, Some(input));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let deployments = |yaml: &str| -> Vec<(String, String)> {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).unwrap();
+        docs.iter()
+            .filter(|d| d["kind"] == "Deployment")
+            .map(|d| {
+                let name = d["metadata"]["name"].as_str().unwrap().to_string();
+                (name, d["spec"]["replicas"].to_string())
+            })
+            .collect()
+    };
+
+    let canary = r#"
+apiVersion: kandle.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: m, generation: 3}
+spec:
+  model: {uri: hf://org/new}
+  replicas: 4
+  rollout: {canary: {steps: [{weight: 25, pauseSeconds: 600}]}}
+status:
+  currentRevision: old
+  readySpec:
+    model: {uri: hf://org/old}
+    replicas: 4
+"#;
+    let pair = [
+        ("m".to_string(), "3".to_string()),
+        ("m-canary".to_string(), "1".to_string()),
+    ];
+    assert_eq!(deployments(&render(canary, Some(observed))), pair);
+    assert_eq!(
+        deployments(&render(canary, None)),
+        [("m".to_string(), "4".to_string())],
+        "without --observed, the spec alone"
+    );
+
+    let pvc = r#"
+apiVersion: kandle.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: m}
+spec:
+  model: {uri: hf://org/m}
+  cache: {volume: pvc, pvc: {size: 2Gi}}
+"#;
+    assert!(
+        deployments(&render(pvc, Some(observed))).is_empty(),
+        "held until pulled"
+    );
+    assert_eq!(deployments(&render(pvc, None)).len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `kubectl explain` shows the descriptions: every field of the spec and status has one.
 #[test]
 fn every_field_is_described() {

@@ -33,13 +33,13 @@ async fn run() -> ExitCode {
             if let Err(e) = &outcome {
                 tracing::error!(error = %e, transient = e.is_transient(), "pull failed");
             }
-            let report = kandle_server::pull::Report::of(&outcome);
+            let (code, report) = kandle_server::pull::report(&outcome);
             if let Some(path) = &args.report_file
-                && let Err(e) = report.write(path)
+                && let Err(e) = kandle_server::pull::write_report(&report, path)
             {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the pull report");
             }
-            ExitCode::from(report.exit_code)
+            ExitCode::from(code)
         }
     }
 }

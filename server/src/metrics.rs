@@ -1,5 +1,6 @@
-//! Prometheus metrics with stable names: the operator's autoscaler reads
-//! `kandle_requests_in_flight` and `kandle_requests_queued`.
+//! Prometheus metrics with stable names; those the operator reads (load and request
+//! counts) are named by [`kandle_contract::metrics`].
+use kandle_contract::metrics as contract;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -58,7 +59,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kandle");
+        let mut registry = Registry::with_prefix(contract::PREFIX);
         let requests_in_flight = Gauge::default();
         let requests_queued = Gauge::default();
         let requests = Family::<RouteCode, Counter>::default();
@@ -82,17 +83,17 @@ impl Metrics {
         let model_info = Family::<ModelLabels, Gauge>::default();
 
         registry.register(
-            "requests_in_flight",
+            contract::REQUESTS_IN_FLIGHT,
             "Requests being executed",
             requests_in_flight.clone(),
         );
         registry.register(
-            "requests_queued",
+            contract::REQUESTS_QUEUED,
             "Admitted requests waiting to execute",
             requests_queued.clone(),
         );
         registry.register(
-            "requests",
+            contract::REQUESTS,
             "HTTP requests by route and status code",
             requests.clone(),
         );
@@ -214,5 +215,31 @@ impl Metrics {
                 route: route.to_string(),
             })
             .observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator reads these numbers with the contract's parser: if either side renames
+    /// a metric or label, this fails.
+    #[test]
+    fn the_operator_reads_load_and_errors_from_what_the_server_exposes() {
+        let metrics = Metrics::new();
+        metrics.requests_in_flight.set(2);
+        metrics.requests_queued.set(1);
+        let count = |code, n| {
+            let labels = RouteCode {
+                route: "/v1/chat/completions".into(),
+                code,
+            };
+            metrics.requests.get_or_create(&labels).inc_by(n);
+        };
+        count(200, 3);
+        count(503, 1);
+        count(429, 2);
+        let read = contract::parse(&metrics.encode()).expect("both load gauges exposed");
+        assert_eq!((read.load, read.requests, read.errors), (3.0, 6.0, 1.0));
     }
 }

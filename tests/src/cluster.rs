@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 pub const PULLED_REVISION: &str = "0123456789abcdef0123456789abcdef01234567";
 pub const PULLED_BYTES: i64 = 269_060_552;
 /// `kandle-server pull`'s exit code when its credentials Secret does not exist.
-const EXIT_MISSING_SECRET: i64 = 5;
+const EXIT_MISSING_SECRET: i64 = kandle_contract::pull::EXIT_MISSING_SECRET as i64;
 
 #[derive(Clone)]
 pub struct Cluster {

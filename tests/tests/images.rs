@@ -44,6 +44,7 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
             operator_namespace: "kandle-system".into(),
         },
         "default",
+        None,
     )
     .unwrap();
     assert!(

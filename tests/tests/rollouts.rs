@@ -145,14 +145,7 @@ async fn a_rollout_that_cannot_surge_for_want_of_gpus_replaces_one_pod_at_a_time
     );
     let deployment = t
         .wait::<Deployment>("big", "back to its configured strategy", |d| {
-            let r = d
-                .spec
-                .strategy
-                .as_ref()
-                .unwrap()
-                .rolling_update
-                .as_ref()
-                .unwrap();
+            let r = kandle_operator::build::rolling_update(d).unwrap();
             r.max_surge == Some(IntOrString::Int(1))
                 && r.max_unavailable == Some(IntOrString::Int(0))
         })

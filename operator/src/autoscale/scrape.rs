@@ -17,15 +17,20 @@ pub struct PodTarget {
     pub ip: Option<String>,
 }
 
-/// What one pod reported.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct PodMetrics {
-    /// Requests in flight plus queued.
-    pub load: f64,
-    /// Requests answered since the pod started, and those answered with a 5xx.
-    pub requests: f64,
-    pub errors: f64,
+impl PodTarget {
+    /// A pod serving the ModelDeployment `instance`.
+    pub fn of(pod: &k8s_openapi::api::core::v1::Pod, instance: &str) -> Self {
+        use kube::ResourceExt;
+        Self {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            instance: instance.to_string(),
+            ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        }
+    }
 }
+
+pub use kandle_contract::metrics::{Load as PodMetrics, parse};
 
 /// Where pod metrics come from: the pods over HTTP, or a simulation in tests.
 pub trait LoadSource: Send + Sync {
@@ -82,62 +87,9 @@ impl LoadSource for HttpLoad {
     }
 }
 
-/// The samples of one metric: labels (the text between braces) and values.
-fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
-    text.lines().filter_map(move |line| {
-        let rest = line.strip_prefix(name)?;
-        // The metric itself, not a longer name that starts the same.
-        let (labels, value) = match rest.strip_prefix('{') {
-            Some(r) => r.split_once("} ")?,
-            None => ("", rest.strip_prefix(' ')?),
-        };
-        let value = value.split_whitespace().next()?.parse::<f64>().ok()?;
-        value.is_finite().then_some((labels, value))
-    })
-}
-
-/// kandle-server's metrics: `kandle_requests_in_flight` plus `kandle_requests_queued` (both
-/// needed), and `kandle_requests_total` by `code`; `None` unless the two gauges are there.
-pub fn parse(text: &str) -> Option<PodMetrics> {
-    let gauge = |name| samples(text, name).next().map(|(_, v)| v);
-    let load = gauge("kandle_requests_in_flight")? + gauge("kandle_requests_queued")?;
-    let (mut requests, mut errors) = (0.0, 0.0);
-    for (labels, value) in samples(text, "kandle_requests_total") {
-        requests += value;
-        if labels.contains("code=\"5") {
-            errors += value;
-        }
-    }
-    (load >= 0.0).then_some(PodMetrics {
-        load,
-        requests,
-        errors,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_the_gauges_and_the_counters() {
-        let text = "# HELP kandle_requests_in_flight Requests being executed.\n\
-                    # TYPE kandle_requests_in_flight gauge\n\
-                    kandle_requests_in_flight 3\n\
-                    kandle_requests_in_flight_max 9\n\
-                    kandle_requests_queued{model=\"m\"} 2.0\n\
-                    kandle_requests_total{route=\"chat\",code=\"200\"} 10\n\
-                    kandle_requests_total{route=\"chat\",code=\"503\"} 2\n\
-                    kandle_requests_total{route=\"embeddings\",code=\"429\"} 1\n";
-        let m = parse(text).unwrap();
-        assert_eq!((m.load, m.requests, m.errors), (5.0, 13.0, 2.0));
-        assert_eq!(parse("kandle_requests_in_flight 3\n"), None);
-        assert_eq!(
-            parse("kandle_requests_in_flight NaN\nkandle_requests_queued 1\n"),
-            None
-        );
-        assert_eq!(parse("<html>not metrics</html>"), None);
-    }
 
     #[tokio::test]
     async fn scrapes_pods_over_http_and_tolerates_the_ones_that_fail() {

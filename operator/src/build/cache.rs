@@ -11,15 +11,10 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec,
     PodTemplateSpec, Volume, VolumeResourceRequirements,
 };
+use kandle_contract::pull;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-
-/// Exit code of `kandle-server pull` for failures no retry can fix (401, 404, bad hash).
-pub const PULL_EXIT_PERMANENT: i32 = 3;
-/// Exit code of `kandle-server pull` when its credentials Secret does not exist (it waits a
-/// minute for it first): retried until someone creates it.
-pub const PULL_EXIT_MISSING_SECRET: i32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
@@ -70,7 +65,8 @@ impl ModelSource {
     }
 }
 
-fn claim_name(md: &ModelDeployment) -> String {
+/// The operator's cache claim of a ModelDeployment.
+pub fn claim_name(md: &ModelDeployment) -> String {
     format!("{}-cache", md.name_any())
 }
 
@@ -155,9 +151,9 @@ pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource)
             backoff_limit: Some(6),
             pod_failure_policy: Some(PodFailurePolicy {
                 rules: [
-                    ("FailJob", PULL_EXIT_PERMANENT),
+                    ("FailJob", pull::EXIT_PERMANENT),
                     // Not counted against the backoff: the Job waits for the Secret.
-                    ("Ignore", PULL_EXIT_MISSING_SECRET),
+                    ("Ignore", pull::EXIT_MISSING_SECRET),
                 ]
                 .into_iter()
                 .map(|(action, code)| PodFailurePolicyRule {
@@ -165,7 +161,7 @@ pub fn pull_job(md: &ModelDeployment, settings: &Settings, source: &ModelSource)
                     on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
                         container_name: Some("pull".into()),
                         operator: "In".into(),
-                        values: vec![code],
+                        values: vec![i32::from(code)],
                     }),
                     ..PodFailurePolicyRule::default()
                 })

@@ -1,8 +1,9 @@
 //! The serving Deployment: pods that pull (unless a Job did), then run `kandle-server serve`
 //! on the GPUs asked for, hardened, probed, and drained before they stop.
+use super::REVISION_LABEL;
 use super::Settings;
 use super::cache::ModelSource;
-use super::labels::{REVISION_LABEL, meta, selector};
+use super::labels::{meta, selector};
 use super::pod::{
     MODELS, container_security, credentials_volume, mount, pod_security, pull_container, tmp_volume,
 };

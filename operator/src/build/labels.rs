@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 pub const FIELD_MANAGER: &str = "kandle-operator";
 /// `app.kubernetes.io/managed-by` of every child: how the operator finds its own.
 pub const MANAGED_BY: &str = "kandle-operator";
-/// Pod label carrying the hash of the pod template, so revisions can be told apart.
-pub const REVISION_LABEL: &str = "kandle.dev/revision";
+use kandle_contract::keys::REVISION_LABEL;
 
 const NAME: &str = "app.kubernetes.io/name";
 const INSTANCE: &str = "app.kubernetes.io/instance";

@@ -48,6 +48,11 @@ fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
         .unwrap_or_else(|| panic!("no container {name}"))
 }
 
+/// A container's arguments, as one line.
+fn args(c: &Container) -> String {
+    c.args.as_ref().unwrap().join(" ")
+}
+
 fn kinds(d: &Desired) -> Vec<&'static str> {
     d.children.iter().map(Child::kind).collect()
 }
@@ -70,14 +75,7 @@ fn a_minimal_model_gets_a_pulling_hardened_deployment_and_a_service() {
     let labels = dep.metadata.labels.as_ref().unwrap();
     assert_eq!(labels["app.kubernetes.io/managed-by"], "kandle-operator");
     assert_eq!(labels["app.kubernetes.io/instance"], "smollm");
-    let rolling = dep
-        .spec
-        .strategy
-        .as_ref()
-        .unwrap()
-        .rolling_update
-        .as_ref()
-        .unwrap();
+    let rolling = rolling_update(dep).unwrap();
     assert_eq!(
         rolling.max_unavailable,
         Some(IntOrString::Int(0)),
@@ -86,20 +84,23 @@ fn a_minimal_model_gets_a_pulling_hardened_deployment_and_a_service() {
 
     let pod = pod(&d);
     let pull = container(pod, "pull");
-    let args = pull.args.as_ref().unwrap().join(" ");
+    let pull_args = args(pull);
     assert!(
-        args.starts_with(
+        pull_args.starts_with(
             "pull --model hf://org/m --dest /models/model --report-file /dev/termination-log"
         ),
-        "{args}"
+        "{pull_args}"
     );
     let server = container(pod, "server");
-    let args = server.args.as_ref().unwrap().join(" ");
+    let server_args = args(server);
     assert!(
-        args.starts_with("serve --model /models/model --served-model-name smollm"),
-        "{args}"
+        server_args.starts_with("serve --model /models/model --served-model-name smollm"),
+        "{server_args}"
     );
-    assert!(!args.contains("--device"), "CPU unless GPUs are asked for");
+    assert!(
+        !server_args.contains("--device"),
+        "CPU unless GPUs are asked for"
+    );
     assert_eq!(server.image.as_deref(), Some("kandle-server:test"));
     for c in [pull, server] {
         let sc = c.security_context.as_ref().unwrap();
@@ -173,14 +174,7 @@ fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
     let server = container(pod, "server");
     let limits = server.resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "2");
-    assert!(
-        server
-            .args
-            .as_ref()
-            .unwrap()
-            .join(" ")
-            .contains("--device cuda")
-    );
+    assert!(args(server).contains("--device cuda"));
     let terms = &pod
         .affinity
         .as_ref()
@@ -281,19 +275,12 @@ fn secrets_reach_only_the_container_that_needs_them() {
         (Some(true), Some(0o440)),
         "a missing Secret lets the pull report it"
     );
-    assert!(pull.args.as_ref().unwrap().join(" ").contains(
+    assert!(args(pull).contains(
         "--credentials-dir /var/run/secrets/kandle/credentials --credentials-secret hf-token"
     ));
     let text = serde_json::to_string(server).unwrap();
     assert!(!text.contains("hf-token"));
-    assert!(
-        server
-            .args
-            .as_ref()
-            .unwrap()
-            .join(" ")
-            .contains("--api-key-file /var/run/kandle/api-key/api-key")
-    );
+    assert!(args(server).contains("--api-key-file /var/run/kandle/api-key/api-key"));
     assert!(!serde_json::to_string(pull).unwrap().contains("api-key"));
 }
 
@@ -358,13 +345,7 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
     );
     let job_pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let pull = container(job_pod, "pull");
-    assert!(
-        pull.args
-            .as_ref()
-            .unwrap()
-            .join(" ")
-            .contains(&format!("--dest /models/{folder}"))
-    );
+    assert!(args(pull).contains(&format!("--dest /models/{folder}")));
     assert_eq!(mounted_secrets(job_pod, pull), ["tok"]);
     let policy = job
         .spec
@@ -402,14 +383,7 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
         (claim.claim_name.as_str(), claim.read_only),
         ("smollm-cache", Some(true))
     );
-    assert!(
-        container(pod, "server")
-            .args
-            .as_ref()
-            .unwrap()
-            .join(" ")
-            .contains(&format!("--model /models/{folder}"))
-    );
+    assert!(args(container(pod, "server")).contains(&format!("--model /models/{folder}")));
 
     // A new image is a new Job (a Job's template is immutable) into the same folder.
     let mut reimaged = md.clone();
@@ -444,14 +418,7 @@ fn a_model_on_the_users_claim_is_served_read_only_without_a_pull() {
         (claim.claim_name.as_str(), claim.read_only),
         ("models", Some(true))
     );
-    assert!(
-        container(pod, "server")
-            .args
-            .as_ref()
-            .unwrap()
-            .join(" ")
-            .contains("--model /models/llama/3b")
-    );
+    assert!(args(container(pod, "server")).contains("--model /models/llama/3b"));
 }
 
 #[test]

@@ -156,7 +156,7 @@ mod tests {
             e.to_string().contains("secret \"hf-token\" not found"),
             "{e}"
         );
-        assert_eq!(e.exit_code(), super::super::error::EXIT_MISSING_SECRET);
+        assert_eq!(e.exit_code(), kandle_contract::pull::EXIT_MISSING_SECRET);
 
         // The kubelet fills the folder once the Secret exists.
         let filled = Source {

@@ -1,14 +1,7 @@
 //! Pull failures, split into permanent (fix the spec) and transient (retry later), which
 //! the exit code tells apart for the operator.
+use kandle_contract::pull::{EXIT_MISSING_SECRET, EXIT_PERMANENT, EXIT_TRANSIENT};
 use std::path::PathBuf;
-
-/// Exit code of a pull that will fail again until something changes (auth, URI, integrity).
-pub const EXIT_PERMANENT: u8 = 3;
-/// Exit code of a pull that may succeed if retried later (network, 5xx, 429).
-pub const EXIT_TRANSIENT: u8 = 4;
-/// Exit code of a pull whose credentials Secret does not exist: it fails until someone
-/// creates the Secret, so it is retried (slowly) but shown as failed.
-pub const EXIT_MISSING_SECRET: u8 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {

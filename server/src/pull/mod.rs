@@ -19,7 +19,7 @@ use error::PullError;
 use fetch::{Digest, Fetcher, FileRecord, RemoteFile};
 use futures::{StreamExt, TryStreamExt};
 use progress::Progress;
-pub use report::Report;
+pub use report::{report, write as write_report};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

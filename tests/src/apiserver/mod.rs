@@ -264,15 +264,8 @@ impl ApiServer {
                 let rv = obj["metadata"]["resourceVersion"]
                     .as_str()
                     .map(str::to_string);
-                let obj = if part == Part::Main {
-                    admit(kind, obj)?
-                } else {
-                    obj
-                };
-                Ok(json_response(
-                    StatusCode::OK,
-                    &store.update(kind, &ns, name, obj, part, rv.as_deref())?,
-                ))
+                let updated = update(store, kind, &ns, name, obj, part, rv.as_deref())?;
+                Ok(json_response(StatusCode::OK, &updated))
             }
             (&Method::PATCH, Some(name)) => {
                 self.count("patch", kind.plural);
@@ -323,15 +316,8 @@ impl ApiServer {
                     }
                 };
                 drop(applied);
-                let obj = if part == Part::Main {
-                    admit(kind, obj)?
-                } else {
-                    obj
-                };
-                Ok(json_response(
-                    StatusCode::OK,
-                    &store.update(kind, &ns, name, obj, part, None)?,
-                ))
+                let updated = update(store, kind, &ns, name, obj, part, None)?;
+                Ok(json_response(StatusCode::OK, &updated))
             }
             (&Method::DELETE, Some(name)) => {
                 self.count("delete", kind.plural);
@@ -513,6 +499,24 @@ fn selector(
 
 /// What admission does for ModelDeployments: the CRD's structural schema, CEL rules and
 /// defaults, so the emulator refuses what a real API server would.
+/// An update (PUT or the result of a PATCH): the main part is admitted first, as the
+/// API server validates and defaults it; status is written as sent.
+fn update(
+    store: &Store,
+    kind: &'static Kind,
+    ns: &str,
+    name: &str,
+    obj: Value,
+    part: Part,
+    resource_version: Option<&str>,
+) -> Result<Value, ApiError> {
+    let obj = match part {
+        Part::Main => admit(kind, obj)?,
+        Part::Status => obj,
+    };
+    store.update(kind, ns, name, obj, part, resource_version)
+}
+
 fn admit(kind: &Kind, obj: Value) -> Result<Value, ApiError> {
     if kind.plural != "modeldeployments" {
         return Ok(obj);
