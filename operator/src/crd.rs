@@ -671,6 +671,15 @@ impl Default for ServiceSpec {
 mod tests {
     use serde_json::Value;
 
+    /// The derive needs literals; the contract is what everything else reads.
+    #[test]
+    fn the_group_and_version_are_the_contracts() {
+        use kube::Resource;
+        let api_version = super::ModelDeployment::api_version(&());
+        assert_eq!(api_version, kandle_contract::API_VERSION);
+        assert_eq!(super::ModelDeployment::group(&()), kandle_contract::GROUP);
+    }
+
     /// The fields a CEL rule reads: `self.a.b` paths, relative to the rule's node.
     fn paths(rule: &str) -> Vec<Vec<&str>> {
         rule.match_indices("self.")

@@ -49,9 +49,10 @@ pub fn model_deployment(doc: &Value) -> Result<ModelDeployment, Invalid> {
     let mut errors = Vec::new();
     let api_version = doc.get("apiVersion").and_then(Value::as_str);
     let kind = doc.get("kind").and_then(Value::as_str);
-    if api_version != Some("kandle.dev/v1alpha1") || kind != Some("ModelDeployment") {
+    if api_version != Some(kandle_contract::API_VERSION) || kind != Some("ModelDeployment") {
         return Err(Invalid(vec![format!(
-            "not a kandle.dev/v1alpha1 ModelDeployment (apiVersion {}, kind {})",
+            "not a {} ModelDeployment (apiVersion {}, kind {})",
+            kandle_contract::API_VERSION,
             api_version.unwrap_or("missing"),
             kind.unwrap_or("missing")
         )]));
