@@ -1,6 +1,14 @@
-//! OpenAI wire types. Requests accept what the official clients send (unknown fields are
-//! ignored, as OpenAI does); responses carry every field the clients read.
+//! OpenAI wire types. Requests accept what the official clients send; fields the server
+//! does not read are kept in `unread`, for validation to accept (harmless ones) or refuse
+//! (those that would change the answer), never to drop silently. Responses carry every
+//! field the clients read.
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+/// A request body, and the fields of it that no other field of its type read.
+pub trait RequestBody {
+    fn unread(&self) -> &Map<String, Value>;
+}
 
 /// `null` read as the field's default, as OpenAI's API reads it.
 fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
@@ -58,6 +66,9 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<ChatMessage>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Last: a flattened map takes what the fields above left.
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +103,8 @@ pub struct CompletionRequest {
     pub best_of: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
 }
 
 /// Every prompt form the completions API accepts.
@@ -110,7 +123,20 @@ pub struct EmbeddingRequest {
     pub input: EmbeddingInput,
     pub encoding_format: Option<String>,
     pub dimensions: Option<i64>,
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
 }
+
+macro_rules! request_bodies {
+    ($($t:ty),*) => {$(
+        impl RequestBody for $t {
+            fn unread(&self) -> &Map<String, Value> {
+                &self.unread
+            }
+        }
+    )*};
+}
+request_bodies!(ChatCompletionRequest, CompletionRequest, EmbeddingRequest);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

@@ -34,6 +34,65 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// Fields the server accepts and ignores: they never change what the caller gets.
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "parallel_tool_calls",
+];
+
+/// OpenAI fields the server does not implement yet: each would change the answer, so a
+/// request that uses one is refused rather than answered as if it had not asked.
+pub const UNSUPPORTED_FIELDS: &[&str] = &[
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "top_logprobs",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "verbosity",
+    "web_search_options",
+];
+
+/// The fields no part of the request read: harmless ones and those set to what OpenAI
+/// does by default pass; an unsupported one is a 400 naming it, and any other is refused
+/// in OpenAI's own words for an argument it does not know.
+pub fn unread_fields(unread: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    use serde_json::json;
+    for (name, value) in unread {
+        let default = match name.as_str() {
+            "response_format" => value == &json!({"type": "text"}),
+            "modalities" => value == &json!(["text"]),
+            "logit_bias" | "tools" | "functions" => {
+                value.as_object().is_some_and(|m| m.is_empty())
+                    || value.as_array().is_some_and(|a| a.is_empty())
+            }
+            "tool_choice" => value == "none",
+            "top_logprobs" => value == 0,
+            _ => false,
+        };
+        if value.is_null() || default || IGNORED_FIELDS.contains(&name.as_str()) {
+            continue;
+        }
+        let message = if UNSUPPORTED_FIELDS.contains(&name.as_str()) {
+            format!("`{name}` is not supported by this server")
+        } else {
+            format!("Unrecognized request argument supplied: {name}")
+        };
+        return Err(ApiError::invalid_param(name, message));
+    }
+    Ok(())
+}
+
 /// The one model this server serves; any other id is a 404 as in OpenAI.
 pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
     if requested == served {
@@ -333,6 +392,81 @@ mod tests {
         let req: ChatCompletionRequest = parse_json(body.as_bytes())?;
         chat_messages(req.messages)?;
         generation_params(req.sampling)
+    }
+
+    /// What the request left unread, and the verdict on it.
+    fn unread<T: DeserializeOwned + crate::api::RequestBody>(
+        body: &str,
+    ) -> Result<Vec<String>, ApiError> {
+        let req: T = parse_json(body.as_bytes())?;
+        unread_fields(req.unread())?;
+        Ok(req.unread().keys().cloned().collect())
+    }
+
+    #[test]
+    fn fields_that_would_change_the_answer_are_refused_by_name_and_harmless_ones_pass() {
+        let chat = |extra: &str| {
+            let body =
+                format!(r#"{{"model":"m","messages":[],"temperature":0.5,"stream":false{extra}}}"#);
+            unread::<ChatCompletionRequest>(&body)
+        };
+        // Fields the server reads are not "unread", even through the flattened sampling.
+        assert_eq!(chat("").unwrap(), Vec::<String>::new());
+        for harmless in [
+            r#","user":"u-1","metadata":{"k":"v"},"store":false"#,
+            r#","response_format":{"type":"text"},"tools":[],"tool_choice":"none""#,
+            r#","logit_bias":{},"modalities":["text"],"top_logprobs":0,"audio":null"#,
+        ] {
+            assert!(chat(harmless).is_ok(), "{harmless}");
+        }
+        for (extra, param, words) in [
+            (
+                r#","response_format":{"type":"json_object"}"#,
+                "response_format",
+                "not supported",
+            ),
+            (
+                r#","tools":[{"type":"function"}]"#,
+                "tools",
+                "not supported",
+            ),
+            (r#","audio":{"voice":"alloy"}"#, "audio", "not supported"),
+            (
+                r#","modalities":["text","audio"]"#,
+                "modalities",
+                "not supported",
+            ),
+            (
+                r#","prediction":{"type":"content"}"#,
+                "prediction",
+                "not supported",
+            ),
+            (
+                r#","logit_bias":{"50256":-100}"#,
+                "logit_bias",
+                "not supported",
+            ),
+            (
+                r#","temprature":0.2"#,
+                "temprature",
+                "Unrecognized request argument",
+            ),
+        ] {
+            let e = chat(extra).unwrap_err();
+            let body = e.body();
+            assert_eq!(e.status().as_u16(), 400);
+            assert_eq!(body["error"]["param"], param);
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(param) && message.contains(words),
+                "{message}"
+            );
+        }
+        let e = unread::<EmbeddingRequest>(r#"{"model":"m","input":"x","truncate":true}"#);
+        assert_eq!(e.unwrap_err().body()["error"]["param"], "truncate");
+        let ok =
+            unread::<CompletionRequest>(r#"{"model":"m","prompt":"x","echo":false,"user":"u"}"#);
+        assert_eq!(ok.unwrap(), ["user"]);
     }
 
     #[test]

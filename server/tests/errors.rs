@@ -69,6 +69,19 @@ async fn each_kind_of_bad_input_is_a_clear_4xx() {
         ),
         (
             "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user,
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            400,
+            "`response_format` is not supported",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "tiny", "input": "x", "truncate_prompt_tokens": 8}),
+            400,
+            "Unrecognized request argument supplied: truncate_prompt_tokens",
+        ),
+        (
+            "/v1/chat/completions",
             json!({"model": "tiny", "messages": user, "max_tokens": "many"}),
             400,
             "max_tokens",

@@ -1,7 +1,9 @@
-//! A JSON body extractor whose every rejection is an OpenAI-shaped error.
+//! A JSON body extractor whose every rejection is an OpenAI-shaped error, and which
+//! refuses fields the server would otherwise ignore at the caller's cost.
 use super::AppState;
+use crate::api::RequestBody;
 use crate::error::ApiError;
-use crate::validation::parse_json;
+use crate::validation::{parse_json, unread_fields};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
+impl<T: DeserializeOwned + RequestBody> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
@@ -32,6 +34,8 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
                 ))
             }
         })?;
-        parse_json(&body).map(ApiJson)
+        let request: T = parse_json(&body)?;
+        unread_fields(request.unread())?;
+        Ok(ApiJson(request))
     }
 }
