@@ -10,6 +10,11 @@ pub const DEFAULT_SERVER_IMAGE: &str = concat!(
     "ghcr.io/kandle-dev/kandle-server:",
     env!("CARGO_PKG_VERSION")
 );
+/// The same release built with CUDA, for ModelDeployments with GPUs.
+pub const DEFAULT_SERVER_IMAGE_CUDA: &str = concat!(
+    "ghcr.io/kandle-dev/kandle-server-cuda:",
+    env!("CARGO_PKG_VERSION")
+);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +46,9 @@ pub struct ChildArgs {
     /// kandle-server image for ModelDeployments that name none.
     #[arg(long, env = "KANDLE_SERVER_IMAGE", default_value = DEFAULT_SERVER_IMAGE)]
     pub server_image: String,
+    /// kandle-server image built with CUDA, for ModelDeployments with GPUs that name none.
+    #[arg(long, env = "KANDLE_SERVER_IMAGE_CUDA", default_value = DEFAULT_SERVER_IMAGE_CUDA)]
+    pub server_image_cuda: String,
     /// DNS suffix of the cluster's Services, for `status.endpoint`.
     #[arg(long, env = "KANDLE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
@@ -53,6 +61,7 @@ impl ChildArgs {
     pub fn settings(&self) -> crate::build::Settings {
         crate::build::Settings {
             server_image: self.server_image.clone(),
+            server_image_cuda: self.server_image_cuda.clone(),
             cluster_domain: self.cluster_domain.clone(),
             operator_namespace: self.operator_namespace.clone(),
         }

@@ -230,10 +230,11 @@ pub struct ResourcesSpec {
 }
 
 /// GPUs for each pod.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.count <= 1").message("kandle-server runs a model on one GPU: more GPUs per pod would be allocated and left idle (splitting a model across GPUs is not supported yet); use replicas to use more GPUs"))]
 pub struct GpuSpec {
-    /// `nvidia.com/gpu` for each pod.
+    /// `nvidia.com/gpu` for each pod: 1, as kandle-server runs a model on one GPU.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 16))]
     pub count: i32,

@@ -37,6 +37,7 @@ pub fn autoscaler(load: &Arc<SimulatedLoad>) -> Arc<Autoscaler> {
 pub fn settings() -> Settings {
     Settings {
         server_image: "kandle-server:test".into(),
+        server_image_cuda: "kandle-server-cuda:test".into(),
         cluster_domain: "cluster.local".into(),
         operator_namespace: "kandle-system".into(),
     }

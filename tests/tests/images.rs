@@ -40,6 +40,7 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
         &std::fs::read_to_string(root().join("examples/chat-gpu.yaml")).unwrap(),
         &kandle_operator::build::Settings {
             server_image: "x".into(),
+            server_image_cuda: "x-cuda".into(),
             cluster_domain: "cluster.local".into(),
             operator_namespace: "kandle-system".into(),
         },
@@ -50,6 +51,10 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
     assert!(
         rendered.contains("runAsUser: 65532"),
         "pods run as the images' user"
+    );
+    assert!(
+        rendered.contains("image: x-cuda") && !rendered.contains("image: x\n"),
+        "a GPU model gets the CUDA build: the CPU one refuses --device cuda"
     );
 
     let mut seen = 0;
@@ -87,6 +92,11 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
         assert!(
             cargo.contains("--release") && cargo.contains("--locked"),
             "{name}: {cargo}"
+        );
+        assert_eq!(
+            cargo.contains("cuda"),
+            name.contains("cuda"),
+            "{name}: the CUDA image, and only it, builds the cuda feature: {cargo}"
         );
         let package = cargo
             .split_whitespace()

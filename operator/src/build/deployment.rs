@@ -37,12 +37,15 @@ const DRAIN_SECONDS: i64 = 30;
 const PROBE_PERIOD: i32 = 5;
 const API_KEY_DIR: &str = "/var/run/kandle/api-key";
 
+/// The spec's image, else the CUDA build for pods with GPUs (the CPU build refuses
+/// `--device cuda`) and the CPU build for the others.
 pub fn image(md: &ModelDeployment, settings: &Settings) -> String {
-    md.spec
-        .server
-        .as_ref()
-        .and_then(|s| s.image.clone())
-        .unwrap_or_else(|| settings.server_image.clone())
+    let named = md.spec.server.as_ref().and_then(|s| s.image.clone());
+    let gpu = md.spec.resources.as_ref().is_some_and(|r| r.gpu.is_some());
+    named.unwrap_or_else(|| match gpu {
+        true => settings.server_image_cuda.clone(),
+        false => settings.server_image.clone(),
+    })
 }
 
 /// The Deployment and the revision (hash of its pod template) it carries.

@@ -28,8 +28,10 @@ use serde::Serialize;
 /// Operator-wide settings the children depend on.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Image of pods whose spec names none.
+    /// Image of CPU pods whose spec names none.
     pub server_image: String,
+    /// Image of GPU pods whose spec names none: the server built with CUDA.
+    pub server_image_cuda: String,
     /// DNS suffix of Services, for `status.endpoint`.
     pub cluster_domain: String,
     /// Where the operator runs: its scrapes of the pods' metrics come from there.

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 pub(crate) fn settings() -> Settings {
     Settings {
         server_image: "kandle-server:test".into(),
+        server_image_cuda: "kandle-server-cuda:test".into(),
         cluster_domain: "cluster.local".into(),
         operator_namespace: "kandle-system".into(),
     }
@@ -102,6 +103,7 @@ fn a_minimal_model_gets_a_pulling_hardened_deployment_and_a_service() {
         "CPU unless GPUs are asked for"
     );
     assert_eq!(server.image.as_deref(), Some("kandle-server:test"));
+    assert_eq!(server.image.as_deref(), Some("kandle-server:test"));
     for c in [pull, server] {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -163,7 +165,7 @@ fn a_minimal_model_gets_a_pulling_hardened_deployment_and_a_service() {
 fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
     let d = children(&md(json!({
         "model": {"uri": "hf://org/m"},
-        "resources": {"gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}, "limits": {"memory": "40Gi"}},
+        "resources": {"gpu": {"count": 1, "product": "NVIDIA-H100-80GB-HBM3"}, "limits": {"memory": "40Gi"}},
         "scheduling": {
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
@@ -173,8 +175,13 @@ fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
     let pod = pod(&d);
     let server = container(pod, "server");
     let limits = server.resources.as_ref().unwrap().limits.as_ref().unwrap();
-    assert_eq!(limits["nvidia.com/gpu"].0, "2");
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
     assert!(args(server).contains("--device cuda"));
+    assert_eq!(
+        server.image.as_deref(),
+        Some("kandle-server-cuda:test"),
+        "a GPU pod runs the CUDA build: the CPU one refuses --device cuda"
+    );
     let terms = &pod
         .affinity
         .as_ref()
@@ -220,7 +227,7 @@ fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
             .as_ref()
             .unwrap()
             .0,
-        "2Gi"
+        "1Gi"
     );
     // 300 s plus 10 s per GiB of the 40 GiB limit, in 5 s probe periods.
     assert_eq!(
@@ -531,5 +538,29 @@ fn a_network_policy_admits_the_serving_port_from_chosen_namespaces_only() {
                 "ports": [{"port": 8080, "protocol": "TCP"}],
             }],
         })
+    );
+}
+
+#[test]
+fn more_than_one_gpu_per_pod_is_refused_saying_why_and_a_named_image_wins() {
+    let doc = json!({"apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "big", "namespace": "ml"},
+        "spec": {"model": {"uri": "hf://org/m"}, "resources": {"gpu": {"count": 2}}}});
+    let e = crate::validate::model_deployment(&doc)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("spec.resources.gpu") && e.contains("one GPU") && e.contains("left idle"),
+        "{e}"
+    );
+    let named = md(
+        json!({"model": {"uri": "hf://org/m"}, "resources": {"gpu": {"count": 1}},
+        "server": {"image": "registry.local/kandle-server-cuda:dev"}}),
+    );
+    let d = children(&named);
+    let server = container(pod(&d), "server");
+    assert_eq!(
+        server.image.as_deref(),
+        Some("registry.local/kandle-server-cuda:dev")
     );
 }
