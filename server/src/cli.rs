@@ -121,6 +121,8 @@ pub enum DtypeArg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
+    /// CUDA when this build has it and a GPU answers, else the CPU.
+    Auto,
     Cpu,
     Cuda,
 }
@@ -189,7 +191,9 @@ pub struct ServeArgs {
     /// Weight precision for safetensors models (`auto`: f32 on CPU, bf16 on CUDA).
     #[arg(long, env = "KANDLE_DTYPE", value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
-    #[arg(long, env = "KANDLE_DEVICE", value_enum, default_value = "cpu")]
+    /// Where the model runs (`auto`: the first GPU when this is a CUDA build and one
+    /// answers, else the CPU).
+    #[arg(long, env = "KANDLE_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceArg,
     /// Requests executed at once; more wait in the queue.
     #[arg(long, env = "KANDLE_MAX_CONCURRENT_REQUESTS", default_value_t = 64)]

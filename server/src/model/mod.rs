@@ -110,6 +110,12 @@ pub fn device(arg: DeviceArg) -> Result<Device, LoadError> {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda if !candle_core::utils::cuda_is_available() => Err(LoadError::NoCuda),
         DeviceArg::Cuda => Ok(Device::new_cuda(0)?),
+        DeviceArg::Auto if !candle_core::utils::cuda_is_available() => Ok(Device::Cpu),
+        // A CUDA build on a node without a GPU still serves, on the CPU.
+        DeviceArg::Auto => Ok(Device::new_cuda(0).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no usable GPU; running on the CPU");
+            Device::Cpu
+        })),
     }
 }
 
@@ -199,4 +205,19 @@ fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
         .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
         .expect("two f32 tensors of one shape")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_runs_where_the_build_can_and_cuda_insists() {
+        let cuda_build = candle_core::utils::cuda_is_available();
+        if !cuda_build {
+            assert!(device(DeviceArg::Auto).unwrap().is_cpu());
+            assert!(matches!(device(DeviceArg::Cuda), Err(LoadError::NoCuda)));
+        }
+        assert!(device(DeviceArg::Cpu).unwrap().is_cpu());
+    }
 }
