@@ -1,7 +1,8 @@
 # kandle-server for NVIDIA GPUs (candle's CUDA kernels). Build from the repository root:
 #   docker build -f images/server-cuda.Dockerfile --build-arg CUDA_COMPUTE_CAP=90 -t kandle-server:cuda .
-# CUDA_COMPUTE_CAP: 80 for A100, 89 for L4/L40S, 90 for H100/H200.
-ARG CUDA_VERSION=12.6.3
+# CUDA_COMPUTE_CAP: 80 for A100, 89 for L4/L40S, 90 for H100/H200. CUDA 13, as scripts/build-cuda
+# links (the oldest 13.0 libraries, so any 13.x runtime serves).
+ARG CUDA_VERSION=13.0.0
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS build
 ARG RUST_VERSION=1.95
 ARG CUDA_COMPUTE_CAP=90
@@ -12,7 +13,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain ${RUST_VERSION}
-ENV PATH=/root/.cargo/bin:${PATH} CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+ENV PATH=/root/.cargo/bin:${PATH} CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} CUDARC_CUDA_VERSION=13000
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/root/.cargo/registry \
