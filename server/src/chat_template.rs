@@ -1,7 +1,9 @@
 //! Chat prompts rendered with the model's own Jinja template, as transformers does.
+use crate::api::Tool;
 use crate::error::ApiError;
 use crate::model::LoadError;
 use crate::model::weights::read_optional_json;
+use crate::tools::parse::Syntax;
 use crate::validation::TemplateMessage;
 use minijinja::{Environment, ErrorKind, context};
 use std::path::Path;
@@ -12,6 +14,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// How the model writes calls, when the template shows it tools.
+    tool_syntax: Option<Syntax>,
 }
 
 impl ChatTemplate {
@@ -42,12 +46,28 @@ impl ChatTemplate {
                 .replace("%m", &format!("{m:02}"))
                 .replace("%d", &format!("{d:02}"))
         });
+        // Llama 3.x writes bare JSON; Qwen, Hermes and most others `<tool_call>` blocks.
+        let syntax = if source.contains("<tool_call>") {
+            Syntax::Hermes
+        } else {
+            Syntax::LlamaJson
+        };
         env.add_template_owned(NAME, source)?;
+        let reads_tools = env
+            .get_template(NAME)?
+            .undeclared_variables(true)
+            .contains("tools");
         Ok(Self {
             env,
             bos_token,
             eos_token,
+            tool_syntax: reads_tools.then_some(syntax),
         })
+    }
+
+    /// The syntax the model calls tools in; None when the template does not show it tools.
+    pub fn tool_syntax(&self) -> Option<Syntax> {
+        self.tool_syntax
     }
 
     /// The template a Hugging Face folder declares: `chat_template.jinja`, or the
@@ -102,7 +122,11 @@ impl ChatTemplate {
 
     /// Renders the conversation with the assistant's turn opened. A template that refuses
     /// the conversation (`raise_exception`) is the client's error, a 400.
-    pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, ApiError> {
+    pub fn render(
+        &self,
+        messages: &[TemplateMessage],
+        tools: Option<&[Tool]>,
+    ) -> Result<String, ApiError> {
         let template = self
             .env
             .get_template(NAME)
@@ -110,6 +134,7 @@ impl ChatTemplate {
         template
             .render(context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
@@ -150,14 +175,14 @@ mod tests {
         TemplateMessage {
             role: role.into(),
             content: content.into(),
-            name: None,
+            ..Default::default()
         }
     }
 
     #[test]
     fn renders_chatml_with_python_string_methods() {
         let t = ChatTemplate::new(CHATML.into(), "<s>".into(), "</s>".into()).unwrap();
-        let out = t.render(&[msg("user", "  hi  ")]).unwrap();
+        let out = t.render(&[msg("user", "  hi  ")], None).unwrap();
         assert_eq!(
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -168,7 +193,7 @@ mod tests {
     fn raise_exception_is_a_client_error() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok";
         let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
-        let err = t.render(&[msg("assistant", "x")]).unwrap_err();
+        let err = t.render(&[msg("assistant", "x")], None).unwrap_err();
         assert_eq!(err.status().as_u16(), 400);
         assert!(err.to_string().contains("first must be user"), "{err}");
     }

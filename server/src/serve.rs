@@ -1,6 +1,7 @@
 //! `kandle-server serve`: load, warm, bind, serve, and drain on SIGTERM.
 use crate::admission::Admission;
 use crate::cli::{Memory, ServeArgs};
+use crate::constrain::LazyLexicon;
 use crate::engine::SamplingParams;
 use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
 use crate::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
@@ -58,6 +59,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => info.context_length,
     };
     let tokenizer = Arc::new(loaded.tokenizer);
+    let lexicon = LazyLexicon::new(match &loaded.backend {
+        Backend::Generator(_) => Some((
+            tokenizer.clone(),
+            info.vocab_size,
+            info.eos_token_ids.clone(),
+        )),
+        Backend::Embedder(_) => None,
+    });
     let engine = match loaded.backend {
         Backend::Generator(lm) => Engine::Generation(
             GenerationEngine::start(
@@ -106,6 +115,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )),
         tokenizer,
         chat_template: loaded.chat_template.map(Arc::new),
+        lexicon,
         engine,
         admission: Admission::new(
             args.max_concurrent_requests,
@@ -125,6 +135,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "listening");
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let drained = drain_on_signal(state.clone(), grace);
+    tokio::spawn({
+        let state = state.clone();
+        async move { state.lexicon.get().await }
+    });
     let limits = ConnectionLimits {
         max_connections: args.max_connections,
         header_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),
@@ -134,7 +148,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One real pass through the model so the first client does not pay for lazy setup.
 /// Sizes the KV-cache pool from `--kv-cache-memory`. A pool too small for one sequence of
 /// the model's whole context shortens the context served, as vLLM does, rather than let a
 /// sequence fail halfway; more than every running sequence's whole context would be unused.
@@ -166,6 +179,7 @@ fn generation_limits(args: &ServeArgs, info: &mut ModelInfo, block_bytes: usize)
     }
 }
 
+/// One real pass through the model so the first client does not pay for lazy setup.
 async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
     match engine {
         Engine::Embedding(e) => {
@@ -177,13 +191,15 @@ async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
                 sampling: SamplingParams::greedy(),
                 max_new_tokens: 1,
                 stop: Vec::new(),
+                constraint: None,
+                logprobs: None,
                 span: tracing::Span::none(),
             })?;
             while let Some(event) = events.recv().await {
                 match event {
                     Event::Failed(e) => return Err(e.into()),
                     Event::Done { .. } => break,
-                    Event::Text(_) => {}
+                    Event::Text(..) => {}
                 }
             }
         }

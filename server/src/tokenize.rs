@@ -3,6 +3,7 @@
 //! it works); at most one tokenization per core runs at once, so many huge prompts cannot
 //! add up; and special tokens typed into a chat message read as plain text, so a user
 //! cannot forge a system turn, unless the deployment allows them.
+use crate::api::Tool;
 use crate::chat_template::ChatTemplate;
 use crate::error::ApiError;
 use crate::validation::TemplateMessage;
@@ -83,9 +84,32 @@ impl PromptTokenizer {
         &self,
         template: &ChatTemplate,
         messages: &[TemplateMessage],
+        tools: Option<&[Tool]>,
     ) -> Result<Vec<u32>, ApiError> {
-        let rendered = template.render(messages)?;
+        let rendered = template.render(messages, tools)?;
         self.check_len("messages", &rendered)?;
+        // Calls and tools are rendered as the template likes, with no place to mark: a
+        // special token's text in them is refused rather than let act.
+        if let Some(specials) = &self.specials {
+            let calls = messages.iter().enumerate().flat_map(|(i, m)| {
+                let param = format!("messages[{i}].tool_calls");
+                m.tool_calls
+                    .iter()
+                    .map(move |c| (param.clone(), c.to_string()))
+            });
+            let tools = tools.into_iter().flatten().enumerate().map(|(i, t)| {
+                (
+                    format!("tools[{i}]"),
+                    serde_json::to_string(t).unwrap_or_default(),
+                )
+            });
+            if let Some((param, _)) = calls.chain(tools).find(|(_, text)| specials.is_match(text)) {
+                return Err(ApiError::invalid_param(
+                    &param,
+                    format!("`{param}` holds a special token's text"),
+                ));
+            }
+        }
         let forged = self
             .specials
             .as_ref()
@@ -104,7 +128,7 @@ impl PromptTokenizer {
                 ..m.clone()
             })
             .collect();
-        let marked = template.render(&marked)?;
+        let marked = template.render(&marked, tools)?;
         let mut pieces = Vec::with_capacity(messages.len() + 1);
         let mut rest = marked.as_str();
         for i in 0..messages.len() {

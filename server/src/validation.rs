@@ -1,7 +1,8 @@
 //! Requests to typed work: every check a request must pass before it reaches a model,
 //! each failing with a 400 that names the field and the limit.
 use crate::api::{
-    ChatMessage, EmbeddingInput, MessageContent, Prompt, SamplingFields, StringOrList,
+    ChatMessage, EmbeddingInput, MessageContent, Prompt, ResponseFormat, SamplingFields,
+    StringOrList,
 };
 use crate::engine::SamplingParams;
 use crate::error::ApiError;
@@ -9,6 +10,10 @@ use serde::de::DeserializeOwned;
 
 /// OpenAI allows at most four stop sequences.
 const MAX_STOP_SEQUENCES: usize = 4;
+/// OpenAI's limit on alternatives per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Choices per request: each is a sequence in the engine, so a request may not take many.
+pub const MAX_CHOICES: usize = 16;
 /// OpenAI's limit on inputs in one embeddings request.
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
@@ -48,13 +53,9 @@ pub const IGNORED_FIELDS: &[&str] = &[
 /// OpenAI fields the server does not implement yet: each would change the answer, so a
 /// request that uses one is refused rather than answered as if it had not asked.
 pub const UNSUPPORTED_FIELDS: &[&str] = &[
-    "tools",
-    "tool_choice",
     "functions",
     "function_call",
-    "response_format",
     "logit_bias",
-    "top_logprobs",
     "audio",
     "modalities",
     "prediction",
@@ -70,14 +71,11 @@ pub fn unread_fields(unread: &serde_json::Map<String, serde_json::Value>) -> Res
     use serde_json::json;
     for (name, value) in unread {
         let default = match name.as_str() {
-            "response_format" => value == &json!({"type": "text"}),
             "modalities" => value == &json!(["text"]),
-            "logit_bias" | "tools" | "functions" => {
+            "logit_bias" | "functions" => {
                 value.as_object().is_some_and(|m| m.is_empty())
                     || value.as_array().is_some_and(|a| a.is_empty())
             }
-            "tool_choice" => value == "none",
-            "top_logprobs" => value == 0,
             _ => false,
         };
         if value.is_null() || default || IGNORED_FIELDS.contains(&name.as_str()) {
@@ -110,6 +108,10 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate from the one prompt.
+    pub n: usize,
+    /// Report log-probabilities, with this many alternatives per token.
+    pub logprobs: Option<usize>,
 }
 
 fn in_range(param: &str, value: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
@@ -155,22 +157,17 @@ pub fn generation_params(f: SamplingFields) -> Result<GenerationParams, ApiError
         }
         m => m.map(|m| m as usize),
     };
-    if let Some(n) = f.n
-        && n != 1
-    {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("`n` must be 1 (one choice per request), got {n}"),
-        ));
-    }
-    if matches!(f.logprobs, Some(serde_json::Value::Bool(true)))
-        || matches!(f.logprobs, Some(serde_json::Value::Number(_)))
-    {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "`logprobs` is not supported",
-        ));
-    }
+    let n = match f.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("`n` must be between 1 and {MAX_CHOICES}, got {n}"),
+            ));
+        }
+    };
+    let logprobs = logprobs(f.logprobs, f.top_logprobs)?;
     let stop = f.stop.map(StringOrList::into_vec).unwrap_or_default();
     if stop.len() > MAX_STOP_SEQUENCES {
         return Err(ApiError::invalid_param(
@@ -204,16 +201,93 @@ pub fn generation_params(f: SamplingFields) -> Result<GenerationParams, ApiError
         stop,
         include_usage: f.stream && f.stream_options.is_some_and(|o| o.include_usage),
         stream: f.stream,
+        n,
+        logprobs,
     })
 }
 
+/// Chat's `logprobs: true` with `top_logprobs: k`, or completions' `logprobs: k`: the
+/// number of alternatives per token, None when log-probabilities are not asked for.
+fn logprobs(
+    logprobs: Option<serde_json::Value>,
+    top_logprobs: Option<i64>,
+) -> Result<Option<usize>, ApiError> {
+    use serde_json::Value;
+    let top = |param: &str, k: i64| {
+        if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) {
+            Ok(k as usize)
+        } else {
+            Err(ApiError::invalid_param(
+                param,
+                format!("`{param}` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+            ))
+        }
+    };
+    match (logprobs, top_logprobs) {
+        (None | Some(Value::Null) | Some(Value::Bool(false)), Some(k)) if k > 0 => {
+            Err(ApiError::invalid_param(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs` set to true",
+            ))
+        }
+        (None | Some(Value::Null) | Some(Value::Bool(false)), _) => Ok(None),
+        (Some(Value::Bool(true)), k) => top("top_logprobs", k.unwrap_or(0)).map(Some),
+        (Some(Value::Number(k)), _) => match k.as_i64() {
+            Some(k) => top("logprobs", k).map(Some),
+            None => Err(ApiError::invalid_param(
+                "logprobs",
+                format!("`logprobs` must be a whole number, got {k}"),
+            )),
+        },
+        (Some(other), _) => Err(ApiError::invalid_param(
+            "logprobs",
+            format!("`logprobs` must be a boolean or a number, got {other}"),
+        )),
+    }
+}
+
+/// The JSON schema the answer must follow, if `response_format` asks for one.
+pub fn response_schema(
+    format: Option<ResponseFormat>,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let any_object = || serde_json::json!({"type": "object"});
+    match format {
+        None | Some(ResponseFormat::Text) => Ok(None),
+        Some(ResponseFormat::JsonObject) => Ok(Some(any_object())),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let name = &json_schema.name;
+            // OpenAI's rule for the name; clients derive it from a class name.
+            let valid = (1..=64).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                return Err(ApiError::invalid_param(
+                    "response_format.json_schema.name",
+                    format!(
+                        "`response_format.json_schema.name` must be 1 to 64 letters, digits, \
+                         `_` or `-`, got {name:?}"
+                    ),
+                ));
+            }
+            Ok(Some(json_schema.schema.unwrap_or_else(any_object)))
+        }
+    }
+}
+
 /// A chat message as the chat template sees it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct TemplateMessage {
     pub role: String,
     pub content: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's calls as transformers hands them to templates: arguments as
+    /// an object where they parse as one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -253,6 +327,7 @@ pub fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<TemplateMessage>,
                     }
                     text
                 }
+                // An assistant turn that only calls tools has no text.
                 None if m.role == "assistant" => String::new(),
                 None => {
                     return Err(ApiError::invalid_param(
@@ -261,10 +336,30 @@ pub fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<TemplateMessage>,
                     ));
                 }
             };
+            let calls = m.tool_calls.unwrap_or_default();
+            if !calls.is_empty() && m.role != "assistant" {
+                return Err(ApiError::invalid_param(
+                    &format!("{param}.tool_calls"),
+                    "Only assistant messages carry `tool_calls`",
+                ));
+            }
+            let tool_calls = calls
+                .into_iter()
+                .map(|c| {
+                    let arguments = serde_json::from_str::<serde_json::Value>(&c.function.arguments)
+                        .ok()
+                        .filter(serde_json::Value::is_object)
+                        .unwrap_or(serde_json::Value::String(c.function.arguments));
+                    serde_json::json!({"id": c.id, "type": "function",
+                        "function": {"name": c.function.name, "arguments": arguments}})
+                })
+                .collect();
             Ok(TemplateMessage {
                 role: m.role,
                 content,
                 name: m.name,
+                tool_calls,
+                tool_call_id: m.tool_call_id,
             })
         })
         .collect()
@@ -414,20 +509,14 @@ mod tests {
         assert_eq!(chat("").unwrap(), Vec::<String>::new());
         for harmless in [
             r#","user":"u-1","metadata":{"k":"v"},"store":false"#,
-            r#","response_format":{"type":"text"},"tools":[],"tool_choice":"none""#,
-            r#","logit_bias":{},"modalities":["text"],"top_logprobs":0,"audio":null"#,
+            r#","logit_bias":{},"modalities":["text"],"audio":null"#,
         ] {
             assert!(chat(harmless).is_ok(), "{harmless}");
         }
         for (extra, param, words) in [
             (
-                r#","response_format":{"type":"json_object"}"#,
-                "response_format",
-                "not supported",
-            ),
-            (
-                r#","tools":[{"type":"function"}]"#,
-                "tools",
+                r#","functions":[{"name":"f"}]"#,
+                "functions",
                 "not supported",
             ),
             (r#","audio":{"voice":"alloy"}"#, "audio", "not supported"),
@@ -487,7 +576,11 @@ mod tests {
             (r#""top_p":1.5"#, "top_p"),
             (r#""top_k":-3"#, "top_k"),
             (r#""max_tokens":0"#, "max_tokens"),
-            (r#""n":2"#, "n"),
+            (r#""n":0"#, "n"),
+            (r#""n":17"#, "n"),
+            (r#""logprobs":"yes""#, "logprobs"),
+            (r#""logprobs":21"#, "logprobs"),
+            (r#""logprobs":true,"top_logprobs":-1"#, "top_logprobs"),
             (r#""presence_penalty":3"#, "presence_penalty"),
             (r#""stop":["a","b","c","d","e"]"#, "stop"),
             (r#""temperature":"hot""#, "temperature"),

@@ -7,7 +7,9 @@
 //! sequences of different lengths, and when a small KV cache forces preemption.
 use kandle_server::cli::{DeviceArg, DtypeArg};
 use kandle_server::engine::SamplingParams;
-use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
+use kandle_server::engine::generation::{
+    Event, GenerationEngine, GenerationJob, Limits, TokenLogprob,
+};
 use kandle_server::metrics::Metrics;
 use kandle_server::model::{Backend, LoadOptions, LoadedModel, load};
 use serde_json::Value;
@@ -153,24 +155,40 @@ fn one_long_chunk_equals_many_steps() {
 }
 
 async fn generate(engine: &GenerationEngine, prompt: Vec<u32>, max_new_tokens: usize) -> String {
+    generate_with_logprobs(engine, prompt, max_new_tokens, None)
+        .await
+        .0
+}
+
+async fn generate_with_logprobs(
+    engine: &GenerationEngine,
+    prompt: Vec<u32>,
+    max_new_tokens: usize,
+    logprobs: Option<usize>,
+) -> (String, Vec<TokenLogprob>) {
     let mut rx = engine
         .submit(GenerationJob {
             prompt,
             sampling: SamplingParams::greedy(),
             max_new_tokens,
             stop: Vec::new(),
+            constraint: None,
+            logprobs,
             span: tracing::Span::none(),
         })
         .unwrap();
-    let mut text = String::new();
+    let (mut text, mut all) = (String::new(), Vec::new());
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text(t, l) => {
+                text.push_str(&t);
+                all.extend(l);
+            }
             Event::Done {
                 completion_tokens, ..
             } => {
                 assert_eq!(completion_tokens, max_new_tokens);
-                return text;
+                return (text, all);
             }
             Event::Failed(e) => panic!("{e}"),
         }
@@ -246,6 +264,53 @@ async fn greedy_tokens_do_not_depend_on_the_batch() {
                 assert!(
                     metrics.preemptions.get() > 0,
                     "{family}: 4 blocks forced no preemption"
+                );
+            }
+        }
+    }
+}
+
+/// Log-probabilities are the log-softmax of transformers' logits at each step, and the
+/// alternatives its most likely tokens, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_follow_transformers() {
+    for family in FAMILIES {
+        let loaded = model(family);
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let Backend::Generator(lm) = loaded.backend else {
+            panic!()
+        };
+        let limits = Limits {
+            max_running: 4,
+            max_step_tokens: 64,
+            kv_blocks: 32,
+            prefix_caching: false,
+        };
+        let engine =
+            GenerationEngine::start(lm, tokenizer, vec![], limits, Arc::new(Metrics::new()))
+                .unwrap();
+        for case in cases(family) {
+            let steps = case.greedy.len();
+            let (_, logprobs) = generate_with_logprobs(&engine, case.prompt, steps, Some(3)).await;
+            assert_eq!(logprobs.len(), steps, "{family}");
+            for (step, (got, want)) in logprobs.iter().zip(&case.logits).enumerate() {
+                let max = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let total = max + want.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+                assert_eq!(got.token, case.greedy[step], "{family} step {step}");
+                let expected = want[got.token as usize] - total;
+                assert!(
+                    (got.logprob - expected).abs() < 1e-3,
+                    "{family} step {step}: {} vs {expected}",
+                    got.logprob
+                );
+                let mut order: Vec<usize> = (0..want.len()).collect();
+                order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+                let top: Vec<u32> = got.top.iter().map(|t| t.0).collect();
+                let top_want: Vec<u32> = order[..3].iter().map(|&i| i as u32).collect();
+                assert_eq!(top, top_want, "{family} step {step}");
+                assert_eq!(
+                    got.top[0].1, got.logprob,
+                    "{family}: greedy picks the most likely"
                 );
             }
         }

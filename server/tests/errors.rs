@@ -70,9 +70,17 @@ async fn each_kind_of_bad_input_is_a_clear_4xx() {
         (
             "/v1/chat/completions",
             json!({"model": "tiny", "messages": user,
-                   "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+                   "response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "x", "schema": {"type": "object", "if": {}}}}}),
             400,
-            "`response_format` is not supported",
+            "cannot be enforced: Unimplemented keys: [\"if\"]",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user,
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}}),
+            400,
+            "`response_format.json_schema.name` must be",
         ),
         (
             "/v1/embeddings",
@@ -112,9 +120,27 @@ async fn each_kind_of_bad_input_is_a_clear_4xx() {
         ),
         (
             "/v1/completions",
-            json!({"model": "tiny", "prompt": "a", "n": 3}),
+            json!({"model": "tiny", "prompt": "a", "n": 17}),
             400,
-            "`n`",
+            "`n` must be between 1 and 16",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user, "logprobs": true, "top_logprobs": 21}),
+            400,
+            "`top_logprobs` must be between 0 and 20",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": user, "top_logprobs": 2}),
+            400,
+            "`top_logprobs` needs `logprobs`",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "a", "logprobs": 1, "echo": true}),
+            400,
+            "`echo` with `logprobs`",
         ),
         (
             "/v1/embeddings",

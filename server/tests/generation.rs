@@ -86,6 +86,16 @@ async fn streaming_equals_non_streaming() {
             "/v1/completions",
             json!({"model": "tiny", "prompt": "Stream me", "temperature": 0, "max_tokens": 30}),
         ),
+        (
+            "/v1/chat/completions",
+            chat(
+                "Stream JSON",
+                json!({"temperature": 1, "seed": 3, "max_tokens": 300, "response_format": {
+                    "type": "json_schema", "json_schema": {"name": "point", "schema": {
+                        "type": "object", "properties": {"x": {"type": "integer"}, "label": {"type": "string", "maxLength": 5}},
+                        "required": ["x", "label"], "additionalProperties": false}}}}),
+            ),
+        ),
     ] {
         let (_, whole) = post(&server, path, body.clone()).await;
         let mut streamed_body = body.clone();
@@ -417,4 +427,212 @@ fn every_config_field_that_changes_the_maths_is_read_or_refused() {
         let error = logits_with(config.clone()).expect_err(&config.to_string());
         assert!(error.contains(named), "{config}: {error}");
     }
+}
+
+/// `n` choices, each with its own seed, come back whole or streamed alike, with one
+/// log-probability (and its alternatives) per token and the prompt echoed when asked.
+#[tokio::test]
+async fn several_choices_with_logprobs_stream_and_whole_alike() {
+    let (_dir, server) = tiny();
+    let body = json!({"model": "tiny", "prompt": "abc", "max_tokens": 12, "temperature": 1.2,
+                      "seed": 5, "n": 3, "logprobs": 2});
+    let (status, whole) = post(&server, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let choices = whole["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut total_tokens = 0;
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let lp = &c["logprobs"];
+        let tokens = lp["tokens"].as_array().unwrap().len();
+        match c["finish_reason"].as_str().unwrap() {
+            "length" => assert_eq!(tokens, 12),
+            // The end-of-sequence token has no text and no entry.
+            _ => assert!(tokens < 12),
+        }
+        total_tokens += tokens;
+        assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens);
+        for (k, alternatives) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+            let alternatives = alternatives.as_object().unwrap();
+            assert!((1..=2).contains(&alternatives.len()));
+            let best = alternatives
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .fold(f64::MIN, f64::max);
+            assert!(best >= lp["token_logprobs"][k].as_f64().unwrap() - 1e-6);
+            assert!(best <= 0.0);
+        }
+        let offsets: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]) && offsets.first() == Some(&0));
+    }
+    assert!(total_tokens <= whole["usage"]["completion_tokens"].as_u64().unwrap() as usize);
+    let texts: Vec<&str> = choices
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "seeds per choice differ: {texts:?}"
+    );
+
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    streamed_body["stream_options"] = json!({"include_usage": true});
+    let response = client()
+        .post(server.url("/v1/completions"))
+        .json(&streamed_body)
+        .send()
+        .await
+        .unwrap();
+    let (events, done) = read_sse(response).await;
+    assert!(done);
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = vec![None; 3];
+    for e in &events {
+        for c in e["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            streamed[i].push_str(c["text"].as_str().unwrap());
+            if let Some(reason) = c["finish_reason"].as_str() {
+                finished[i] = Some(reason.to_string());
+            }
+        }
+    }
+    assert_eq!(streamed, texts);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(finished[i].as_deref(), c["finish_reason"].as_str());
+    }
+    assert_eq!(events.last().unwrap()["usage"], whole["usage"]);
+
+    let mut echo = body.clone();
+    echo["echo"] = json!(true);
+    echo.as_object_mut().unwrap().remove("logprobs");
+    let (_, echoed) = post(&server, "/v1/completions", echo).await;
+    for (c, text) in echoed["choices"].as_array().unwrap().iter().zip(&texts) {
+        assert_eq!(c["text"].as_str().unwrap(), format!("abc{text}"));
+    }
+}
+
+fn weather_tools() -> serde_json::Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                           "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                           "required": ["zone"], "additionalProperties": false}}}
+    ])
+}
+
+/// With a template that shows tools, a demanded call is constrained to a valid one even
+/// from random weights, comes back in `tool_calls` (streamed as `delta.tool_calls`), and
+/// the conversation carrying it and its result renders again.
+#[tokio::test]
+async fn tool_calls_come_back_as_calls_and_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyLlama::FAST.write(dir.path());
+    common::set_chat_template(dir.path(), common::TOOLS_CHATML);
+    let server = Server::start(dir.path(), &["--served-model-name", "tiny"]);
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    for (choice, name) in [(json!("required"), None), (named, Some("get_time"))] {
+        for seed in 0..4 {
+            let body = chat(
+                "What is the weather in Paris?",
+                json!({"tools": weather_tools(), "tool_choice": choice, "temperature": 1,
+                       "seed": seed, "max_tokens": 200}),
+            );
+            let (status, whole) = post(&server, "/v1/chat/completions", body.clone()).await;
+            assert_eq!(status, 200, "{whole}");
+            let c = &whole["choices"][0];
+            assert_eq!(c["finish_reason"], "tool_calls", "{whole}");
+            assert_eq!(c["message"]["content"], serde_json::Value::Null);
+            let call = &c["message"]["tool_calls"][0];
+            assert!(call["id"].as_str().unwrap().starts_with("call_"));
+            assert_eq!(call["type"], "function");
+            let called = call["function"]["name"].as_str().unwrap();
+            if let Some(name) = name {
+                assert_eq!(called, name);
+            }
+            let arguments: serde_json::Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            match called {
+                "get_weather" => assert!(arguments["city"].as_str().unwrap().chars().count() <= 8),
+                "get_time" => {
+                    assert!(["UTC", "CET"].contains(&arguments["zone"].as_str().unwrap()))
+                }
+                other => panic!("{other}"),
+            }
+
+            let mut streamed = body.clone();
+            streamed["stream"] = json!(true);
+            let response = client()
+                .post(server.url("/v1/chat/completions"))
+                .json(&streamed)
+                .send()
+                .await
+                .unwrap();
+            let (events, done) = read_sse(response).await;
+            assert!(done);
+            let deltas: Vec<&serde_json::Value> =
+                events.iter().filter_map(|e| e["choices"].get(0)).collect();
+            let calls: Vec<&serde_json::Value> = deltas
+                .iter()
+                .filter_map(|d| d["delta"]["tool_calls"].get(0))
+                .collect();
+            assert_eq!(calls.len(), 1, "{events:?}");
+            assert_eq!(calls[0]["index"], 0);
+            assert_eq!(
+                calls[0]["function"], call["function"],
+                "streamed as answered whole"
+            );
+            assert_eq!(deltas.last().unwrap()["finish_reason"], "tool_calls");
+            let text: String = deltas
+                .iter()
+                .filter_map(|d| d["delta"]["content"].as_str())
+                .collect();
+            assert_eq!(text, "", "a call is not text");
+
+            let mut conversation = body["messages"].as_array().unwrap().clone();
+            conversation.push(json!({"role": "assistant", "content": null, "tool_calls": [call]}));
+            conversation.push(
+                json!({"role": "tool", "tool_call_id": call["id"], "content": "{\"celsius\": 21}"}),
+            );
+            let follow_up = json!({"model": "tiny", "messages": conversation, "tools": weather_tools(),
+                                   "max_tokens": 4, "tool_choice": "none"});
+            let (status, answer) = post(&server, "/v1/chat/completions", follow_up).await;
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(
+                answer["choices"][0]["message"]["tool_calls"],
+                serde_json::Value::Null
+            );
+        }
+    }
+    let body = chat(
+        "x",
+        json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+    );
+    let (status, e) = post(&server, "/v1/chat/completions", body).await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("tool_choice")),
+        "{e}"
+    );
+
+    // A template that never shows tools cannot be given any.
+    let (_plain_dir, plain) = tiny();
+    let (status, e) = post(
+        &plain,
+        "/v1/chat/completions",
+        chat("x", json!({"tools": weather_tools()})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        common::error_message(&e).contains("does not support tools"),
+        "{e}"
+    );
 }

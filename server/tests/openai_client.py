@@ -4,11 +4,14 @@ Usage: python openai_client.py CHAT_BASE_URL CHAT_MODEL EMBED_BASE_URL EMBED_MOD
 Exits non-zero on the first failed check; run by tests/openai_client.rs.
 """
 import base64
+import json
 import struct
 import sys
+from typing import Literal
 
 import openai
 from openai import OpenAI
+from pydantic import BaseModel, Field
 
 chat_url, chat_model, embed_url, embed_model, key = sys.argv[1:6]
 chat = OpenAI(base_url=chat_url + "/v1", api_key=key, max_retries=0)
@@ -36,6 +39,93 @@ for chunk in stream:
         parts.append(choice.delta.content or "")
 assert "".join(parts) == whole, ("".join(parts), whole)
 assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+
+# Structured outputs: random weights still give documents the Pydantic model parses,
+# because each step only allows tokens that keep the text a valid prefix.
+class Pet(BaseModel):
+    kind: Literal["cat", "dog", "fish"]
+    name: str = Field(max_length=8)
+
+
+class Owner(BaseModel):
+    name: str = Field(min_length=1, max_length=10)
+    age: int = Field(ge=0, le=120)
+    pets: list[Pet] = Field(max_length=3)
+    verified: bool
+
+
+for i, prompt in enumerate(["Describe an owner", "Who owns a fish?", "{", "Say nothing"]):
+    parsed = chat.chat.completions.parse(
+        model=chat_model, messages=[{"role": "user", "content": prompt}], response_format=Owner,
+        temperature=1, seed=i, max_tokens=600,
+    )
+    owner = parsed.choices[0].message.parsed
+    assert isinstance(owner, Owner) and 0 <= owner.age <= 120, parsed
+    assert parsed.choices[0].finish_reason == "stop"
+
+obj = chat.chat.completions.create(
+    model=chat_model, messages=[{"role": "user", "content": "JSON please"}], temperature=1, seed=7,
+    response_format={"type": "json_object"}, max_tokens=600,
+)
+# Any object; random weights may nest deep before closing, so only a complete one is checked.
+if obj.choices[0].finish_reason == "stop":
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+try:
+    chat.chat.completions.parse(
+        model=chat_model, messages=[{"role": "user", "content": "x"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3, "maximum": 1}}},
+    )
+    raise AssertionError("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "response_format" and "minimum" in e.body["message"], e.body
+
+# Tool calls: a demanded call is a valid call even from random weights; whole and streamed
+# alike; the assistant message and a tool result go back into the conversation.
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                   "required": ["city"], "additionalProperties": False}}}]
+messages = [{"role": "user", "content": "Weather in Oslo?"}]
+asked = dict(model=chat_model, messages=messages, tools=tools, tool_choice="required", temperature=1, seed=1,
+             max_tokens=200)
+r = chat.chat.completions.create(**asked)
+call = r.choices[0].message.tool_calls[0]
+assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather", r
+assert isinstance(json.loads(call.function.arguments)["city"], str)
+calls = {}
+for chunk in chat.chat.completions.create(**asked, stream=True):
+    for choice in chunk.choices:
+        for delta in choice.delta.tool_calls or []:
+            entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+            entry["name"] += delta.function.name or ""
+            entry["arguments"] += delta.function.arguments or ""
+assert calls == {0: {"name": call.function.name, "arguments": call.function.arguments}}, calls
+messages += [r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+follow = chat.chat.completions.create(model=chat_model, messages=messages, tools=tools, max_tokens=4, temperature=0)
+assert follow.choices[0].message.role == "assistant"
+
+# Several choices with log-probabilities, whole and streamed.
+r = chat.chat.completions.create(
+    model=chat_model, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=1, seed=3,
+    n=2, logprobs=True, top_logprobs=2,
+)
+assert [c.index for c in r.choices] == [0, 1]
+for choice in r.choices:
+    for t in choice.logprobs.content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6
+        assert t.token == bytes(t.bytes).decode(errors="replace")
+streamed = {0: [], 1: []}
+for chunk in chat.chat.completions.create(
+    model=chat_model, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=1, seed=3,
+    n=2, logprobs=True, top_logprobs=2, stream=True,
+):
+    for choice in chunk.choices:
+        streamed[choice.index].append(choice.delta.content or "")
+assert ["".join(streamed[i]) for i in (0, 1)] == [c.message.content for c in r.choices]
+lc = chat.completions.create(model=chat_model, prompt="Once upon", max_tokens=4, temperature=0, logprobs=3)
+assert len(lc.choices[0].logprobs.tokens) == len(lc.choices[0].logprobs.token_logprobs) == len(lc.choices[0].logprobs.text_offset)
+assert all(len(alternatives) <= 3 for alternatives in lc.choices[0].logprobs.top_logprobs)
 
 c = chat.completions.create(model=chat_model, prompt="Once upon", max_tokens=5, temperature=0)
 assert c.object == "text_completion" and c.usage.completion_tokens <= 5

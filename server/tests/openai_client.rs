@@ -7,6 +7,7 @@ use common::{Server, TinyLlama, minilm_dir, venv_python};
 fn official_openai_client_works_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     TinyLlama::FAST.write(dir.path());
+    common::set_chat_template(dir.path(), common::TOOLS_CHATML);
     let key_file = dir.path().join("keys");
     std::fs::write(&key_file, "sk-test\n").unwrap();
     let chat = Server::start(

@@ -141,14 +141,14 @@ fn smollm2_prompt_ids_match_llama_cpp() {
                     .map(|m| TemplateMessage {
                         role: m["role"].as_str().unwrap().into(),
                         content: m["content"].as_str().unwrap().into(),
-                        name: None,
+                        ..Default::default()
                     })
                     .collect();
             let rendered = model
                 .chat_template
                 .as_ref()
                 .unwrap()
-                .render(&messages)
+                .render(&messages, None)
                 .unwrap();
             assert_eq!(
                 rendered,

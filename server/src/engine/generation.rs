@@ -8,6 +8,7 @@
 use super::blocks::BlockPool;
 use super::sampling::{Sampler, SamplingParams};
 use super::{BLOCK_TOKENS, Chunk, EngineError, Health, LanguageModel, spawn_worker};
+use crate::constrain::{Constraint, Mask};
 use crate::detokenize::{Delta, TextStream};
 use crate::metrics::Metrics;
 use std::collections::VecDeque;
@@ -31,9 +32,21 @@ impl FinishReason {
     }
 }
 
+/// A generated token's log-probability under the model, and the most likely tokens at its
+/// step with theirs, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// Text, with the log-probabilities of the tokens that made it when they were asked for
+    /// (a token whose text is held back, by a stop sequence that may begin or an unfinished
+    /// character, comes with the text it ends up in).
+    Text(String, Vec<TokenLogprob>),
     Done {
         reason: FinishReason,
         completion_tokens: usize,
@@ -46,6 +59,10 @@ pub struct GenerationJob {
     pub sampling: SamplingParams,
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
+    /// The grammar the output must follow, if any.
+    pub constraint: Option<Constraint>,
+    /// Whether to report each token's log-probability, and with how many alternatives.
+    pub logprobs: Option<usize>,
     pub span: tracing::Span,
 }
 
@@ -140,6 +157,9 @@ struct Sequence<'a> {
     registered: usize,
     prefix: u64,
     sampler: Sampler,
+    constraint: Option<Constraint>,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    logprobs: Vec<TokenLogprob>,
     text: TextStream<'a>,
     last_token_at: Option<Instant>,
 }
@@ -192,7 +212,7 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
         }
     }
 
-    fn enqueue(&mut self, s: Submitted) {
+    fn enqueue(&mut self, mut s: Submitted) {
         // A sequence the whole pool cannot hold would preempt itself forever; `serve` sizes
         // the context to the pool, so only a misconfigured caller gets here.
         let capacity = self.limits.kv_blocks * BLOCK_TOKENS;
@@ -212,6 +232,8 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
         let text = TextStream::new(self.tokenizer, &s.job.prompt, s.job.stop.clone());
         self.waiting.push_back(Sequence {
             sampler: Sampler::new(&s.job.sampling),
+            constraint: s.job.constraint.take(),
+            logprobs: Vec::new(),
             tokens: s.job.prompt.clone(),
             job: s.job,
             events: s.events,
@@ -322,6 +344,16 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
     /// One forward pass over the planned rows, then a token for each sequence whose rows
     /// reached its end; finished sequences leave and give their blocks back.
     fn step(&mut self, planned: &[(usize, usize)]) {
+        // The grammars of the sequences that pick a token this step; their masks depend
+        // only on tokens already chosen, so they are computed while the model runs.
+        let mut constrained: Vec<(usize, Constraint)> = planned
+            .iter()
+            .filter_map(|&(i, rows)| {
+                let seq = &mut self.running[i];
+                let samples = seq.cached + rows == seq.tokens.len();
+                Some((i, seq.constraint.take_if(|_| samples)?))
+            })
+            .collect();
         let chunks: Vec<Chunk<'_>> = planned
             .iter()
             .map(|&(i, rows)| {
@@ -334,7 +366,29 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             })
             .collect();
         self.metrics.batch_size.observe(chunks.len() as f64);
-        let logits = self.model.forward(&chunks);
+        let model = &mut self.model;
+        let (logits, computed) = std::thread::scope(|scope| {
+            let masks = (!constrained.is_empty()).then(|| {
+                scope.spawn(|| {
+                    constrained
+                        .iter_mut()
+                        .map(|(i, c)| (*i, c.mask()))
+                        .collect::<Vec<_>>()
+                })
+            });
+            let logits = model.forward(&chunks);
+            let masks = masks.map(|h| h.join().expect("grammar masks never panic"));
+            (logits, masks.unwrap_or_default())
+        });
+        let mut masks: Vec<Option<Result<Mask, String>>> = std::iter::repeat_with(|| None)
+            .take(self.running.len())
+            .collect();
+        for (i, mask) in computed {
+            masks[i] = Some(mask);
+        }
+        for (i, constraint) in constrained {
+            self.running[i].constraint = Some(constraint);
+        }
         let mut finished = vec![false; self.running.len()];
         for (row, &(i, rows)) in planned.iter().enumerate() {
             let seq = &mut self.running[i];
@@ -350,7 +404,7 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
                     if seq.cached < seq.tokens.len() {
                         return Ok(None);
                     }
-                    advance(seq, &l, self.eos, self.metrics)
+                    advance(seq, &l, masks[i].take(), self.eos, self.metrics)
                 });
             finished[i] = match outcome {
                 Ok(None) => false,
@@ -394,10 +448,24 @@ fn register_full_blocks(seq: &mut Sequence<'_>, pool: &mut BlockPool) {
 fn advance(
     seq: &mut Sequence<'_>,
     logits: &candle_core::Tensor,
+    mask: Option<Result<Mask, String>>,
     eos: &[u32],
     metrics: &Metrics,
 ) -> anyhow::Result<Option<Event>> {
-    let token = seq.sampler.sample(logits.to_vec1()?);
+    let mut logits = logits.to_vec1()?;
+    // The model's own distribution: before penalties and grammar, as vLLM reports it.
+    let distribution = seq.job.logprobs.map(|top| LogSoftmax::new(&logits, top));
+    if let Some(mask) = mask {
+        mask.map_err(|e| anyhow::anyhow!("grammar: {e}"))?
+            .apply(&mut logits);
+    }
+    let token = seq.sampler.sample(logits);
+    // A grammar allows an end-of-sequence token only once the document is complete.
+    if let Some(constraint) = seq.constraint.as_mut().filter(|_| !eos.contains(&token)) {
+        constraint
+            .accept(token)
+            .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
+    }
     let now = Instant::now();
     match seq.last_token_at {
         None => metrics
@@ -409,6 +477,9 @@ fn advance(
     }
     seq.last_token_at = Some(now);
     seq.tokens.push(token);
+    if let Some(d) = distribution.filter(|_| !eos.contains(&token)) {
+        seq.logprobs.push(d.of(token));
+    }
     metrics.tokens_generated.inc();
     let completion_tokens = seq.generated();
     let done = |reason| Event::Done {
@@ -417,7 +488,7 @@ fn advance(
     };
 
     if eos.contains(&token) {
-        send_text(seq, |text| text.finish());
+        send_text(seq, true, |text| text.finish());
         return Ok(Some(done(FinishReason::Stop)));
     }
     match seq
@@ -425,23 +496,84 @@ fn advance(
         .push(token)
         .map_err(|e| anyhow::anyhow!("decoding: {e}"))?
     {
-        Delta::Text(t) => send_text(seq, |_| t),
+        Delta::Text(t) => send_text(seq, false, |_| t),
         Delta::Stopped(t) => {
-            send_text(seq, |_| t);
+            send_text(seq, true, |_| t);
             return Ok(Some(done(FinishReason::Stop)));
         }
     }
     if completion_tokens >= seq.job.max_new_tokens {
-        send_text(seq, |text| text.finish());
+        send_text(seq, true, |text| text.finish());
         return Ok(Some(done(FinishReason::Length)));
     }
     Ok(None)
 }
 
-fn send_text(seq: &mut Sequence<'_>, text: impl FnOnce(&mut TextStream<'_>) -> String) {
+/// Sends the text, if any, with the log-probabilities gathered since the last text; when
+/// the sequence is done (`last`), sends what is left even without text.
+fn send_text(seq: &mut Sequence<'_>, last: bool, text: impl FnOnce(&mut TextStream<'_>) -> String) {
     let text = text(&mut seq.text);
-    if !text.is_empty() {
-        let _ = seq.events.send(Event::Text(text));
+    if !text.is_empty() || (last && !seq.logprobs.is_empty()) {
+        let logprobs = std::mem::take(&mut seq.logprobs);
+        let _ = seq.events.send(Event::Text(text, logprobs));
+    }
+}
+
+/// Log-probabilities of one step's logits (a copy: sampling consumes the original).
+struct LogSoftmax {
+    logits: Vec<f32>,
+    log_total: f32,
+    top: Vec<(u32, f32)>,
+}
+
+impl LogSoftmax {
+    /// Remembers the `top` most likely tokens; NaN logits count as impossible.
+    fn new(logits: &[f32], top: usize) -> Self {
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|v| !v.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits
+            .iter()
+            .filter(|v| !v.is_nan())
+            .map(|&v| f64::from(v - max).exp())
+            .sum();
+        let log_total = max + sum.ln() as f32;
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let larger = |a: &u32, b: &u32| {
+            let (a, b) = (logits[*a as usize], logits[*b as usize]);
+            b.partial_cmp(&a)
+                .unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
+        };
+        let top = top.min(ids.len());
+        if top < ids.len() {
+            ids.select_nth_unstable_by(top, larger);
+        }
+        ids.truncate(top);
+        ids.sort_unstable_by(larger);
+        let top = ids
+            .iter()
+            .map(|&i| (i, logits[i as usize] - log_total))
+            .collect();
+        LogSoftmax {
+            logits: logits.to_vec(),
+            log_total,
+            top,
+        }
+    }
+
+    fn of(self, token: u32) -> TokenLogprob {
+        let v = self.logits[token as usize];
+        TokenLogprob {
+            token,
+            logprob: if v.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                v - self.log_total
+            },
+            top: self.top,
+        }
     }
 }
 
@@ -559,6 +691,8 @@ mod tests {
             sampling: SamplingParams::greedy(),
             max_new_tokens,
             stop: stop.iter().map(|s| s.to_string()).collect(),
+            constraint: None,
+            logprobs: None,
             span: tracing::Span::none(),
         }
     }
@@ -569,7 +703,7 @@ mod tests {
         let mut text = String::new();
         while let Some(e) = rx.recv().await {
             match e {
-                Event::Text(t) => text.push_str(&t),
+                Event::Text(t, _) => text.push_str(&t),
                 Event::Done {
                     reason,
                     completion_tokens,

@@ -1,8 +1,8 @@
 //! `POST /v1/completions`.
-use super::generate::{Format, Generation, respond};
+use super::generate::{Choice, Format, Generation, Logprob, respond};
 use super::json::ApiJson;
 use super::{AppState, RequestStart, unix_now};
-use crate::api::{Completion, CompletionChoice, CompletionRequest, Usage};
+use crate::api::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage};
 use crate::engine::generation::FinishReason;
 use crate::error::ApiError;
 use crate::validation::{
@@ -22,9 +22,6 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     check_model(&req.model, &state.model_name)?;
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid_param("echo", "`echo` is not supported"));
-    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param(
             "suffix",
@@ -36,25 +33,37 @@ pub async fn completions(
     }
     let prompt = completion_prompt(req.prompt)?;
     let mut params = generation_params(req.sampling)?;
+    let echo = req.echo.unwrap_or(false);
+    if echo && params.logprobs.is_some() {
+        // The prompt's log-probabilities would need its logits, which prefill discards.
+        return Err(ApiError::invalid_param(
+            "echo",
+            "`echo` with `logprobs` is not supported",
+        ));
+    }
     // OpenAI's legacy completions stop at 16 tokens unless told otherwise; clients rely on it.
     params.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
     let permit = state.admission.admit().await?;
-    let prompt = match prompt {
+    let (prompt, prompt_text) = match prompt {
         PromptInput::Tokens(ids) => {
             check_token_ids("prompt", &ids, state.info.vocab_size)?;
-            ids
+            let text = echo.then(|| state.tokenizer.decode(&ids, false).unwrap_or_default());
+            (ids, text)
         }
         PromptInput::Text(text) => {
-            state
+            let ids = state
                 .prompts
-                .run(move |p| p.encode("prompt", &text, true))
-                .await?
+                .run(move |p| Ok((p.encode("prompt", &text, true)?, text)))
+                .await?;
+            (ids.0, echo.then_some(ids.1))
         }
     };
     let format = CompletionFormat {
         id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
         model: state.model_name.clone(),
+        offsets: vec![prompt_text.as_deref().map_or(0, |t| t.chars().count()); params.n],
+        echo: prompt_text,
     };
     let generation = Generation {
         route: "/v1/completions",
@@ -62,6 +71,7 @@ pub async fn completions(
         permit,
         prompt,
         params,
+        constraint: None,
     };
     respond(state, generation, format).await
 }
@@ -70,56 +80,103 @@ struct CompletionFormat {
     id: String,
     created: u64,
     model: String,
+    /// The prompt, when `echo` asks for it before each choice's text.
+    echo: Option<String>,
+    /// Characters of each choice's text so far: where its next token starts.
+    offsets: Vec<usize>,
 }
 
 impl CompletionFormat {
-    fn body(
-        &self,
-        text: String,
-        finish_reason: Option<&'static str>,
-        usage: Option<Usage>,
-        with_choice: bool,
-    ) -> Value {
-        let choices = if with_choice {
-            vec![CompletionChoice {
-                index: 0,
-                text,
-                finish_reason,
-                logprobs: None,
-            }]
-        } else {
-            Vec::new()
+    fn body(&self, choice: Option<CompletionChoice>, usage: Option<Usage>) -> Value {
+        serde_json::to_value(Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: choice.into_iter().collect(),
+            usage,
+        })
+        .expect("completion serializes")
+    }
+
+    fn logprobs(&mut self, index: usize, logprobs: Vec<Logprob>) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs {
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text_offset: Vec::new(),
         };
+        for l in logprobs {
+            out.text_offset.push(self.offsets[index]);
+            self.offsets[index] += l.chosen.token.chars().count();
+            out.top_logprobs.push(
+                l.top
+                    .into_iter()
+                    .map(|a| (a.token, a.logprob.into()))
+                    .collect(),
+            );
+            out.tokens.push(l.chosen.token);
+            out.token_logprobs.push(l.chosen.logprob);
+        }
+        out
+    }
+}
+
+impl Format for CompletionFormat {
+    fn opening(&mut self, index: usize) -> Option<Value> {
+        let text = self.echo.clone()?;
+        self.text(index, text, None)
+    }
+
+    fn text(
+        &mut self,
+        index: usize,
+        text: String,
+        logprobs: Option<Vec<Logprob>>,
+    ) -> Option<Value> {
+        let logprobs = logprobs.map(|l| self.logprobs(index, l));
+        let choice = CompletionChoice {
+            index,
+            text,
+            finish_reason: None,
+            logprobs,
+        };
+        Some(self.body(Some(choice), None))
+    }
+
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Value> {
+        let choice = CompletionChoice {
+            index,
+            text: String::new(),
+            finish_reason: Some(reason.as_str()),
+            logprobs: None,
+        };
+        vec![self.body(Some(choice), None)]
+    }
+
+    fn usage(&mut self, usage: Usage) -> Value {
+        self.body(None, Some(usage))
+    }
+
+    fn whole(&mut self, choices: Vec<Choice>, usage: Usage) -> Value {
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| CompletionChoice {
+                index,
+                text: self.echo.clone().unwrap_or_default() + &c.text,
+                finish_reason: Some(c.reason.as_str()),
+                logprobs: c.logprobs.map(|l| self.logprobs(index, l)),
+            })
+            .collect();
         serde_json::to_value(Completion {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
             model: self.model.clone(),
             choices,
-            usage,
+            usage: Some(usage),
         })
         .expect("completion serializes")
-    }
-}
-
-impl Format for CompletionFormat {
-    fn opening(&self) -> Option<Value> {
-        None
-    }
-
-    fn text(&self, text: String) -> Value {
-        self.body(text, None, None, true)
-    }
-
-    fn finish(&self, reason: FinishReason) -> Value {
-        self.body(String::new(), Some(reason.as_str()), None, true)
-    }
-
-    fn usage(&self, usage: Usage) -> Value {
-        self.body(String::new(), None, Some(usage), false)
-    }
-
-    fn whole(&self, text: String, reason: FinishReason, usage: Usage) -> Value {
-        self.body(text, Some(reason.as_str()), Some(usage), true)
     }
 }

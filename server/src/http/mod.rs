@@ -9,6 +9,7 @@ mod ops;
 
 use crate::admission::Admission;
 use crate::chat_template::ChatTemplate;
+use crate::constrain::LazyLexicon;
 use crate::engine::Health;
 use crate::engine::embedding::EmbeddingEngine;
 use crate::engine::generation::GenerationEngine;
@@ -53,6 +54,8 @@ pub struct AppState {
     /// Prompts to token ids, within bounds.
     pub prompts: Arc<PromptTokenizer>,
     pub chat_template: Option<Arc<ChatTemplate>>,
+    /// Each token's bytes, and grammars over them for structured outputs.
+    pub lexicon: LazyLexicon,
     pub engine: Engine,
     pub admission: Admission,
     pub metrics: Arc<Metrics>,

@@ -16,6 +16,43 @@ use tokenizers::{AddedToken, Tokenizer};
 
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// ChatML that shows the model its tools and replays calls and results as Qwen2.5 does:
+/// calls in `<tool_call>` blocks, results in `<tool_response>` blocks of a user turn.
+pub const TOOLS_CHATML: &str = r#"{%- if tools %}<|im_start|>system
+You may call these functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for call in message.tool_calls %}
+<tool_call>
+{{ {"name": call.function.name, "arguments": call.function.arguments} | tojson }}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+
+/// Replaces the chat template a model folder declares.
+pub fn set_chat_template(dir: &Path, template: &str) {
+    let config = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": template,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+}
+
 pub struct TinyLlama {
     pub hidden: usize,
     pub layers: usize,
@@ -67,14 +104,7 @@ impl TinyLlama {
             };
         }
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        let tokenizer_config = serde_json::json!({
-            "bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML,
-        });
-        std::fs::write(
-            dir.join("tokenizer_config.json"),
-            tokenizer_config.to_string(),
-        )
-        .unwrap();
+        set_chat_template(dir, CHATML);
 
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut random = |shape: (usize, usize)| {
