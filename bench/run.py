@@ -13,9 +13,12 @@
    decode tokens/s can be read as bytes of weights per second against the limit.
 6. Structured outputs: SmolLM2 decode tokens/s over HTTP with a JSON schema against the same
    request without one, at concurrency 1 and 8 (the cost of the grammar's token masks).
+7. Rerank: a cross-encoder of all-MiniLM-L6-v2's shape (random weights, its tokenizer) scoring
+   32 query-document pairs: kandle's /v1/rerank against sentence-transformers' CrossEncoder
+   at batch 32.
 
 Run with scripts/bench (it installs the peers); `scripts/bench structured` runs section 6
-alone, without them. Results: bench-results/results.json.
+alone, without them, and `scripts/bench rerank` section 7. Results: bench-results/results.json.
 """
 import importlib.util
 import json
@@ -205,7 +208,59 @@ def structured_decode():
         proc.terminate(), proc.wait()
 
 
+def rerank_pairs():
+    import shutil
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    directory = tempfile.mkdtemp(prefix="kandle-cross-encoder-")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(MINILM, name)):
+            shutil.copy(os.path.join(MINILM, name), directory)
+    query = "how do I serve a language model on kubernetes with gpus"
+    documents = SENTENCES[:32]
+    ce = CrossEncoder(directory, device="cpu")
+    body = json.dumps({"model": "m", "query": query, "documents": documents}).encode()
+    proc, _ = start_server(directory, 18185)
+    try:
+        def kandle():
+            request = urllib.request.Request("http://127.0.0.1:18185/v1/rerank", body,
+                                             {"content-type": "application/json"})
+            start = time.perf_counter()
+            with urllib.request.urlopen(request) as response:
+                scores = {r["index"]: r["relevance_score"] for r in json.load(response)["results"]}
+            return time.perf_counter() - start, [scores[i] for i in range(len(documents))]
+
+        def st():
+            start = time.perf_counter()
+            scores = ce.predict([(query, d) for d in documents], batch_size=32)
+            return time.perf_counter() - start, scores.tolist()
+
+        kandle(), st()
+        k_times, s_times = [], []
+        for _ in range(ROUNDS * 4):
+            seconds, k_scores = kandle()
+            k_times.append(seconds)
+            seconds, s_scores = st()
+            s_times.append(seconds)
+        k, s = statistics.median(k_times), statistics.median(s_times)
+        return {"pairs": len(documents), "kandle_pairs_per_s": len(documents) / k,
+                "st_cross_encoder_pairs_per_s": len(documents) / s, "ratio_kandle_over_st": s / k,
+                "largest_score_difference": max(abs(a - b) for a, b in zip(k_scores, s_scores))}
+    finally:
+        proc.terminate(), proc.wait()
+        shutil.rmtree(directory)
+
+
 def main():
+    if sys.argv[1:] == ["rerank"]:
+        print(json.dumps({"rerank": rerank_pairs()}, indent=1))
+        return
     if sys.argv[1:] == ["structured"]:
         print(json.dumps({"structured_outputs": structured_decode()}, indent=1))
         return
@@ -299,6 +354,9 @@ def main():
 
     # 6. Structured outputs against free text.
     results["structured_outputs"] = structured_decode()
+
+    # 7. Rerank against sentence-transformers' CrossEncoder.
+    results["rerank"] = rerank_pairs()
 
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench-results/results.json"), "w") as out:

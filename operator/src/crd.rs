@@ -187,6 +187,10 @@ pub enum Task {
     Completion,
     /// `/v1/embeddings`.
     Embedding,
+    /// `/v1/rerank`: a cross-encoder (a sequence classifier with one score).
+    Rerank,
+    /// `/v1/classify`: a sequence classifier's labels.
+    Classify,
 }
 
 /// Replica bounds and the load each replica should carry.

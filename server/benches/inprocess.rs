@@ -10,7 +10,7 @@
 use kandle_server::cli::{DeviceArg, DtypeArg};
 use kandle_server::engine::SamplingParams;
 use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
-use kandle_server::engine::{BLOCK_TOKENS, EmbeddingModel};
+use kandle_server::engine::{BLOCK_TOKENS, EmbeddingModel, EncoderInput};
 use kandle_server::metrics::Metrics;
 use kandle_server::model::{Backend, LoadOptions, load};
 use serde_json::json;
@@ -48,15 +48,11 @@ fn embed(args: &[String]) {
         let n: usize = batch.parse().unwrap();
         let texts = &sentences[..n];
         let run = || {
-            let ids: Vec<Vec<u32>> = texts
+            let ids: Vec<EncoderInput> = texts
                 .iter()
                 .map(|t| {
-                    loaded
-                        .tokenizer
-                        .encode(t.as_str(), true)
-                        .unwrap()
-                        .get_ids()
-                        .to_vec()
+                    let ids = loaded.tokenizer.encode(t.as_str(), true).unwrap();
+                    EncoderInput::single(ids.get_ids().to_vec())
                 })
                 .collect();
             embedder.embed(&ids).unwrap()

@@ -207,6 +207,91 @@ pub struct EmbeddingRequest {
     pub unread: Map<String, Value>,
 }
 
+/// Cohere's, Jina's and TEI's rerank request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RerankRequest {
+    pub model: String,
+    pub query: String,
+    pub documents: Vec<RerankDocument>,
+    pub top_n: Option<i64>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub return_documents: bool,
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
+}
+
+/// A document as text, or as `{"text": ...}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RerankDocument {
+    Text(String),
+    Object { text: String },
+}
+
+impl RerankDocument {
+    pub fn into_text(self) -> String {
+        match self {
+            Self::Text(t) | Self::Object { text: t } => t,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RerankResponse {
+    pub id: String,
+    pub model: String,
+    /// Most relevant first.
+    pub results: Vec<RerankResult>,
+    pub usage: RerankUsage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RerankResult {
+    pub index: usize,
+    pub relevance_score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<RerankedDocument>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RerankedDocument {
+    pub text: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RerankUsage {
+    pub total_tokens: usize,
+}
+
+/// vLLM's classify request: one text or several.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClassifyRequest {
+    pub model: String,
+    pub input: StringOrList,
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClassificationList {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub data: Vec<Classification>,
+    pub usage: EmbeddingUsage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Classification {
+    pub index: usize,
+    /// The most likely label.
+    pub label: String,
+    /// Each label's probability, in the model's label order.
+    pub probs: Vec<f32>,
+    pub num_classes: usize,
+}
+
 macro_rules! request_bodies {
     ($($t:ty),*) => {$(
         impl RequestBody for $t {
@@ -216,7 +301,13 @@ macro_rules! request_bodies {
         }
     )*};
 }
-request_bodies!(ChatCompletionRequest, CompletionRequest, EmbeddingRequest);
+request_bodies!(
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ClassifyRequest
+);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

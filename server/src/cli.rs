@@ -109,6 +109,10 @@ pub enum TaskArg {
     Chat,
     Completion,
     Embedding,
+    /// A cross-encoder's relevance of documents to a query.
+    Rerank,
+    /// A sequence classifier's labels.
+    Classify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -5,7 +5,7 @@ use crate::constrain::LazyLexicon;
 use crate::engine::SamplingParams;
 use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
 use crate::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
-use crate::engine::{BLOCK_TOKENS, LanguageModel};
+use crate::engine::{BLOCK_TOKENS, EncoderInput, LanguageModel};
 use crate::http::{AppState, Engine, router};
 use crate::metrics::{Metrics, ModelLabels};
 use crate::model::{self, Backend, LoadOptions, ModelInfo};
@@ -79,7 +79,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("allocating the KV cache")?,
         ),
         Backend::Embedder(embedder) => Engine::Embedding(EmbeddingEngine::start(
-            *embedder,
+            embedder,
             BatchLimits {
                 max_batch_size: args.max_batch_size.max(1),
                 max_batch_tokens: args.max_batch_tokens.max(1),
@@ -183,7 +183,7 @@ fn generation_limits(args: &ServeArgs, info: &mut ModelInfo, block_bytes: usize)
 async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
     match engine {
         Engine::Embedding(e) => {
-            e.embed(vec![0, 1]).await?;
+            e.embed(EncoderInput::single(vec![0, 1])).await?;
         }
         Engine::Generation(g) => {
             let mut events = g.submit(GenerationJob {

@@ -5,6 +5,7 @@
 //! cannot forge a system turn, unless the deployment allows them.
 use crate::api::Tool;
 use crate::chat_template::ChatTemplate;
+use crate::engine::EncoderInput;
 use crate::error::ApiError;
 use crate::validation::TemplateMessage;
 use aho_corasick::AhoCorasick;
@@ -75,6 +76,29 @@ impl PromptTokenizer {
     ) -> Result<Vec<u32>, ApiError> {
         self.check_len(param, text)?;
         ids(&self.full, text, add_special_tokens)
+    }
+
+    /// The ids of a query and a document as a cross-encoder reads them: one input of two
+    /// texts, the second's tokens of type 1, with the tokenizer's pair template.
+    pub fn encode_pair(
+        &self,
+        param: &str,
+        first: &str,
+        second: &str,
+    ) -> Result<EncoderInput, ApiError> {
+        self.check_len(param, first)?;
+        self.check_len(param, second)?;
+        let encoding = self
+            .full
+            .encode((first, second), true)
+            .map_err(|e| ApiError::invalid(format!("Could not tokenize the input: {e}")))?;
+        let ids = encoding.get_ids().to_vec();
+        let second = encoding
+            .get_type_ids()
+            .iter()
+            .position(|&t| t == 1)
+            .unwrap_or(ids.len());
+        Ok(EncoderInput { ids, second })
     }
 
     /// The ids of a conversation as `template` renders it. Where a message holds a

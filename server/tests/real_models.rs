@@ -421,3 +421,118 @@ async fn smollm2_served_text_is_the_greedy_continuation() {
         assert_eq!(choice["finish_reason"], finish);
     }
 }
+
+fn tiny_dir(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tiny")
+        .join(name)
+}
+
+/// A BERT cross-encoder serves /v1/rerank with sentence-transformers' CrossEncoder scores
+/// (tests/data/make_cross_encoders.py), most relevant first, cut to `top_n`.
+#[tokio::test]
+async fn rerank_matches_sentence_transformers_cross_encoder() {
+    let dir = tiny_dir("cross-encoder");
+    let server = Server::start(&dir, &["--served-model-name", "ce"]);
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let want = floats(&case["scores"]);
+        let documents = case["documents"].as_array().unwrap();
+        // Documents as strings and as objects read alike.
+        let as_objects: Vec<Value> = documents.iter().map(|d| json!({"text": d})).collect();
+        for docs in [json!(documents), json!(as_objects)] {
+            let body = json!({"model": "ce", "query": case["query"], "documents": docs,
+                              "return_documents": true});
+            let (status, r) = post(&server, "/v1/rerank", body).await;
+            assert_eq!(status, 200, "{r}");
+            let results = r["results"].as_array().unwrap();
+            assert_eq!(results.len(), want.len());
+            let scores: Vec<f32> = results
+                .iter()
+                .map(|x| x["relevance_score"].as_f64().unwrap() as f32)
+                .collect();
+            assert!(
+                scores.windows(2).all(|w| w[0] >= w[1]),
+                "sorted: {scores:?}"
+            );
+            for x in results {
+                let i = x["index"].as_u64().unwrap() as usize;
+                let got = x["relevance_score"].as_f64().unwrap() as f32;
+                assert!(
+                    (got - want[i]).abs() < 1e-4,
+                    "document {i}: {got} vs {}",
+                    want[i]
+                );
+                assert_eq!(x["document"]["text"], documents[i]);
+            }
+            assert!(r["usage"]["total_tokens"].as_u64().unwrap() > 0);
+        }
+    }
+    let body = json!({"model": "ce", "query": "cat", "documents": ["a", "b", "c"], "top_n": 2});
+    let (_, r) = post(&server, "/v1/rerank", body).await;
+    assert_eq!(r["results"].as_array().unwrap().len(), 2);
+    assert!(r["results"][0].get("document").is_none());
+    for (body, param) in [
+        (
+            json!({"model": "ce", "query": "q", "documents": []}),
+            "documents",
+        ),
+        (
+            json!({"model": "ce", "query": "q", "documents": ["a"], "top_n": 0}),
+            "top_n",
+        ),
+        (
+            json!({"model": "ce", "query": "q", "documents": [{"txt": "a"}]}),
+            "documents[0]",
+        ),
+    ] {
+        let (status, e) = post(&server, "/v1/rerank", body.clone()).await;
+        assert_eq!(
+            (status, e["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body}: {e}"
+        );
+    }
+    let (status, e) = post(
+        &server,
+        "/v1/embeddings",
+        json!({"model": "ce", "input": "x"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(common::error_message(&e).contains("rerank"), "{e}");
+}
+
+/// A BERT sequence classifier serves /v1/classify with transformers' probabilities.
+#[tokio::test]
+async fn classify_matches_transformers() {
+    let dir = tiny_dir("classifier");
+    let server = Server::start(&dir, &["--served-model-name", "cls"]);
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let body = json!({"model": "cls", "input": reference["texts"]});
+    let (status, r) = post(&server, "/v1/classify", body).await;
+    assert_eq!(status, 200, "{r}");
+    let labels = ["negative", "neutral", "positive"];
+    for (i, want) in reference["probs"].as_array().unwrap().iter().enumerate() {
+        let got = &r["data"][i];
+        assert_eq!(got["index"], i);
+        assert_eq!(got["num_classes"], 3);
+        let (want, probs) = (floats(want), floats(&got["probs"]));
+        for (g, w) in probs.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "text {i}: {probs:?} vs {want:?}");
+        }
+        let best = (0..3).max_by(|&a, &b| want[a].total_cmp(&want[b])).unwrap();
+        assert_eq!(got["label"], labels[best]);
+    }
+    let (status, _) = post(
+        &server,
+        "/v1/rerank",
+        json!({"model": "cls", "query": "q", "documents": ["a"]}),
+    )
+    .await;
+    assert_eq!(status, 400, "a classifier of three labels does not rerank");
+}

@@ -215,6 +215,8 @@ fn server_container(
             Task::Chat => "chat",
             Task::Completion => "completion",
             Task::Embedding => "embedding",
+            Task::Rerank => "rerank",
+            Task::Classify => "classify",
         };
         args.extend(["--task".into(), task.into()]);
     }

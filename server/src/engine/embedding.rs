@@ -1,6 +1,6 @@
 //! Dynamic batching for embeddings: requests that wait while the model is busy are grouped
 //! into one forward pass, up to a sequence count and a padded-token budget.
-use super::{EmbeddingModel, EngineError, Health, spawn_worker};
+use super::{EmbeddingModel, EncoderInput, EngineError, Health, spawn_worker};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -12,7 +12,7 @@ pub struct BatchLimits {
 }
 
 struct Job {
-    ids: Vec<u32>,
+    input: EncoderInput,
     reply: oneshot::Sender<Result<Vec<f32>, EngineError>>,
 }
 
@@ -33,10 +33,10 @@ impl EmbeddingEngine {
         &self.health
     }
 
-    pub async fn embed(&self, ids: Vec<u32>) -> Result<Vec<f32>, EngineError> {
+    pub async fn embed(&self, input: EncoderInput) -> Result<Vec<f32>, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job { ids, reply })
+            .send(Job { input, reply })
             .map_err(|_| EngineError::WorkerDead)?;
         rx.instrument(tracing::debug_span!("embed_wait"))
             .await
@@ -55,16 +55,16 @@ fn run(
         let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
             return;
         };
-        let mut longest = first.ids.len();
+        let mut longest = first.input.ids.len();
         let mut batch = vec![first];
         while batch.len() < limits.max_batch_size {
             let Ok(job) = rx.try_recv() else { break };
-            let padded = longest.max(job.ids.len()) * (batch.len() + 1);
+            let padded = longest.max(job.input.ids.len()) * (batch.len() + 1);
             if padded > limits.max_batch_tokens {
                 carried = Some(job);
                 break;
             }
-            longest = longest.max(job.ids.len());
+            longest = longest.max(job.input.ids.len());
             batch.push(job);
         }
         // Requests whose clients left are not computed.
@@ -73,9 +73,9 @@ fn run(
             continue;
         }
         metrics.batch_size.observe(batch.len() as f64);
-        let inputs: Vec<Vec<u32>> = batch
+        let inputs: Vec<EncoderInput> = batch
             .iter_mut()
-            .map(|j| std::mem::take(&mut j.ids))
+            .map(|j| std::mem::replace(&mut j.input, EncoderInput::single(Vec::new())))
             .collect();
         let span = tracing::debug_span!("embed_batch", size = inputs.len(), longest);
         let result = span.in_scope(|| model.embed(&inputs));
@@ -104,11 +104,11 @@ mod tests {
     struct Fake(Arc<Mutex<Vec<usize>>>);
 
     impl EmbeddingModel for Fake {
-        fn embed(&self, batch: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
-            assert!(!batch.iter().any(|s| s.contains(&666)), "model bug");
+        fn embed(&self, batch: &[EncoderInput]) -> candle_core::Result<Vec<Vec<f32>>> {
+            assert!(!batch.iter().any(|s| s.ids.contains(&666)), "model bug");
             std::thread::sleep(std::time::Duration::from_millis(20));
             self.0.lock().unwrap().push(batch.len());
-            Ok(batch.iter().map(|s| vec![s.len() as f32]).collect())
+            Ok(batch.iter().map(|s| vec![s.ids.len() as f32]).collect())
         }
     }
 
@@ -130,7 +130,10 @@ mod tests {
     #[tokio::test]
     async fn waiting_requests_are_batched_within_limits() {
         let (engine, sizes) = engine(8, 1000);
-        let results = futures::future::join_all((1..=20).map(|n| engine.embed(vec![1; n]))).await;
+        let results = futures::future::join_all(
+            (1..=20).map(|n| engine.embed(EncoderInput::single(vec![1; n]))),
+        )
+        .await;
         for (n, r) in (1..=20).zip(results) {
             assert_eq!(
                 r.unwrap(),
@@ -150,7 +153,10 @@ mod tests {
     #[tokio::test]
     async fn token_budget_splits_batches() {
         let (engine, sizes) = engine(64, 100);
-        let results = futures::future::join_all((0..10).map(|_| engine.embed(vec![1; 40]))).await;
+        let results = futures::future::join_all(
+            (0..10).map(|_| engine.embed(EncoderInput::single(vec![1; 40]))),
+        )
+        .await;
         assert!(results.iter().all(Result::is_ok));
         // 40 tokens each: at most two fit in a 100-token budget.
         assert!(sizes.lock().unwrap().iter().all(|&s| s <= 2));
@@ -161,7 +167,7 @@ mod tests {
         let (engine, _) = engine(8, 1000);
         assert!(engine.health().is_alive());
         assert!(matches!(
-            engine.embed(vec![666]).await,
+            engine.embed(EncoderInput::single(vec![666])).await,
             Err(EngineError::WorkerDead)
         ));
         // The reply is dropped while the thread unwinds, a moment before the flag clears.
@@ -173,7 +179,7 @@ mod tests {
         }
         assert!(!engine.health().is_alive());
         assert!(matches!(
-            engine.embed(vec![1]).await,
+            engine.embed(EncoderInput::single(vec![1])).await,
             Err(EngineError::WorkerDead)
         ));
     }

@@ -34,9 +34,31 @@ pub trait LanguageModel: Send + 'static {
     fn forward(&mut self, chunks: &[Chunk<'_>]) -> candle_core::Result<Tensor>;
 }
 
+/// One input of an encoder: token ids, and where the second text of a pair (a query's
+/// document) begins, its tokens being of type 1; `ids.len()` for a single text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderInput {
+    pub ids: Vec<u32>,
+    pub second: usize,
+}
+
+impl EncoderInput {
+    pub fn single(ids: Vec<u32>) -> Self {
+        let second = ids.len();
+        Self { ids, second }
+    }
+}
+
+/// An encoder model: embeddings, or a classifier's logits.
 pub trait EmbeddingModel: Send + 'static {
-    /// One vector per sequence of the batch.
-    fn embed(&self, batch: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>>;
+    /// One vector per input of the batch.
+    fn embed(&self, batch: &[EncoderInput]) -> candle_core::Result<Vec<Vec<f32>>>;
+}
+
+impl<M: EmbeddingModel + ?Sized> EmbeddingModel for Box<M> {
+    fn embed(&self, batch: &[EncoderInput]) -> candle_core::Result<Vec<Vec<f32>>> {
+        (**self).embed(batch)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,10 @@
 //! `POST /v1/embeddings`: every input of a request goes to the batcher at once.
+use super::AppState;
 use super::json::ApiJson;
-use super::{AppState, Engine};
 use crate::api::{EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage, EmbeddingVector};
+use crate::engine::EncoderInput;
 use crate::error::ApiError;
+use crate::model::Task;
 use crate::validation::{
     PromptInput, check_input_len, check_model, check_token_ids, embedding_inputs,
 };
@@ -16,12 +18,7 @@ pub async fn embeddings(
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Result<Json<EmbeddingList>, ApiError> {
     check_model(&req.model, &state.model_name)?;
-    let Engine::Embedding(engine) = &state.engine else {
-        return Err(ApiError::invalid(format!(
-            "The model `{}` is generative; it does not serve /v1/embeddings",
-            state.model_name
-        )));
-    };
+    let engine = state.encoder(Task::Embedding, "/v1/embeddings")?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -60,8 +57,12 @@ pub async fn embeddings(
     }
     let prompt_tokens: usize = sequences.iter().map(Vec::len).sum();
     state.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-    let vectors =
-        futures::future::try_join_all(sequences.into_iter().map(|ids| engine.embed(ids))).await?;
+    let vectors = futures::future::try_join_all(
+        sequences
+            .into_iter()
+            .map(|ids| engine.embed(EncoderInput::single(ids))),
+    )
+    .await?;
     let data = vectors
         .into_iter()
         .enumerate()

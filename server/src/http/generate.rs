@@ -68,8 +68,9 @@ pub async fn respond(
 ) -> Result<Response, ApiError> {
     let Engine::Generation(engine) = &state.engine else {
         return Err(ApiError::invalid(format!(
-            "The model `{}` serves embeddings only",
-            state.model_name
+            "The model `{}` serves the {} task; it does not generate text",
+            state.model_name,
+            state.info.task.as_str()
         )));
     };
     let prompt_tokens = g.prompt.len();

@@ -1,11 +1,13 @@
 //! The HTTP edge: router, shared state and middleware (request ids, tracing, metrics,
 //! readiness, API keys). Handlers live in one module per API.
 mod chat;
+mod classify;
 mod completions;
 mod embeddings;
 mod generate;
 mod json;
 mod ops;
+mod rerank;
 
 use crate::admission::Admission;
 use crate::chat_template::ChatTemplate;
@@ -15,7 +17,7 @@ use crate::engine::embedding::EmbeddingEngine;
 use crate::engine::generation::GenerationEngine;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RouteCode};
-use crate::model::ModelInfo;
+use crate::model::{ModelInfo, Task};
 use crate::tokenize::PromptTokenizer;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -72,6 +74,18 @@ impl AppState {
     pub fn is_ready(&self) -> bool {
         self.engine.health().is_alive() && !self.draining.load(Ordering::Acquire)
     }
+
+    /// The encoder, when the model serves `task`; else a 400 naming what it serves.
+    pub fn encoder(&self, task: Task, route: &str) -> Result<&EmbeddingEngine, ApiError> {
+        match &self.engine {
+            Engine::Embedding(e) if self.info.task == task => Ok(e),
+            _ => Err(ApiError::invalid(format!(
+                "The model `{}` serves the {} task; it does not serve {route}",
+                self.model_name,
+                self.info.task.as_str()
+            ))),
+        }
+    }
 }
 
 /// When the request arrived, for durations that end with a stream's last event.
@@ -84,6 +98,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/rerank", post(rerank::rerank))
+        .route("/v1/classify", post(classify::classify))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
     Router::new()

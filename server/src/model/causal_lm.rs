@@ -50,6 +50,7 @@ pub fn load(
         context_length: cfg.context_length,
         vocab_size: cfg.vocab_size,
         eos_token_ids: eos,
+        labels: Default::default(),
     };
     let weights = Weights::load(cfg, &mut source, None, device)
         .map_err(|e| LoadError::invalid(dir, e.to_string()))?;

@@ -185,6 +185,7 @@ pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedMo
         context_length: cfg.context_length,
         vocab_size: cfg.vocab_size,
         eos_token_ids: eos,
+        labels: Default::default(),
     };
     let weights = (|| {
         let mut source = Gguf::open(ct, &reader, device)?;

@@ -10,6 +10,7 @@ pub mod weights;
 
 use crate::chat_template::ChatTemplate;
 use crate::cli::{DeviceArg, DtypeArg, TaskArg};
+use crate::engine::EmbeddingModel;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -49,6 +50,8 @@ pub enum Task {
     Chat,
     Completion,
     Embedding,
+    Rerank,
+    Classify,
 }
 
 impl Task {
@@ -57,7 +60,14 @@ impl Task {
             Self::Chat => "chat",
             Self::Completion => "completion",
             Self::Embedding => "embedding",
+            Self::Rerank => "rerank",
+            Self::Classify => "classify",
         }
+    }
+
+    /// Whether an encoder serves it.
+    pub fn encodes(self) -> bool {
+        matches!(self, Self::Embedding | Self::Rerank | Self::Classify)
     }
 }
 
@@ -67,6 +77,8 @@ impl From<TaskArg> for Task {
             TaskArg::Chat => Self::Chat,
             TaskArg::Completion => Self::Completion,
             TaskArg::Embedding => Self::Embedding,
+            TaskArg::Rerank => Self::Rerank,
+            TaskArg::Classify => Self::Classify,
         }
     }
 }
@@ -83,12 +95,23 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// Tokens that end a generation.
     pub eos_token_ids: Vec<u32>,
+    /// A classifier's labels; empty for other models.
+    pub labels: Labels,
+}
+
+/// A classifier's labels, in the order of its logits, and how its scores are read.
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
+    pub names: Vec<String>,
+    /// Each label scored on its own (sigmoid) rather than one among all (softmax).
+    pub multi_label: bool,
 }
 
 pub enum Backend {
     Generator(decoder::Decoder),
-    /// Boxed: BERT's weights struct is large, and a backend moves between threads once.
-    Embedder(Box<bert::Embedder>),
+    /// An encoder: embeddings, or a classifier's logits. Boxed: it moves between threads
+    /// once, and its kinds differ.
+    Embedder(Box<dyn EmbeddingModel>),
 }
 
 pub struct LoadedModel {
@@ -177,9 +200,9 @@ fn generation_task(
     path: &Path,
 ) -> Result<Task, LoadError> {
     match (asked, template) {
-        (Some(Task::Embedding), _) => Err(LoadError::invalid(
+        (Some(t), _) if t.encodes() => Err(LoadError::invalid(
             path,
-            "a generative model cannot serve the embedding task",
+            format!("a generative model cannot serve the {} task", t.as_str()),
         )),
         (Some(Task::Chat), None) => Err(LoadError::invalid(
             path,

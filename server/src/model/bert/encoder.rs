@@ -3,6 +3,7 @@
 //! are, whatever the mix of lengths. Only attention needs the sequences apart; it gathers them
 //! into a padded [batch, heads, longest, head_dim] view and back.
 use super::gelu;
+use crate::engine::EncoderInput;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
 use serde::Deserialize;
@@ -84,8 +85,10 @@ struct Layer {
 pub struct Encoder {
     word: Tensor,
     position: Tensor,
-    /// Token type 0's row: every input is a single segment.
+    /// Token type 0's row, added to every token of a single text.
     token_type: Tensor,
+    /// Every type's row: a pair's second text is of type 1.
+    token_types: Tensor,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
     heads: usize,
@@ -93,7 +96,7 @@ pub struct Encoder {
     device: Device,
 }
 
-fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Linear> {
+pub(super) fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Linear> {
     Ok(Linear::new(
         vb.get((outputs, inputs), "weight")?,
         Some(vb.get(outputs, "bias")?),
@@ -120,6 +123,7 @@ impl Encoder {
         let activation = cfg.activation().map_err(candle_core::Error::msg)?;
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let emb = vb.pp("embeddings");
+        let token_types = emb.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
@@ -146,9 +150,8 @@ impl Encoder {
                 (cfg.max_position_embeddings, h),
                 "position_embeddings.weight",
             )?,
-            token_type: emb
-                .get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?
-                .get(0)?,
+            token_type: token_types.get(0)?,
+            token_types,
             embedding_norm: layer_norm(emb.pp("LayerNorm"), h, eps)?,
             layers,
             heads: cfg.num_attention_heads,
@@ -159,13 +162,23 @@ impl Encoder {
 
     /// The last hidden state of every token of `batch`, packed: sequence after sequence, as
     /// f32 [tokens, hidden]. Sequences must not be empty nor longer than the position table.
-    pub fn forward(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
-        let packing = Packing::new(batch, &self.device)?;
-        let ids: Vec<u32> = batch.iter().flatten().copied().collect();
+    pub fn forward(&self, batch: &[EncoderInput]) -> Result<Tensor> {
+        let lens: Vec<usize> = batch.iter().map(|s| s.ids.len()).collect();
+        let packing = Packing::new(&lens, &self.device)?;
+        let ids: Vec<u32> = batch.iter().flat_map(|s| s.ids.iter().copied()).collect();
         let ids = Tensor::new(ids, &self.device)?;
         let x = (self.word.index_select(&ids, 0)?
-            + self.position.index_select(&packing.positions, 0)?)?
-        .broadcast_add(&self.token_type)?;
+            + self.position.index_select(&packing.positions, 0)?)?;
+        let x = if batch.iter().all(|s| s.second >= s.ids.len()) {
+            x.broadcast_add(&self.token_type)?
+        } else {
+            let types: Vec<u32> = batch
+                .iter()
+                .flat_map(|s| (0..s.ids.len()).map(|p| u32::from(p >= s.second)))
+                .collect();
+            let types = Tensor::new(types, &self.device)?;
+            (x + self.token_types.index_select(&types, 0)?)?
+        };
         let mut x = self.embedding_norm.forward(&x)?;
         for layer in &self.layers {
             let attended = self.attention(&layer.qkv.forward(&x)?, &packing)?;
@@ -232,8 +245,8 @@ struct Packing {
 }
 
 impl Packing {
-    fn new(batch: &[Vec<u32>], device: &Device) -> Result<Self> {
-        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+    fn new(lens: &[usize], device: &Device) -> Result<Self> {
+        let lens = lens.to_vec();
         let longest = lens.iter().copied().max().unwrap_or(0);
         if lens.contains(&0) {
             candle_core::bail!("an empty sequence cannot be encoded");
@@ -340,15 +353,22 @@ mod tests {
     fn a_sequence_encodes_the_same_alone_and_among_longer_and_shorter_ones() {
         let cfg = config();
         let enc = encoder(&cfg);
-        let batch = vec![
+        let batch: Vec<EncoderInput> = [
             vec![3, 4, 5],
             vec![7, 8, 9, 10, 11, 12],
             vec![1],
             vec![3, 4, 5],
-        ];
+        ]
+        .into_iter()
+        .map(EncoderInput::single)
+        .chain([EncoderInput {
+            ids: vec![3, 4, 5, 6],
+            second: 2,
+        }])
+        .collect();
         let packed = enc.forward(&batch).unwrap();
-        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
-        assert_eq!(packed.dims(), &[13, 16]);
+        let lens: Vec<usize> = batch.iter().map(|s| s.ids.len()).collect();
+        assert_eq!(packed.dims(), &[17, 16]);
         for (i, seq) in batch.iter().enumerate() {
             let alone = enc.forward(std::slice::from_ref(seq)).unwrap();
             let r = rows(&lens, i);
@@ -359,12 +379,19 @@ mod tests {
         // Attention mixes tokens within a sequence: the same token differs by context.
         let first = packed.narrow(0, 0, 1).unwrap();
         let other = enc
-            .forward(&[vec![3, 9, 9]])
+            .forward(&[EncoderInput::single(vec![3, 9, 9])])
             .unwrap()
             .narrow(0, 0, 1)
             .unwrap();
         let moved = crate::model::max_abs_diff(&first, &other);
         assert!(moved > 1e-3, "context changed nothing: {moved}");
+        // A pair's second text is of another type: the same ids encode differently.
+        let pair = enc.forward(&batch[4..]).unwrap();
+        let single = enc
+            .forward(&[EncoderInput::single(vec![3, 4, 5, 6])])
+            .unwrap();
+        let typed = crate::model::max_abs_diff(&pair, &single);
+        assert!(typed > 1e-3, "token types changed nothing: {typed}");
     }
 
     #[test]
