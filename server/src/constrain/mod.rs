@@ -1,7 +1,8 @@
-//! Structured outputs: a JSON schema compiled by llguidance into a matcher that says, at
-//! each step, which tokens keep the output a valid prefix of a document the schema allows.
-//! Compiling happens when the request is validated, so a schema the library cannot handle
-//! is the caller's 400, not a failed generation.
+//! Constrained decoding: a JSON schema (structured outputs) or a Lark grammar (a demanded
+//! tool call) compiled by llguidance into a matcher that says, at each step, which tokens
+//! keep the output a valid prefix of what the grammar allows. Compiling happens before the
+//! request is queued, so a grammar the library cannot handle is the caller's 400, not a
+//! failed generation.
 pub mod vocab;
 
 pub use vocab::Vocabulary;
@@ -78,6 +79,13 @@ impl LazyLexicon {
     }
 }
 
+/// llguidance's options for JSON as Python's `json.dumps` writes it (`", "` and `": "`, no
+/// other whitespace), so that a model cannot pad a document with whitespace until it runs
+/// out of tokens.
+pub fn json_style() -> Value {
+    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+}
+
 /// Compiles grammars for one model's vocabulary.
 pub struct Grammars {
     factory: ParserFactory,
@@ -92,14 +100,11 @@ impl Grammars {
         Ok(Self { factory })
     }
 
-    /// A matcher for documents `schema` allows. JSON is written as Python's `json.dumps`
-    /// writes it (`", "` and `": "`, no other whitespace), so a model cannot pad its answer
-    /// with whitespace until it runs out of tokens; `x-guidance` in the schema overrides.
+    /// A matcher for documents `schema` allows, in `json_style` unless the schema's own
+    /// `x-guidance` says otherwise.
     pub fn json_schema(&self, mut schema: Value) -> Result<Constraint, String> {
         if let Some(object) = schema.as_object_mut() {
-            object.entry("x-guidance").or_insert_with(|| {
-                json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
-            });
+            object.entry("x-guidance").or_insert_with(json_style);
         }
         self.compile(TopLevelGrammar::from_json_schema(schema))
     }
@@ -168,132 +173,5 @@ impl Mask {
             }
         });
         logits[known..].fill(f32::NEG_INFINITY);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-    use tokenizers::models::bpe::BPE;
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    use tokenizers::{AddedToken, Tokenizer};
-
-    /// One token per byte, in GPT-2's byte-level encoding, and an end-of-turn special.
-    fn byte_level() -> (Tokenizer, u32) {
-        let vocab: tokenizers::models::bpe::Vocab = ByteLevel::alphabet()
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| (c.to_string(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, Vec::new())
-            .build()
-            .unwrap();
-        let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-        tokenizer.with_decoder(Some(ByteLevel::default()));
-        tokenizer
-            .add_special_tokens([AddedToken::from("<|im_end|>", true)])
-            .unwrap();
-        let eos = tokenizer.token_to_id("<|im_end|>").unwrap();
-        (tokenizer, eos)
-    }
-
-    /// Picks uniformly among the tokens the grammar allows until it allows only the end;
-    /// the text, as the tokenizer decodes it.
-    fn random_walk(tokenizer: &Tokenizer, eos: u32, mut c: Constraint, seed: u64) -> String {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut ids = Vec::new();
-        for _ in 0..4000 {
-            let mut logits = vec![0f32; tokenizer.get_vocab_size(true) + 3];
-            c.mask().unwrap().apply(&mut logits);
-            let allowed: Vec<u32> = (0..logits.len() as u32)
-                .filter(|&i| logits[i as usize] == 0.0)
-                .collect();
-            let token = allowed[rng.random_range(0..allowed.len())];
-            if token == eos {
-                return tokenizer.decode(&ids, false).unwrap();
-            }
-            c.accept(token).unwrap();
-            ids.push(token);
-        }
-        panic!(
-            "no end after 4000 tokens: {:?}",
-            tokenizer.decode(&ids, false)
-        );
-    }
-
-    /// Written as Python's json.dumps writes it: outside strings, whitespace only as one
-    /// space after `,` and `:`.
-    fn dumps_style(text: &str) -> bool {
-        let (mut in_string, mut escaped, mut previous) = (false, false, ' ');
-        for c in text.chars() {
-            match (in_string, c) {
-                (true, _) if escaped => escaped = false,
-                (true, '\\') => escaped = true,
-                (_, '"') => in_string = !in_string,
-                (false, c) if c.is_whitespace() && (c != ' ' || !matches!(previous, ',' | ':')) => {
-                    return false;
-                }
-                _ => {}
-            }
-            previous = c;
-        }
-        true
-    }
-
-    #[test]
-    fn every_path_through_the_masks_is_a_document_the_schema_allows() {
-        let (tokenizer, eos) = byte_level();
-        let vocabulary = Vocabulary::new(&tokenizer, tokenizer.get_vocab_size(true) + 3, &[eos]);
-        let grammars = Grammars::new(Arc::new(vocabulary.unwrap())).unwrap();
-        // What Pydantic writes for nested models: $defs and $ref, enums, bounds.
-        let schema = json!({
-            "$defs": {"Tag": {"type": "object", "properties": {
-                "label": {"type": "string", "maxLength": 6},
-                "weight": {"type": "number", "minimum": 0, "maximum": 1}},
-                "required": ["label", "weight"], "additionalProperties": false}},
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "minLength": 1, "maxLength": 8},
-                "age": {"type": "integer", "minimum": 0, "maximum": 130},
-                "color": {"enum": ["red", "green", "blue"]},
-                "tags": {"type": "array", "items": {"$ref": "#/$defs/Tag"}, "maxItems": 3},
-                "note": {"anyOf": [{"type": "string", "maxLength": 4}, {"type": "null"}]}},
-            "required": ["name", "age", "color", "tags", "note"],
-            "additionalProperties": false
-        });
-        let validator = jsonschema::validator_for(&schema).unwrap();
-        for seed in 0..40 {
-            let constraint = grammars.json_schema(schema.clone()).unwrap();
-            let text = random_walk(&tokenizer, eos, constraint, seed);
-            let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert!(validator.is_valid(&doc), "{text}");
-            assert!(dumps_style(&text), "{text}");
-        }
-    }
-
-    #[test]
-    fn schemas_the_library_cannot_enforce_are_refused_with_the_reason() {
-        let (tokenizer, eos) = byte_level();
-        let vocabulary = Vocabulary::new(&tokenizer, tokenizer.get_vocab_size(true), &[eos]);
-        let grammars = Grammars::new(Arc::new(vocabulary.unwrap())).unwrap();
-        for (schema, reason) in [
-            (json!({"type": "object", "if": {"type": "object"}}), "if"),
-            (
-                json!({"type": "integer", "minimum": 5, "maximum": 2}),
-                "minimum",
-            ),
-            (json!({"type": "strin"}), "strin"),
-            (
-                json!({"$ref": "https://example.com/schema.json"}),
-                "example.com",
-            ),
-        ] {
-            let e = grammars.json_schema(schema.clone()).unwrap_err();
-            assert!(e.contains(reason), "{schema}: {e}");
-        }
     }
 }

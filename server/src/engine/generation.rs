@@ -6,7 +6,7 @@
 //! the queue and recomputed later, so no sequence ever writes into another's blocks. Full
 //! blocks are shared between sequences with the same prefix (see `blocks`).
 use super::blocks::BlockPool;
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{LogSoftmax, Sampler, SamplingParams};
 use super::{BLOCK_TOKENS, Chunk, EngineError, Health, LanguageModel, spawn_worker};
 use crate::constrain::{Constraint, Mask};
 use crate::detokenize::{Delta, TextStream};
@@ -516,64 +516,6 @@ fn send_text(seq: &mut Sequence<'_>, last: bool, text: impl FnOnce(&mut TextStre
     if !text.is_empty() || (last && !seq.logprobs.is_empty()) {
         let logprobs = std::mem::take(&mut seq.logprobs);
         let _ = seq.events.send(Event::Text(text, logprobs));
-    }
-}
-
-/// Log-probabilities of one step's logits (a copy: sampling consumes the original).
-struct LogSoftmax {
-    logits: Vec<f32>,
-    log_total: f32,
-    top: Vec<(u32, f32)>,
-}
-
-impl LogSoftmax {
-    /// Remembers the `top` most likely tokens; NaN logits count as impossible.
-    fn new(logits: &[f32], top: usize) -> Self {
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|v| !v.is_nan())
-            .fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = logits
-            .iter()
-            .filter(|v| !v.is_nan())
-            .map(|&v| f64::from(v - max).exp())
-            .sum();
-        let log_total = max + sum.ln() as f32;
-        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
-        let larger = |a: &u32, b: &u32| {
-            let (a, b) = (logits[*a as usize], logits[*b as usize]);
-            b.partial_cmp(&a)
-                .unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
-        };
-        let top = top.min(ids.len());
-        if top < ids.len() {
-            ids.select_nth_unstable_by(top, larger);
-        }
-        ids.truncate(top);
-        ids.sort_unstable_by(larger);
-        let top = ids
-            .iter()
-            .map(|&i| (i, logits[i as usize] - log_total))
-            .collect();
-        LogSoftmax {
-            logits: logits.to_vec(),
-            log_total,
-            top,
-        }
-    }
-
-    fn of(self, token: u32) -> TokenLogprob {
-        let v = self.logits[token as usize];
-        TokenLogprob {
-            token,
-            logprob: if v.is_nan() {
-                f32::NEG_INFINITY
-            } else {
-                v - self.log_total
-            },
-            top: self.top,
-        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Next-token choice with OpenAI's parameters: presence and frequency penalties on the
 //! logits, then greedy decoding, or sampling at a temperature from the top-k tokens and the
 //! top-p probability mass, drawn from a generator seeded per request.
+use super::generation::TokenLogprob;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
@@ -117,6 +118,48 @@ impl Sampler {
             }
         }
         pick(candidates.iter().copied(), weight, u).unwrap_or(best)
+    }
+}
+
+/// Log-probabilities of one step's logits (a copy: sampling consumes the original).
+pub struct LogSoftmax {
+    logits: Vec<f32>,
+    log_total: f32,
+    top: Vec<(u32, f32)>,
+}
+
+impl LogSoftmax {
+    /// Remembers the `top` most likely tokens; NaN logits count as impossible.
+    pub fn new(logits: &[f32], top: usize) -> Self {
+        let numbers = || logits.iter().copied().filter(|v| !v.is_nan());
+        let max = numbers().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = numbers().map(|v| f64::from(v - max).exp()).sum();
+        let log_total = max + sum.ln() as f32;
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        keep_largest_sorted(&mut ids, top, logits);
+        ids.truncate(top);
+        let top = ids
+            .iter()
+            .map(|&i| (i, logits[i as usize] - log_total))
+            .collect();
+        Self {
+            logits: logits.to_vec(),
+            log_total,
+            top,
+        }
+    }
+
+    pub fn of(self, token: u32) -> TokenLogprob {
+        let v = self.logits[token as usize];
+        TokenLogprob {
+            token,
+            logprob: if v.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                v - self.log_total
+            },
+            top: self.top,
+        }
     }
 }
 

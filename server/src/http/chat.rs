@@ -47,16 +47,16 @@ pub async fn chat_completions(
         })?),
         None => None,
     };
-    let grammar = match (schema, tools.as_ref().zip(syntax)) {
-        (Some(_), Some((t, s))) if t.grammar(s).is_some() => {
+    let call_grammar = tools.as_ref().zip(syntax).and_then(|(t, s)| t.grammar(s));
+    let grammar = match (schema, call_grammar) {
+        (Some(_), Some(_)) => {
             return Err(ApiError::invalid_param(
                 "tool_choice",
                 "A required tool call and `response_format` cannot both shape the answer",
             ));
         }
-        (Some(schema), _) => Some(Grammar::Schema(schema)),
-        (None, Some((t, s))) => t.grammar(s).map(Grammar::Lark),
-        (None, None) => None,
+        (Some(schema), None) => Some(Grammar::Schema(schema)),
+        (None, call) => call.map(Grammar::Lark),
     };
     let permit = state.admission.admit().await?;
     let constraint = match grammar {

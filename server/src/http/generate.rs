@@ -176,7 +176,7 @@ pub async fn respond(
                 yield data(&opening);
             }
         }
-        let (mut done, mut completion_tokens) = (0, 0);
+        let (mut done, mut completion_tokens, mut failed) = (0, 0, false);
         while let Some((i, event)) = events.next().await {
             match event {
                 Event::Text(t, l) => {
@@ -193,11 +193,14 @@ pub async fn respond(
                 }
                 Event::Failed(e) => {
                     yield data(&ApiError::from(e).body());
+                    failed = true;
                     break;
                 }
             }
         }
-        if done < n {
+        if failed {
+            // Its error is the stream's last event.
+        } else if done < n {
             yield data(&ApiError::Unavailable("The model worker has stopped").body());
         } else if include_usage {
             yield data(&format.usage(Usage::new(prompt_tokens, completion_tokens)));

@@ -4,6 +4,7 @@
 pub mod parse;
 
 use crate::api::{Tool, ToolChoice};
+use crate::constrain::json_style;
 use crate::error::ApiError;
 use parse::Syntax;
 use serde_json::{Value, json};
@@ -75,10 +76,7 @@ impl ToolRequest {
                 })
             })
             .collect();
-        let schema = json!({
-            "anyOf": calls,
-            "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
-        });
+        let schema = json!({"anyOf": calls, "x-guidance": json_style()});
         Some(match syntax {
             Syntax::Hermes => format!(
                 "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"
