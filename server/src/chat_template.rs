@@ -3,7 +3,7 @@ use crate::api::Tool;
 use crate::error::ApiError;
 use crate::model::LoadError;
 use crate::model::weights::read_optional_json;
-use crate::tools::parse::Syntax;
+use crate::tools::parse::{self, Syntax};
 use crate::validation::TemplateMessage;
 use minijinja::{Environment, ErrorKind, context};
 use std::path::Path;
@@ -46,9 +46,12 @@ impl ChatTemplate {
                 .replace("%m", &format!("{m:02}"))
                 .replace("%d", &format!("{d:02}"))
         });
-        // Llama 3.x writes bare JSON; Qwen, Hermes and most others `<tool_call>` blocks.
+        // Llama 3.x writes bare JSON, Mistral a `[TOOL_CALLS]` list; Qwen, Hermes and most
+        // others `<tool_call>` blocks.
         let syntax = if source.contains("<tool_call>") {
             Syntax::Hermes
+        } else if source.contains(parse::MISTRAL_CALLS) {
+            Syntax::Mistral
         } else {
             Syntax::LlamaJson
         };

@@ -6,9 +6,12 @@ mod common;
 
 use candle_core::Tensor;
 use common::{Server, TinyLlama, client, post, read_sse, start_tiny};
+use kandle_server::api::{Tool, ToolChoice};
 use kandle_server::cli::{DeviceArg, DtypeArg};
 use kandle_server::constrain::{Constraint, Grammars, Vocabulary};
 use kandle_server::model::{Backend, LoadOptions, load};
+use kandle_server::tools::parse::{MISTRAL_CALLS, Syntax};
+use kandle_server::tools::tool_request;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -755,5 +758,33 @@ fn schemas_the_library_cannot_enforce_are_refused_with_the_reason() {
     ] {
         let e = grammars.json_schema(schema.clone()).unwrap_err();
         assert!(e.contains(reason), "{schema}: {e}");
+    }
+}
+
+/// Every path through a demanded call's grammar is one call the parser reads back, in each
+/// family's syntax (Mistral's marker a special token of its own).
+#[test]
+fn every_path_through_a_call_grammar_parses_as_one_call() {
+    let mut tokenizer = common::byte_level_tokenizer();
+    tokenizer
+        .add_special_tokens([tokenizers::AddedToken::from(MISTRAL_CALLS, true)])
+        .unwrap();
+    let eos = tokenizer.token_to_id("<|im_end|>").unwrap();
+    let width = tokenizer.get_vocab_size(true) + 3;
+    let vocabulary = Vocabulary::new(&tokenizer, width, &[eos]).unwrap();
+    let grammars = Grammars::new(Arc::new(vocabulary)).unwrap();
+    let tools: Vec<Tool> = serde_json::from_value(weather_tools()).unwrap();
+    let required = Some(ToolChoice::Mode("required".into()));
+    let request = tool_request(Some(tools), required).unwrap().unwrap();
+    let names = request.names();
+    for syntax in [Syntax::Hermes, Syntax::LlamaJson, Syntax::Mistral] {
+        for seed in 0..10 {
+            let lark = request.grammar(syntax, |name| grammars.special_token(name));
+            let grammar = grammars.lark(lark).unwrap();
+            let text = random_walk(&tokenizer, eos, grammar, seed);
+            let parsed = syntax.parse(&text, &names);
+            assert_eq!(parsed.calls.len(), 1, "{syntax:?}: {text}");
+            assert_eq!(parsed.content, "", "{syntax:?}: {text}");
+        }
     }
 }

@@ -109,6 +109,11 @@ impl Grammars {
         self.compile(TopLevelGrammar::from_json_schema(schema))
     }
 
+    /// The id of the special token whose text is `name`.
+    pub fn special_token(&self, name: &str) -> Option<u32> {
+        self.factory.tok_env().tok_trie().get_special_token(name)
+    }
+
     /// A matcher for a Lark grammar (llguidance's dialect, `%json` included).
     pub fn lark(&self, grammar: String) -> Result<Constraint, String> {
         self.compile(TopLevelGrammar::from_lark(grammar))

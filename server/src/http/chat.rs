@@ -11,7 +11,7 @@ use crate::constrain::Constraint;
 use crate::engine::generation::FinishReason;
 use crate::error::ApiError;
 use crate::tools::parse::{self, CallStream, Parsed, Syntax};
-use crate::tools::tool_request;
+use crate::tools::{ToolRequest, tool_request};
 use crate::validation::{chat_messages, check_model, generation_params, response_schema};
 use axum::Extension;
 use axum::extract::State;
@@ -47,8 +47,8 @@ pub async fn chat_completions(
         })?),
         None => None,
     };
-    let call_grammar = tools.as_ref().zip(syntax).and_then(|(t, s)| t.grammar(s));
-    let grammar = match (schema, call_grammar) {
+    let demanded = tools.as_ref().zip(syntax).filter(|(t, _)| t.demands_call());
+    let grammar = match (schema, demanded) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid_param(
                 "tool_choice",
@@ -56,7 +56,8 @@ pub async fn chat_completions(
             ));
         }
         (Some(schema), None) => Some(Grammar::Schema(schema)),
-        (None, call) => call.map(Grammar::Lark),
+        (None, Some((t, s))) => Some(Grammar::Call(t.clone(), s)),
+        (None, None) => None,
     };
     let permit = state.admission.admit().await?;
     let constraint = match grammar {
@@ -97,17 +98,17 @@ pub async fn chat_completions(
     respond(state, generation, format).await
 }
 
-/// What decoding must follow: the caller's JSON schema, or a call's grammar.
+/// What decoding must follow: the caller's JSON schema, or a call to one of the tools.
 enum Grammar {
     Schema(Value),
-    Lark(String),
+    Call(ToolRequest, Syntax),
 }
 
 /// The grammar compiled on the tokenizer pool: large schemas take a while.
 async fn compile(state: &AppState, grammar: Grammar) -> Result<Constraint, ApiError> {
     let param = match grammar {
         Grammar::Schema(_) => "response_format",
-        Grammar::Lark(_) => "tools",
+        Grammar::Call(..) => "tools",
     };
     let lexicon = state.lexicon.get().await.ok_or_else(|| {
         ApiError::invalid_param(
@@ -124,12 +125,16 @@ async fn compile(state: &AppState, grammar: Grammar) -> Result<Constraint, ApiEr
             Grammar::Schema(schema) => lexicon.grammars.json_schema(schema).map_err(|e| {
                 ApiError::invalid_param(param, format!("The JSON schema cannot be enforced: {e}"))
             }),
-            Grammar::Lark(lark) => lexicon.grammars.lark(lark).map_err(|e| {
-                ApiError::invalid_param(
-                    param,
-                    format!("The tools' parameters cannot be enforced: {e}"),
-                )
-            }),
+            Grammar::Call(tools, syntax) => {
+                let grammars = &lexicon.grammars;
+                let lark = tools.grammar(syntax, |name| grammars.special_token(name));
+                grammars.lark(lark).map_err(|e| {
+                    ApiError::invalid_param(
+                        param,
+                        format!("The tools' parameters cannot be enforced: {e}"),
+                    )
+                })
+            }
         })
         .await
 }
@@ -153,23 +158,23 @@ impl Calls {
         let stream = std::mem::replace(&mut self.streams[index], CallStream::new(self.syntax));
         stream.finish(&names)
     }
-}
 
-/// OpenAI's shape of the calls; `index` set for stream deltas.
-fn tool_calls(calls: Vec<parse::Call>, streamed: bool) -> Vec<ToolCall> {
-    calls
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| ToolCall {
-            index: streamed.then_some(i),
-            id: format!("call_{}", uuid::Uuid::new_v4().simple()),
-            kind: "function",
-            function: FunctionCall {
-                name: c.name,
-                arguments: c.arguments,
-            },
-        })
-        .collect()
+    /// OpenAI's shape of the calls; `index` set for stream deltas.
+    fn tool_calls(&self, calls: Vec<parse::Call>, streamed: bool) -> Vec<ToolCall> {
+        calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| ToolCall {
+                index: streamed.then_some(i),
+                id: self.syntax.call_id(),
+                kind: "function",
+                function: FunctionCall {
+                    name: c.name,
+                    arguments: c.arguments,
+                },
+            })
+            .collect()
+    }
 }
 
 struct ChatFormat {
@@ -245,13 +250,17 @@ impl Format for ChatFormat {
     fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Value> {
         let mut chunks = Vec::new();
         let mut reason = reason.as_str();
-        if let Some(parsed) = self.calls.as_mut().map(|c| c.finish(index)) {
-            if !parsed.content.is_empty() {
-                chunks.push(self.delta(index, content(parsed.content), None, None));
+        let finished = self.calls.as_mut().map(|c| {
+            let parsed = c.finish(index);
+            (parsed.content, c.tool_calls(parsed.calls, true))
+        });
+        if let Some((text, calls)) = finished {
+            if !text.is_empty() {
+                chunks.push(self.delta(index, content(text), None, None));
             }
-            if !parsed.calls.is_empty() {
+            if !calls.is_empty() {
                 let delta = ChatDelta {
-                    tool_calls: tool_calls(parsed.calls, true),
+                    tool_calls: calls,
                     ..ChatDelta::default()
                 };
                 chunks.push(self.delta(index, delta, None, None));
@@ -271,20 +280,20 @@ impl Format for ChatFormat {
             .into_iter()
             .enumerate()
             .map(|(index, c)| {
-                let parsed = match &self.calls {
-                    Some(calls) => calls.parse(&c.text),
-                    None => Parsed {
-                        content: c.text,
-                        calls: Vec::new(),
-                    },
+                let (text, calls) = match &self.calls {
+                    Some(calls) => {
+                        let parsed = calls.parse(&c.text);
+                        (parsed.content, calls.tool_calls(parsed.calls, false))
+                    }
+                    None => (c.text, Vec::new()),
                 };
-                let called = !parsed.calls.is_empty();
+                let called = !calls.is_empty();
                 ChatChoice {
                     index,
                     message: AssistantMessage {
                         role: "assistant",
-                        content: (!called || !parsed.content.is_empty()).then_some(parsed.content),
-                        tool_calls: tool_calls(parsed.calls, false),
+                        content: (!called || !text.is_empty()).then_some(text),
+                        tool_calls: calls,
                     },
                     finish_reason: if called {
                         "tool_calls"

@@ -44,20 +44,33 @@ impl ToolRequest {
         self.mode != Mode::None
     }
 
-    /// The grammar of one call in `syntax`, when the caller demands a call: a Lark grammar
-    /// for llguidance, whose `%json` is the call's JSON schema.
-    pub fn grammar(&self, syntax: Syntax) -> Option<String> {
-        let demanded: Vec<&Tool> = match &self.mode {
-            Mode::None | Mode::Auto => return None,
+    /// The tools one of which the caller demands a call to; none when the model may answer
+    /// in text.
+    fn demanded(&self) -> Vec<&Tool> {
+        match &self.mode {
+            Mode::None | Mode::Auto => Vec::new(),
             Mode::Required => self.tools.iter().collect(),
             Mode::Named(name) => self
                 .tools
                 .iter()
                 .filter(|t| &t.function.name == name)
                 .collect(),
-        };
+        }
+    }
+
+    /// Whether the caller demands a call (decoding is then constrained to one).
+    pub fn demands_call(&self) -> bool {
+        !self.demanded().is_empty()
+    }
+
+    /// The grammar of one call, in `syntax`, to a demanded tool: a Lark grammar for
+    /// llguidance, whose `%json` is the call's JSON schema. `special` finds a special
+    /// token's id (Mistral's marker is one; without it the list stands alone, which the
+    /// parser reads too).
+    pub fn grammar(&self, syntax: Syntax, special: impl Fn(&str) -> Option<u32>) -> String {
+        let demanded = self.demanded();
         let arguments_key = match syntax {
-            Syntax::Hermes => "arguments",
+            Syntax::Hermes | Syntax::Mistral => "arguments",
             Syntax::LlamaJson => "parameters",
         };
         let calls: Vec<Value> = demanded
@@ -76,13 +89,24 @@ impl ToolRequest {
                 })
             })
             .collect();
-        let schema = json!({"anyOf": calls, "x-guidance": json_style()});
-        Some(match syntax {
+        let call = json!({"anyOf": calls});
+        let styled = |mut schema: Value| {
+            schema["x-guidance"] = json_style();
+            schema
+        };
+        match syntax {
             Syntax::Hermes => format!(
-                "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"
+                "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {}\n",
+                styled(call)
             ),
-            Syntax::LlamaJson => format!("start: call\ncall: %json {schema}\n"),
-        })
+            Syntax::LlamaJson => format!("start: call\ncall: %json {}\n", styled(call)),
+            Syntax::Mistral => {
+                let list = json!({"type": "array", "items": call, "minItems": 1, "maxItems": 1});
+                let marker = special(parse::MISTRAL_CALLS)
+                    .map_or(String::new(), |id| format!("<[{id}]> \" \" "));
+                format!("start: {marker}calls\ncalls: %json {}\n", styled(list))
+            }
+        }
     }
 }
 
@@ -246,15 +270,20 @@ mod tests {
     #[test]
     fn demanded_calls_have_a_grammar_in_the_model_syntax() {
         let r = request(weather(), json!("required")).unwrap().unwrap();
-        let hermes = r.grammar(Syntax::Hermes).unwrap();
+        let none = |_: &str| None;
+        let hermes = r.grammar(Syntax::Hermes, none);
         assert!(
             hermes.starts_with("start: \"<tool_call>\\n\" call"),
             "{hermes}"
         );
         assert!(hermes.contains(r#""const":"get_weather""#) && hermes.contains("arguments"));
-        let llama = r.grammar(Syntax::LlamaJson).unwrap();
+        let llama = r.grammar(Syntax::LlamaJson, none);
         assert!(llama.contains("parameters"), "{llama}");
         let auto = request(weather(), Value::Null).unwrap().unwrap();
-        assert_eq!(auto.grammar(Syntax::Hermes), None);
+        assert!(!auto.demands_call() && r.demands_call());
+        let mistral = r.grammar(Syntax::Mistral, |name| {
+            (name == "[TOOL_CALLS]").then_some(7)
+        });
+        assert!(mistral.starts_with("start: <[7]> \" \" calls"), "{mistral}");
     }
 }

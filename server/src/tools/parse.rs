@@ -12,11 +12,16 @@ pub enum Syntax {
     /// Llama 3.x: the whole answer is `{"name": ..., "parameters": {...}}` (calls separated
     /// by `;`), possibly after `<|python_tag|>`.
     LlamaJson,
+    /// Mistral: the whole answer is `[TOOL_CALLS]` and a JSON list of
+    /// `{"name": ..., "arguments": {...}}` (the marker is a special token, gone from the text
+    /// when decoded).
+    Mistral,
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";
+pub const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
@@ -38,6 +43,7 @@ impl Syntax {
         let calls = match self {
             Self::Hermes => hermes(text, known),
             Self::LlamaJson => llama_json(text, known),
+            Self::Mistral => mistral(text, known),
         };
         match calls {
             Some((content, calls)) if !calls.is_empty() => Parsed { content, calls },
@@ -63,6 +69,25 @@ impl Syntax {
                     || PYTHON_TAG.starts_with(rest);
                 opens.then_some(0)
             }
+            Self::Mistral => {
+                let rest = text.trim_start();
+                let list = rest
+                    .strip_prefix('[')
+                    .is_some_and(|r| r.trim_start().is_empty() || r.trim_start().starts_with('{'));
+                let opens =
+                    list || rest.starts_with(MISTRAL_CALLS) || MISTRAL_CALLS.starts_with(rest);
+                opens.then_some(0)
+            }
+        }
+    }
+
+    /// An id for a call the model made: Mistral's templates accept only nine letters or
+    /// digits when the call comes back; others take OpenAI's `call_` form.
+    pub fn call_id(self) -> String {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        match self {
+            Self::Mistral => random[..9].to_string(),
+            Self::Hermes | Self::LlamaJson => format!("call_{random}"),
         }
     }
 }
@@ -99,6 +124,19 @@ fn llama_json(text: &str, known: &[&str]) -> Option<(String, Vec<Call>)> {
         rest = rest[values.byte_offset()..].trim_start();
         rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
     }
+    Some((String::new(), calls))
+}
+
+fn mistral(text: &str, known: &[&str]) -> Option<(String, Vec<Call>)> {
+    let body = text.trim();
+    let body = body.strip_prefix(MISTRAL_CALLS).unwrap_or(body);
+    let calls = match serde_json::from_str(body.trim()).ok()? {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| call_of(item, "arguments", known))
+            .collect::<Option<Vec<_>>>()?,
+        one => vec![call_of(one, "arguments", known)?],
+    };
     Some((String::new(), calls))
 }
 
@@ -235,6 +273,37 @@ mod tests {
     }
 
     #[test]
+    fn mistral_lists_parse_with_or_without_the_marker() {
+        for text in [
+            "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}]",
+            " [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}]",
+        ] {
+            let parsed = Syntax::Mistral.parse(text, KNOWN);
+            assert_eq!(
+                calls(&parsed),
+                [("get_weather", serde_json::json!({"city": "Rome"}))],
+                "{text}"
+            );
+        }
+        let mut stream = CallStream::new(Syntax::Mistral);
+        assert_eq!(stream.push("["), "");
+        assert_eq!(
+            stream.push("{\"name\": \"search\", \"arguments\": {}}]"),
+            ""
+        );
+        assert_eq!(stream.finish(KNOWN).calls.len(), 1);
+        let mut stream = CallStream::new(Syntax::Mistral);
+        assert_eq!(stream.push("[1] is a footnote"), "[1] is a footnote");
+        assert!(
+            Syntax::Mistral
+                .call_id()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric())
+        );
+        assert_eq!(Syntax::Mistral.call_id().len(), 9);
+    }
+
+    #[test]
     fn malformed_or_unknown_calls_are_returned_as_text() {
         for (syntax, text) in [
             (
@@ -260,6 +329,14 @@ mod tests {
             (Syntax::LlamaJson, "The weather is {\"nice\": true}"),
             (Syntax::LlamaJson, "{\"name\": \"search\""),
             (Syntax::LlamaJson, ""),
+            (
+                Syntax::Mistral,
+                "[{\"name\": \"launch_missiles\", \"arguments\": {}}]",
+            ),
+            (
+                Syntax::Mistral,
+                "[TOOL_CALLS] [{\"name\": \"search\", \"arguments\": 3}]",
+            ),
         ] {
             let parsed = syntax.parse(text, KNOWN);
             assert_eq!(parsed.content, text, "{syntax:?}");
