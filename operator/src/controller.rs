@@ -55,7 +55,7 @@ struct Stores {
 pub struct Context {
     client: Client,
     settings: Settings,
-    recorder: Recorder,
+    reporter: Reporter,
     metrics: Arc<Metrics>,
     stores: Stores,
     /// Consecutive transient failures per object, for the retry backoff.
@@ -128,7 +128,7 @@ pub async fn run(
         instance: std::env::var("POD_NAME").ok(),
     };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        reporter,
         client: client.clone(),
         settings,
         metrics,
@@ -549,8 +549,14 @@ fn now() -> Time {
 }
 
 /// Events are best effort: a refused one is logged, never fails the reconcile.
+///
+/// Each event gets a recorder of its own: kube's recorder folds an event into an earlier one
+/// with the same reason into a series without updating its note, so "scaled from 3 to 4"
+/// would be lost under "scaled from 1 to 3". Events here are already published once per
+/// transition (see `announced`), so there is nothing to fold.
 async fn publish(ctx: &Context, event: &Event, reference: &ObjectReference) {
-    if let Err(e) = ctx.recorder.publish(event, reference).await {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(e) = recorder.publish(event, reference).await {
         tracing::warn!(error = %e, "cannot publish an event");
     }
 }

@@ -54,6 +54,10 @@ async fn scales_up_and_down_with_the_load() {
     let md = t.wait_phase("busy", Phase::Ready).await;
     assert_eq!(md.status.unwrap().desired_replicas, Some(1));
 
+    // Two steps up: each is an event of its own, with its own note.
+    env.load.offer("busy", 20.0);
+    wait_replicas(&t, "busy", 3).await;
+    t.wait_event("busy", "ScaledUp", "to 3 replicas").await;
     env.load.offer("busy", 30.0);
     let md = wait_replicas(&t, "busy", 4).await;
     let scaled = condition(&md, "Autoscaled");
