@@ -18,7 +18,7 @@
    at batch 32.
 
 Run with scripts/bench (it installs the peers); `scripts/bench structured` runs section 6
-alone, without them, and `scripts/bench rerank` section 7. Results: bench-results/results.json.
+alone, without them, `scripts/bench embed` section 1 and `scripts/bench rerank` section 7. Results: bench-results/results.json.
 """
 import importlib.util
 import json
@@ -257,7 +257,26 @@ def rerank_pairs():
         shutil.rmtree(directory)
 
 
+def embed_inprocess(binary):
+    """1. In-process embeddings, interleaved."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(MINILM, device="cpu")
+    k_rounds, s_rounds = [], []
+    for _ in range(ROUNDS):
+        k_rounds.append(kandle_inprocess(binary, "embed", MINILM, 10, *BATCHES))
+        s_rounds.append(st_embed(st, 10))
+    k, s = median_of(k_rounds), median_of(s_rounds)
+    return {
+        n: {"kandle_sentences_per_s": int(n) / k[n], "st_sentences_per_s": int(n) / s[n], "ratio": s[n] / k[n]}
+        for n in k
+    }
+
+
 def main():
+    if sys.argv[1:] == ["embed"]:
+        print(json.dumps({"embed_inprocess": embed_inprocess(inprocess_binary())}, indent=1))
+        return
     if sys.argv[1:] == ["rerank"]:
         print(json.dumps({"rerank": rerank_pairs()}, indent=1))
         return
@@ -266,24 +285,12 @@ def main():
         return
     import torch
     from llama_cpp import Llama
-    from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(THREADS)
     results = {"machine": {"cpus": THREADS, "torch": torch.__version__}, "rounds": ROUNDS}
     binary = inprocess_binary()
 
-    # 1. In-process embeddings, interleaved.
-    st = SentenceTransformer(MINILM, device="cpu")
-    k_rounds, s_rounds = [], []
-    for _ in range(ROUNDS):
-        k_rounds.append(kandle_inprocess(binary, "embed", MINILM, 10, *BATCHES))
-        s_rounds.append(st_embed(st, 10))
-    k, s = median_of(k_rounds), median_of(s_rounds)
-    results["embed_inprocess"] = {
-        n: {"kandle_sentences_per_s": int(n) / k[n], "st_sentences_per_s": int(n) / s[n], "ratio": s[n] / k[n]}
-        for n in k
-    }
-    del st
+    results["embed_inprocess"] = embed_inprocess(binary)
 
     # 3. Generation, interleaved.
     llm = Llama(model_path=GGUF, n_ctx=2048, n_threads=THREADS, n_batch=512, verbose=False)

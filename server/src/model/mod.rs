@@ -2,9 +2,12 @@
 //!
 //! Families: decoders (Llama, Mistral, Qwen2, Qwen3) from safetensors (`causal_lm`) or GGUF
 //! (`gguf`), on kandle's own `decoder`; BERT embeddings (`bert`).
+pub(crate) mod attention;
 pub mod bert;
 pub mod causal_lm;
 pub mod decoder;
+pub mod dense;
+mod disjoint;
 pub mod gguf;
 pub mod weights;
 

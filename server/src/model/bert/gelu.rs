@@ -38,8 +38,14 @@ fn erf(x: f32) -> f32 {
     x * p / q
 }
 
-fn gelu(x: f32) -> f32 {
+pub(super) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The tanh approximation (`gelu_new`), as candle's `gelu` computes it.
+pub(super) fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
 struct GeluErf;
@@ -82,6 +88,21 @@ mod tests {
         let x = Tensor::randn(0f32, 3.0, (7, 129), &Device::Cpu).unwrap();
         let ours = gelu_erf(&x.t().unwrap()).unwrap();
         let candle = x.t().unwrap().gelu_erf().unwrap();
+        let diff = crate::model::max_abs_diff(&ours, &candle);
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn the_tanh_approximation_matches_candles() {
+        let x = Tensor::randn(0f32, 3.0, 1000, &Device::Cpu).unwrap();
+        let ours: Vec<f32> = x
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(gelu_tanh)
+            .collect();
+        let candle = x.gelu().unwrap();
+        let ours = Tensor::new(ours, &Device::Cpu).unwrap();
         let diff = crate::model::max_abs_diff(&ours, &candle);
         assert!(diff < 1e-5, "{diff}");
     }

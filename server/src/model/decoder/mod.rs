@@ -5,7 +5,6 @@
 //! attention is per sequence.
 pub mod attention;
 pub mod config;
-mod disjoint;
 mod linear;
 pub mod matrix;
 pub mod quant;

@@ -3,7 +3,7 @@
 //! rows' keys and values into their slots and attends each row against its own sequence only,
 //! so a sequence's result never depends on its neighbours: on the CPU in place (`cpu`), on
 //! other devices by gathering each sequence's slots.
-mod cpu;
+use crate::model::attention as cpu;
 
 use crate::engine::{BLOCK_TOKENS, Chunk};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
@@ -135,8 +135,10 @@ pub fn attend(
         };
         let out = cpu::attend(&cpu::Inputs {
             q: &q,
+            q_stride: heads * dim,
             k_pool: &k_all[k_layout.start_offset()..],
             v_pool: &v_all[v_layout.start_offset()..],
+            kv_stride: k_pool.dim(1)? * dim,
             slots: &layout.slots,
             spans: &layout.spans,
             heads: cpu::Heads {
@@ -144,6 +146,7 @@ pub fn attend(
                 kv_heads: k_pool.dim(1)?,
                 dim,
             },
+            causal: true,
             window,
             scale,
         });

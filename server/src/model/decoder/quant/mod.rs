@@ -24,7 +24,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
-use super::disjoint::DisjointOut;
+use crate::model::disjoint::DisjointOut;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
 

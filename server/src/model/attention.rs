@@ -1,11 +1,12 @@
-//! Attention on the CPU, reading the paged cache in place: each query row walks its
-//! sequence's key slots where they lie, with no gathered copy of every sequence's keys and
-//! values per layer. Work is shared over candle's barrier pool, the threads that run the
+//! Attention on the CPU, for the decoder (causal, reading the paged cache in place) and the
+//! encoders (each token sees its whole sequence, reading q, k and v where the fused
+//! projection left them): each query row walks its sequence's key slots where they lie,
+//! with no gathered or transposed copy of every sequence's keys and values per layer. Work is shared over candle's barrier pool, the threads that run the
 //! matmuls, so no second pool competes with them for the cores (with rayon, one core spun
 //! idle in the barrier pool while attention ran). AVX2 is chosen at run time as for the
 //! quantized kernels; each output is computed the same way whatever the batch.
 #![allow(unsafe_code)]
-use super::super::disjoint::DisjointOut;
+use crate::model::disjoint::DisjointOut;
 
 /// The heads and their width.
 #[derive(Debug, Clone, Copy)]
@@ -16,7 +17,8 @@ pub struct Heads {
 }
 
 /// One sequence's part of a step: query rows `q_start..q_start + q_len`, the last of its
-/// `k_len` key positions, whose slots are `slots[k_start..k_start + k_len]`.
+/// `k_len` key positions (for causal attention), whose slots are
+/// `slots[k_start..k_start + k_len]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Span {
     pub q_start: usize,
@@ -25,21 +27,26 @@ pub struct Span {
     pub k_len: usize,
 }
 
-/// Everything one step's attention reads: queries [rows, heads, dim], and key and value pools
-/// [slots, kv_heads, dim].
+/// Everything one step's attention reads: queries [rows, heads, dim] with rows `q_stride`
+/// apart, and key and value pools [slots, kv_heads, dim] with slots `kv_stride` apart.
 pub struct Inputs<'a> {
     pub q: &'a [f32],
+    pub q_stride: usize,
     pub k_pool: &'a [f32],
     pub v_pool: &'a [f32],
+    pub kv_stride: usize,
     pub slots: &'a [u32],
     pub spans: &'a [Span],
     pub heads: Heads,
-    /// Keys visible to a query: itself and the `window - 1` before it.
+    /// Whether a query sees only the keys up to its own position (a decoder) or its whole
+    /// sequence (an encoder).
+    pub causal: bool,
+    /// Keys visible to a causal query: itself and the `window - 1` before it.
     pub window: Option<usize>,
     pub scale: f32,
 }
 
-/// Causal attention of every query row against its own sequence's keys: [rows, heads, dim].
+/// Attention of every query row against its own sequence's keys: [rows, heads, dim].
 /// A work item is one row: each cached key and value (every KV head's, side by side in a
 /// slot) is loaded once for all its query heads.
 pub fn attend(x: &Inputs<'_>) -> Vec<f32> {
@@ -50,7 +57,7 @@ pub fn attend(x: &Inputs<'_>) -> Vec<f32> {
         .collect();
     let mut out = vec![0f32; rows * heads * dim];
     let dst = DisjointOut::new(&mut out);
-    let avx2 = super::super::quant::avx2();
+    let avx2 = super::decoder::quant::avx2();
     candle_core::utils::barrier_pool().execute_chunked(rows, |items| {
         let mut scores = Vec::new();
         let mut acc = vec![0f32; heads * dim];
@@ -88,11 +95,15 @@ fn one(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc
     } = x.heads;
     let group = heads / kv_heads;
     let span = x.spans[span_of[row]];
-    // The query's own position among its sequence's keys.
-    let pos = span.k_len - span.q_len + (row - span.q_start);
-    let first = x.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-    let q = &x.q[row * heads * dim..][..heads * dim];
-    let slots = &x.slots[span.k_start + first..span.k_start + pos + 1];
+    let (first, last) = if x.causal {
+        // The query's own position among its sequence's keys.
+        let pos = span.k_len - span.q_len + (row - span.q_start);
+        (x.window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos)
+    } else {
+        (0, span.k_len - 1)
+    };
+    let q = &x.q[row * x.q_stride..][..heads * dim];
+    let slots = &x.slots[span.k_start + first..span.k_start + last + 1];
     let n = slots.len();
     let width = kv_heads * dim;
     // scores[h * n + j]: query head h against key j. Plain loops: an iterator adapter's body
@@ -100,7 +111,7 @@ fn one(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc
     scores.clear();
     scores.resize(heads * n, 0.0);
     for (j, &s) in slots.iter().enumerate() {
-        let k = &x.k_pool[s as usize * width..][..width];
+        let k = &x.k_pool[s as usize * x.kv_stride..][..width];
         for h in 0..heads {
             let k = &k[h / group * dim..][..dim];
             scores[h * n + j] = dot(&q[h * dim..][..dim], k) * x.scale;
@@ -120,7 +131,7 @@ fn one(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc
     }
     acc.fill(0.0);
     for (j, &s) in slots.iter().enumerate() {
-        let v = &x.v_pool[s as usize * width..][..width];
+        let v = &x.v_pool[s as usize * x.kv_stride..][..width];
         for h in 0..heads {
             let w = scores[h * n + j];
             let v = &v[h / group * dim..][..dim];
