@@ -6,7 +6,7 @@ use crate::api::{Classification, ClassificationList, ClassifyRequest, EmbeddingU
 use crate::engine::EncoderInput;
 use crate::error::ApiError;
 use crate::model::Task;
-use crate::validation::{MAX_EMBEDDING_INPUTS, check_input_len, check_model};
+use crate::validation::{MAX_EMBEDDING_INPUTS, check_model};
 use axum::Json;
 use axum::extract::State;
 use std::sync::Arc;
@@ -37,12 +37,7 @@ pub async fn classify(
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
-    for input in &inputs {
-        check_input_len(input.ids.len(), state.max_input_tokens)?;
-    }
-    let prompt_tokens = inputs.iter().map(|i| i.ids.len()).sum();
-    state.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-    let logits = futures::future::try_join_all(inputs.into_iter().map(|i| engine.embed(i))).await?;
+    let (logits, prompt_tokens) = state.encode(engine, inputs).await?;
     let labels = &state.info.labels;
     let data = logits
         .into_iter()

@@ -5,9 +5,7 @@ use crate::api::{EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage,
 use crate::engine::EncoderInput;
 use crate::error::ApiError;
 use crate::model::Task;
-use crate::validation::{
-    PromptInput, check_input_len, check_model, check_token_ids, embedding_inputs,
-};
+use crate::validation::{PromptInput, check_model, check_token_ids, embedding_inputs};
 use axum::Json;
 use axum::extract::State;
 use base64::Engine as _;
@@ -53,16 +51,9 @@ pub async fn embeddings(
         .await?;
     for ids in &sequences {
         check_token_ids("input", ids, state.info.vocab_size)?;
-        check_input_len(ids.len(), state.max_input_tokens)?;
     }
-    let prompt_tokens: usize = sequences.iter().map(Vec::len).sum();
-    state.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-    let vectors = futures::future::try_join_all(
-        sequences
-            .into_iter()
-            .map(|ids| engine.embed(EncoderInput::single(ids))),
-    )
-    .await?;
+    let inputs = sequences.into_iter().map(EncoderInput::single).collect();
+    let (vectors, prompt_tokens) = state.encode(engine, inputs).await?;
     let data = vectors
         .into_iter()
         .enumerate()

@@ -12,13 +12,14 @@ mod rerank;
 use crate::admission::Admission;
 use crate::chat_template::ChatTemplate;
 use crate::constrain::LazyLexicon;
-use crate::engine::Health;
 use crate::engine::embedding::EmbeddingEngine;
 use crate::engine::generation::GenerationEngine;
+use crate::engine::{EncoderInput, Health};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RouteCode};
 use crate::model::{ModelInfo, Task};
 use crate::tokenize::PromptTokenizer;
+use crate::validation::check_input_len;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, header};
@@ -85,6 +86,23 @@ impl AppState {
                 self.info.task.as_str()
             ))),
         }
+    }
+
+    /// Every input of one request through the encoder at once (the batcher groups them),
+    /// each length checked and the tokens counted: the outputs in order, and the token total.
+    pub async fn encode(
+        &self,
+        engine: &EmbeddingEngine,
+        inputs: Vec<EncoderInput>,
+    ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        for input in &inputs {
+            check_input_len(input.ids.len(), self.max_input_tokens)?;
+        }
+        let tokens = inputs.iter().map(|i| i.ids.len()).sum();
+        self.metrics.prompt_tokens.inc_by(tokens as u64);
+        let outputs =
+            futures::future::try_join_all(inputs.into_iter().map(|i| engine.embed(i))).await?;
+        Ok((outputs, tokens))
     }
 }
 

@@ -5,7 +5,7 @@ use super::json::ApiJson;
 use crate::api::{RerankRequest, RerankResponse, RerankResult, RerankUsage, RerankedDocument};
 use crate::error::ApiError;
 use crate::model::Task;
-use crate::validation::{check_input_len, check_model};
+use crate::validation::check_model;
 use axum::Json;
 use axum::extract::State;
 use std::sync::Arc;
@@ -52,12 +52,7 @@ pub async fn rerank(
             Ok((pairs, documents))
         })
         .await?;
-    for pair in &pairs {
-        check_input_len(pair.ids.len(), state.max_input_tokens)?;
-    }
-    let total_tokens = pairs.iter().map(|p| p.ids.len()).sum();
-    state.metrics.prompt_tokens.inc_by(total_tokens as u64);
-    let logits = futures::future::try_join_all(pairs.into_iter().map(|p| engine.embed(p))).await?;
+    let (logits, total_tokens) = state.encode(engine, pairs).await?;
     // sentence-transformers' CrossEncoder reads a single logit through a sigmoid.
     let mut scored: Vec<(usize, f32)> = logits
         .iter()
