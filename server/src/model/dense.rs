@@ -10,7 +10,8 @@
 //!
 //! Each output is its row's dot product summed in order of k from the bias, whatever the
 //! tile or batch, so a sequence's outputs do not depend on its neighbours. AVX2 with FMA is
-//! chosen at run time; a portable loop over the same layout serves other CPUs.
+//! chosen at run time, as for the quantized kernels; a portable loop over the same layout
+//! serves other CPUs.
 #![allow(unsafe_code)]
 use super::disjoint::DisjointOut;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -68,7 +69,7 @@ impl Dense {
         let (n, k) = (self.rows, self.cols);
         let panels = n.div_ceil(NR);
         let groups = panels.div_ceil(PANELS_PER_ITEM);
-        let kernel = Kernel::detect();
+        let avx2 = super::decoder::quant::avx2();
         let mut out = vec![0f32; m * n];
         let dst = DisjointOut::new(&mut out);
         candle_core::utils::barrier_pool().execute_chunked(
@@ -86,7 +87,7 @@ impl Dense {
                         let mut r = rows.start;
                         while r < rows.end {
                             let t = MR.min(rows.end - r);
-                            let mut tile = kernel.tile(t, &x[r * k..(r + t) * k], k, panel, bias);
+                            let mut tile = tile(avx2, t, &x[r * k..(r + t) * k], k, panel, bias);
                             if let Some(f) = self.activation {
                                 tile.iter_mut().flatten().for_each(|v| *v = f(*v));
                             }
@@ -118,68 +119,60 @@ impl CustomOp1 for Dense {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("dense takes contiguous f32 activations");
-        };
-        let mut dims = layout.dims().to_vec();
-        if dims.last() != Some(&self.cols) || self.cols == 0 {
-            candle_core::bail!(
-                "dense: activations {dims:?} against a [{}, {}] matrix",
-                self.rows,
-                self.cols
-            );
-        }
-        let x = &data[start..end];
-        let out = self.matmul(x, x.len() / self.cols);
-        *dims.last_mut().expect("checked above") = self.rows;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        map_rows(
+            self.name(),
+            storage,
+            layout,
+            self.cols,
+            self.rows,
+            |x, m| self.matmul(x, m),
+        )
     }
 }
 
-#[derive(Clone, Copy)]
-enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
+/// A CPU op taking contiguous f32 rows of `cols` (any leading dimensions) to rows of `rows`,
+/// as a matrix product does: checks the input and gives `f` the rows and their count.
+pub fn map_rows(
+    name: &str,
+    storage: &CpuStorage,
+    layout: &Layout,
+    cols: usize,
+    rows: usize,
+    f: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> Result<(CpuStorage, Shape)> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("{name} takes contiguous f32 activations");
+    };
+    let mut dims = layout.dims().to_vec();
+    if dims.last() != Some(&cols) || cols == 0 {
+        candle_core::bail!("{name}: activations {dims:?} against a [{rows}, {cols}] matrix");
+    }
+    let x = &data[start..end];
+    let out = f(x, x.len() / cols);
+    *dims.last_mut().expect("checked above") = rows;
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
 }
 
 type Tile = [[f32; NR]; MR];
 
-impl Kernel {
-    fn detect() -> Self {
-        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *KERNEL.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if std::env::var_os("KANDLE_PORTABLE_KERNELS").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-            {
-                return Self::Avx2;
+/// `bias + x · panel` for the `t` rows of `x` (t ≤ MR); rows past `t` are zero.
+fn tile(avx2: bool, t: usize, x: &[f32], k: usize, panel: &[f32], bias: &[f32; NR]) -> Tile {
+    assert!(x.len() == t * k && panel.len() == k * NR && (1..=MR).contains(&t));
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is true only when the CPU has AVX2 and FMA; lengths asserted above.
+        return unsafe {
+            match t {
+                6 => avx2::tile::<6>(x, k, panel, bias),
+                5 => avx2::tile::<5>(x, k, panel, bias),
+                4 => avx2::tile::<4>(x, k, panel, bias),
+                3 => avx2::tile::<3>(x, k, panel, bias),
+                2 => avx2::tile::<2>(x, k, panel, bias),
+                _ => avx2::tile::<1>(x, k, panel, bias),
             }
-            Self::Portable
-        })
+        };
     }
-
-    /// `bias + x · panel` for the `t` rows of `x` (t ≤ MR); rows past `t` are zero.
-    fn tile(self, t: usize, x: &[f32], k: usize, panel: &[f32], bias: &[f32; NR]) -> Tile {
-        assert!(x.len() == t * k && panel.len() == k * NR && (1..=MR).contains(&t));
-        match self {
-            Self::Portable => portable(t, x, k, panel, bias),
-            // SAFETY: chosen only when the CPU has AVX2 and FMA; lengths asserted above.
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe {
-                match t {
-                    6 => avx2::tile::<6>(x, k, panel, bias),
-                    5 => avx2::tile::<5>(x, k, panel, bias),
-                    4 => avx2::tile::<4>(x, k, panel, bias),
-                    3 => avx2::tile::<3>(x, k, panel, bias),
-                    2 => avx2::tile::<2>(x, k, panel, bias),
-                    _ => avx2::tile::<1>(x, k, panel, bias),
-                }
-            },
-        }
-    }
+    portable(t, x, k, panel, bias)
 }
 
 fn portable(t: usize, x: &[f32], k: usize, panel: &[f32], bias: &[f32; NR]) -> Tile {

@@ -245,24 +245,14 @@ impl CustomOp1 for Matrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("quantized-matmul takes f32 activations");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("quantized-matmul takes contiguous activations");
-        };
-        let mut dims = layout.dims().to_vec();
-        if dims.last() != Some(&self.cols) {
-            candle_core::bail!(
-                "quantized-matmul: activations {dims:?} against a [{}, {}] matrix",
-                self.rows,
-                self.cols
-            );
-        }
-        let x = &data[start..end];
-        let out = self.matmul(x, x.len() / self.cols);
-        *dims.last_mut().expect("checked above") = self.rows;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        crate::model::dense::map_rows(
+            self.name(),
+            storage,
+            layout,
+            self.cols,
+            self.rows,
+            |x, m| self.matmul(x, m),
+        )
     }
 }
 
