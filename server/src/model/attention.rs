@@ -1,9 +1,10 @@
 //! Attention on the CPU, for the decoder (causal, reading the paged cache in place) and the
 //! encoders (each token sees its whole sequence, reading q, k and v where the fused
 //! projection left them): each query row walks its sequence's key slots where they lie,
-//! with no gathered or transposed copy of every sequence's keys and values per layer. Work is shared over candle's barrier pool, the threads that run the
-//! matmuls, so no second pool competes with them for the cores (with rayon, one core spun
-//! idle in the barrier pool while attention ran). AVX2 is chosen at run time as for the
+//! with no gathered or transposed copy of every sequence's keys and values per layer. Work
+//! is shared over candle's barrier pool, the threads that run the matmuls, so no second pool
+//! competes with them for the cores (with rayon, one core spun idle in the barrier pool while
+//! attention ran). AVX2 is chosen at run time as for the
 //! quantized kernels; each output is computed the same way whatever the batch.
 #![allow(unsafe_code)]
 use crate::model::disjoint::DisjointOut;

@@ -1,7 +1,7 @@
 //! f32 `act(x · Wᵀ + b)` on the CPU, for the encoders' linear layers. candle multiplies through
-//! the `gemm` crate, which packs both operands on every call and adds the bias in a second
-//! pass over the output; on MiniLM's shapes that ran at well under half the machine's FMA
-//! peak. Here the weights are packed once, at load, into panels of 16 output columns stored
+//! the `gemm` crate, which packs both operands on every call, then adds the bias and applies
+//! the activation in passes of their own over the output (the activation on one thread).
+//! Here the weights are packed once, at load, into panels of 16 output columns stored
 //! k-major, so a tile of 6 rows by 16 columns is 12 AVX2 registers fed by two loads and six
 //! broadcasts per step of k, starting from the bias. Work items are (48 rows, 4 panels)
 //! blocks shared out by candle's barrier pool: a block's rows stay in L2 while each panel

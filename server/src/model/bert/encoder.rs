@@ -1,7 +1,8 @@
 //! BERT's encoder over packed sequences: a batch's tokens sit in one [tokens, hidden] matrix
 //! with no padding, so each linear layer is one matrix product over exactly the tokens there
-//! are, whatever the mix of lengths. Only attention needs the sequences apart; it gathers them
-//! into a padded [batch, heads, longest, head_dim] view and back.
+//! are, whatever the mix of lengths. Only attention needs the sequences apart: on the CPU it
+//! reads each sequence's rows in place; elsewhere it gathers them into a padded
+//! [batch, heads, longest, head_dim] view and back.
 use super::gelu;
 use crate::engine::EncoderInput;
 use crate::model::attention::{self, Heads, Inputs, Span};
