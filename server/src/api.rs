@@ -70,6 +70,7 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<ResponseFormat>,
     pub tools: Option<Vec<Tool>>,
     pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// Last: a flattened map takes what the fields above left.

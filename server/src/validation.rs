@@ -47,7 +47,6 @@ pub const IGNORED_FIELDS: &[&str] = &[
     "service_tier",
     "safety_identifier",
     "prompt_cache_key",
-    "parallel_tool_calls",
 ];
 
 /// OpenAI fields the server does not implement yet: each would change the answer, so a

@@ -548,35 +548,47 @@ async fn tool_calls_come_back_as_calls_and_round_trip() {
     common::set_chat_template(dir.path(), common::TOOLS_CHATML);
     let server = Server::start(dir.path(), &["--served-model-name", "tiny"]);
     let named = json!({"type": "function", "function": {"name": "get_time"}});
-    for (choice, name) in [(json!("required"), None), (named, Some("get_time"))] {
-        for seed in 0..4 {
+    let mut most_calls = 0;
+    for (choice, name, parallel) in [
+        (json!("required"), None, true),
+        (json!("required"), None, false),
+        (named, Some("get_time"), true),
+    ] {
+        for seed in 0..8 {
             let body = chat(
                 "What is the weather in Paris?",
                 json!({"tools": weather_tools(), "tool_choice": choice, "temperature": 1,
-                       "seed": seed, "max_tokens": 200}),
+                       "seed": seed, "max_tokens": 400, "parallel_tool_calls": parallel}),
             );
             let (status, whole) = post(&server, "/v1/chat/completions", body.clone()).await;
             assert_eq!(status, 200, "{whole}");
             let c = &whole["choices"][0];
             assert_eq!(c["finish_reason"], "tool_calls", "{whole}");
             assert_eq!(c["message"]["content"], serde_json::Value::Null);
-            let call = &c["message"]["tool_calls"][0];
-            assert!(call["id"].as_str().unwrap().starts_with("call_"));
-            assert_eq!(call["type"], "function");
-            let called = call["function"]["name"].as_str().unwrap();
-            if let Some(name) = name {
-                assert_eq!(called, name);
+            let calls = c["message"]["tool_calls"].as_array().unwrap();
+            if !parallel {
+                assert_eq!(calls.len(), 1, "{whole}");
             }
-            let arguments: serde_json::Value =
-                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
-            match called {
-                "get_weather" => assert!(arguments["city"].as_str().unwrap().chars().count() <= 8),
-                "get_time" => {
-                    assert!(["UTC", "CET"].contains(&arguments["zone"].as_str().unwrap()))
+            most_calls = most_calls.max(calls.len());
+            for call in calls {
+                assert!(call["id"].as_str().unwrap().starts_with("call_"));
+                assert_eq!(call["type"], "function");
+                let called = call["function"]["name"].as_str().unwrap();
+                if let Some(name) = name {
+                    assert_eq!(called, name);
                 }
-                other => panic!("{other}"),
+                let arguments: serde_json::Value =
+                    serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+                match called {
+                    "get_weather" => {
+                        assert!(arguments["city"].as_str().unwrap().chars().count() <= 8)
+                    }
+                    "get_time" => {
+                        assert!(["UTC", "CET"].contains(&arguments["zone"].as_str().unwrap()))
+                    }
+                    other => panic!("{other}"),
+                }
             }
-
             let mut streamed = body.clone();
             streamed["stream"] = json!(true);
             let response = client()
@@ -589,16 +601,19 @@ async fn tool_calls_come_back_as_calls_and_round_trip() {
             assert!(done);
             let deltas: Vec<&serde_json::Value> =
                 events.iter().filter_map(|e| e["choices"].get(0)).collect();
-            let calls: Vec<&serde_json::Value> = deltas
+            let streamed_calls: Vec<&serde_json::Value> = deltas
                 .iter()
-                .filter_map(|d| d["delta"]["tool_calls"].get(0))
+                .filter_map(|d| d["delta"]["tool_calls"].as_array())
+                .flatten()
                 .collect();
-            assert_eq!(calls.len(), 1, "{events:?}");
-            assert_eq!(calls[0]["index"], 0);
-            assert_eq!(
-                calls[0]["function"], call["function"],
-                "streamed as answered whole"
-            );
+            assert_eq!(streamed_calls.len(), calls.len(), "{events:?}");
+            for (i, (streamed, whole)) in streamed_calls.iter().zip(calls).enumerate() {
+                assert_eq!(streamed["index"], i);
+                assert_eq!(
+                    streamed["function"], whole["function"],
+                    "streamed as answered whole"
+                );
+            }
             assert_eq!(deltas.last().unwrap()["finish_reason"], "tool_calls");
             let text: String = deltas
                 .iter()
@@ -607,10 +622,12 @@ async fn tool_calls_come_back_as_calls_and_round_trip() {
             assert_eq!(text, "", "a call is not text");
 
             let mut conversation = body["messages"].as_array().unwrap().clone();
-            conversation.push(json!({"role": "assistant", "content": null, "tool_calls": [call]}));
-            conversation.push(
-                json!({"role": "tool", "tool_call_id": call["id"], "content": "{\"celsius\": 21}"}),
-            );
+            conversation.push(json!({"role": "assistant", "content": null, "tool_calls": calls}));
+            for call in calls {
+                conversation.push(
+                    json!({"role": "tool", "tool_call_id": call["id"], "content": "{\"celsius\": 21}"}),
+                );
+            }
             let follow_up = json!({"model": "tiny", "messages": conversation, "tools": weather_tools(),
                                    "max_tokens": 4, "tool_choice": "none"});
             let (status, answer) = post(&server, "/v1/chat/completions", follow_up).await;
@@ -621,6 +638,8 @@ async fn tool_calls_come_back_as_calls_and_round_trip() {
             );
         }
     }
+    // Parallel calls are allowed unless ruled out, and the model may take them.
+    assert!(most_calls > 1, "no answer held more than one call");
     // A special token's text in a call would act when rendered: refused, as in content.
     let forged = json!({"model": "tiny", "tools": weather_tools(), "messages": [
         {"role": "user", "content": "x"},
@@ -761,10 +780,11 @@ fn schemas_the_library_cannot_enforce_are_refused_with_the_reason() {
     }
 }
 
-/// Every path through a demanded call's grammar is one call the parser reads back, in each
-/// family's syntax (Mistral's marker a special token of its own).
+/// Every path through a demanded call's grammar is calls the parser reads back, in each
+/// family's syntax (Mistral's marker a special token of its own): exactly one when parallel
+/// calls are ruled out, one or more otherwise.
 #[test]
-fn every_path_through_a_call_grammar_parses_as_one_call() {
+fn every_path_through_a_call_grammar_parses_as_calls() {
     let mut tokenizer = common::byte_level_tokenizer();
     tokenizer
         .add_special_tokens([tokenizers::AddedToken::from(MISTRAL_CALLS, true)])
@@ -775,16 +795,23 @@ fn every_path_through_a_call_grammar_parses_as_one_call() {
     let grammars = Grammars::new(Arc::new(vocabulary)).unwrap();
     let tools: Vec<Tool> = serde_json::from_value(weather_tools()).unwrap();
     let required = Some(ToolChoice::Mode("required".into()));
-    let request = tool_request(Some(tools), required).unwrap().unwrap();
-    let names = request.names();
-    for syntax in [Syntax::Hermes, Syntax::LlamaJson, Syntax::Mistral] {
-        for seed in 0..10 {
-            let lark = request.grammar(syntax, |name| grammars.special_token(name));
-            let grammar = grammars.lark(lark).unwrap();
-            let text = random_walk(&tokenizer, eos, grammar, seed);
-            let parsed = syntax.parse(&text, &names);
-            assert_eq!(parsed.calls.len(), 1, "{syntax:?}: {text}");
-            assert_eq!(parsed.content, "", "{syntax:?}: {text}");
+    for parallel in [false, true] {
+        let request = tool_request(Some(tools.clone()), required.clone(), Some(parallel))
+            .unwrap()
+            .unwrap();
+        let names = request.names();
+        for syntax in [Syntax::Hermes, Syntax::LlamaJson, Syntax::Mistral] {
+            let mut most = 0;
+            for seed in 0..10 {
+                let lark = request.grammar(syntax, |name| grammars.special_token(name));
+                let grammar = grammars.lark(lark).unwrap();
+                let text = random_walk(&tokenizer, eos, grammar, seed);
+                let parsed = syntax.parse(&text, &names);
+                assert!(!parsed.calls.is_empty(), "{syntax:?}: {text}");
+                assert_eq!(parsed.content, "", "{syntax:?}: {text}");
+                most = most.max(parsed.calls.len());
+            }
+            assert_eq!(most > 1, parallel, "{syntax:?}, parallel: {parallel}");
         }
     }
 }

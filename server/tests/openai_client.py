@@ -90,9 +90,10 @@ messages = [{"role": "user", "content": "Weather in Oslo?"}]
 asked = dict(model=chat_model, messages=messages, tools=tools, tool_choice="required", temperature=1, seed=1,
              max_tokens=200)
 r = chat.chat.completions.create(**asked)
-call = r.choices[0].message.tool_calls[0]
-assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather", r
-assert isinstance(json.loads(call.function.arguments)["city"], str)
+assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls, r
+for call in r.choices[0].message.tool_calls:
+    assert call.function.name == "get_weather", r
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
 calls = {}
 for chunk in chat.chat.completions.create(**asked, stream=True):
     for choice in chunk.choices:
@@ -100,8 +101,12 @@ for chunk in chat.chat.completions.create(**asked, stream=True):
             entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
             entry["name"] += delta.function.name or ""
             entry["arguments"] += delta.function.arguments or ""
-assert calls == {0: {"name": call.function.name, "arguments": call.function.arguments}}, calls
-messages += [r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+assert calls == {i: {"name": c.function.name, "arguments": c.function.arguments}
+                 for i, c in enumerate(r.choices[0].message.tool_calls)}, calls
+messages += [r.choices[0].message] + [{"role": "tool", "tool_call_id": c.id, "content": "sunny, 21 C"}
+                                      for c in r.choices[0].message.tool_calls]
+single = chat.chat.completions.create(**asked, parallel_tool_calls=False)
+assert len(single.choices[0].message.tool_calls) == 1, single
 follow = chat.chat.completions.create(model=chat_model, messages=messages, tools=tools, max_tokens=4, temperature=0)
 assert follow.choices[0].message.role == "assistant"
 

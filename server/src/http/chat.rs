@@ -34,7 +34,7 @@ pub async fn chat_completions(
     let messages = chat_messages(req.messages)?;
     let params = generation_params(req.sampling)?;
     let schema = response_schema(req.response_format)?;
-    let tools = tool_request(req.tools, req.tool_choice)?;
+    let tools = tool_request(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     let syntax = match &tools {
         Some(_) => Some(template.tool_syntax().ok_or_else(|| {
             ApiError::invalid_param(
@@ -71,6 +71,7 @@ pub async fn chat_completions(
         .map(|(t, syntax)| Calls {
             syntax,
             names: t.names().into_iter().map(String::from).collect(),
+            parallel: t.parallel,
             streams: (0..params.n).map(|_| CallStream::new(syntax)).collect(),
         });
     // Templates add their own BOS, as transformers' apply_chat_template assumes.
@@ -139,11 +140,12 @@ async fn compile(state: &AppState, grammar: Grammar) -> Result<Constraint, ApiEr
         .await
 }
 
-/// How answers are read for tool calls: the model's syntax, the tools' names, and a
-/// stream per choice holding back what may be a call.
+/// How answers are read for tool calls: the model's syntax, the tools' names, whether
+/// more than one call is returned, and a stream per choice holding back what may be a call.
 struct Calls {
     syntax: Syntax,
     names: Vec<String>,
+    parallel: bool,
     streams: Vec<CallStream>,
 }
 
@@ -160,9 +162,13 @@ impl Calls {
     }
 
     /// OpenAI's shape of the calls; `index` set for stream deltas.
+    /// Without parallel calls only the first is returned (as vLLM does), since a model
+    /// choosing freely may write several.
     fn tool_calls(&self, calls: Vec<parse::Call>, streamed: bool) -> Vec<ToolCall> {
+        let most = if self.parallel { calls.len() } else { 1 };
         calls
             .into_iter()
+            .take(most)
             .enumerate()
             .map(|(i, c)| ToolCall {
                 index: streamed.then_some(i),

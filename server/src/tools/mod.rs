@@ -29,6 +29,9 @@ pub enum Mode {
 pub struct ToolRequest {
     pub tools: Vec<Tool>,
     pub mode: Mode,
+    /// Whether an answer may hold several calls (`parallel_tool_calls`, true unless the
+    /// caller says otherwise, as in OpenAI).
+    pub parallel: bool,
 }
 
 impl ToolRequest {
@@ -63,10 +66,10 @@ impl ToolRequest {
         !self.demanded().is_empty()
     }
 
-    /// The grammar of one call, in `syntax`, to a demanded tool: a Lark grammar for
-    /// llguidance, whose `%json` is the call's JSON schema. `special` finds a special
-    /// token's id (Mistral's marker is one; without it the list stands alone, which the
-    /// parser reads too).
+    /// The grammar of the calls, in `syntax`, to demanded tools: one call, or one or more
+    /// when calls may be parallel. A Lark grammar for llguidance, whose `%json` is a call's
+    /// JSON schema. `special` finds a special token's id (Mistral's marker is one; without
+    /// it the list stands alone, which the parser reads too).
     pub fn grammar(&self, syntax: Syntax, special: impl Fn(&str) -> Option<u32>) -> String {
         let demanded = self.demanded();
         let arguments_key = match syntax {
@@ -94,14 +97,30 @@ impl ToolRequest {
             schema["x-guidance"] = json_style();
             schema
         };
+        // More calls follow the first as the parser reads them; the model ends the list.
+        let more = |separator: &str, item: &str| {
+            if self.parallel {
+                format!("({separator} {item})*")
+            } else {
+                String::new()
+            }
+        };
         match syntax {
             Syntax::Hermes => format!(
-                "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {}\n",
+                "start: block {}\nblock: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {}\n",
+                more("\"\\n\"", "block"),
                 styled(call)
             ),
-            Syntax::LlamaJson => format!("start: call\ncall: %json {}\n", styled(call)),
+            Syntax::LlamaJson => format!(
+                "start: call {}\ncall: %json {}\n",
+                more("\"; \"", "call"),
+                styled(call)
+            ),
             Syntax::Mistral => {
-                let list = json!({"type": "array", "items": call, "minItems": 1, "maxItems": 1});
+                let mut list = json!({"type": "array", "items": call, "minItems": 1});
+                if !self.parallel {
+                    list["maxItems"] = json!(1);
+                }
                 let marker = special(parse::MISTRAL_CALLS)
                     .map_or(String::new(), |id| format!("<[{id}]> \" \" "));
                 format!("start: {marker}calls\ncalls: %json {}\n", styled(list))
@@ -121,6 +140,7 @@ fn valid_name(name: &str) -> bool {
 pub fn tool_request(
     tools: Option<Vec<Tool>>,
     choice: Option<ToolChoice>,
+    parallel: Option<bool>,
 ) -> Result<Option<ToolRequest>, ApiError> {
     let tools = tools.unwrap_or_default();
     if tools.len() > MAX_TOOLS {
@@ -203,7 +223,11 @@ pub fn tool_request(
         }
         return Ok(None);
     }
-    Ok(Some(ToolRequest { tools, mode }))
+    Ok(Some(ToolRequest {
+        tools,
+        mode,
+        parallel: parallel.unwrap_or(true),
+    }))
 }
 
 #[cfg(test)]
@@ -214,6 +238,7 @@ mod tests {
         tool_request(
             serde_json::from_value(tools).unwrap(),
             serde_json::from_value(choice).unwrap(),
+            None,
         )
     }
 
@@ -273,7 +298,7 @@ mod tests {
         let none = |_: &str| None;
         let hermes = r.grammar(Syntax::Hermes, none);
         assert!(
-            hermes.starts_with("start: \"<tool_call>\\n\" call"),
+            hermes.starts_with("start: block (\"\\n\" block)*\nblock: \"<tool_call>\\n\" call"),
             "{hermes}"
         );
         assert!(hermes.contains(r#""const":"get_weather""#) && hermes.contains("arguments"));
@@ -285,5 +310,27 @@ mod tests {
             (name == "[TOOL_CALLS]").then_some(7)
         });
         assert!(mistral.starts_with("start: <[7]> \" \" calls"), "{mistral}");
+        assert!(!mistral.contains("maxItems"), "{mistral}");
+
+        // One call only when the caller rules parallel calls out.
+        let single = ToolRequest {
+            parallel: false,
+            ..r.clone()
+        };
+        assert!(
+            single
+                .grammar(Syntax::Hermes, none)
+                .starts_with("start: block \nblock:")
+        );
+        assert!(
+            single
+                .grammar(Syntax::LlamaJson, none)
+                .starts_with("start: call \ncall:")
+        );
+        assert!(
+            single
+                .grammar(Syntax::Mistral, none)
+                .contains(r#""maxItems":1"#)
+        );
     }
 }
