@@ -105,6 +105,7 @@ async fn generate(args: &[String]) {
             stop: Vec::new(),
             constraint: None,
             logprobs: None,
+            prompt_logprobs: false,
             span: tracing::Span::none(),
         };
         let mut rx = engine.submit(job).unwrap();
@@ -126,6 +127,7 @@ async fn generate(args: &[String]) {
                         );
                     }
                     Event::Failed(e) => panic!("{e}"),
+                    Event::Prompt(_) => unreachable!("not asked for"),
                 }
             }
             unreachable!()

@@ -378,11 +378,12 @@ pub struct TopLogprob {
 }
 
 /// The legacy completions shape: parallel lists, alternatives as token-to-logprob maps.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<Map<String, Value>>,
+    /// Null for an echoed prompt's first token, which nothing predicts.
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<Map<String, Value>>>,
     /// Each token's offset in characters from the start of the choice's text.
     pub text_offset: Vec<usize>,
 }

@@ -193,13 +193,14 @@ async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
                 stop: Vec::new(),
                 constraint: None,
                 logprobs: None,
+                prompt_logprobs: false,
                 span: tracing::Span::none(),
             })?;
             while let Some(event) = events.recv().await {
                 match event {
                     Event::Failed(e) => return Err(e.into()),
                     Event::Done { .. } => break,
-                    Event::Text(..) => {}
+                    Event::Text(..) | Event::Prompt(_) => {}
                 }
             }
         }

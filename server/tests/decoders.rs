@@ -174,6 +174,7 @@ async fn generate_with_logprobs(
             stop: Vec::new(),
             constraint: None,
             logprobs,
+            prompt_logprobs: false,
             span: tracing::Span::none(),
         })
         .unwrap();
@@ -191,6 +192,7 @@ async fn generate_with_logprobs(
                 return (text, all);
             }
             Event::Failed(e) => panic!("{e}"),
+            Event::Prompt(_) => unreachable!("not asked for"),
         }
     }
     panic!("no Done event")

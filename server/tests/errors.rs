@@ -137,12 +137,6 @@ async fn each_kind_of_bad_input_is_a_clear_4xx() {
             "`top_logprobs` needs `logprobs`",
         ),
         (
-            "/v1/completions",
-            json!({"model": "tiny", "prompt": "a", "logprobs": 1, "echo": true}),
-            400,
-            "`echo` with `logprobs`",
-        ),
-        (
             "/v1/embeddings",
             json!({"model": "tiny", "input": "a"}),
             400,

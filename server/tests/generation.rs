@@ -527,6 +527,93 @@ async fn several_choices_with_logprobs_stream_and_whole_alike() {
     }
 }
 
+/// `echo` with `logprobs` scores the prompt as lm-evaluation-harness asks: every prompt
+/// token after the first gets the log-probability the model gives it, with the same
+/// alternatives the model offers when the prompt stops before that token; the first token's
+/// entries are null; streamed, each choice opens with the prompt and its log-probabilities.
+#[tokio::test]
+async fn echo_with_logprobs_scores_every_prompt_token() {
+    let (_dir, server) = tiny();
+    // Longer than a KV-cache block, so that a prefix another request cached is at hand.
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 7) % 90).collect();
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                      "echo": true, "logprobs": 5});
+    let (status, whole) = post(&server, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let lp = &whole["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert!(tokens.len() >= prompt.len(), "{lp}");
+    assert_eq!(lp["token_logprobs"][0], Value::Null);
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert!(offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]));
+
+    for j in [1, 2, 17, 39] {
+        let alone = json!({"model": "tiny", "prompt": &prompt[..j], "max_tokens": 1,
+                           "temperature": 0, "logprobs": 5});
+        let (status, next) = post(&server, "/v1/completions", alone).await;
+        assert_eq!(status, 200, "{next}");
+        let expected = next["choices"][0]["logprobs"]["top_logprobs"][0]
+            .as_object()
+            .unwrap();
+        let got = lp["top_logprobs"][j].as_object().unwrap();
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "token {j}"
+        );
+        for (token, logprob) in got {
+            let diff = (logprob.as_f64().unwrap() - expected[token].as_f64().unwrap()).abs();
+            assert!(diff < 1e-4, "token {j}, {token:?}: {diff}");
+        }
+        let own = lp["token_logprobs"][j].as_f64().unwrap();
+        assert!(own <= 0.0);
+        if let Some(listed) = got.get(lp["tokens"][j].as_str().unwrap()) {
+            assert!((listed.as_f64().unwrap() - own).abs() < 1e-6);
+        }
+    }
+
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    streamed_body["n"] = json!(2);
+    let response = client()
+        .post(server.url("/v1/completions"))
+        .json(&streamed_body)
+        .send()
+        .await
+        .unwrap();
+    let (events, done) = read_sse(response).await;
+    assert!(done);
+    for index in 0..2 {
+        let opening = events
+            .iter()
+            .filter_map(|e| e["choices"].get(0))
+            .find(|c| c["index"] == index)
+            .unwrap();
+        let echoed = opening["text"].as_str().unwrap();
+        assert!(!echoed.is_empty());
+        assert!(
+            whole["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(echoed)
+        );
+        assert_eq!(
+            opening["logprobs"]["tokens"].as_array().unwrap(),
+            &tokens[..prompt.len()]
+        );
+        assert_eq!(
+            opening["logprobs"]["token_logprobs"].as_array().unwrap(),
+            &lp["token_logprobs"].as_array().unwrap()[..prompt.len()]
+        );
+    }
+}
+
 fn weather_tools() -> serde_json::Value {
     json!([
         {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",

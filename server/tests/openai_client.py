@@ -131,6 +131,13 @@ assert ["".join(streamed[i]) for i in (0, 1)] == [c.message.content for c in r.c
 lc = chat.completions.create(model=chat_model, prompt="Once upon", max_tokens=4, temperature=0, logprobs=3)
 assert len(lc.choices[0].logprobs.tokens) == len(lc.choices[0].logprobs.token_logprobs) == len(lc.choices[0].logprobs.text_offset)
 assert all(len(alternatives) <= 3 for alternatives in lc.choices[0].logprobs.top_logprobs)
+# How lm-evaluation-harness scores a text: the prompt echoed with its log-probabilities.
+scored = chat.completions.create(model=chat_model, prompt="Once upon a time", max_tokens=1, temperature=0,
+                                 logprobs=1, echo=True)
+lp = scored.choices[0].logprobs
+assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+assert len(lp.tokens) >= scored.usage.prompt_tokens and all(v <= 0 for v in lp.token_logprobs[1:]), lp
+assert scored.choices[0].text.startswith("Once upon a time"), scored
 
 c = chat.completions.create(model=chat_model, prompt="Once upon", max_tokens=5, temperature=0)
 assert c.object == "text_completion" and c.usage.completion_tokens <= 5

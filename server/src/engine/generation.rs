@@ -11,6 +11,7 @@ use super::{BLOCK_TOKENS, Chunk, EngineError, Health, LanguageModel, spawn_worke
 use crate::constrain::{Constraint, Mask};
 use crate::detokenize::{Delta, TextStream};
 use crate::metrics::Metrics;
+use candle_core::Tensor;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,6 +48,9 @@ pub enum Event {
     /// (a token whose text is held back, by a stop sequence that may begin or an unfinished
     /// character, comes with the text it ends up in).
     Text(String, Vec<TokenLogprob>),
+    /// The log-probabilities of the prompt's tokens after its first, sent once the prompt
+    /// is read and before any text, when the job asks for them.
+    Prompt(Vec<TokenLogprob>),
     Done {
         reason: FinishReason,
         completion_tokens: usize,
@@ -63,8 +67,16 @@ pub struct GenerationJob {
     pub constraint: Option<Constraint>,
     /// Whether to report each token's log-probability, and with how many alternatives.
     pub logprobs: Option<usize>,
+    /// Whether to report the prompt's tokens' too (with as many alternatives), as
+    /// `Event::Prompt`. Its logits are then computed for every row, so its prefix is never
+    /// taken from the cache.
+    pub prompt_logprobs: bool,
     pub span: tracing::Span,
 }
+
+/// Rows of a prompt whose log-probabilities are asked for that one step reads: each needs a
+/// row of logits as wide as the vocabulary (a 150k vocabulary makes 128 rows 77 MB).
+const PROMPT_LOGPROB_ROWS: usize = 128;
 
 /// How much work one step may take on, and how much cache memory there is.
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +172,8 @@ struct Sequence<'a> {
     constraint: Option<Constraint>,
     /// Log-probabilities of tokens whose text has not been sent yet.
     logprobs: Vec<TokenLogprob>,
+    /// The prompt's log-probabilities read so far, while they are asked for and not sent.
+    prompt_logprobs: Option<Vec<TokenLogprob>>,
     text: TextStream<'a>,
     last_token_at: Option<Instant>,
 }
@@ -167,6 +181,36 @@ struct Sequence<'a> {
 impl Sequence<'_> {
     fn generated(&self) -> usize {
         self.tokens.len() - self.job.prompt.len()
+    }
+
+    /// The most rows one step may read of this sequence.
+    fn row_cap(&self) -> usize {
+        match self.prompt_logprobs {
+            Some(_) => PROMPT_LOGPROB_ROWS,
+            None => usize::MAX,
+        }
+    }
+
+    /// Keeps the log-probabilities of the prompt tokens that `logits` (one row per token of
+    /// the rows read from position `start`) predict and that were not kept before (a
+    /// preempted sequence reads its prompt again); sends them all once the prompt is read.
+    fn read_prompt_logprobs(&mut self, logits: &Tensor, start: usize) -> anyhow::Result<()> {
+        let (Some(kept), Some(top)) = (&mut self.prompt_logprobs, self.job.logprobs) else {
+            return Ok(());
+        };
+        let prompt = &self.job.prompt;
+        for (k, row) in logits.to_vec2::<f32>()?.iter().enumerate() {
+            // Row `start + k` predicts the token after it; kept[j] is prompt token j + 1's.
+            let next = start + k + 1;
+            if next == kept.len() + 1 && next < prompt.len() {
+                kept.push(LogSoftmax::new(row, top).of(prompt[next]));
+            }
+        }
+        if start + logits.dim(0)? >= prompt.len() {
+            let kept = self.prompt_logprobs.take().unwrap_or_default();
+            let _ = self.events.send(Event::Prompt(kept));
+        }
+        Ok(())
     }
 }
 
@@ -234,6 +278,7 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             sampler: Sampler::new(&s.job.sampling),
             constraint: s.job.constraint.take(),
             logprobs: Vec::new(),
+            prompt_logprobs: (s.job.prompt_logprobs && s.job.logprobs.is_some()).then(Vec::new),
             tokens: s.job.prompt.clone(),
             job: s.job,
             events: s.events,
@@ -278,7 +323,9 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             let later_decoding = self.running[i + 1..].iter().filter(|s| decoding(s)).count();
             // At least one row even when the decoding sequences would take the whole budget,
             // so a prompt is never starved by a small --max-step-tokens.
-            let rows = remaining.min(budget.saturating_sub(later_decoding).max(1));
+            let rows = remaining
+                .min(budget.saturating_sub(later_decoding).max(1))
+                .min(seq.row_cap());
             let needed = (seq.cached + rows).div_ceil(BLOCK_TOKENS) - seq.blocks.len();
             while self.pool.available() < needed && self.running.len() > i + 1 {
                 self.preempt_newest();
@@ -300,13 +347,13 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             };
             // Cached blocks of its prefix, leaving at least one token to compute: the last
             // one's logits are what the sequence waits for.
-            let (hits, prefix) = self.pool.reuse(
-                &seq.tokens,
-                (seq.tokens.len() - 1) / BLOCK_TOKENS,
-                &mut seq.blocks,
-            );
+            let reusable = match seq.prompt_logprobs {
+                Some(_) => 0,
+                None => (seq.tokens.len() - 1) / BLOCK_TOKENS,
+            };
+            let (hits, prefix) = self.pool.reuse(&seq.tokens, reusable, &mut seq.blocks);
             let cached = hits * BLOCK_TOKENS;
-            let rows = (seq.tokens.len() - cached).min(budget);
+            let rows = (seq.tokens.len() - cached).min(budget).min(seq.row_cap());
             if !self.pool.take(
                 (cached + rows).div_ceil(BLOCK_TOKENS) - hits,
                 &mut seq.blocks,
@@ -362,10 +409,20 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
                     tokens: &seq.tokens[seq.cached..seq.cached + rows],
                     start: seq.cached,
                     blocks: &seq.blocks,
+                    every_row: seq.prompt_logprobs.is_some(),
                 }
             })
             .collect();
         self.metrics.batch_size.observe(chunks.len() as f64);
+        // Where each chunk's rows of logits start.
+        let offsets: Vec<usize> = chunks
+            .iter()
+            .scan(0, |next, c| {
+                let at = *next;
+                *next += c.logit_rows();
+                Some(at)
+            })
+            .collect();
         let model = &mut self.model;
         let (logits, computed) = std::thread::scope(|scope| {
             let masks = (!constrained.is_empty()).then(|| {
@@ -390,14 +447,22 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             self.running[i].constraint = Some(constraint);
         }
         let mut finished = vec![false; self.running.len()];
-        for (row, &(i, rows)) in planned.iter().enumerate() {
+        for (&(i, rows), offset) in planned.iter().zip(offsets) {
             let seq = &mut self.running[i];
             let span = seq.job.span.clone();
             let _enter = span.enter();
+            let every_row = seq.prompt_logprobs.is_some();
             let outcome = logits
                 .as_ref()
                 .map_err(|e| anyhow::anyhow!("{e}"))
-                .and_then(|l| Ok(l.get(row)?))
+                .and_then(|l| {
+                    if every_row {
+                        seq.read_prompt_logprobs(&l.narrow(0, offset, rows)?, seq.cached)?;
+                        Ok(l.get(offset + rows - 1)?)
+                    } else {
+                        Ok(l.get(offset)?)
+                    }
+                })
                 .and_then(|l| {
                     seq.cached += rows;
                     register_full_blocks(seq, &mut self.pool);
@@ -572,10 +637,13 @@ mod tests {
                 {
                     candle_core::bail!("cache corrupted: {history:?}");
                 }
-                let next = (history[end - 1] as usize + 1) % VOCAB;
-                logits.extend((0..VOCAB).map(|i| if i == next { 1f32 } else { 0.0 }));
+                for &last in &history[end - c.logit_rows()..] {
+                    let next = (last as usize + 1) % VOCAB;
+                    logits.extend((0..VOCAB).map(|i| if i == next { 1f32 } else { 0.0 }));
+                }
             }
-            Tensor::from_vec(logits, (chunks.len(), VOCAB), &Device::Cpu)
+            let rows = logits.len() / VOCAB;
+            Tensor::from_vec(logits, (rows, VOCAB), &Device::Cpu)
         }
     }
 
@@ -635,21 +703,34 @@ mod tests {
             stop: stop.iter().map(|s| s.to_string()).collect(),
             constraint: None,
             logprobs: None,
+            prompt_logprobs: false,
             span: tracing::Span::none(),
         }
     }
 
-    async fn collect(
+    async fn collect(rx: mpsc::UnboundedReceiver<Event>) -> (String, FinishReason, usize, Instant) {
+        collect_with_prompt(rx).await.1
+    }
+
+    /// The prompt's log-probabilities, which come before any text, and the rest.
+    async fn collect_with_prompt(
         mut rx: mpsc::UnboundedReceiver<Event>,
-    ) -> (String, FinishReason, usize, Instant) {
-        let mut text = String::new();
+    ) -> (
+        Option<Vec<TokenLogprob>>,
+        (String, FinishReason, usize, Instant),
+    ) {
+        let (mut text, mut prompt) = (String::new(), None);
         while let Some(e) = rx.recv().await {
             match e {
                 Event::Text(t, _) => text.push_str(&t),
+                Event::Prompt(l) => {
+                    assert!(text.is_empty() && prompt.is_none(), "one, before the text");
+                    prompt = Some(l);
+                }
                 Event::Done {
                     reason,
                     completion_tokens,
-                } => return (text, reason, completion_tokens, Instant::now()),
+                } => return (prompt, (text, reason, completion_tokens, Instant::now())),
                 Event::Failed(e) => panic!("{e}"),
             }
         }
@@ -771,17 +852,35 @@ mod tests {
         let cases: Vec<(Vec<u32>, usize)> = (0..12)
             .map(|i| (counting_prompt(i, 5 + 7 * i % 40), 30 + 3 * i))
             .collect();
+        // Every third also asks for its prompt's log-probabilities, read again when it is
+        // set back.
+        let asks = |i: usize| i.is_multiple_of(3);
         let receivers: Vec<_> = cases
             .iter()
-            .map(|(prompt, n)| engine.submit(job(prompt.clone(), *n, &[])).unwrap())
+            .enumerate()
+            .map(|(i, (prompt, n))| {
+                let job = GenerationJob {
+                    logprobs: asks(i).then_some(1),
+                    prompt_logprobs: asks(i),
+                    ..job(prompt.clone(), *n, &[])
+                };
+                engine.submit(job).unwrap()
+            })
             .collect();
-        let results = futures::future::join_all(receivers.into_iter().map(collect)).await;
-        for ((prompt, n), (text, reason, got, _)) in cases.iter().zip(results) {
+        let results =
+            futures::future::join_all(receivers.into_iter().map(collect_with_prompt)).await;
+        for (i, ((prompt, n), (logprobs, (text, reason, got, _)))) in
+            cases.iter().zip(results).enumerate()
+        {
             assert_eq!(
                 (text, reason, got),
                 (counting_text(prompt, *n), FinishReason::Length, *n),
                 "prefix caching {prefix_caching}"
             );
+            assert_eq!(logprobs.is_some(), asks(i));
+            if let Some(logprobs) = logprobs {
+                assert_counting_prompt(prompt, &logprobs);
+            }
         }
         assert!(
             metrics.preemptions.get() > 0,
@@ -795,6 +894,44 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert_eq!(used(), 0, "every block came back");
+    }
+
+    /// Each prompt token after the first, in order, was the model's most likely (Counting
+    /// predicts every step of a counting prompt).
+    fn assert_counting_prompt(prompt: &[u32], logprobs: &[TokenLogprob]) {
+        let tokens: Vec<u32> = logprobs.iter().map(|l| l.token).collect();
+        assert_eq!(tokens, prompt[1..]);
+        for l in logprobs {
+            assert_eq!(l.top[0], (l.token, l.logprob));
+            assert!(l.top.iter().skip(1).all(|t| t.1 < l.logprob), "{l:?}");
+        }
+    }
+
+    /// A prompt's log-probabilities cover every token after its first however the prompt is
+    /// read: in steps of at most `PROMPT_LOGPROB_ROWS` rows, and in full even when another
+    /// sequence left its prefix in the cache. A one-token prompt has none.
+    #[tokio::test]
+    async fn prompt_logprobs_cover_every_token_after_the_first() {
+        let model = Counting::default();
+        let largest_step = model.largest_step.clone();
+        let (engine, metrics) = engine_with(vec![], model, ROOMY);
+        let prompt = counting_prompt(2, 300);
+        collect(engine.submit(job(prompt.clone(), 2, &[])).unwrap()).await;
+        largest_step.store(0, std::sync::atomic::Ordering::Relaxed);
+        let hits = metrics.prefix_cache_hits.get();
+        for prompt in [prompt, vec![5]] {
+            let asking = GenerationJob {
+                logprobs: Some(2),
+                prompt_logprobs: true,
+                ..job(prompt.clone(), 3, &[])
+            };
+            let (logprobs, (text, ..)) = collect_with_prompt(engine.submit(asking).unwrap()).await;
+            assert_eq!(text, counting_text(&prompt, 3));
+            assert_counting_prompt(&prompt, &logprobs.unwrap());
+        }
+        assert_eq!(metrics.prefix_cache_hits.get(), hits, "read, not reused");
+        let largest = largest_step.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(largest, PROMPT_LOGPROB_ROWS);
     }
 
     /// A prompt that starts like an earlier one (its whole text, then more) computes only

@@ -21,6 +21,15 @@ pub struct Chunk<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
     pub blocks: &'a [u32],
+    /// Logits for every row, not only the last (a prompt's log-probabilities).
+    pub every_row: bool,
+}
+
+impl Chunk<'_> {
+    /// Rows of logits the forward pass returns for this chunk.
+    pub fn logit_rows(&self) -> usize {
+        if self.every_row { self.tokens.len() } else { 1 }
+    }
 }
 
 /// A causal language model with a paged KV cache that it owns and the scheduler allots.
@@ -29,8 +38,8 @@ pub trait LanguageModel: Send + 'static {
     fn kv_bytes_per_block(&self) -> usize;
     /// Replaces the KV cache with one of `blocks` blocks.
     fn allocate_kv(&mut self, blocks: usize) -> candle_core::Result<()>;
-    /// One forward pass over every chunk; f32 logits [chunks, vocab], one row per chunk, for
-    /// the token after its last.
+    /// One forward pass over every chunk; f32 logits [rows, vocab]: each chunk's
+    /// `logit_rows` in order, the last for the token after the chunk's last.
     fn forward(&mut self, chunks: &[Chunk<'_>]) -> candle_core::Result<Tensor>;
 }
 

@@ -95,6 +95,7 @@ pub async fn chat_completions(
         prompt,
         params,
         constraint,
+        prompt_logprobs: false,
     };
     respond(state, generation, format).await
 }

@@ -34,13 +34,6 @@ pub async fn completions(
     let prompt = completion_prompt(req.prompt)?;
     let mut params = generation_params(req.sampling)?;
     let echo = req.echo.unwrap_or(false);
-    if echo && params.logprobs.is_some() {
-        // The prompt's log-probabilities would need its logits, which prefill discards.
-        return Err(ApiError::invalid_param(
-            "echo",
-            "`echo` with `logprobs` is not supported",
-        ));
-    }
     // OpenAI's legacy completions stop at 16 tokens unless told otherwise; clients rely on it.
     params.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
     let permit = state.admission.admit().await?;
@@ -64,7 +57,11 @@ pub async fn completions(
         model: state.model_name.clone(),
         offsets: vec![prompt_text.as_deref().map_or(0, |t| t.chars().count()); params.n],
         echo: prompt_text,
+        prompt_logprobs: None,
     };
+    // The echoed prompt's log-probabilities, as lm-evaluation-harness asks for them to score
+    // a text.
+    let prompt_logprobs = echo && params.logprobs.is_some();
     let generation = Generation {
         route: "/v1/completions",
         start,
@@ -72,6 +69,7 @@ pub async fn completions(
         prompt,
         params,
         constraint: None,
+        prompt_logprobs,
     };
     respond(state, generation, format).await
 }
@@ -84,6 +82,8 @@ struct CompletionFormat {
     echo: Option<String>,
     /// Characters of each choice's text so far: where its next token starts.
     offsets: Vec<usize>,
+    /// The echoed prompt's log-probabilities, once read.
+    prompt_logprobs: Option<CompletionLogprobs>,
 }
 
 impl CompletionFormat {
@@ -100,32 +100,50 @@ impl CompletionFormat {
     }
 
     fn logprobs(&mut self, index: usize, logprobs: Vec<Logprob>) -> CompletionLogprobs {
-        let mut out = CompletionLogprobs {
-            tokens: Vec::new(),
-            token_logprobs: Vec::new(),
-            top_logprobs: Vec::new(),
-            text_offset: Vec::new(),
-        };
-        for l in logprobs {
-            out.text_offset.push(self.offsets[index]);
-            self.offsets[index] += l.chosen.token.chars().count();
-            out.top_logprobs.push(
-                l.top
-                    .into_iter()
-                    .map(|a| (a.token, a.logprob.into()))
-                    .collect(),
-            );
-            out.tokens.push(l.chosen.token);
-            out.token_logprobs.push(l.chosen.logprob);
-        }
+        let mut out = CompletionLogprobs::default();
+        extend(&mut out, &mut self.offsets[index], logprobs);
         out
     }
 }
 
+/// Appends tokens to OpenAI's parallel lists, `offset` counting characters from the start
+/// of the choice's text.
+fn extend(out: &mut CompletionLogprobs, offset: &mut usize, logprobs: Vec<Logprob>) {
+    for l in logprobs {
+        out.text_offset.push(*offset);
+        *offset += l.chosen.token.chars().count();
+        out.top_logprobs.push(Some(
+            l.top
+                .into_iter()
+                .map(|a| (a.token, a.logprob.into()))
+                .collect(),
+        ));
+        out.tokens.push(l.chosen.token);
+        out.token_logprobs.push(Some(l.chosen.logprob));
+    }
+}
+
 impl Format for CompletionFormat {
+    fn prompt(&mut self, first: String, logprobs: Vec<Logprob>) {
+        let mut offset = first.chars().count();
+        let mut out = CompletionLogprobs {
+            tokens: vec![first],
+            token_logprobs: vec![None],
+            top_logprobs: vec![None],
+            text_offset: vec![0],
+        };
+        extend(&mut out, &mut offset, logprobs);
+        self.prompt_logprobs = Some(out);
+    }
+
     fn opening(&mut self, index: usize) -> Option<Value> {
-        let text = self.echo.clone()?;
-        self.text(index, text, None)
+        let choice = CompletionChoice {
+            index,
+            text: self.echo.clone()?,
+            finish_reason: None,
+            logprobs: self.prompt_logprobs.clone(),
+        };
+        Some(self.body(Some(choice), None))
     }
 
     fn text(
@@ -166,7 +184,11 @@ impl Format for CompletionFormat {
                 index,
                 text: self.echo.clone().unwrap_or_default() + &c.text,
                 finish_reason: Some(c.reason.as_str()),
-                logprobs: c.logprobs.map(|l| self.logprobs(index, l)),
+                logprobs: c.logprobs.map(|l| {
+                    let mut all = self.prompt_logprobs.clone().unwrap_or_default();
+                    extend(&mut all, &mut self.offsets[index], l);
+                    all
+                }),
             })
             .collect();
         serde_json::to_value(Completion {

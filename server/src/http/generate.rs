@@ -23,6 +23,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 pub trait Format: Send + 'static {
     /// The event that opens a choice's stream, if the API has one.
     fn opening(&mut self, index: usize) -> Option<Value>;
+    /// The prompt's log-probabilities, when the generation asked for them: its first
+    /// token's text (which has none) and the rest's. They come before any text, and a stream
+    /// opens its choices only then; only completions ask for them.
+    fn prompt(&mut self, _first: String, _logprobs: Vec<Logprob>) {}
     /// None when nothing can be sent yet (text that may be a tool call is held).
     fn text(&mut self, index: usize, text: String, logprobs: Option<Vec<Logprob>>)
     -> Option<Value>;
@@ -59,12 +63,15 @@ pub struct Generation {
     pub prompt: Vec<u32>,
     pub params: GenerationParams,
     pub constraint: Option<Constraint>,
+    /// Whether the prompt's log-probabilities are reported too (read by the first choice;
+    /// the others share them).
+    pub prompt_logprobs: bool,
 }
 
-pub async fn respond(
+pub async fn respond<F: Format>(
     state: Arc<AppState>,
     g: Generation,
-    mut format: impl Format,
+    mut format: F,
 ) -> Result<Response, ApiError> {
     let Engine::Generation(engine) = &state.engine else {
         return Err(ApiError::invalid(format!(
@@ -93,6 +100,7 @@ pub async fn respond(
             stop: g.params.stop.clone(),
             constraint,
             logprobs: g.params.logprobs,
+            prompt_logprobs: g.prompt_logprobs && index == 0,
             span: tracing::Span::current(),
         }
     };
@@ -121,6 +129,7 @@ pub async fn respond(
         },
         tokenizer: state.tokenizer.clone(),
     };
+    let first_token = g.prompt[0];
 
     if !g.params.stream {
         let mut texts = vec![String::new(); n];
@@ -137,6 +146,7 @@ pub async fn respond(
                         all.extend(tokens.resolve(&l));
                     }
                 }
+                Event::Prompt(l) => format.prompt(tokens.text(first_token), tokens.resolve(&l)),
                 Event::Done {
                     reason,
                     completion_tokens: c,
@@ -165,15 +175,18 @@ pub async fn respond(
     }
 
     let include_usage = g.params.include_usage;
+    let prompt_first = g.prompt_logprobs;
     let with_logprobs = g.params.logprobs.is_some();
     let metrics = state.metrics.clone();
     let (route, start, permit) = (g.route, g.start, g.permit);
     let stream = async_stream::stream! {
         // The permit lives as long as the stream: a draining server waits for it.
         let _permit = permit;
-        for i in 0..n {
-            if let Some(opening) = format.opening(i) {
-                yield data(&opening);
+        // Choices open once what opens them is known.
+        let opening = |format: &mut F| (0..n).filter_map(|i| format.opening(i)).collect::<Vec<_>>();
+        if !prompt_first {
+            for chunk in opening(&mut format) {
+                yield data(&chunk);
             }
         }
         let (mut done, mut completion_tokens, mut failed) = (0, 0, false);
@@ -182,6 +195,12 @@ pub async fn respond(
                 Event::Text(t, l) => {
                     let logprobs = with_logprobs.then(|| tokens.resolve(&l));
                     if let Some(chunk) = format.text(i, t, logprobs) {
+                        yield data(&chunk);
+                    }
+                }
+                Event::Prompt(l) => {
+                    format.prompt(tokens.text(first_token), tokens.resolve(&l));
+                    for chunk in opening(&mut format) {
                         yield data(&chunk);
                     }
                 }
@@ -230,6 +249,10 @@ impl TokenTexts {
                 .unwrap_or_default()
                 .into_bytes(),
         }
+    }
+
+    fn text(&self, token: u32) -> String {
+        String::from_utf8_lossy(&self.bytes(token)).into_owned()
     }
 
     fn resolve(&self, logprobs: &[TokenLogprob]) -> Vec<Logprob> {

@@ -165,14 +165,14 @@ impl Weights {
             let gated = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
-        // Only each chunk's last row predicts a token.
-        let mut last = Vec::with_capacity(chunks.len());
+        // The rows whose next token is asked for: each chunk's last, or all of its rows.
+        let mut wanted = Vec::with_capacity(chunks.len());
         let mut end = 0u32;
         for c in chunks {
             end += c.tokens.len() as u32;
-            last.push(end - 1);
+            wanted.extend(end - c.logit_rows() as u32..end);
         }
-        let x = x.index_select(&Tensor::new(last, &self.device)?, 0)?;
+        let x = x.index_select(&Tensor::new(wanted, &self.device)?, 0)?;
         self.lm_head
             .forward(&norm(&x, &self.norm)?)?
             .to_dtype(DType::F32)
@@ -256,6 +256,7 @@ impl Sequence {
             tokens,
             start,
             blocks: &self.blocks,
+            every_row: false,
         };
         self.decoder.forward(&[chunk])?.squeeze(0)
     }

@@ -239,17 +239,20 @@ mod tests {
                 tokens: &tokens[..20],
                 start: 0,
                 blocks: &blocks_a,
+                every_row: false,
             },
             Chunk {
                 tokens: &tokens[..3],
                 start: 0,
                 blocks: &blocks_b,
+                every_row: false,
             },
             // Position 5, after five keys an earlier step left in block 2.
             Chunk {
                 tokens: &tokens[..1],
                 start: 5,
                 blocks: &blocks_c,
+                every_row: false,
             },
         ];
         let rows = 24;
@@ -283,6 +286,7 @@ mod tests {
             tokens: &tokens[..3],
             start: 0,
             blocks: &blocks_b,
+            every_row: false,
         }];
         let layout = Layout::new(&alone, &cache, kv_heads, d, &dev).unwrap();
         let (qb, kb, vb) = (
