@@ -49,12 +49,12 @@ impl Activation {
         }
     }
 
-    /// The same function on one value, for kernels that apply it as they write.
-    fn scalar(self) -> fn(f32) -> f32 {
+    /// The same function over a slice, in place, for kernels that apply it as they write.
+    fn in_place(self) -> fn(&mut [f32]) {
         match self {
-            Self::GeluErf => gelu::gelu,
-            Self::GeluTanh => gelu::gelu_tanh,
-            Self::Relu => |x| x.max(0.0),
+            Self::GeluErf => gelu::gelu_in_place,
+            Self::GeluTanh => gelu::gelu_tanh_in_place,
+            Self::Relu => |xs| xs.iter_mut().for_each(|x| *x = x.max(0.0)),
         }
     }
 }
@@ -117,7 +117,7 @@ impl Projection {
         let w = linear.weight();
         Ok(match linear.bias() {
             Some(bias) if w.device().is_cpu() && w.dtype() == DType::F32 => {
-                Self::Dense(Dense::new(w, bias, activation.map(Activation::scalar))?)
+                Self::Dense(Dense::new(w, bias, activation.map(Activation::in_place))?)
             }
             _ => Self::Candle(linear, activation),
         })
