@@ -70,7 +70,7 @@ pub fn attend(x: &Inputs<'_>) -> Vec<f32> {
                     one_avx2(x, &span_of, row, &mut scores, &mut acc)
                 };
             } else {
-                one(x, &span_of, row, &mut scores, &mut acc);
+                one::<false>(x, &span_of, row, &mut scores, &mut acc);
             }
             // SAFETY: the item for `row` alone writes that row.
             unsafe { dst.write(row * heads * dim, &acc) };
@@ -83,12 +83,19 @@ pub fn attend(x: &Inputs<'_>) -> Vec<f32> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn one_avx2(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc: &mut [f32]) {
-    one(x, span_of, row, scores, acc)
+    one::<true>(x, span_of, row, scores, acc)
 }
 
-/// Attention for query `row`, all heads, into `acc` ([heads, dim]).
+/// Attention for query `row`, all heads, into `acc` ([heads, dim]); `AVX2` only where the
+/// CPU has AVX2 and FMA.
 #[inline(always)]
-fn one(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc: &mut [f32]) {
+fn one<const AVX2: bool>(
+    x: &Inputs<'_>,
+    span_of: &[usize],
+    row: usize,
+    scores: &mut Vec<f32>,
+    acc: &mut [f32],
+) {
     let Heads {
         heads,
         kv_heads,
@@ -111,8 +118,27 @@ fn one(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc
     // may not inline into the AVX2 copy.
     scores.clear();
     scores.resize(heads * n, 0.0);
-    for (j, &s) in slots.iter().enumerate() {
-        let k = &x.k_pool[s as usize * x.kv_stride..][..width];
+    let key = |j: usize| &x.k_pool[slots[j] as usize * x.kv_stride..][..width];
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && dim.is_multiple_of(8) {
+        // Eight keys at a time, each head's eight dot products summed across lanes together.
+        while j + 8 <= n {
+            let keys: [&[f32]; 8] = std::array::from_fn(|i| key(j + i));
+            for h in 0..heads {
+                let at = h / group * dim;
+                // SAFETY: the CPU has AVX2 and FMA (AVX2 is set only then); dim is a
+                // multiple of 8 and each key holds `at + dim` values.
+                let dots = unsafe { avx2::dots8(&q[h * dim..][..dim], &keys, at) };
+                for (i, d) in dots.into_iter().enumerate() {
+                    scores[h * n + j + i] = d * x.scale;
+                }
+            }
+            j += 8;
+        }
+    }
+    for j in j..n {
+        let k = key(j);
         for h in 0..heads {
             let k = &k[h / group * dim..][..dim];
             scores[h * n + j] = dot(&q[h * dim..][..dim], k) * x.scale;
@@ -139,6 +165,49 @@ fn one(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc
             for (a, v) in acc[h * dim..][..dim].iter_mut().zip(v) {
                 *a += w * v;
             }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `q` against `dim` values of each key from `at`: eight dot products, each summed in
+    /// 8 lanes, then the lanes of all eight added pairwise together (six horizontal adds
+    /// for eight sums, where one sum alone takes three shuffles and adds).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `q.len()` is a multiple of 8 and every key holds
+    /// `at + q.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots8(q: &[f32], keys: &[&[f32]; 8], at: usize) -> [f32; 8] {
+        let dim = q.len();
+        debug_assert!(dim.is_multiple_of(8) && keys.iter().all(|k| k.len() >= at + dim));
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for d in (0..dim).step_by(8) {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(d));
+                for (a, k) in acc.iter_mut().zip(keys) {
+                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.as_ptr().add(at + d)), *a);
+                }
+            }
+            let pairs = [
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+                _mm256_hadd_ps(acc[4], acc[5]),
+                _mm256_hadd_ps(acc[6], acc[7]),
+            ];
+            // Per 128-bit half: keys 0-3 in the first, keys 4-7 in the second.
+            let low = _mm256_hadd_ps(pairs[0], pairs[1]);
+            let high = _mm256_hadd_ps(pairs[2], pairs[3]);
+            let sums = _mm256_add_ps(
+                _mm256_permute2f128_ps(low, high, 0x20),
+                _mm256_permute2f128_ps(low, high, 0x31),
+            );
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), sums);
+            out
         }
     }
 }
