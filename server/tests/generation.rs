@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{Server, TinyLlama, client, post, read_sse, start_tiny};
+use common::{Server, TinyLlama, client, post, post_stream, read_sse, start_tiny};
 use kandle_server::api::{Tool, ToolChoice};
 use kandle_server::cli::{DeviceArg, DtypeArg};
 use kandle_server::constrain::{Constraint, Grammars, Vocabulary};
@@ -184,15 +184,7 @@ async fn stop_sequences_end_the_text_before_them() {
     assert_eq!(cut["choices"][0]["text"], expected);
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
     stopped["stream"] = json!(true);
-    let (events, _) = read_sse(
-        client()
-            .post(server.url("/v1/completions"))
-            .json(&stopped)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, _) = post_stream(&server, "/v1/completions", &stopped).await;
     let streamed: String = events
         .iter()
         .filter_map(|e| e["choices"][0]["text"].as_str())
@@ -493,13 +485,7 @@ async fn several_choices_with_logprobs_stream_and_whole_alike() {
     let mut streamed_body = body.clone();
     streamed_body["stream"] = json!(true);
     streamed_body["stream_options"] = json!({"include_usage": true});
-    let response = client()
-        .post(server.url("/v1/completions"))
-        .json(&streamed_body)
-        .send()
-        .await
-        .unwrap();
-    let (events, done) = read_sse(response).await;
+    let (events, done) = post_stream(&server, "/v1/completions", &streamed_body).await;
     assert!(done);
     let mut streamed = vec![String::new(); 3];
     let mut finished = vec![None; 3];
@@ -581,13 +567,7 @@ async fn echo_with_logprobs_scores_every_prompt_token() {
     let mut streamed_body = body.clone();
     streamed_body["stream"] = json!(true);
     streamed_body["n"] = json!(2);
-    let response = client()
-        .post(server.url("/v1/completions"))
-        .json(&streamed_body)
-        .send()
-        .await
-        .unwrap();
-    let (events, done) = read_sse(response).await;
+    let (events, done) = post_stream(&server, "/v1/completions", &streamed_body).await;
     assert!(done);
     for index in 0..2 {
         let opening = events
@@ -678,13 +658,7 @@ async fn tool_calls_come_back_as_calls_and_round_trip() {
             }
             let mut streamed = body.clone();
             streamed["stream"] = json!(true);
-            let response = client()
-                .post(server.url("/v1/chat/completions"))
-                .json(&streamed)
-                .send()
-                .await
-                .unwrap();
-            let (events, done) = read_sse(response).await;
+            let (events, done) = post_stream(&server, "/v1/chat/completions", &streamed).await;
             assert!(done);
             let deltas: Vec<&serde_json::Value> =
                 events.iter().filter_map(|e| e["choices"].get(0)).collect();

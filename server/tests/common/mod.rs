@@ -397,6 +397,21 @@ pub async fn post(
 }
 
 /// Reads a server-sent event stream to its end: the JSON events, and whether `[DONE]` came.
+/// A streamed request's events, and whether the stream ended with `[DONE]`.
+pub async fn post_stream(
+    server: &Server,
+    path: &str,
+    body: &serde_json::Value,
+) -> (Vec<serde_json::Value>, bool) {
+    let response = client()
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    read_sse(response).await
+}
+
 pub async fn read_sse(response: reqwest::Response) -> (Vec<serde_json::Value>, bool) {
     let text = response.text().await.unwrap();
     let mut events = Vec::new();
