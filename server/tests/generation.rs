@@ -464,13 +464,7 @@ async fn several_choices_with_logprobs_stream_and_whole_alike() {
             assert!(best >= lp["token_logprobs"][k].as_f64().unwrap() - 1e-6);
             assert!(best <= 0.0);
         }
-        let offsets: Vec<u64> = lp["text_offset"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|o| o.as_u64().unwrap())
-            .collect();
-        assert!(offsets.windows(2).all(|w| w[0] <= w[1]) && offsets.first() == Some(&0));
+        assert_offsets_rise_from_zero(lp);
     }
     assert!(total_tokens <= whole["usage"]["completion_tokens"].as_u64().unwrap() as usize);
     let texts: Vec<&str> = choices
@@ -513,6 +507,17 @@ async fn several_choices_with_logprobs_stream_and_whole_alike() {
     }
 }
 
+/// Completions' `text_offset`: from the start of the choice's text, never going back.
+fn assert_offsets_rise_from_zero(logprobs: &Value) {
+    let offsets: Vec<u64> = logprobs["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert!(offsets.first() == Some(&0) && offsets.windows(2).all(|w| w[0] <= w[1]));
+}
+
 /// `echo` with `logprobs` scores the prompt as lm-evaluation-harness asks: every prompt
 /// token after the first gets the log-probability the model gives it, with the same
 /// alternatives the model offers when the prompt stops before that token; the first token's
@@ -531,13 +536,7 @@ async fn echo_with_logprobs_scores_every_prompt_token() {
     assert!(tokens.len() >= prompt.len(), "{lp}");
     assert_eq!(lp["token_logprobs"][0], Value::Null);
     assert_eq!(lp["top_logprobs"][0], Value::Null);
-    let offsets: Vec<u64> = lp["text_offset"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_u64().unwrap())
-        .collect();
-    assert!(offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]));
+    assert_offsets_rise_from_zero(lp);
 
     for j in [1, 2, 17, 39] {
         let alone = json!({"model": "tiny", "prompt": &prompt[..j], "max_tokens": 1,
