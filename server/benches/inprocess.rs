@@ -127,7 +127,7 @@ async fn generate(args: &[String]) {
                         );
                     }
                     Event::Failed(e) => panic!("{e}"),
-                    Event::Prompt(_) => unreachable!("not asked for"),
+                    Event::Prompt(..) => unreachable!("not asked for"),
                 }
             }
             unreachable!()

@@ -200,7 +200,7 @@ async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
                 match event {
                     Event::Failed(e) => return Err(e.into()),
                     Event::Done { .. } => break,
-                    Event::Text(..) | Event::Prompt(_) => {}
+                    Event::Text(..) | Event::Prompt(..) => {}
                 }
             }
         }

@@ -192,7 +192,7 @@ async fn generate_with_logprobs(
                 return (text, all);
             }
             Event::Failed(e) => panic!("{e}"),
-            Event::Prompt(_) => unreachable!("not asked for"),
+            Event::Prompt(..) => unreachable!("not asked for"),
         }
     }
     panic!("no Done event")

@@ -48,9 +48,10 @@ pub enum Event {
     /// (a token whose text is held back, by a stop sequence that may begin or an unfinished
     /// character, comes with the text it ends up in).
     Text(String, Vec<TokenLogprob>),
-    /// The log-probabilities of the prompt's tokens after its first, sent once the prompt
-    /// is read and before any text, when the job asks for them.
-    Prompt(Vec<TokenLogprob>),
+    /// The prompt's first token, which nothing predicts, and the log-probabilities of the
+    /// tokens after it, sent once the prompt is read and before any text, when the job asks
+    /// for them.
+    Prompt(u32, Vec<TokenLogprob>),
     Done {
         reason: FinishReason,
         completion_tokens: usize,
@@ -208,7 +209,7 @@ impl Sequence<'_> {
         }
         if start + logits.dim(0)? >= prompt.len() {
             let kept = self.prompt_logprobs.take().unwrap_or_default();
-            let _ = self.events.send(Event::Prompt(kept));
+            let _ = self.events.send(Event::Prompt(prompt[0], kept));
         }
         Ok(())
     }
@@ -712,20 +713,21 @@ mod tests {
         collect_with_prompt(rx).await.1
     }
 
-    /// The prompt's log-probabilities, which come before any text, and the rest.
+    /// The prompt's first token and log-probabilities, which come before any text, and the
+    /// rest.
     async fn collect_with_prompt(
         mut rx: mpsc::UnboundedReceiver<Event>,
     ) -> (
-        Option<Vec<TokenLogprob>>,
+        Option<(u32, Vec<TokenLogprob>)>,
         (String, FinishReason, usize, Instant),
     ) {
         let (mut text, mut prompt) = (String::new(), None);
         while let Some(e) = rx.recv().await {
             match e {
                 Event::Text(t, _) => text.push_str(&t),
-                Event::Prompt(l) => {
+                Event::Prompt(first, l) => {
                     assert!(text.is_empty() && prompt.is_none(), "one, before the text");
-                    prompt = Some(l);
+                    prompt = Some((first, l));
                 }
                 Event::Done {
                     reason,
@@ -898,7 +900,8 @@ mod tests {
 
     /// Each prompt token after the first, in order, was the model's most likely (Counting
     /// predicts every step of a counting prompt).
-    fn assert_counting_prompt(prompt: &[u32], logprobs: &[TokenLogprob]) {
+    fn assert_counting_prompt(prompt: &[u32], (first, logprobs): &(u32, Vec<TokenLogprob>)) {
+        assert_eq!(*first, prompt[0]);
         let tokens: Vec<u32> = logprobs.iter().map(|l| l.token).collect();
         assert_eq!(tokens, prompt[1..]);
         for l in logprobs {

@@ -129,7 +129,6 @@ pub async fn respond<F: Format>(
         },
         tokenizer: state.tokenizer.clone(),
     };
-    let first_token = g.prompt[0];
 
     if !g.params.stream {
         let mut texts = vec![String::new(); n];
@@ -146,7 +145,7 @@ pub async fn respond<F: Format>(
                         all.extend(tokens.resolve(&l));
                     }
                 }
-                Event::Prompt(l) => format.prompt(tokens.text(first_token), tokens.resolve(&l)),
+                Event::Prompt(first, l) => format.prompt(tokens.text(first), tokens.resolve(&l)),
                 Event::Done {
                     reason,
                     completion_tokens: c,
@@ -198,8 +197,8 @@ pub async fn respond<F: Format>(
                         yield data(&chunk);
                     }
                 }
-                Event::Prompt(l) => {
-                    format.prompt(tokens.text(first_token), tokens.resolve(&l));
+                Event::Prompt(first, l) => {
+                    format.prompt(tokens.text(first), tokens.resolve(&l));
                     for chunk in opening(&mut format) {
                         yield data(&chunk);
                     }
