@@ -5,6 +5,7 @@
 
 pub mod keys;
 pub mod metrics;
+pub mod openai;
 pub mod pull;
 
 /// API group of kandle's custom resources.

@@ -13,6 +13,13 @@ pub const REQUESTS: &str = "requests";
 /// The HTTP status code label of [`REQUESTS`].
 pub const CODE_LABEL: &str = "code";
 
+/// Gauge of the gateway: requests held for a ModelDeployment that has no ready pod (scaled
+/// to zero or still starting), labelled by [`NAMESPACE_LABEL`] and [`NAME_LABEL`]. The
+/// autoscaler counts them as load: how a model scaled to zero learns it has callers.
+pub const GATEWAY_HELD_REQUESTS: &str = "gateway_held_requests";
+pub const NAMESPACE_LABEL: &str = "namespace";
+pub const NAME_LABEL: &str = "name";
+
 /// What one server reported.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Load {
@@ -41,6 +48,23 @@ pub fn parse(text: &str) -> Option<Load> {
         requests,
         errors,
     })
+}
+
+/// Requests one gateway holds, per ModelDeployment (namespace, name), from its `/metrics`.
+pub fn parse_held(text: &str) -> Vec<((String, String), f64)> {
+    let label = |labels: &str, key: &str| {
+        // Kubernetes names hold no quotes or commas, so the pairs split plainly.
+        labels.split(',').find_map(|pair| {
+            let value = pair.strip_prefix(key)?.strip_prefix("=\"")?;
+            Some(value.strip_suffix('"')?.to_string())
+        })
+    };
+    samples(text, &format!("{PREFIX}_{GATEWAY_HELD_REQUESTS}"))
+        .filter_map(|(labels, value)| {
+            let key = (label(labels, NAMESPACE_LABEL)?, label(labels, NAME_LABEL)?);
+            (value >= 0.0).then_some((key, value))
+        })
+        .collect()
 }
 
 /// The samples of one metric: labels (the text between braces) and finite values.
@@ -80,5 +104,19 @@ mod tests {
             None
         );
         assert_eq!(parse("<html>not metrics</html>"), None);
+    }
+
+    #[test]
+    fn reads_the_requests_a_gateway_holds() {
+        let text = "# TYPE kandle_gateway_held_requests gauge\n\
+                    kandle_gateway_held_requests{namespace=\"ml\",name=\"chat\"} 3\n\
+                    kandle_gateway_held_requests{name=\"b\",namespace=\"x\"} 0\n\
+                    kandle_gateway_held_requests{name=\"nameless-namespace\"} 4\n\
+                    kandle_gateway_held_requests_max{namespace=\"ml\",name=\"chat\"} 9\n";
+        let key = |ns: &str, n: &str| (ns.to_string(), n.to_string());
+        assert_eq!(
+            parse_held(text),
+            vec![(key("ml", "chat"), 3.0), (key("x", "b"), 0.0)]
+        );
     }
 }

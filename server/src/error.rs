@@ -2,7 +2,7 @@
 use crate::engine::EngineError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use kandle_contract::openai::{ErrorBody, ErrorDetail};
 
 /// Seconds a client is told to wait after a 429.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -33,20 +33,6 @@ pub enum ApiError {
     /// The cause goes to the log only: it can hold paths or a backtrace.
     #[error("The server could not complete the request; its log has the cause")]
     Internal(String),
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    message: String,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    param: Option<&'a str>,
-    code: Option<&'a str>,
 }
 
 impl ApiError {
