@@ -38,6 +38,8 @@ pub enum Command {
     /// Print, offline, every object the operator would apply for the ModelDeployments in a
     /// file, after checking them as a strict API server would.
     Render(RenderArgs),
+    /// Serve one OpenAI endpoint for every ModelDeployment, routing by the request's model.
+    Gateway(GatewayArgs),
 }
 
 /// What the children depend on, shared by `run` and `render`.
@@ -114,6 +116,110 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Address of the API, `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "KANDLE_GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: SocketAddr,
+    /// Only route to ModelDeployments of this namespace (default: all namespaces).
+    #[arg(long, env = "KANDLE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// API keys file (YAML, a Secret mounted as a file; see `gateway::keys`). Without
+    /// one, every caller may call every model.
+    #[arg(long, env = "KANDLE_GATEWAY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// `least-in-flight`, or `prefix-affinity` (requests sharing a prompt prefix go to
+    /// the same pod while it carries no more than `--affinity-load-factor` times the mean).
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_ROUTING",
+        value_enum,
+        default_value = "least-in-flight"
+    )]
+    pub routing: crate::gateway::balance::Routing,
+    /// Bytes of the prompt (messages, prompt or input as sent) that make its prefix.
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_AFFINITY_PREFIX_BYTES",
+        default_value_t = 512
+    )]
+    pub affinity_prefix_bytes: usize,
+    /// How far above the mean load an affine pod may go before the next is taken.
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_AFFINITY_LOAD_FACTOR",
+        default_value_t = 1.25
+    )]
+    pub affinity_load_factor: f64,
+    /// Other pods tried when one refuses the connection or answers 503 (never once an
+    /// answer has begun).
+    #[arg(long, env = "KANDLE_GATEWAY_RETRIES", default_value_t = 2)]
+    pub retries: usize,
+    /// How long a request waits for a model with no ready pod (scaled to zero, starting).
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_HOLD_TIMEOUT_SECONDS",
+        default_value_t = 300
+    )]
+    pub hold_timeout_seconds: u64,
+    /// Requests held per model at most; more get 503 at once.
+    #[arg(long, env = "KANDLE_GATEWAY_HOLD_QUEUE", default_value_t = 256)]
+    pub hold_queue: usize,
+    /// Largest request body accepted (413 past it).
+    #[arg(long, env = "KANDLE_GATEWAY_MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// Time a request body may take to arrive (408 past it).
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_BODY_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub body_timeout_seconds: u64,
+    /// Time to connect to a pod before another is tried.
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_CONNECT_TIMEOUT_SECONDS",
+        default_value_t = 5
+    )]
+    pub connect_timeout_seconds: u64,
+    /// Client connections open at once; more wait in the kernel's backlog.
+    #[arg(long, env = "KANDLE_GATEWAY_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub max_connections: usize,
+    /// Time a connection may take to send a request's headers, or sit idle between requests.
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_HEADER_TIMEOUT_SECONDS",
+        default_value_t = 60
+    )]
+    pub header_timeout_seconds: u64,
+    /// After SIGTERM: how long requests in flight (streams included) may take to finish.
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 30
+    )]
+    pub shutdown_grace_seconds: u64,
+    #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+impl GatewayArgs {
+    pub fn settings(&self) -> crate::gateway::Settings {
+        crate::gateway::Settings {
+            affinity: self.routing == crate::gateway::balance::Routing::PrefixAffinity,
+            affinity_prefix_bytes: self.affinity_prefix_bytes,
+            affinity_load_factor: self.affinity_load_factor.max(1.0),
+            retries: self.retries,
+            hold_timeout: Duration::from_secs(self.hold_timeout_seconds),
+            hold_queue: self.hold_queue,
+            // A model that did not start within the hold will not in the next second.
+            hold_retry_after: Duration::from_secs(30),
+            max_body_bytes: self.max_body_bytes,
+            body_timeout: Duration::from_secs(self.body_timeout_seconds.max(1)),
+        }
+    }
+}
+
 /// How the autoscaler reads and averages the serving pods' load.
 #[derive(Debug, Clone, Args)]
 pub struct AutoscalingArgs {
@@ -135,6 +241,10 @@ pub struct AutoscalingArgs {
         default_value_t = 6
     )]
     pub autoscale_panic_window_seconds: u64,
+    /// The gateway's `host:port` (a headless Service, so that every replica is read):
+    /// requests it holds for a ModelDeployment count as load, and wake one scaled to zero.
+    #[arg(long, env = "KANDLE_GATEWAY_METRICS_ADDRESS")]
+    pub gateway_metrics_address: Option<String>,
 }
 
 impl AutoscalingArgs {
@@ -143,7 +253,11 @@ impl AutoscalingArgs {
         use crate::autoscale::{Autoscaler, policy::Windows, scrape::HttpLoad};
         let interval = Duration::from_secs(self.autoscale_interval_seconds.max(1));
         Autoscaler::new(
-            std::sync::Arc::new(HttpLoad::new(crate::build::SERVER_PORT, interval)),
+            std::sync::Arc::new(HttpLoad::new(
+                crate::build::SERVER_PORT,
+                interval,
+                self.gateway_metrics_address.clone(),
+            )),
             Windows {
                 stable: Duration::from_secs(self.autoscale_stable_window_seconds),
                 panic: Duration::from_secs(self.autoscale_panic_window_seconds),

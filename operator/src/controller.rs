@@ -221,7 +221,8 @@ fn ready_pods(stores: &Stores, ns: &str, name: &str) -> Vec<PodTarget> {
 
 fn keep_all<K>(_: &mut K) {}
 
-fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+/// The API of a namespaced kind, in one namespace or all.
+pub(crate) fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,

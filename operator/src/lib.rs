@@ -10,6 +10,7 @@ pub mod crd;
 pub mod diagnosis;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod http;
 pub mod index;
 pub mod leader;

@@ -1,5 +1,5 @@
 use clap::Parser;
-use kandle_operator::cli::{Cli, Command, LogFormat, RunArgs};
+use kandle_operator::cli::{Cli, Command, GatewayArgs, LogFormat, RunArgs};
 use kandle_operator::leader::{self, LeaseConfig};
 use kandle_operator::metrics::Metrics;
 use kube::CustomResourceExt;
@@ -56,6 +56,13 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Gateway(args) => match gateway(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "kandle gateway failed");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -66,14 +73,35 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format {
+    match format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
+}
+
+async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
+    let client = kube::Client::try_default().await?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    kandle_operator::gateway::run(client, &args, listener, terminated()).await
+}
+
+/// SIGTERM (what the kubelet sends) or Ctrl-C.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let server = tokio::spawn(kandle_operator::http::serve(

@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod emulated;
 pub mod load;
 pub mod scenarios;
+pub mod serving;

@@ -3,9 +3,10 @@
 //! ready pods; request counters that grow by ten at each scrape, with a chosen share of 5xx
 //! for pods whose names start with a given prefix (a Deployment's name); and pods that stop
 //! answering.
-use kandle_operator::autoscale::scrape::{LoadSource, PodMetrics, PodTarget};
+use futures::future::BoxFuture;
+use kandle_operator::autoscale::scrape::{HttpLoad, LoadSource, PodMetrics, PodTarget};
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 pub struct SimulatedLoad {
@@ -13,6 +14,8 @@ pub struct SimulatedLoad {
     silent: Mutex<HashSet<String>>,
     error_rates: Mutex<Vec<(String, f64)>>,
     counters: Mutex<HashMap<String, (f64, f64)>>,
+    /// A real gateway whose held requests count, read as the operator reads them.
+    gateway: Mutex<Option<Arc<HttpLoad>>>,
 }
 
 impl SimulatedLoad {
@@ -26,6 +29,12 @@ impl SimulatedLoad {
         self.silent.lock().unwrap().insert(pod.into());
     }
 
+    /// Requests the gateway at `addr` holds count as load from now on.
+    pub fn read_gateway(&self, addr: std::net::SocketAddr) {
+        let source = HttpLoad::new(0, std::time::Duration::from_secs(1), Some(addr.to_string()));
+        *self.gateway.lock().unwrap() = Some(Arc::new(source));
+    }
+
     /// Pods whose names start with `prefix` fail this share of their requests from now on.
     pub fn fail(&self, prefix: &str, rate: f64) {
         self.error_rates.lock().unwrap().push((prefix.into(), rate));
@@ -33,10 +42,7 @@ impl SimulatedLoad {
 }
 
 impl LoadSource for SimulatedLoad {
-    fn scrape<'a>(
-        &'a self,
-        pods: &'a [PodTarget],
-    ) -> futures::future::BoxFuture<'a, Vec<Option<PodMetrics>>> {
+    fn scrape<'a>(&'a self, pods: &'a [PodTarget]) -> BoxFuture<'a, Vec<Option<PodMetrics>>> {
         let offered = self.offered.lock().unwrap();
         let silent = self.silent.lock().unwrap();
         let rates = self.error_rates.lock().unwrap();
@@ -64,5 +70,15 @@ impl LoadSource for SimulatedLoad {
             })
             .collect();
         Box::pin(std::future::ready(answers))
+    }
+
+    fn held(&self) -> BoxFuture<'_, HashMap<(String, String), f64>> {
+        let gateway = self.gateway.lock().unwrap().clone();
+        Box::pin(async move {
+            match gateway {
+                Some(g) => g.held().await,
+                None => HashMap::new(),
+            }
+        })
     }
 }

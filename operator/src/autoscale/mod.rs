@@ -75,6 +75,7 @@ impl Autoscaler {
                 .filter(|md| md.spec.autoscaling.is_some())
                 .collect();
             self.forget_all_but(&scaled);
+            let held = self.source.held().await;
             let rounds = futures::stream::iter(scaled)
                 .map(|md| {
                     let pods = ready_pods(&md.namespace().unwrap_or_default(), &md.name_any());
@@ -88,7 +89,9 @@ impl Autoscaler {
                 .collect::<Vec<_>>()
                 .await;
             for (md, loads) in rounds {
-                if self.observe(&md, &loads) {
+                let key = (md.namespace().unwrap_or_default(), md.name_any());
+                let held = held.get(&key).copied().unwrap_or(0.0);
+                if self.observe(&md, &loads, held) {
                     let _ = changed.send(ObjectRef::from_obj(md.as_ref()));
                 }
             }
@@ -106,8 +109,9 @@ impl Autoscaler {
             .retain(|key, _| keep.contains(key));
     }
 
-    /// Takes one scrape round of `md` into account; true when the published decision changed.
-    fn observe(&self, md: &ModelDeployment, loads: &[Option<f64>]) -> bool {
+    /// Takes one scrape round of `md` (its pods' loads and the requests gateways hold for
+    /// it) into account; true when the published decision changed.
+    fn observe(&self, md: &ModelDeployment, loads: &[Option<f64>], held: f64) -> bool {
         let Some(spec) = &md.spec.autoscaling else {
             return false;
         };
@@ -125,7 +129,7 @@ impl Autoscaler {
                 state: State::new(crate::replicas::wanted(md, None), now),
                 published: None,
             });
-        let Some(sample) = policy::estimate(loads, now) else {
+        let Some(sample) = policy::estimate(loads, held, now) else {
             return false;
         };
         let decision = scaler.state.observe(&bounds, &self.windows, sample);

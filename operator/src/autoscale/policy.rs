@@ -173,17 +173,23 @@ fn mean<'a>(
     if n == 0 { 0.0 } else { sum / f64::from(n) }
 }
 
-/// The load of one scrape round: the pods that answered stand for those that did not.
-/// `None` when no ready pod answered (nothing to decide on).
-pub fn estimate(answers: &[Option<f64>], at: Duration) -> Option<Sample> {
+/// The load of one scrape round: the pods that answered stand for those that did not, and
+/// requests `held` in gateways for want of a ready pod are added. `None` when no ready pod
+/// answered and none are held (nothing to decide on).
+pub fn estimate(answers: &[Option<f64>], held: f64, at: Duration) -> Option<Sample> {
     let answered: Vec<f64> = answers.iter().flatten().copied().collect();
-    if answered.is_empty() {
-        return None;
-    }
-    let per_pod = answered.iter().sum::<f64>() / answered.len() as f64;
+    let held = held.max(0.0);
+    let pods = if answered.is_empty() {
+        if held == 0.0 {
+            return None;
+        }
+        0.0
+    } else {
+        answered.iter().sum::<f64>() / answered.len() as f64 * answers.len() as f64
+    };
     Some(Sample {
         at,
-        load: per_pod * answers.len() as f64,
+        load: pods + held,
         answered: answered.len(),
         ready: answers.len(),
     })
@@ -346,9 +352,24 @@ mod tests {
 
     #[test]
     fn pods_that_do_not_answer_are_estimated_from_those_that_do() {
-        let s = estimate(&[Some(10.0), None, Some(6.0)], TICK).unwrap();
+        let s = estimate(&[Some(10.0), None, Some(6.0)], 0.0, TICK).unwrap();
         assert_eq!((s.load, s.answered, s.ready), (24.0, 2, 3));
-        assert_eq!(estimate(&[None, None], TICK), None);
-        assert_eq!(estimate(&[], TICK), None);
+        assert_eq!(estimate(&[None, None], 0.0, TICK), None);
+        assert_eq!(estimate(&[], 0.0, TICK), None);
+    }
+
+    #[test]
+    fn requests_held_in_a_gateway_wake_a_model_scaled_to_zero() {
+        let sample = estimate(&[], 1.0, TICK).unwrap();
+        assert_eq!((sample.load, sample.answered, sample.ready), (1.0, 0, 0));
+        let mut state = State::new(0, Duration::ZERO);
+        let decision = state.observe(&bounds(0, 4), &Windows::default(), sample);
+        assert_eq!(
+            decision.replicas, 1,
+            "one held request starts a pod at once"
+        );
+        // Held requests add to what the pods report.
+        let s = estimate(&[Some(4.0)], 3.0, TICK).unwrap();
+        assert_eq!(s.load, 7.0);
     }
 }

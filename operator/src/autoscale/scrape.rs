@@ -2,6 +2,7 @@
 //! counters (for canary verdicts).
 use futures::StreamExt;
 use futures::future::{BoxFuture, join_all};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// A server's `/metrics` is a few KiB; a pod that sends more than this is not answering.
@@ -36,27 +37,48 @@ pub use kandle_contract::metrics::{Load as PodMetrics, parse};
 pub trait LoadSource: Send + Sync {
     /// Per pod, in order; `None` for a pod that did not answer in time or answered nonsense.
     fn scrape<'a>(&'a self, pods: &'a [PodTarget]) -> BoxFuture<'a, Vec<Option<PodMetrics>>>;
+
+    /// Requests waiting in gateways per ModelDeployment (namespace, name): load that no pod
+    /// reports, and the only load of a model scaled to zero.
+    fn held(&self) -> BoxFuture<'_, HashMap<(String, String), f64>> {
+        Box::pin(async { HashMap::new() })
+    }
 }
 
 /// Scrapes `http://POD_IP:PORT/metrics`, every pod of a round at once.
 pub struct HttpLoad {
     client: reqwest::Client,
     port: u16,
+    /// The gateway's metrics (`host:port`), for the requests it holds.
+    gateway: Option<String>,
 }
 
 impl HttpLoad {
-    pub fn new(port: u16, timeout: Duration) -> Self {
+    pub fn new(port: u16, timeout: Duration, gateway: Option<String>) -> Self {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
             .expect("an HTTP client without TLS settings builds");
-        Self { client, port }
+        Self {
+            client,
+            port,
+            gateway,
+        }
     }
 
     async fn one(&self, pod: &PodTarget) -> Option<PodMetrics> {
         let url = format!("http://{}:{}/metrics", pod.ip.as_deref()?, self.port);
+        let text = self.text(&url).await;
+        if text.is_none() {
+            tracing::debug!(pod = %pod.name, namespace = %pod.namespace, "cannot scrape");
+        }
+        parse(&text?)
+    }
+
+    /// A `/metrics` page, `None` when it fails or runs past [`MAX_METRICS_BYTES`].
+    async fn text(&self, url: &str) -> Option<String> {
         let answer = async {
-            let response = self.client.get(&url).send().await?.error_for_status()?;
+            let response = self.client.get(url).send().await?.error_for_status()?;
             let mut body = Vec::new();
             let mut chunks = response.bytes_stream();
             while let Some(chunk) = chunks.next().await {
@@ -68,22 +90,49 @@ impl HttpLoad {
             Ok::<_, reqwest::Error>(Some(body))
         };
         match answer.await {
-            Ok(Some(body)) => parse(&String::from_utf8_lossy(&body)),
-            Ok(None) => {
-                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, "metrics larger than {MAX_METRICS_BYTES} bytes; ignored");
-                None
-            }
+            Ok(body) => body.map(|b| String::from_utf8_lossy(&b).into_owned()),
             Err(e) => {
-                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, error = %e, "cannot scrape");
+                tracing::debug!(url, error = %e, "cannot scrape");
                 None
             }
         }
+    }
+
+    /// Requests held by every gateway replica (each address `host:port` resolves to; a
+    /// headless Service resolves to them all), per ModelDeployment.
+    async fn held(&self) -> HashMap<(String, String), f64> {
+        let mut held = HashMap::new();
+        let Some(target) = &self.gateway else {
+            return held;
+        };
+        let addrs = match tokio::net::lookup_host(target.as_str()).await {
+            Ok(addrs) => addrs.collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::debug!(gateway = %target, error = %e, "cannot resolve the gateway");
+                return held;
+            }
+        };
+        let urls: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("http://{a}/metrics"))
+            .collect();
+        let pages = join_all(urls.iter().map(|u| self.text(u))).await;
+        for page in pages.into_iter().flatten() {
+            for (key, value) in kandle_contract::metrics::parse_held(&page) {
+                *held.entry(key).or_default() += value;
+            }
+        }
+        held
     }
 }
 
 impl LoadSource for HttpLoad {
     fn scrape<'a>(&'a self, pods: &'a [PodTarget]) -> BoxFuture<'a, Vec<Option<PodMetrics>>> {
         Box::pin(join_all(pods.iter().map(|p| self.one(p))))
+    }
+
+    fn held(&self) -> BoxFuture<'_, HashMap<(String, String), f64>> {
+        Box::pin(HttpLoad::held(self))
     }
 }
 
@@ -108,7 +157,7 @@ mod tests {
             instance: "m".into(),
             ip: ip.map(str::to_string),
         };
-        let source = HttpLoad::new(port, Duration::from_secs(1));
+        let source = HttpLoad::new(port, Duration::from_secs(1), None);
         let pods = [pod(Some("127.0.0.1")), pod(None), pod(Some("127.0.0.2"))];
         let metrics = source.scrape(&pods).await;
         assert_eq!(metrics[0].map(|m| m.load), Some(3.0));
@@ -134,7 +183,7 @@ mod tests {
             instance: "m".into(),
             ip: Some("127.0.0.1".into()),
         };
-        let metrics = HttpLoad::new(port, Duration::from_secs(5))
+        let metrics = HttpLoad::new(port, Duration::from_secs(5), None)
             .scrape(std::slice::from_ref(&pod))
             .await;
         assert_eq!(metrics[0], None);

@@ -29,6 +29,13 @@ pub struct Access<'a> {
 struct ChartRules {
     watched: Vec<PolicyRule>,
     leader_election: Vec<PolicyRule>,
+    gateway: Vec<PolicyRule>,
+}
+
+fn chart_rules() -> ChartRules {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/kandle/files/rbac.yaml");
+    let text = std::fs::read_to_string(&path).expect("the chart's rbac.yaml");
+    serde_saphyr::from_str(&text).expect("rbac.yaml parses")
 }
 
 impl Policy {
@@ -43,9 +50,7 @@ impl Policy {
     /// The chart's rules as installed with its defaults: the watched rules cluster-wide and
     /// the Lease rules in `release_namespace`.
     pub fn chart(release_namespace: &str) -> Self {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/kandle/files/rbac.yaml");
-        let text = std::fs::read_to_string(&path).expect("the chart's rbac.yaml");
-        let rules: ChartRules = serde_saphyr::from_str(&text).expect("rbac.yaml parses");
+        let rules = chart_rules();
         let mut grants: Vec<_> = rules.watched.into_iter().map(|r| (None, r)).collect();
         grants.extend(
             rules
@@ -56,6 +61,18 @@ impl Policy {
         Self {
             user: format!("system:serviceaccount:{release_namespace}:kandle"),
             grants,
+        }
+    }
+
+    /// The rules the chart grants the gateway, cluster-wide.
+    pub fn chart_gateway(release_namespace: &str) -> Self {
+        Self {
+            user: format!("system:serviceaccount:{release_namespace}:kandle-gateway"),
+            grants: chart_rules()
+                .gateway
+                .into_iter()
+                .map(|r| (None, r))
+                .collect(),
         }
     }
 

@@ -83,6 +83,13 @@ pub const KINDS: &[Kind] = &[
         kind: "Event",
         status: false,
     },
+    // Written by the tests, standing in for the EndpointSlice controller.
+    Kind {
+        plural: "endpointslices",
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        status: false,
+    },
 ];
 
 pub fn kind(plural: &str) -> Option<&'static Kind> {

@@ -1,0 +1,194 @@
+//! Which pod gets a request: the fewest requests in flight through this gateway, or, in
+//! prefix-affinity mode, the pod a prompt's prefix hashes to unless it carries more than
+//! its share (consistent hashing with bounded loads, as KubeAI's PrefixHash), so requests
+//! that share a system prompt find its KV cache where it was filled.
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Routing {
+    /// The ready pod with the fewest requests in flight.
+    LeastInFlight,
+    /// The same prompt prefix to the same pod, within a load bound.
+    PrefixAffinity,
+}
+
+/// Requests in flight per pod, counted by this gateway.
+#[derive(Default)]
+pub struct Balancer {
+    in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    /// Rotates the starting point among equally loaded pods.
+    turn: AtomicUsize,
+}
+
+/// One request's place on a pod: counted until dropped (when its response ends).
+pub struct Slot {
+    count: Arc<AtomicUsize>,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Balancer {
+    /// A slot on the pod chosen among `endpoints` minus `tried`; `None` when none is left.
+    /// `prefix` is the request's prompt prefix in affinity mode; `load_factor` bounds how
+    /// far above the mean load an affine pod may go before the next one is taken.
+    pub fn pick(
+        &self,
+        endpoints: &[SocketAddr],
+        tried: &[SocketAddr],
+        prefix: Option<&[u8]>,
+        load_factor: f64,
+    ) -> Option<Slot> {
+        let candidates: Vec<SocketAddr> = endpoints
+            .iter()
+            .filter(|e| !tried.contains(e))
+            .copied()
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let counts: Vec<Arc<AtomicUsize>> = {
+            let mut map = self.in_flight.lock().expect("not poisoned");
+            candidates
+                .iter()
+                .map(|e| map.entry(*e).or_default().clone())
+                .collect()
+        };
+        let loads: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Acquire)).collect();
+        let index = match prefix {
+            Some(prefix) => affine(&candidates, &loads, prefix, load_factor),
+            None => {
+                let start = self.turn.fetch_add(1, Ordering::Relaxed);
+                least(&loads, start)
+            }
+        };
+        counts[index].fetch_add(1, Ordering::AcqRel);
+        Some(Slot {
+            count: counts[index].clone(),
+            addr: candidates[index],
+        })
+    }
+
+    /// Requests in flight on `addr` through this gateway.
+    pub fn in_flight(&self, addr: SocketAddr) -> usize {
+        let map = self.in_flight.lock().expect("not poisoned");
+        map.get(&addr).map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    /// Forgets pods that are gone and idle, so the map does not grow with pod churn.
+    pub fn retain(&self, alive: impl Fn(&SocketAddr) -> bool) {
+        let mut map = self.in_flight.lock().expect("not poisoned");
+        map.retain(|addr, count| alive(addr) || count.load(Ordering::Acquire) > 0);
+    }
+}
+
+/// The least loaded, the first such from `start` round the list.
+fn least(loads: &[usize], start: usize) -> usize {
+    (0..loads.len())
+        .map(|i| (start + i) % loads.len())
+        .min_by_key(|&i| loads[i])
+        .expect("not empty")
+}
+
+/// Rendezvous hashing: pods ranked by a hash of (prefix, pod), the first whose load stays
+/// within `load_factor` times the mean (counting this request) taken.
+fn affine(candidates: &[SocketAddr], loads: &[usize], prefix: &[u8], load_factor: f64) -> usize {
+    let total: usize = loads.iter().sum::<usize>() + 1;
+    let bound = (total as f64 / candidates.len() as f64 * load_factor).ceil() as usize;
+    let mut ranked: Vec<(u64, usize)> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let mut h = DefaultHasher::new();
+            prefix.hash(&mut h);
+            addr.hash(&mut h);
+            (h.finish(), i)
+        })
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    ranked
+        .iter()
+        .map(|&(_, i)| i)
+        .find(|&i| loads[i] < bound.max(1))
+        .unwrap_or_else(|| least(loads, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods(n: u16) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([10, 0, 0, 1], 8000 + i)))
+            .collect()
+    }
+
+    #[test]
+    fn spreads_requests_over_the_least_loaded_pods() {
+        let balancer = Balancer::default();
+        let pods = pods(3);
+        let slots: Vec<Slot> = (0..9)
+            .map(|_| balancer.pick(&pods, &[], None, 1.25).unwrap())
+            .collect();
+        for pod in &pods {
+            assert_eq!(balancer.in_flight(*pod), 3);
+        }
+        // One pod's requests end: it gets the next ones.
+        let freed = slots[0].addr;
+        drop(
+            slots
+                .into_iter()
+                .filter(|s| s.addr == freed)
+                .collect::<Vec<_>>(),
+        );
+        let next = balancer.pick(&pods, &[], None, 1.25).unwrap();
+        assert_eq!(next.addr, freed);
+        // A pod already tried is skipped; none left is None.
+        let other = balancer.pick(&pods, &[freed], None, 1.25).unwrap();
+        assert_ne!(other.addr, freed);
+        assert!(balancer.pick(&pods, &pods, None, 1.25).is_none());
+    }
+
+    #[test]
+    fn one_prefix_stays_on_one_pod_until_it_carries_too_much() {
+        let balancer = Balancer::default();
+        let pods = pods(4);
+        let home = balancer
+            .pick(&pods, &[], Some(b"system: be brief"), 1.25)
+            .unwrap()
+            .addr;
+        for _ in 0..3 {
+            let again = balancer
+                .pick(&pods, &[], Some(b"system: be brief"), 1.25)
+                .unwrap();
+            assert_eq!(again.addr, home);
+        }
+        // Prefixes spread over the pods.
+        let homes: std::collections::HashSet<SocketAddr> = (0..64)
+            .map(|i| {
+                let prefix = format!("system {i}");
+                let slot = balancer
+                    .pick(&pods, &[], Some(prefix.as_bytes()), 100.0)
+                    .unwrap();
+                slot.addr
+            })
+            .collect();
+        assert_eq!(homes.len(), 4, "{homes:?}");
+        // Under a burst of one prefix, no pod goes past 1.25 times the mean.
+        let burst: Vec<Slot> = (0..40)
+            .map(|_| balancer.pick(&pods, &[], Some(b"hot"), 1.25).unwrap())
+            .collect();
+        for pod in &pods {
+            let n = burst.iter().filter(|s| s.addr == *pod).count();
+            assert!(n <= 13, "{n} of 40 on one pod");
+        }
+    }
+}

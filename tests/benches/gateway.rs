@@ -1,0 +1,267 @@
+//! What the gateway costs and what scale from zero takes, on loopback.
+//!
+//! 1. Added latency: MiniLM embeddings of one short sentence from one kandle-server, sent
+//!    straight to it, through the gateway, and through nginx (Debian's, configured as a
+//!    plain keep-alive reverse proxy), at 1 and 64 connections, interleaved rounds; p50 and
+//!    p99 of each, and what each proxy adds to the direct figures.
+//! 2. Scale from zero: the real operator (emulated API server, simulated kubelet) and the
+//!    gateway; from the first request for a model at zero replicas to its answer, split into
+//!    the decision (the operator's autoscaler reads the held request and scales the
+//!    Deployment), scheduling (simulated), the pull (simulated: the Job completes at once)
+//!    and the load (a real kandle-server starting with SmolLM2).
+//!
+//! Needs release builds of kandle-server (`cargo build --release -p kandle-server`) and
+//! nginx (`apt-get install nginx-light`); run with `cargo bench -p kandle-tests --bench
+//! gateway`. `KANDLE_BENCH_ROUNDS` (default 5) and `KANDLE_BENCH_REQUESTS` (per
+//! connection and round, default 200) size it.
+use clap::Parser;
+use k8s_openapi::api::apps::v1::Deployment;
+use kandle_operator::crd::Phase;
+use kandle_tests::apiserver::ApiServer;
+use kandle_tests::emulated::Emulated;
+use kandle_tests::serving::{ServerProcess, endpoints, minilm_dir, model, smollm2_gguf};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn start_gateway(api: &ApiServer) -> SocketAddr {
+    let argv = ["kandle-operator", "gateway", "--log-format", "text"];
+    let kandle_operator::cli::Command::Gateway(args) =
+        kandle_operator::cli::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+    else {
+        unreachable!()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = api.client();
+    tokio::spawn(async move {
+        kandle_operator::gateway::run(client, &args, listener, std::future::pending()).await
+    });
+    addr
+}
+
+/// nginx as a plain reverse proxy with keep-alive to the backend, killed when dropped.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    /// Its configuration and logs, removed after it stops.
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(backend: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let root = dir.path().display();
+        let conf = format!(
+            "worker_processes auto;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {root};\n  proxy_temp_path {root};\n\
+               upstream backend {{ server {backend}; keepalive 128; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+                 proxy_pass http://backend;\n      proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .args(["-e", &format!("{root}/error.log"), "-p"])
+            .arg(dir.path())
+            .args(["-c", "nginx.conf", "-g", "daemon off;"])
+            .spawn()
+            .expect("nginx: apt-get install nginx-light");
+        Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Latencies of `per_connection` requests on each of `connections` connections at once.
+async fn load(addr: SocketAddr, connections: usize, per_connection: usize) -> Vec<Duration> {
+    let body = json!({"model": "minilm", "input": "a short sentence about serving models"});
+    let body = serde_json::to_vec(&body).unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .unwrap();
+    let url = format!("http://{addr}/v1/embeddings");
+    let tasks = (0..connections).map(|_| {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        tokio::spawn(async move {
+            let mut times = Vec::with_capacity(per_connection);
+            for _ in 0..per_connection {
+                let start = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.bytes().await.unwrap();
+                times.push(start.elapsed());
+            }
+            times
+        })
+    });
+    let mut all: Vec<Duration> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
+    all.sort();
+    all
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+async fn added_latency() {
+    let rounds = env_or("KANDLE_BENCH_ROUNDS", 5);
+    let per_connection = env_or("KANDLE_BENCH_REQUESTS", 200);
+    let server = ServerProcess::start(minilm_dir(), "minilm").await;
+    let api = ApiServer::default();
+    let spec = json!({"model": {"uri": "hf://org/m", "servedName": "minilm"}});
+    model(&api, "minilm", spec, json!({}), Phase::Ready).await;
+    endpoints(&api, "ml", "minilm", &[server.addr]).await;
+    let gateway = start_gateway(&api).await;
+    let nginx = Nginx::start(server.addr);
+    // Both proxies route before measuring (the gateway once it has synced its watches).
+    let warm = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < warm {
+        let ok = reqwest::Client::new()
+            .post(format!("http://{gateway}/v1/embeddings"))
+            .json(&json!({"model": "minilm", "input": "x"}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let targets = [
+        ("direct", server.addr),
+        ("gateway", gateway),
+        ("nginx", nginx.addr),
+    ];
+    println!(
+        "added latency, MiniLM embeddings of one sentence, {rounds} rounds x {per_connection} requests per connection"
+    );
+    for connections in [1, 64] {
+        let per = if connections == 1 {
+            per_connection
+        } else {
+            (per_connection / 8).max(10)
+        };
+        let mut p50 = vec![Vec::new(); targets.len()];
+        let mut p99 = vec![Vec::new(); targets.len()];
+        for _ in 0..rounds {
+            for (i, (_, addr)) in targets.iter().enumerate() {
+                let times = load(*addr, connections, per).await;
+                p50[i].push(percentile(&times, 0.5));
+                p99[i].push(percentile(&times, 0.99));
+            }
+        }
+        let p50: Vec<f64> = p50.iter_mut().map(|v| median(v)).collect();
+        let p99: Vec<f64> = p99.iter_mut().map(|v| median(v)).collect();
+        for (i, (name, _)) in targets.iter().enumerate() {
+            println!(
+                "  {connections:>2} connections {name:>8}: p50 {:7.3} ms  p99 {:7.3} ms  added p50 {:+.3} ms  added p99 {:+.3} ms",
+                p50[i],
+                p99[i],
+                p50[i] - p50[0],
+                p99[i] - p99[0]
+            );
+        }
+    }
+}
+
+async fn scale_from_zero() {
+    let env = Emulated::start();
+    let t = env.target();
+    let gateway = start_gateway(&env.server).await;
+    env.load.read_gateway(gateway);
+    t.create(
+        "sleepy",
+        json!({"model": {"uri": "hf://org/m", "servedName": "smol"},
+               "autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": 0}}),
+    )
+    .await;
+    t.wait_phase("sleepy", Phase::ScaledToZero).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = Instant::now();
+    let answer = tokio::spawn(async move {
+        let body = json!({"model": "smol", "max_tokens": 8,
+                          "messages": [{"role": "user", "content": "Hi"}]});
+        let url = format!("http://{gateway}/v1/chat/completions");
+        let response = reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    });
+    t.wait::<Deployment>("sleepy", "scaled up", |d| d.spec.replicas == Some(1))
+        .await;
+    let decided = sent.elapsed();
+    t.wait::<Deployment>("sleepy", "ready", |d| {
+        d.status.as_ref().and_then(|s| s.ready_replicas) == Some(1)
+    })
+    .await;
+    let scheduled = sent.elapsed();
+    let pod = ServerProcess::start(smollm2_gguf(), "smol").await;
+    let loaded = sent.elapsed();
+    endpoints(&env.server, "default", "sleepy", &[pod.addr]).await;
+    answer.await.unwrap();
+    let answered = sent.elapsed();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "scale from zero (autoscaler tick 25 ms as in the tests; 2 s by default): decision {:.0} ms, \
+         scheduling and pull (simulated) {:.0} ms, load (kandle-server, SmolLM2) {:.0} ms, \
+         routing and answer {:.0} ms; total {:.0} ms",
+        ms(decided),
+        ms(scheduled - decided),
+        ms(loaded - scheduled),
+        ms(answered - loaded),
+        ms(answered)
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    added_latency().await;
+    scale_from_zero().await;
+}
