@@ -103,13 +103,14 @@ async fn wait_listed(gateway: &Gateway, names: &[&str], key: Option<&str>) -> Va
             request = request.bearer_auth(key);
         }
         let list: Value = request.send().await.unwrap().json().await.unwrap();
+        // Until the watches (or a reloaded keys file) catch up: an error, or fewer models.
         let ids: Vec<&str> = list["data"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .filter_map(|m| m["id"].as_str())
             .collect();
-        if names.iter().all(|n| ids.contains(n)) {
+        if list["object"] == "list" && names.iter().all(|n| ids.contains(n)) {
             return list;
         }
         assert!(Instant::now() < deadline, "{names:?} never listed: {list}");
@@ -630,6 +631,15 @@ async fn api_keys_choose_the_models_and_limit_the_rate_and_concurrency() {
         assert!(Instant::now() < deadline, "the permit was never given back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The Secret changes (the kubelet rewrites the mounted file): the new key works soon.
+    std::fs::write(
+        &keys,
+        "keys:\n- {name: later, key: sk-later-01, models: [smol]}\n",
+    )
+    .unwrap();
+    wait_listed(&gateway, &["smol"], Some("sk-later-01")).await;
+    let (status, _) = error_of(ask(&gateway, "smol", Some("sk-team-a-1")).await).await;
+    assert_eq!(status, 401, "a key taken out of the file no longer works");
     let metrics = gateway_metrics(&gateway).await;
     assert!(!metrics.contains("sk-"), "keys never shown: {metrics}");
     assert_eq!(

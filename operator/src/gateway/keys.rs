@@ -210,12 +210,19 @@ impl Keys {
             path: shown.clone(),
             source,
         };
-        let size = std::fs::metadata(path).map_err(read)?.len();
-        if size > MAX_FILE_BYTES {
+        if std::fs::metadata(path).map_err(read)?.len() > MAX_FILE_BYTES {
             return Err(KeysError::TooLarge { path: shown });
         }
-        let text = std::fs::read_to_string(path).map_err(read)?;
-        Self::parse(&text, &shown)
+        Self::from_bytes(&std::fs::read(path).map_err(read)?, path)
+    }
+
+    /// The keys of a file's contents, read elsewhere.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, KeysError> {
+        let shown = path.display().to_string();
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(KeysError::TooLarge { path: shown });
+        }
+        Self::parse(&String::from_utf8_lossy(bytes), &shown)
     }
 
     /// The tenant of an `Authorization` header's value.

@@ -149,12 +149,13 @@ impl Gateway {
     }
 }
 
-async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> Response {
     if gateway.draining.refusing.load(Ordering::Acquire) {
         return GatewayError::Draining.into_response();
     }
-    let (parts, body) = request.into_parts();
-    let request = Request::from_parts(parts.clone(), body);
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let headers = std::mem::take(request.headers_mut());
     let read = tokio::time::timeout(
         gateway.settings.body_timeout,
         Bytes::from_request(request, &()),
@@ -177,9 +178,9 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
     let response = gateway
         .clone()
         .proxy(proxy::Incoming {
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
+            method,
+            uri,
+            headers,
             body,
         })
         .await;
@@ -239,18 +240,22 @@ pub fn watch_keys(
     tracing::info!(path = %path.display(), keys = first.len(), "API keys loaded");
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
     tokio::spawn(async move {
-        let mut last = std::fs::read(&path).ok();
+        let mut last = tokio::fs::read(&path).await.ok();
         loop {
             tokio::time::sleep(every).await;
             if tx.is_closed() {
                 return;
             }
-            let now = std::fs::read(&path).ok();
+            let now = tokio::fs::read(&path).await.ok();
             if now == last {
                 continue;
             }
             last = now;
-            match Keys::load(&path) {
+            let read = match &last {
+                Some(bytes) => Keys::from_bytes(bytes, &path),
+                None => Keys::load(&path),
+            };
+            match read {
                 Ok(keys) => {
                     tracing::info!(path = %path.display(), keys = keys.len(), "API keys reloaded");
                     tx.send_replace(Arc::new(keys));

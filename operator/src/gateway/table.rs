@@ -116,7 +116,7 @@ pub fn build(mds: &[Arc<ModelDeployment>], slices: &[Arc<EndpointSlice>]) -> Tab
 
 /// The ready endpoints of one slice on the serving port. An endpoint whose `ready` is
 /// unset counts as ready, as the API documents.
-fn ready(slice: &EndpointSlice) -> impl Iterator<Item = SocketAddr> + '_ {
+fn ready(slice: &EndpointSlice) -> Vec<SocketAddr> {
     let ports = slice.ports.as_deref().unwrap_or_default();
     let port = ports
         .iter()
@@ -124,14 +124,17 @@ fn ready(slice: &EndpointSlice) -> impl Iterator<Item = SocketAddr> + '_ {
         .or_else(|| ports.first().filter(|_| ports.len() == 1))
         .and_then(|p| p.port)
         .and_then(|p| u16::try_from(p).ok());
+    let Some(port) = port else {
+        return Vec::new();
+    };
     slice
         .endpoints
         .iter()
         .flatten()
-        .filter(move |_| port.is_some())
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
         .filter_map(|e| e.addresses.first()?.parse::<IpAddr>().ok())
-        .map(move |ip| SocketAddr::new(ip, port.expect("filtered above")))
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect()
 }
 
 #[cfg(test)]
