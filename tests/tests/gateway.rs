@@ -319,6 +319,17 @@ async fn spreads_requests_by_load_and_retries_pods_that_refuse() {
         ) >= 1.0,
         "{metrics}"
     );
+
+    // A spec the operator rejects (phase Failed) leaves the earlier spec's pods serving.
+    let mds: kube::Api<kandle_operator::crd::ModelDeployment> =
+        kube::Api::namespaced(api.client(), "ml");
+    let failed = json!({"status": {"phase": "Failed"}});
+    let params = kube::api::PatchParams::default();
+    mds.patch_status("chat", &params, &kube::api::Patch::Merge(&failed))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ask(&gateway, "smol", None).await.status(), 200);
 }
 
 #[tokio::test]

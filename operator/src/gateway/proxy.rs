@@ -241,11 +241,12 @@ impl Gateway {
         model: Arc<Model>,
         started: Instant,
     ) -> Result<Arc<Model>, GatewayError> {
-        if let Some(why) = &model.failed {
-            return Err(GatewayError::ModelFailed(model.served.clone(), why.clone()));
-        }
+        // Pods of an earlier spec may still serve a model whose current spec failed.
         if !model.endpoints.is_empty() {
             return Ok(model);
+        }
+        if let Some(why) = &model.failed {
+            return Err(GatewayError::ModelFailed(model.served.clone(), why.clone()));
         }
         let served = model.served.clone();
         let gauge = self
@@ -267,11 +268,11 @@ impl Gateway {
                 let current = table.borrow_and_update().get(&served).cloned();
                 match current {
                     None => return Err(GatewayError::ModelNotFound(served.clone())),
+                    Some(m) if !m.endpoints.is_empty() => return Ok(m),
                     Some(m) if m.failed.is_some() => {
                         let why = m.failed.clone().unwrap_or_default();
                         return Err(GatewayError::ModelFailed(served.clone(), why));
                     }
-                    Some(m) if !m.endpoints.is_empty() => return Ok(m),
                     Some(_) => {}
                 }
                 if table.changed().await.is_err() {
