@@ -17,8 +17,15 @@
    32 query-document pairs: kandle's /v1/rerank against sentence-transformers' CrossEncoder
    at batch 32.
 
+8. Tabular: the XGBoost and LightGBM binary fixtures (server/tests/data/tabular): rows/s in
+   process at batch 1 and 1,000 against the libraries' own predict (XGBoost's fastest path,
+   `inplace_predict`, and `predict` on a DMatrix) and onnxruntime on the same models converted
+   by onnxmltools; and kandle's latency over HTTP at batch 1 with 32 connections (oha).
+
 Run with scripts/bench (it installs the peers); `scripts/bench structured` runs section 6
-alone, without them, `scripts/bench embed` section 1 and `scripts/bench rerank` section 7. Results: bench-results/results.json.
+alone, without them, `scripts/bench embed` section 1, `scripts/bench rerank` section 7 and
+`scripts/bench tabular` section 8.
+Results: bench-results/results.json.
 """
 import importlib.util
 import json
@@ -128,10 +135,10 @@ def start_server(model, port, *extra):
     return proc, time.perf_counter() - t
 
 
-def oha(port, connections, requests, body):
+def oha(port, connections, requests, body, path="/v1/embeddings"):
     out = subprocess.run(
         ["oha", "--no-tui", "--output-format", "json", "-n", str(requests), "-c", str(connections), "-m", "POST",
-         "-T", "application/json", "-d", body, f"http://127.0.0.1:{port}/v1/embeddings"],
+         "-T", "application/json", "-d", body, f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True).stdout
     r = json.loads(out)
     codes = r.get("statusCodeDistribution", {})
@@ -278,7 +285,98 @@ def embed_inprocess(binary):
     }
 
 
+TABULAR = os.path.join(ROOT, "server/tests/data/tabular")
+TABULAR_BATCHES = (1, 1000)
+
+
+def python_seconds(predict, x, iters):
+    predict(x)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        predict(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def onnx_session(name, model, features):
+    """The model in onnxruntime, converted by onnxmltools; None (and why) where it cannot be."""
+    import numpy as np
+    import onnxmltools
+    import onnxruntime
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    types = [("input", FloatTensorType([None, features]))]
+    try:
+        if name.startswith("xgboost"):
+            converted = onnxmltools.convert_xgboost(model, initial_types=types)
+        else:
+            converted = onnxmltools.convert_lightgbm(model, initial_types=types, zipmap=False)
+    except Exception as e:  # the converters refuse some models (categorical splits)
+        return None, f"{type(e).__name__}: {e}"[:200]
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = onnxruntime.InferenceSession(converted.SerializeToString(), options)
+    return (lambda b: session.run(None, {"input": b.astype(np.float32)})), None
+
+
+def tabular(binary):
+    """8. Tabular models in process against their libraries and onnxruntime, then HTTP."""
+    import lightgbm as lgb
+    import numpy as np
+    import xgboost as xgb
+
+    results = {}
+    for port, name in ((18186, "xgboost-binary"), (18187, "lightgbm-binary")):
+        folder = os.path.join(TABULAR, name)
+        with open(os.path.join(folder, "expected.json")) as f:
+            inputs = json.load(f)["inputs"]
+        rows_file = os.path.join(tempfile.mkdtemp(prefix="kandle-tabular-"), "rows.json")
+        with open(rows_file, "w") as f:
+            json.dump(inputs, f)
+        x = np.array([[np.nan if v is None else v for v in row] for row in inputs])
+        if name.startswith("xgboost"):
+            model = xgb.Booster(model_file=os.path.join(folder, "model.json"))
+            model.set_param({"nthread": THREADS})
+            peers = {"xgboost_inplace_predict": lambda b: model.inplace_predict(b),
+                     "xgboost_dmatrix_predict": lambda b: model.predict(xgb.DMatrix(b))}
+        else:
+            model = lgb.Booster(model_file=os.path.join(folder, "model.txt"))
+            peers = {"lightgbm_predict": lambda b: model.predict(b, num_threads=THREADS)}
+        session, why = onnx_session(name, model, x.shape[1])
+        if session:
+            peers["onnxruntime"] = session
+        rounds = {k: [] for k in ["kandle", *peers]}
+        for _ in range(ROUNDS):
+            for n in TABULAR_BATCHES:
+                iters = 2000 if n == 1 else 100
+                batch = np.resize(x, (n, x.shape[1]))
+                for peer, predict in peers.items():
+                    rounds[peer].append((n, python_seconds(predict, batch, iters)))
+            k = kandle_inprocess(binary, "tabular", folder, rows_file, 2000, *TABULAR_BATCHES)
+            rounds["kandle"].extend((int(n), seconds) for n, seconds in k.items())
+        rows_per_s = {
+            peer: {n: n / statistics.median(s for m, s in runs if m == n) for n in TABULAR_BATCHES}
+            for peer, runs in rounds.items()
+        }
+        ratios = {peer: {n: rows_per_s["kandle"][n] / r[n] for n in TABULAR_BATCHES}
+                  for peer, r in rows_per_s.items() if peer != "kandle"}
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, x.shape[1]], "datatype": "FP64",
+                                       "data": [None if np.isnan(v) else v for v in x[0]]}]})
+        proc, _ = start_server(folder, port)
+        try:
+            http = oha(port, 32, 20000, body, "/v2/models/m/infer")
+        finally:
+            proc.terminate(), proc.wait()
+        results[name] = {"rows_per_s": rows_per_s, "ratio_kandle_over": ratios,
+                         "onnx": why or "converted", "http_batch1_c32": http}
+    return results
+
+
 def main():
+    if sys.argv[1:] == ["tabular"]:
+        print(json.dumps({"tabular": tabular(inprocess_binary())}, indent=1))
+        return
     if sys.argv[1:] == ["embed"]:
         print(json.dumps({"embed_inprocess": embed_inprocess(inprocess_binary())}, indent=1))
         return
@@ -369,6 +467,9 @@ def main():
 
     # 7. Rerank against sentence-transformers' CrossEncoder.
     results["rerank"] = rerank_pairs()
+
+    # 8. Tabular models against their libraries and onnxruntime.
+    results["tabular"] = tabular(binary)
 
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench-results/results.json"), "w") as out:

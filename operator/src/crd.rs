@@ -78,6 +78,7 @@ pub const MAX_NAME_LEN: usize = 49;
 #[x_kube(
     validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both: with autoscaling the operator sets the replica count"),
     validation = Rule::new("!(self.model.uri.startsWith('pvc://') && has(self.cache))").message("a pvc:// model is served from its own claim: remove cache"),
+    validation = Rule::new("!(has(self.model.task) && self.model.task == 'tabular' && has(self.resources) && has(self.resources.gpu))").message("tabular models run on CPU: remove resources.gpu"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -191,6 +192,9 @@ pub enum Task {
     Rerank,
     /// `/v1/classify`: a sequence classifier's labels.
     Classify,
+    /// `/v2/models/{name}/infer`: an XGBoost or LightGBM model over KServe's Open Inference
+    /// Protocol. Runs on CPU; the gateway, which speaks OpenAI's API, leaves it out.
+    Tabular,
 }
 
 /// Replica bounds and the load each replica should carry.

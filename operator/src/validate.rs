@@ -308,6 +308,13 @@ mod tests {
         assert!(e.contains("pvc:// model"), "{e}");
         let e = errors(json!({"model": {"uri": "hf://a/b"}, "cache": {"pvc": {"size": "1Gi"}}}));
         assert!(e.contains("only with volume: pvc"), "{e}");
+        let e = errors(json!({"model": {"uri": "hf://a/b", "task": "tabular"},
+                              "resources": {"gpu": {"count": 1}}}));
+        assert!(e.contains("tabular models run on CPU"), "{e}");
+        model_deployment(&doc(
+            json!({"model": {"uri": "s3://models/scoring", "task": "tabular"}}),
+        ))
+        .unwrap();
     }
 
     #[test]

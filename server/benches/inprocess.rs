@@ -7,6 +7,9 @@
 //!                                       and 32 concurrent requests
 //! kernels                               memory read bandwidth, and the Q4_1 matmul's weight
 //!                                       bytes/s and multiply-adds/s at 1 to 256 rows
+//! tabular MODEL_DIR ROWS_JSON ITERS BATCH...
+//!                                       seconds per predict of BATCH rows (tiled from the
+//!                                       JSON rows, null for missing)
 use kandle_server::cli::{DeviceArg, DtypeArg};
 use kandle_server::engine::SamplingParams;
 use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
@@ -30,6 +33,38 @@ fn model(path: &str) -> kandle_server::model::LoadedModel {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+fn tabular(args: &[String]) {
+    use kandle_server::tabular;
+    let file = tabular::find(args[0].as_ref())
+        .unwrap()
+        .expect("a tabular model");
+    let model = tabular::load(&file).unwrap();
+    let rows: Vec<Vec<Option<f64>>> =
+        serde_json::from_str(&std::fs::read_to_string(&args[1]).unwrap()).unwrap();
+    let iters: usize = args[2].parse().unwrap();
+    let mut out = serde_json::Map::new();
+    for batch in &args[3..] {
+        let n: usize = batch.parse().unwrap();
+        let data: Vec<f64> = rows
+            .iter()
+            .cycle()
+            .take(n)
+            .flatten()
+            .map(|v| v.unwrap_or(f64::NAN))
+            .collect();
+        std::hint::black_box(model.predict(&data));
+        let times = (0..iters)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(model.predict(std::hint::black_box(&data)));
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        out.insert(n.to_string(), json!(median(times)));
+    }
+    println!("{}", serde_json::Value::Object(out));
 }
 
 fn embed(args: &[String]) {
@@ -248,8 +283,9 @@ async fn main() {
         Some("embed") => embed(&args[1..]),
         Some("generate") => generate(&args[1..]).await,
         Some("kernels") => kernels(),
+        Some("tabular") => tabular(&args[1..]),
         _ => eprintln!(
-            "usage: inprocess embed MODEL ITERS BATCH... | generate GGUF PROMPTS_JSON TOKENS | kernels"
+            "usage: inprocess embed MODEL ITERS BATCH... | generate GGUF PROMPTS_JSON TOKENS | kernels | tabular MODEL_DIR ROWS_JSON ITERS BATCH..."
         ),
     }
 }

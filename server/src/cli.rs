@@ -113,6 +113,8 @@ pub enum TaskArg {
     Rerank,
     /// A sequence classifier's labels.
     Classify,
+    /// An XGBoost or LightGBM model, over the Open Inference Protocol (`/v2`).
+    Tabular,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -227,6 +229,10 @@ pub struct ServeArgs {
     /// Token budget of one embedding batch (padded tokens).
     #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
+    /// Most rows one tabular inference request may carry.
+    #[arg(long, env = "KANDLE_MAX_ROWS", default_value_t = 100_000,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    pub max_rows: u64,
     /// Longest prompt accepted, in tokens (default and ceiling: the model's context).
     #[arg(long, env = "KANDLE_MAX_INPUT_TOKENS")]
     pub max_input_tokens: Option<usize>,

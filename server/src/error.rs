@@ -115,7 +115,15 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        let body = self.body();
+        self.respond(body)
+    }
+}
+
+impl ApiError {
+    /// This error's status and headers, with `body` in the shape of the API it answers.
+    pub fn respond(self, body: serde_json::Value) -> Response {
+        let mut response = (self.status(), axum::Json(body)).into_response();
         if matches!(self, Self::Overloaded) {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

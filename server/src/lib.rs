@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod pull;
 pub mod serve;
+pub mod tabular;
 pub mod tokenize;
 pub mod tools;
 pub mod validation;

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub tokens_generated: Counter,
     pub prompt_tokens: Counter,
+    pub rows_predicted: Counter,
     pub batch_size: Histogram,
     pub kv_cache_blocks: Gauge,
     pub kv_cache_blocks_used: Gauge,
@@ -70,6 +71,7 @@ impl Metrics {
         let inter_token_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let tokens_generated = Counter::default();
         let prompt_tokens = Counter::default();
+        let rows_predicted = Counter::default();
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         let kv_cache_blocks = Gauge::default();
         let kv_cache_blocks_used = Gauge::default();
@@ -121,6 +123,11 @@ impl Metrics {
             "prompt_tokens",
             "Prompt tokens processed",
             prompt_tokens.clone(),
+        );
+        registry.register(
+            "rows_predicted",
+            "Rows a tabular model predicted",
+            rows_predicted.clone(),
         );
         registry.register(
             "batch_size",
@@ -188,6 +195,7 @@ impl Metrics {
             inter_token_latency,
             tokens_generated,
             prompt_tokens,
+            rows_predicted,
             batch_size,
             kv_cache_blocks,
             kv_cache_blocks_used,

@@ -1,6 +1,6 @@
 //! `kandle-server serve`: load, warm, bind, serve, and drain on SIGTERM.
 use crate::admission::Admission;
-use crate::cli::{Memory, ServeArgs};
+use crate::cli::{Memory, ServeArgs, TaskArg};
 use crate::constrain::LazyLexicon;
 use crate::engine::SamplingParams;
 use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
@@ -10,6 +10,7 @@ use crate::http::{AppState, Engine, router};
 use crate::metrics::{Metrics, ModelLabels};
 use crate::model::{self, Backend, LoadOptions, ModelInfo};
 use crate::pull::{self, uri::ModelUri};
+use crate::tabular::{self, http::TabularState};
 use crate::tokenize::PromptTokenizer;
 use anyhow::{Context, bail};
 use kandle_listen::ConnectionLimits;
@@ -27,6 +28,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let model_path = resolve_model(&args).await?;
+    let tabular_file = {
+        let path = model_path.clone();
+        tokio::task::spawn_blocking(move || tabular::find(&path)).await??
+    };
+    match (tabular_file, args.task) {
+        (Some(file), None | Some(TaskArg::Tabular)) => {
+            return serve_tabular(args, file, metrics, api_keys, started).await;
+        }
+        (Some(file), Some(task)) => bail!(
+            "{} is a tabular model; it cannot serve the {task:?} task",
+            file.display()
+        ),
+        (None, Some(TaskArg::Tabular)) => bail!(
+            "{} holds no tabular model (an XGBoost `.json`/`.ubj` or a LightGBM `.txt` file)",
+            model_path.display()
+        ),
+        (None, _) => {}
+    }
     let opts = LoadOptions {
         path: model_path.clone(),
         task: args.task,
@@ -129,21 +148,91 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         body_timeout: Duration::from_secs(args.body_timeout_seconds.max(1)),
     });
-    let listener = TcpListener::bind((args.host, args.port))
-        .await
-        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-    tracing::info!(address = %listener.local_addr()?, "listening");
-    let grace = Duration::from_secs(args.shutdown_grace_seconds);
-    let drained = drain_on_signal(state.clone(), grace);
+    let drained = drain_on_signal(
+        state.clone(),
+        Duration::from_secs(args.shutdown_grace_seconds),
+    );
     tokio::spawn({
         let state = state.clone();
         async move { state.lexicon.get().await }
     });
+    listen(&args, router(state), drained).await
+}
+
+/// Loads a tabular model and serves it over the Open Inference Protocol.
+async fn serve_tabular(
+    args: ServeArgs,
+    file: PathBuf,
+    metrics: Arc<Metrics>,
+    api_keys: Vec<String>,
+    started: Instant,
+) -> anyhow::Result<()> {
+    tracing::info!(model = %file.display(), "loading tabular model");
+    let load = file.clone();
+    let model = tokio::task::spawn_blocking(move || tabular::load(&load))
+        .await?
+        .with_context(|| format!("loading {}", file.display()))?;
+    let model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_name(&args.model));
+    let load_seconds = started.elapsed().as_secs_f64();
+    metrics.model_load_seconds.set(load_seconds);
+    metrics
+        .model_info
+        .get_or_create(&ModelLabels {
+            model: model_name.clone(),
+            task: "tabular".into(),
+            dtype: if model.schema.format == "xgboost" {
+                "f32"
+            } else {
+                "f64"
+            }
+            .into(),
+            device: "cpu".into(),
+        })
+        .set(1);
+    tracing::info!(
+        model = %model_name, format = model.schema.format, features = model.schema.features.len(),
+        outputs = model.schema.kind.outputs(), load_seconds, "model ready"
+    );
+    let state = Arc::new(TabularState {
+        model_name,
+        model: Arc::new(model),
+        admission: Admission::new(
+            args.max_concurrent_requests,
+            args.max_queue,
+            metrics.clone(),
+        ),
+        metrics,
+        draining: AtomicBool::new(false),
+        api_keys,
+        max_body_bytes: args.max_body_bytes,
+        body_timeout: Duration::from_secs(args.body_timeout_seconds.max(1)),
+        max_rows: args.max_rows as usize,
+    });
+    let drained = drain_on_signal(
+        state.clone(),
+        Duration::from_secs(args.shutdown_grace_seconds),
+    );
+    listen(&args, tabular::http::router(state), drained).await
+}
+
+/// Binds, serves `router` until `drained` completes, and stops.
+async fn listen(
+    args: &ServeArgs,
+    router: axum::Router,
+    drained: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((args.host, args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
     let limits = ConnectionLimits {
         max_connections: args.max_connections,
         header_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),
     };
-    kandle_listen::serve(listener, router(state), limits, drained).await;
+    kandle_listen::serve(listener, router, limits, drained).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -211,16 +300,40 @@ async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
 /// Resolves once a SIGTERM (or Ctrl-C) arrived and the requests in flight finished or the
 /// grace period ran out. Meanwhile `/readyz` and the API answer 503, so the Service stops
 /// routing here while streams already running complete.
-async fn drain_on_signal(state: Arc<AppState>, grace: Duration) {
+/// What a drain needs of a server's state.
+trait Drains: Send + Sync + 'static {
+    fn draining(&self) -> &AtomicBool;
+    fn admission(&self) -> &Admission;
+}
+
+impl Drains for AppState {
+    fn draining(&self) -> &AtomicBool {
+        &self.draining
+    }
+    fn admission(&self) -> &Admission {
+        &self.admission
+    }
+}
+
+impl Drains for TabularState {
+    fn draining(&self) -> &AtomicBool {
+        &self.draining
+    }
+    fn admission(&self) -> &Admission {
+        &self.admission
+    }
+}
+
+async fn drain_on_signal(state: Arc<impl Drains>, grace: Duration) {
     shutdown_signal().await;
-    state.draining.store(true, Ordering::Release);
+    state.draining().store(true, Ordering::Release);
     tracing::info!(
         grace_seconds = grace.as_secs(),
-        in_flight = state.admission.holding(),
+        in_flight = state.admission().holding(),
         "draining: refusing new requests"
     );
     let deadline = Instant::now() + grace;
-    while state.admission.holding() > 0 {
+    while state.admission().holding() > 0 {
         if Instant::now() >= deadline {
             tracing::warn!("grace period over with requests still in flight; stopping");
             return;

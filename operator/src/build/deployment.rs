@@ -217,6 +217,7 @@ fn server_container(
             Task::Embedding => "embedding",
             Task::Rerank => "rerank",
             Task::Classify => "classify",
+            Task::Tabular => "tabular",
         };
         args.extend(["--task".into(), task.into()]);
     }

@@ -1,7 +1,7 @@
 //! The routing table, as a pure function of what the gateway watches: every
 //! ModelDeployment by the name clients send (`spec.model.servedName`), with the ready
 //! endpoints of its Service's EndpointSlices.
-use crate::crd::{ModelDeployment, Phase};
+use crate::crd::{ModelDeployment, Phase, Task};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use std::collections::{BTreeMap, HashMap};
@@ -71,7 +71,8 @@ pub fn build(mds: &[Arc<ModelDeployment>], slices: &[Arc<EndpointSlice>]) -> Tab
     });
     let mut models = BTreeMap::new();
     for md in ordered {
-        if md.metadata.deletion_timestamp.is_some() {
+        // Tabular models speak the Open Inference Protocol, not OpenAI's API.
+        if md.metadata.deletion_timestamp.is_some() || md.spec.model.task == Some(Task::Tabular) {
             continue;
         }
         let served = md.spec.model.served_name.clone().unwrap_or(md.name_any());
@@ -207,6 +208,22 @@ mod tests {
         let broken = table.get("broken").unwrap();
         assert_eq!(broken.failed.as_deref(), Some("the model needs 3 GPUs"));
         assert!(!broken.listed());
+    }
+
+    #[test]
+    fn tabular_models_are_left_to_their_own_protocol() {
+        let mut scoring = (*md("scoring", "2026-01-01T00:00:00Z", None, "Ready")).clone();
+        scoring.spec.model.task = Some(Task::Tabular);
+        let slices = [slice(
+            "scoring",
+            "http",
+            json!([{"addresses": ["10.0.0.4"]}]),
+        )];
+        assert!(
+            build(&[Arc::new(scoring)], &slices)
+                .get("scoring")
+                .is_none()
+        );
     }
 
     #[test]

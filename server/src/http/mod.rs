@@ -120,14 +120,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/classify", post(classify::classify))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    observed(router, state.metrics.clone()).with_state(state)
+}
+
+/// Request ids, a tracing span, and counts and durations in `metrics` for every request:
+/// what each of the server's routers shares.
+pub(crate) fn observed<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    metrics: Arc<Metrics>,
+) -> Router<S> {
+    router
+        .layer(middleware::from_fn_with_state(metrics, track))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -142,12 +152,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)))
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
-        .with_state(state)
 }
 
 /// Counts every response by route and code, and times those that are not streams
 /// (streams record their duration when they end).
-async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     req.extensions_mut().insert(RequestStart(start));
     let route = req
@@ -161,12 +170,9 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if !is_stream {
-        state
-            .metrics
-            .observe_duration(&route, start.elapsed().as_secs_f64());
+        metrics.observe_duration(&route, start.elapsed().as_secs_f64());
     }
-    state
-        .metrics
+    metrics
         .requests
         .get_or_create(&RouteCode {
             route,
@@ -192,7 +198,7 @@ async fn guard(
     Ok(next.run(req).await)
 }
 
-fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
     if keys.is_empty() {
         return Ok(());
     }

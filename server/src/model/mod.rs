@@ -55,6 +55,8 @@ pub enum Task {
     Embedding,
     Rerank,
     Classify,
+    /// Gradient-boosted trees over the Open Inference Protocol (`crate::tabular`).
+    Tabular,
 }
 
 impl Task {
@@ -65,6 +67,7 @@ impl Task {
             Self::Embedding => "embedding",
             Self::Rerank => "rerank",
             Self::Classify => "classify",
+            Self::Tabular => "tabular",
         }
     }
 
@@ -82,6 +85,7 @@ impl From<TaskArg> for Task {
             TaskArg::Embedding => Self::Embedding,
             TaskArg::Rerank => Self::Rerank,
             TaskArg::Classify => Self::Classify,
+            TaskArg::Tabular => Self::Tabular,
         }
     }
 }
@@ -203,7 +207,7 @@ fn generation_task(
     path: &Path,
 ) -> Result<Task, LoadError> {
     match (asked, template) {
-        (Some(t), _) if t.encodes() => Err(LoadError::invalid(
+        (Some(t), _) if t.encodes() || t == Task::Tabular => Err(LoadError::invalid(
             path,
             format!("a generative model cannot serve the {} task", t.as_str()),
         )),

@@ -9,7 +9,9 @@ pub enum SelectError {
     Glob(String, globset::Error),
     #[error("no file matched; the repository has: {0}")]
     Nothing(String),
-    #[error("the repository has no safetensors or GGUF weights (kandle loads no .bin or .pt)")]
+    #[error(
+        "the repository has no model kandle loads: safetensors or GGUF weights, or an XGBoost (.json, .ubj) or LightGBM (.txt) model; kandle loads no .bin, .pt or pickle files"
+    )]
     NoWeights,
     #[error(
         "the repository has {0} GGUF files; choose one with --include, e.g. --include '*Q4_K_M.gguf'"
@@ -68,7 +70,18 @@ pub fn select(
             } else if gguf.len() > 1 {
                 return Err(SelectError::ManyGguf(gguf.len()));
             } else {
-                return Err(SelectError::NoWeights);
+                // A tabular model: its file beside the manifest; the loader tells which. A
+                // config.json means a language model whose weights kandle does not load.
+                let tabular: Vec<&String> = files
+                    .iter()
+                    .filter(|f| {
+                        !f.contains('/') && [".json", ".ubj", ".txt"].iter().any(|e| f.ends_with(e))
+                    })
+                    .collect();
+                if tabular.is_empty() || files.iter().any(|f| f == "config.json") {
+                    return Err(SelectError::NoWeights);
+                }
+                tabular
             };
             files
                 .iter()
@@ -93,6 +106,26 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_tabular_repository_gets_its_model_files_and_never_its_pickles() {
+        let files = names(&[
+            "README.md",
+            "model.ubj",
+            "kandle-tabular.json",
+            "model.joblib",
+            "notebooks/train.txt",
+        ]);
+        assert_eq!(
+            select(&files, None, None).unwrap(),
+            names(&["model.ubj", "kandle-tabular.json"])
+        );
+        let pickled = names(&["README.md", "model.pkl"]);
+        assert!(matches!(
+            select(&pickled, None, None),
+            Err(SelectError::NoWeights)
+        ));
     }
 
     #[test]

@@ -1,0 +1,200 @@
+//! Decision trees laid out flat, one array of nodes for a whole forest, walked from each
+//! tree's root. How a node decides is the library's (`Split`); the walk is shared. Children
+//! are checked to come after their parent when a tree is added, so every walk ends.
+
+/// A split's test of one feature value; the libraries differ in precision, comparison and
+/// missing values.
+pub trait Split: Copy {
+    fn goes_left(&self, value: f64, sets: &CategorySets) -> bool;
+}
+
+#[derive(Clone, Copy)]
+pub enum Node<S> {
+    Leaf(f64),
+    Split {
+        feature: u32,
+        left: u32,
+        right: u32,
+        split: S,
+    },
+}
+
+/// Bitsets of categories, one per categorical split.
+#[derive(Default)]
+pub struct CategorySets {
+    words: Vec<u32>,
+    /// Each set's words.
+    ranges: Vec<(u32, u32)>,
+}
+
+/// Categories above this would need bitsets larger than any real model's.
+pub const MAX_CATEGORY: u32 = 1 << 20;
+
+impl CategorySets {
+    /// A set given as 32-bit words (LightGBM's own form); returns its index.
+    pub fn add_words(&mut self, words: &[u32]) -> Result<u32, String> {
+        if words.len() > (MAX_CATEGORY / 32) as usize {
+            return Err(format!("a category set of {} words", words.len()));
+        }
+        let start = self.words.len() as u32;
+        self.words.extend_from_slice(words);
+        self.ranges.push((start, words.len() as u32));
+        Ok(self.ranges.len() as u32 - 1)
+    }
+
+    /// A set given as its members.
+    pub fn add_members(&mut self, members: &[u32]) -> Result<u32, String> {
+        let max = members.iter().copied().max().unwrap_or(0);
+        if max >= MAX_CATEGORY {
+            return Err(format!(
+                "category {max} is above the limit of {MAX_CATEGORY}"
+            ));
+        }
+        let mut words = vec![0u32; max as usize / 32 + 1];
+        for &c in members {
+            words[c as usize / 32] |= 1 << (c % 32);
+        }
+        self.add_words(&words)
+    }
+
+    pub fn contains(&self, set: u32, category: u32) -> bool {
+        let (start, len) = self.ranges[set as usize];
+        let word = (category / 32) as usize;
+        word < len as usize && (self.words[start as usize + word] >> (category % 32)) & 1 == 1
+    }
+}
+
+pub struct Forest<S> {
+    nodes: Vec<Node<S>>,
+    /// Where each tree starts in `nodes`.
+    roots: Vec<usize>,
+    pub sets: CategorySets,
+}
+
+impl<S> Default for Forest<S> {
+    fn default() -> Self {
+        Self {
+            nodes: Vec::new(),
+            roots: Vec::new(),
+            sets: CategorySets::default(),
+        }
+    }
+}
+
+impl<S: Split> Forest<S> {
+    /// Adds a tree whose nodes number their children within the tree; node 0 is the root.
+    pub fn add_tree(&mut self, nodes: Vec<Node<S>>, features: usize) -> Result<(), String> {
+        if nodes.is_empty() {
+            return Err("a tree without nodes".into());
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            if let Node::Split {
+                feature,
+                left,
+                right,
+                ..
+            } = *node
+            {
+                if feature as usize >= features {
+                    return Err(format!(
+                        "node {i} splits on feature {feature} of {features}"
+                    ));
+                }
+                for child in [left, right] {
+                    if child as usize <= i || child as usize >= nodes.len() {
+                        return Err(format!(
+                            "node {i} has child {child}, outside the tree or before it"
+                        ));
+                    }
+                }
+            }
+        }
+        self.roots.push(self.nodes.len());
+        self.nodes.extend(nodes);
+        Ok(())
+    }
+
+    pub fn trees(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// The leaf value `row` reaches in tree `tree`.
+    #[inline]
+    pub fn eval(&self, tree: usize, row: &[f64]) -> f64 {
+        let nodes = &self.nodes[self.roots[tree]..];
+        let mut i = 0;
+        loop {
+            match nodes[i] {
+                Node::Leaf(value) => return value,
+                Node::Split {
+                    feature,
+                    left,
+                    right,
+                    split,
+                } => {
+                    let goes_left = split.goes_left(row[feature as usize], &self.sets);
+                    i = if goes_left { left } else { right } as usize;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Copy)]
+    struct Below(f64);
+
+    impl Split for Below {
+        fn goes_left(&self, value: f64, _: &CategorySets) -> bool {
+            value < self.0
+        }
+    }
+
+    fn split(feature: u32, left: u32, right: u32, at: f64) -> Node<Below> {
+        Node::Split {
+            feature,
+            left,
+            right,
+            split: Below(at),
+        }
+    }
+
+    #[test]
+    fn walks_each_tree_from_its_own_root() {
+        let mut forest = Forest::default();
+        forest
+            .add_tree(
+                vec![split(0, 1, 2, 0.5), Node::Leaf(-1.0), Node::Leaf(1.0)],
+                2,
+            )
+            .unwrap();
+        forest.add_tree(vec![Node::Leaf(7.0)], 2).unwrap();
+        assert_eq!(forest.eval(0, &[0.0, 0.0]), -1.0);
+        assert_eq!(forest.eval(0, &[0.9, 0.0]), 1.0);
+        assert_eq!(forest.eval(1, &[0.9, 0.0]), 7.0);
+    }
+
+    #[test]
+    fn refuses_loops_and_features_out_of_range() {
+        let mut forest = Forest::default();
+        let cycle = vec![split(0, 1, 2, 0.5), split(0, 0, 2, 0.5), Node::Leaf(1.0)];
+        assert!(forest.add_tree(cycle, 1).unwrap_err().contains("before it"));
+        let wide = vec![split(3, 1, 2, 0.5), Node::Leaf(0.0), Node::Leaf(1.0)];
+        assert!(forest.add_tree(wide, 2).unwrap_err().contains("feature 3"));
+        assert_eq!(forest.trees(), 0);
+    }
+
+    #[test]
+    fn category_sets_hold_their_members_only() {
+        let mut sets = CategorySets::default();
+        let a = sets.add_members(&[1, 33]).unwrap();
+        let b = sets.add_words(&[0b100]).unwrap();
+        assert!(sets.contains(a, 1) && sets.contains(a, 33));
+        assert!(!sets.contains(a, 2) && !sets.contains(a, 1000));
+        assert!(sets.contains(b, 2) && !sets.contains(b, 1));
+        assert!(sets.add_members(&[MAX_CATEGORY]).is_err());
+    }
+}
