@@ -339,7 +339,7 @@ def tabular(binary):
             model = xgb.Booster(model_file=os.path.join(folder, "model.json"))
             model.set_param({"nthread": THREADS})
             peers = {"xgboost_inplace_predict": lambda b: model.inplace_predict(b),
-                     "xgboost_dmatrix_predict": lambda b: model.predict(xgb.DMatrix(b))}
+                     "xgboost_dmatrix_predict": lambda b: model.predict(xgb.DMatrix(b, feature_names=model.feature_names))}
         else:
             model = lgb.Booster(model_file=os.path.join(folder, "model.txt"))
             peers = {"lightgbm_predict": lambda b: model.predict(b, num_threads=THREADS)}

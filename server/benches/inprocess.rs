@@ -40,7 +40,7 @@ fn tabular(args: &[String]) {
     let file = tabular::find(args[0].as_ref())
         .unwrap()
         .expect("a tabular model");
-    let model = tabular::load(&file).unwrap();
+    let model = tabular::load(&file, None).unwrap();
     let rows: Vec<Vec<Option<f64>>> =
         serde_json::from_str(&std::fs::read_to_string(&args[1]).unwrap()).unwrap();
     let iters: usize = args[2].parse().unwrap();
@@ -54,11 +54,11 @@ fn tabular(args: &[String]) {
             .flatten()
             .map(|v| v.unwrap_or(f64::NAN))
             .collect();
-        std::hint::black_box(model.predict(&data));
+        std::hint::black_box(model.predict(&data).unwrap());
         let times = (0..iters)
             .map(|_| {
                 let t = Instant::now();
-                std::hint::black_box(model.predict(std::hint::black_box(&data)));
+                std::hint::black_box(model.predict(std::hint::black_box(&data)).unwrap());
                 t.elapsed().as_secs_f64()
             })
             .collect();

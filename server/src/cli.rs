@@ -229,6 +229,11 @@ pub struct ServeArgs {
     /// Token budget of one embedding batch (padded tokens).
     #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
+    /// ONNX Runtime's shared library, for ONNX tabular models (a build with the `onnx`
+    /// feature): for example the `libonnxruntime.so.*` in the onnxruntime wheel's
+    /// `onnxruntime/capi` folder. Default: `libonnxruntime.so` on the library path.
+    #[arg(long, env = "KANDLE_ONNXRUNTIME")]
+    pub onnxruntime: Option<PathBuf>,
     /// Most rows one tabular inference request may carry.
     #[arg(long, env = "KANDLE_MAX_ROWS", default_value_t = 100_000,
         value_parser = clap::value_parser!(u64).range(1..=1 << 24))]

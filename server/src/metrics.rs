@@ -217,6 +217,12 @@ impl Metrics {
         out
     }
 
+    /// Publishes how long the model took to load and what it is.
+    pub fn model_loaded(&self, labels: ModelLabels, load_seconds: f64) {
+        self.model_load_seconds.set(load_seconds);
+        self.model_info.get_or_create(&labels).set(1);
+    }
+
     pub fn observe_duration(&self, route: &str, seconds: f64) {
         self.request_duration
             .get_or_create(&Route {

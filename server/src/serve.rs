@@ -1,12 +1,11 @@
 //! `kandle-server serve`: load, warm, bind, serve, and drain on SIGTERM.
-use crate::admission::Admission;
 use crate::cli::{Memory, ServeArgs, TaskArg};
 use crate::constrain::LazyLexicon;
 use crate::engine::SamplingParams;
 use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
 use crate::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
 use crate::engine::{BLOCK_TOKENS, EncoderInput, LanguageModel};
-use crate::http::{AppState, Engine, router};
+use crate::http::{AppState, Edge, Engine, router};
 use crate::metrics::{Metrics, ModelLabels};
 use crate::model::{self, Backend, LoadOptions, ModelInfo};
 use crate::pull::{self, uri::ModelUri};
@@ -16,7 +15,7 @@ use anyhow::{Context, bail};
 use kandle_listen::ConnectionLimits;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
@@ -108,21 +107,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     warm_up(&engine).await.context("warming up the model")?;
     let load_seconds = started.elapsed().as_secs_f64();
-    metrics.model_load_seconds.set(load_seconds);
-    metrics
-        .model_info
-        .get_or_create(&ModelLabels {
+    metrics.model_loaded(
+        ModelLabels {
             model: model_name.clone(),
             task: info.task.as_str().into(),
             dtype: info.dtype.clone(),
             device: info.device.clone(),
-        })
-        .set(1);
+        },
+        load_seconds,
+    );
     tracing::info!(
         model = %model_name, task = info.task.as_str(), dtype = %info.dtype, device = %info.device,
         context_length = info.context_length, load_seconds, "model ready"
     );
 
+    let edge = Arc::new(Edge::new(&args, metrics, api_keys));
     let state = Arc::new(AppState {
         model_name,
         created: crate::http::unix_now(),
@@ -136,22 +135,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         chat_template: loaded.chat_template.map(Arc::new),
         lexicon,
         engine,
-        admission: Admission::new(
-            args.max_concurrent_requests,
-            args.max_queue,
-            metrics.clone(),
-        ),
-        metrics,
-        draining: AtomicBool::new(false),
-        api_keys,
+        edge: edge.clone(),
         max_input_tokens,
-        max_body_bytes: args.max_body_bytes,
-        body_timeout: Duration::from_secs(args.body_timeout_seconds.max(1)),
     });
-    let drained = drain_on_signal(
-        state.clone(),
-        Duration::from_secs(args.shutdown_grace_seconds),
-    );
+    let drained = drain_on_signal(edge, Duration::from_secs(args.shutdown_grace_seconds));
     tokio::spawn({
         let state = state.clone();
         async move { state.lexicon.get().await }
@@ -168,8 +155,8 @@ async fn serve_tabular(
     started: Instant,
 ) -> anyhow::Result<()> {
     tracing::info!(model = %file.display(), "loading tabular model");
-    let load = file.clone();
-    let model = tokio::task::spawn_blocking(move || tabular::load(&load))
+    let (load, library) = (file.clone(), args.onnxruntime.clone());
+    let model = tokio::task::spawn_blocking(move || tabular::load(&load, library.as_deref()))
         .await?
         .with_context(|| format!("loading {}", file.display()))?;
     let model_name = args
@@ -177,44 +164,33 @@ async fn serve_tabular(
         .clone()
         .unwrap_or_else(|| default_name(&args.model));
     let load_seconds = started.elapsed().as_secs_f64();
-    metrics.model_load_seconds.set(load_seconds);
-    metrics
-        .model_info
-        .get_or_create(&ModelLabels {
+    metrics.model_loaded(
+        ModelLabels {
             model: model_name.clone(),
             task: "tabular".into(),
-            dtype: if model.schema.format == "xgboost" {
-                "f32"
-            } else {
+            // XGBoost and ONNX models compute in f32, LightGBM in f64.
+            dtype: if model.schema.format == "lightgbm" {
                 "f64"
+            } else {
+                "f32"
             }
             .into(),
             device: "cpu".into(),
-        })
-        .set(1);
+        },
+        load_seconds,
+    );
     tracing::info!(
         model = %model_name, format = model.schema.format, features = model.schema.features.len(),
         outputs = model.schema.kind.outputs(), load_seconds, "model ready"
     );
+    let edge = Arc::new(Edge::new(&args, metrics, api_keys));
     let state = Arc::new(TabularState {
         model_name,
         model: Arc::new(model),
-        admission: Admission::new(
-            args.max_concurrent_requests,
-            args.max_queue,
-            metrics.clone(),
-        ),
-        metrics,
-        draining: AtomicBool::new(false),
-        api_keys,
-        max_body_bytes: args.max_body_bytes,
-        body_timeout: Duration::from_secs(args.body_timeout_seconds.max(1)),
+        edge: edge.clone(),
         max_rows: args.max_rows as usize,
     });
-    let drained = drain_on_signal(
-        state.clone(),
-        Duration::from_secs(args.shutdown_grace_seconds),
-    );
+    let drained = drain_on_signal(edge, Duration::from_secs(args.shutdown_grace_seconds));
     listen(&args, tabular::http::router(state), drained).await
 }
 
@@ -300,40 +276,16 @@ async fn warm_up(engine: &Engine) -> anyhow::Result<()> {
 /// Resolves once a SIGTERM (or Ctrl-C) arrived and the requests in flight finished or the
 /// grace period ran out. Meanwhile `/readyz` and the API answer 503, so the Service stops
 /// routing here while streams already running complete.
-/// What a drain needs of a server's state.
-trait Drains: Send + Sync + 'static {
-    fn draining(&self) -> &AtomicBool;
-    fn admission(&self) -> &Admission;
-}
-
-impl Drains for AppState {
-    fn draining(&self) -> &AtomicBool {
-        &self.draining
-    }
-    fn admission(&self) -> &Admission {
-        &self.admission
-    }
-}
-
-impl Drains for TabularState {
-    fn draining(&self) -> &AtomicBool {
-        &self.draining
-    }
-    fn admission(&self) -> &Admission {
-        &self.admission
-    }
-}
-
-async fn drain_on_signal(state: Arc<impl Drains>, grace: Duration) {
+async fn drain_on_signal(edge: Arc<Edge>, grace: Duration) {
     shutdown_signal().await;
-    state.draining().store(true, Ordering::Release);
+    edge.draining.store(true, Ordering::Release);
     tracing::info!(
         grace_seconds = grace.as_secs(),
-        in_flight = state.admission().holding(),
+        in_flight = edge.admission.holding(),
         "draining: refusing new requests"
     );
     let deadline = Instant::now() + grace;
-    while state.admission().holding() > 0 {
+    while edge.admission.holding() > 0 {
         if Instant::now() >= deadline {
             tracing::warn!("grace period over with requests still in flight; stopping");
             return;

@@ -47,7 +47,7 @@ fn load(name: &str) -> tabular::Tabular {
     let file = tabular::find(&fixture(name))
         .unwrap()
         .expect("a model file");
-    tabular::load(&file).unwrap()
+    tabular::load(&file, None).unwrap()
 }
 
 fn assert_close(got: &[f64], want: &[Vec<f64>], what: &str) {
@@ -72,10 +72,14 @@ fn predictions_equal_the_training_libraries_own() {
             .flatten()
             .map(|v| v.unwrap_or(f64::NAN))
             .collect();
-        assert_close(&model.predict(&rows), &expected.probabilities, name);
+        assert_close(
+            &model.predict(&rows).unwrap(),
+            &expected.probabilities,
+            name,
+        );
         // The batch path (chunks across threads) gives the same as one row at a time.
         let many: Vec<f64> = rows.iter().copied().cycle().take(rows.len() * 20).collect();
-        let batch = model.predict(&many);
+        let batch = model.predict(&many).unwrap();
         let probabilities: Vec<Vec<f64>> = expected
             .probabilities
             .iter()
@@ -96,7 +100,7 @@ fn xgboost_json_and_ubjson_load_the_same_model() {
         .flatten()
         .map(|v| v.unwrap_or(f64::NAN))
         .collect();
-    assert_eq!(json.predict(&rows), ubj.predict(&rows));
+    assert_eq!(json.predict(&rows).unwrap(), ubj.predict(&rows).unwrap());
     assert_eq!(json.schema.features, ubj.schema.features);
 }
 
@@ -115,7 +119,7 @@ fn pickles_are_refused_with_a_way_out_and_corrupt_models_named() {
     std::fs::write(&truncated, &text[..text.len() / 2]).unwrap();
     std::fs::remove_file(dir.path().join("model.pkl")).unwrap();
     let found = tabular::find(dir.path()).unwrap().unwrap();
-    let message = tabular::load(&found)
+    let message = tabular::load(&found, None)
         .err()
         .expect("a truncated model fails")
         .to_string();
@@ -125,7 +129,7 @@ fn pickles_are_refused_with_a_way_out_and_corrupt_models_named() {
     let bytes = std::fs::read(fixture("xgboost-binary-ubj").join("model.ubj")).unwrap();
     std::fs::remove_file(&truncated).unwrap();
     std::fs::write(&ubj, &bytes[..bytes.len() - 10]).unwrap();
-    let message = tabular::load(&ubj)
+    let message = tabular::load(&ubj, None)
         .err()
         .expect("a truncated model fails")
         .to_string();
@@ -145,7 +149,7 @@ fn a_manifest_names_features_labels_and_categories() {
         "categories": {"region": ["north", "south", "east", "west", "centre", "islands"]},
     });
     std::fs::write(dir.path().join(tabular::MANIFEST), manifest.to_string()).unwrap();
-    let model = tabular::load(&tabular::find(dir.path()).unwrap().unwrap()).unwrap();
+    let model = tabular::load(&tabular::find(dir.path()).unwrap().unwrap(), None).unwrap();
     assert_eq!(model.labels.as_deref().unwrap(), ["repaid", "defaulted"]);
     assert_eq!(model.categories[3].len(), 6);
 
@@ -154,7 +158,7 @@ fn a_manifest_names_features_labels_and_categories() {
         r#"{"labels": ["only one"]}"#,
     )
     .unwrap();
-    let message = tabular::load(&dir.path().join("model.txt"))
+    let message = tabular::load(&dir.path().join("model.txt"), None)
         .err()
         .unwrap()
         .to_string();
@@ -163,13 +167,7 @@ fn a_manifest_names_features_labels_and_categories() {
 
 /// POSTs a v2 inference request: the status and the body.
 async fn infer(server: &Server, model: &str, body: Value) -> (u16, Value) {
-    let response = client()
-        .post(server.url(&format!("/v2/models/{model}/infer")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
+    common::post(server, &format!("/v2/models/{model}/infer"), body).await
 }
 
 fn output<'a>(body: &'a Value, name: &str) -> &'a Value {
@@ -239,14 +237,7 @@ async fn v2_answers_rows_by_matrix_or_by_feature() {
         "by feature",
     );
 
-    let meta: Value = client()
-        .get(server.url("/v2/models/credit"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta = common::get_json(&server, "/v2/models/credit").await;
     assert_eq!(meta["platform"], "lightgbm");
     assert_eq!(meta["inputs"][3]["name"], "region");
     assert_eq!(meta["outputs"][0]["shape"], json!([-1, 2]));

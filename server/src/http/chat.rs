@@ -59,7 +59,7 @@ pub async fn chat_completions(
         (None, Some((t, s))) => Some(Grammar::Call(t.clone(), s)),
         (None, None) => None,
     };
-    let permit = state.admission.admit().await?;
+    let permit = state.edge.admission.admit().await?;
     let constraint = match grammar {
         Some(grammar) => Some(compile(&state, grammar).await?),
         None => None,

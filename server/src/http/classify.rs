@@ -27,7 +27,7 @@ pub async fn classify(
             ),
         ));
     }
-    let _permit = state.admission.admit().await?;
+    let _permit = state.edge.admission.admit().await?;
     let inputs = state
         .prompts
         .run(move |p| {

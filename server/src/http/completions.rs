@@ -36,7 +36,7 @@ pub async fn completions(
     let echo = req.echo.unwrap_or(false);
     // OpenAI's legacy completions stop at 16 tokens unless told otherwise; clients rely on it.
     params.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
-    let permit = state.admission.admit().await?;
+    let permit = state.edge.admission.admit().await?;
     let (prompt, prompt_text) = match prompt {
         PromptInput::Tokens(ids) => {
             check_token_ids("prompt", &ids, state.info.vocab_size)?;

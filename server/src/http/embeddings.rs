@@ -36,7 +36,7 @@ pub async fn embeddings(
         ));
     }
     let inputs = embedding_inputs(req.input)?;
-    let _permit = state.admission.admit().await?;
+    let _permit = state.edge.admission.admit().await?;
     let sequences = state
         .prompts
         .run(move |p| {

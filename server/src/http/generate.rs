@@ -87,7 +87,11 @@ pub async fn respond<F: Format>(
         g.params.max_tokens,
         state.info.context_length,
     )?;
-    state.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+    state
+        .edge
+        .metrics
+        .prompt_tokens
+        .inc_by(prompt_tokens as u64);
     let n = g.params.n;
     let job = |index: usize, constraint: Option<Constraint>| {
         let mut sampling = g.params.sampling.clone();
@@ -176,7 +180,7 @@ pub async fn respond<F: Format>(
     let include_usage = g.params.include_usage;
     let prompt_first = g.prompt_logprobs;
     let with_logprobs = g.params.logprobs.is_some();
-    let metrics = state.metrics.clone();
+    let metrics = state.edge.metrics.clone();
     let (route, start, permit) = (g.route, g.start, g.permit);
     let stream = async_stream::stream! {
         // The permit lives as long as the stream: a draining server waits for it.

@@ -3,13 +3,13 @@
 mod chat;
 mod classify;
 mod completions;
+mod edge;
 mod embeddings;
 mod generate;
 mod json;
 mod ops;
 mod rerank;
 
-use crate::admission::Admission;
 use crate::chat_template::ChatTemplate;
 use crate::constrain::LazyLexicon;
 use crate::engine::embedding::EmbeddingEngine;
@@ -22,17 +22,18 @@ use crate::tokenize::PromptTokenizer;
 use crate::validation::check_input_len;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokenizers::Tokenizer;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
+
+pub use edge::Edge;
 
 pub enum Engine {
     Generation(GenerationEngine),
@@ -60,20 +61,13 @@ pub struct AppState {
     /// Each token's bytes, and grammars over them for structured outputs.
     pub lexicon: LazyLexicon,
     pub engine: Engine,
-    pub admission: Admission,
-    pub metrics: Arc<Metrics>,
-    pub draining: AtomicBool,
-    /// Accepted bearer tokens; empty means the API is open.
-    pub api_keys: Vec<String>,
+    pub edge: Arc<Edge>,
     pub max_input_tokens: usize,
-    pub max_body_bytes: usize,
-    /// How long a request's whole body may take to arrive.
-    pub body_timeout: std::time::Duration,
 }
 
 impl AppState {
     pub fn is_ready(&self) -> bool {
-        self.engine.health().is_alive() && !self.draining.load(Ordering::Acquire)
+        self.engine.health().is_alive() && !self.edge.is_draining()
     }
 
     /// The encoder, when the model serves `task`; else a 400 naming what it serves.
@@ -99,7 +93,7 @@ impl AppState {
             check_input_len(input.ids.len(), self.max_input_tokens)?;
         }
         let tokens = inputs.iter().map(|i| i.ids.len()).sum();
-        self.metrics.prompt_tokens.inc_by(tokens as u64);
+        self.edge.metrics.prompt_tokens.inc_by(tokens as u64);
         let outputs =
             futures::future::try_join_all(inputs.into_iter().map(|i| engine.embed(i))).await?;
         Ok((outputs, tokens))
@@ -119,7 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/rerank", post(rerank::rerank))
         .route("/v1/classify", post(classify::classify))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(DefaultBodyLimit::max(state.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.edge.max_body_bytes));
     let router = Router::new()
         .merge(api)
         .route("/healthz", get(ops::healthz))
@@ -127,7 +121,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
-    observed(router, state.metrics.clone()).with_state(state)
+    observed(router, state.edge.metrics.clone()).with_state(state)
 }
 
 /// Request ids, a tracing span, and counts and durations in `metrics` for every request:
@@ -188,43 +182,11 @@ async fn guard(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if state.draining.load(Ordering::Acquire) {
-        return Err(ApiError::Unavailable("The server is shutting down"));
-    }
+    state.edge.admit_caller(req.headers())?;
     if !state.engine.health().is_alive() {
         return Err(ApiError::Unavailable("The model worker has stopped"));
     }
-    check_api_key(&state.api_keys, req.headers())?;
     Ok(next.run(req).await)
-}
-
-pub(crate) fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        // The scheme is case-insensitive (RFC 9110 §11.1).
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim_start())
-        .ok_or(ApiError::Unauthorized(
-            "Missing API key: send `Authorization: Bearer KEY`",
-        ))?;
-    // Compare every byte of every key so timing does not reveal a matching prefix.
-    let matches = keys.iter().fold(false, |found, key| {
-        found | constant_time_eq(key.as_bytes(), presented.as_bytes())
-    });
-    if matches {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized("Invalid API key"))
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(crate) fn unix_now() -> u64 {

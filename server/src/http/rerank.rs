@@ -39,7 +39,7 @@ pub async fn rerank(
             ));
         }
     };
-    let _permit = state.admission.admit().await?;
+    let _permit = state.edge.admission.admit().await?;
     let query = req.query;
     let (pairs, documents) = state
         .prompts

@@ -2,32 +2,22 @@
 //! probes and metrics every kandle pod answers, and v2's error shape, `{"error": "..."}`.
 use super::Tabular;
 use super::v2::{self, HEADER_LENGTH};
-use crate::admission::Admission;
 use crate::error::ApiError;
-use crate::http::{check_api_key, observed};
-use crate::metrics::Metrics;
+use crate::http::{Edge, observed};
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 pub struct TabularState {
     pub model_name: String,
     pub model: Arc<Tabular>,
-    pub admission: Admission,
-    pub metrics: Arc<Metrics>,
-    pub draining: AtomicBool,
-    /// Accepted bearer tokens; empty means the API is open.
-    pub api_keys: Vec<String>,
-    pub max_body_bytes: usize,
-    pub body_timeout: Duration,
+    pub edge: Arc<Edge>,
     /// Most rows one request may carry.
     pub max_rows: usize,
 }
@@ -65,7 +55,7 @@ pub fn router(state: Arc<TabularState>) -> Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(DefaultBodyLimit::max(state.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.edge.max_body_bytes));
     let router = Router::new()
         .merge(model)
         .route("/v2", get(server_metadata))
@@ -76,7 +66,7 @@ pub fn router(state: Arc<TabularState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { V2Error(ApiError::NotFound) })
         .method_not_allowed_fallback(|| async { V2Error(ApiError::MethodNotAllowed) });
-    observed(router, state.metrics.clone()).with_state(state)
+    observed(router, state.edge.metrics.clone()).with_state(state)
 }
 
 /// Model routes: only while serving, only with a key when keys are set, only for this
@@ -87,10 +77,7 @@ async fn guard(
     req: Request,
     next: Next,
 ) -> Result<Response, V2Error> {
-    if state.draining.load(Ordering::Acquire) {
-        return Err(ApiError::Unavailable("The server is shutting down").into());
-    }
-    check_api_key(&state.api_keys, req.headers())?;
+    state.edge.admit_caller(req.headers())?;
     for (key, value) in &params {
         match key.as_str() {
             "name" if *value != state.model_name => {
@@ -114,7 +101,7 @@ async fn live() -> &'static str {
 }
 
 async fn ready(State(state): Shared) -> impl IntoResponse {
-    if state.draining.load(Ordering::Acquire) {
+    if state.edge.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     } else {
         (StatusCode::OK, "ready")
@@ -132,7 +119,7 @@ async fn metrics(State(state): Shared) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(),
+        state.edge.metrics.encode(),
     )
 }
 
@@ -187,23 +174,7 @@ async fn infer(
     headers: HeaderMap,
     req: Request,
 ) -> Result<Response, V2Error> {
-    let body = tokio::time::timeout(state.body_timeout, Bytes::from_request(req, &()))
-        .await
-        .map_err(|_| ApiError::BodyTimeout {
-            seconds: state.body_timeout.as_secs(),
-        })?
-        .map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge {
-                    limit: state.max_body_bytes,
-                }
-            } else {
-                ApiError::invalid(format!(
-                    "Could not read the request body: {}",
-                    rejection.body_text()
-                ))
-            }
-        })?;
+    let body = state.edge.read_body(req).await?;
     let json_len = match headers.get(HEADER_LENGTH) {
         Some(v) => Some(
             v.to_str()
@@ -215,13 +186,19 @@ async fn infer(
         ),
         None => None,
     };
-    let _permit = state.admission.admit().await?;
+    let _permit = state.edge.admission.admit().await?;
     let work = state.clone();
     // Parsing a large batch and predicting it are CPU work: off the async threads.
     let (json, binary) = tokio::task::spawn_blocking(move || {
         let inference = v2::parse(&body, json_len, &work.model, work.max_rows)?;
-        let predictions = work.model.predict(&inference.rows);
-        work.metrics.rows_predicted.inc_by(inference.n_rows as u64);
+        let predictions = work
+            .model
+            .predict(&inference.rows)
+            .map_err(ApiError::Internal)?;
+        work.edge
+            .metrics
+            .rows_predicted
+            .inc_by(inference.n_rows as u64);
         Ok::<_, ApiError>(v2::respond(
             &work.model_name,
             &work.model,

@@ -25,39 +25,34 @@ pub struct LightGbm {
     link: Link,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Missing {
-    None,
-    Zero,
-    NaN,
-}
-
+/// A split, with its missing-value handling resolved at load: LightGBM reads a NaN as 0
+/// unless the node's missing type is NaN, and sends a missing value (NaN, or a zero when
+/// the missing type is Zero) down the node's default branch.
 #[derive(Clone, Copy)]
 struct LgbSplit {
-    /// The threshold, for numerical splits.
     threshold: f64,
-    /// The category set, for categorical ones.
-    set: Option<u32>,
-    missing: Missing,
+    /// The category set, for categorical splits.
+    set: u32,
+    categorical: bool,
+    /// Values within `ZERO` of zero are missing.
+    zero_missing: bool,
     default_left: bool,
+    /// Where a NaN goes.
+    nan_left: bool,
 }
 
 impl Split for LgbSplit {
     #[inline]
     fn goes_left(&self, value: f64, sets: &CategorySets) -> bool {
-        if let Some(set) = self.set {
-            // NaN and negative categories go right, as do categories not in the set.
-            return !value.is_nan() && value >= 0.0 && sets.contains(set, value as u32);
-        }
-        let value = if value.is_nan() && self.missing != Missing::NaN {
-            0.0
+        if value.is_nan() {
+            self.nan_left
+        } else if self.categorical {
+            // LightGBM truncates to an int: -0.5 is category 0, below -1 none (right).
+            value > -1.0 && sets.contains(self.set, value as u32)
+        } else if self.zero_missing && (-ZERO..=ZERO).contains(&value) {
+            self.default_left
         } else {
-            value
-        };
-        match self.missing {
-            Missing::Zero if (-ZERO..=ZERO).contains(&value) => self.default_left,
-            Missing::NaN if value.is_nan() => self.default_left,
-            _ => value <= self.threshold,
+            value <= self.threshold
         }
     }
 }
@@ -208,15 +203,24 @@ fn add_tree(
     let mut nodes = Vec::with_capacity(splits + leaves);
     for i in 0..splits {
         let d = decision[i];
-        let set = if d & 1 == 1 {
+        let (categorical, default_left) = (d & 1 == 1, d & 2 == 2);
+        // Missing type: 0 none, 1 zero, 2 NaN.
+        let missing = (d >> 2) & 3;
+        let set = if categorical {
             let k = threshold[i] as usize;
-            Some(
-                *cats
-                    .get(k)
-                    .ok_or_else(|| format!("node {i} names category set {k}"))?,
-            )
+            *cats
+                .get(k)
+                .ok_or_else(|| format!("node {i} names category set {k}"))?
         } else {
-            None
+            0
+        };
+        let zero_missing = missing == 1;
+        let nan_left = match missing {
+            _ if categorical => false,
+            2 => default_left,
+            // A NaN is read as 0, itself missing when zeros are.
+            1 => default_left,
+            _ => 0.0 <= threshold[i],
         };
         nodes.push(Node::Split {
             feature: feature[i],
@@ -225,12 +229,10 @@ fn add_tree(
             split: LgbSplit {
                 threshold: threshold[i],
                 set,
-                missing: match (d >> 2) & 3 {
-                    0 => Missing::None,
-                    1 => Missing::Zero,
-                    _ => Missing::NaN,
-                },
-                default_left: d & 2 == 2,
+                categorical,
+                zero_missing,
+                default_left,
+                nan_left,
             },
         });
     }
@@ -274,42 +276,46 @@ impl TabularModel for LightGbm {
         &self.schema
     }
 
-    fn predict(&self, rows: &[f64], out: &mut [f64]) {
+    fn predict(&self, rows: &[f64], out: &mut [f64]) -> Result<(), String> {
         let features = self.schema.features.len();
-        let outputs = self.schema.kind.outputs();
         let groups = self.per_iteration;
-        let mut raw = vec![0f64; groups];
-        for (row, out) in rows
-            .chunks_exact(features)
-            .zip(out.chunks_exact_mut(outputs))
-        {
-            raw.fill(0.0);
-            for tree in 0..self.forest.trees() {
-                raw[tree % groups] += self.forest.eval(tree, row);
+        let mut raw = vec![0f64; rows.len() / features * groups];
+        self.forest.walk(rows, features, |row, tree, leaf| {
+            raw[row * groups + tree % groups] += leaf;
+        });
+        let outputs = self.schema.kind.outputs();
+        for (raw, out) in raw.chunks_exact(groups).zip(out.chunks_exact_mut(outputs)) {
+            self.link(raw, out);
+        }
+        Ok(())
+    }
+}
+
+impl LightGbm {
+    /// Raw scores to outputs, as LightGBM's objectives convert them.
+    fn link(&self, raw: &[f64], out: &mut [f64]) {
+        match (self.link, self.schema.kind) {
+            (Link::Sigmoid(k), Kind::Classifier { .. }) if raw.len() == 1 => {
+                let p = 1.0 / (1.0 + (-k * raw[0]).exp());
+                out[0] = 1.0 - p;
+                out[1] = p;
             }
-            match (self.link, self.schema.kind) {
-                (Link::Sigmoid(k), Kind::Classifier { .. }) if groups == 1 => {
-                    let p = 1.0 / (1.0 + (-k * raw[0]).exp());
-                    out[0] = 1.0 - p;
-                    out[1] = p;
+            (Link::Sigmoid(k), _) => {
+                for (o, r) in out.iter_mut().zip(raw) {
+                    *o = 1.0 / (1.0 + (-k * r).exp());
                 }
-                (Link::Sigmoid(k), _) => {
-                    for (o, r) in out.iter_mut().zip(&raw) {
-                        *o = 1.0 / (1.0 + (-k * r).exp());
-                    }
-                }
-                (Link::Softmax, _) => {
-                    let max = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let mut sum = 0.0;
-                    for (o, r) in out.iter_mut().zip(&raw) {
-                        *o = (r - max).exp();
-                        sum += *o;
-                    }
-                    out.iter_mut().for_each(|o| *o /= sum);
-                }
-                (Link::Exp, _) => out[0] = raw[0].exp(),
-                (Link::Identity, _) => out[0] = raw[0],
             }
+            (Link::Softmax, _) => {
+                let max = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for (o, r) in out.iter_mut().zip(raw) {
+                    *o = (r - max).exp();
+                    sum += *o;
+                }
+                out.iter_mut().for_each(|o| *o /= sum);
+            }
+            (Link::Exp, _) => out[0] = raw[0].exp(),
+            (Link::Identity, _) => out[0] = raw[0],
         }
     }
 }

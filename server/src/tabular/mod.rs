@@ -2,10 +2,13 @@
 //! with the training library's own arithmetic, so predictions equal its own.
 //!
 //! A model folder holds one model file (`*.json` or `*.ubj` from XGBoost, a LightGBM text
-//! model) and, optionally, `kandle-tabular.json` (`Manifest`) naming what the file lacks.
+//! model, or with the `onnx` feature an `*.onnx` scikit-learn pipeline) and, optionally,
+//! `kandle-tabular.json` (`Manifest`) naming what the file lacks.
 mod forest;
 pub mod http;
 pub mod lightgbm;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 mod ubjson;
 pub mod v2;
 pub mod xgboost;
@@ -59,10 +62,10 @@ pub struct Schema {
 }
 
 /// A loaded model. Rows are `features` values each (NaN for a missing value); outputs are
-/// `kind.outputs()` values each.
+/// `kind.outputs()` values each. Only a runtime outside kandle (ONNX) can fail.
 pub trait TabularModel: Send + Sync {
     fn schema(&self) -> &Schema;
-    fn predict(&self, rows: &[f64], out: &mut [f64]);
+    fn predict(&self, rows: &[f64], out: &mut [f64]) -> Result<(), String>;
 }
 
 /// What the model file may lack, from `kandle-tabular.json`.
@@ -92,7 +95,7 @@ pub struct Tabular {
 
 impl Tabular {
     /// Predicts every row, in chunks across the pool's threads when there are many.
-    pub fn predict(&self, rows: &[f64]) -> Vec<f64> {
+    pub fn predict(&self, rows: &[f64]) -> Result<Vec<f64>, String> {
         /// Rows below which splitting costs more than it saves.
         const CHUNK_ROWS: usize = 256;
         let features = self.schema.features.len();
@@ -100,13 +103,13 @@ impl Tabular {
         let n = rows.len() / features;
         let mut out = vec![0.0; n * outputs];
         if n <= CHUNK_ROWS {
-            self.model.predict(rows, &mut out);
+            self.model.predict(rows, &mut out)?;
         } else {
             rows.par_chunks(CHUNK_ROWS * features)
                 .zip(out.par_chunks_mut(CHUNK_ROWS * outputs))
-                .for_each(|(rows, out)| self.model.predict(rows, out));
+                .try_for_each(|(rows, out)| self.model.predict(rows, out))?;
         }
-        out
+        Ok(out)
     }
 }
 
@@ -142,6 +145,7 @@ pub fn find(path: &Path) -> Result<Option<PathBuf>, LoadError> {
             "ubj" => true,
             "json" => !file.ends_with(MANIFEST) && starts_with(&file, b"{\"learner\"")?,
             "txt" => starts_with(&file, b"tree\n")?,
+            "onnx" => true,
             "pkl" | "pickle" | "joblib" => {
                 pickle = Some(file);
                 continue;
@@ -191,8 +195,9 @@ fn starts_with(file: &Path, prefix: &[u8]) -> Result<bool, LoadError> {
     Ok(head == prefix)
 }
 
-/// Loads the model file and the manifest beside it.
-pub fn load(file: &Path) -> Result<Tabular, LoadError> {
+/// Loads the model file and the manifest beside it; ONNX models with ONNX Runtime from
+/// `onnxruntime` (a shared library), when given.
+pub fn load(file: &Path, onnxruntime: Option<&Path>) -> Result<Tabular, LoadError> {
     let io = |source| LoadError::Io {
         path: file.to_path_buf(),
         source,
@@ -206,6 +211,7 @@ pub fn load(file: &Path) -> Result<Tabular, LoadError> {
     }
     let bytes = std::fs::read(file).map_err(io)?;
     let model: Box<dyn TabularModel> = match file.extension().and_then(|e| e.to_str()) {
+        Some("onnx") => onnx_model(file, onnxruntime)?,
         Some("ubj") => Box::new(
             xgboost::XgBoost::from_value(
                 ubjson::parse(&bytes).map_err(|e| LoadError::invalid(file, e))?,
@@ -237,6 +243,21 @@ pub fn load(file: &Path) -> Result<Tabular, LoadError> {
         Manifest::default()
     };
     apply(model, manifest).map_err(|e| LoadError::invalid(&manifest_path, e))
+}
+
+#[cfg(feature = "onnx")]
+fn onnx_model(file: &Path, library: Option<&Path>) -> Result<Box<dyn TabularModel>, LoadError> {
+    onnx::OnnxModel::load(file, library)
+        .map(|m| Box::new(m) as Box<dyn TabularModel>)
+        .map_err(|e| LoadError::invalid(file, e))
+}
+
+#[cfg(not(feature = "onnx"))]
+fn onnx_model(file: &Path, _: Option<&Path>) -> Result<Box<dyn TabularModel>, LoadError> {
+    Err(LoadError::invalid(
+        file,
+        "this build has no ONNX support; rebuild with `--features onnx`",
+    ))
 }
 
 fn apply(model: Box<dyn TabularModel>, manifest: Manifest) -> Result<Tabular, String> {

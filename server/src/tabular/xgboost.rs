@@ -301,21 +301,24 @@ impl TabularModel for XgBoost {
         &self.schema
     }
 
-    fn predict(&self, rows: &[f64], out: &mut [f64]) {
+    fn predict(&self, rows: &[f64], out: &mut [f64]) -> Result<(), String> {
         let features = self.schema.features.len();
+        let groups = self.base_margin.len();
+        let mut margins: Vec<f32> = (0..rows.len() / features)
+            .flat_map(|_| self.base_margin.iter().copied())
+            .collect();
+        self.forest.walk(rows, features, |row, tree, leaf| {
+            // Leaves are f32 values held exactly in f64.
+            margins[row * groups + self.groups[tree] as usize] += leaf as f32;
+        });
         let outputs = self.schema.kind.outputs();
-        let mut margin = vec![0f32; self.base_margin.len()];
-        for (row, out) in rows
-            .chunks_exact(features)
+        for (margin, out) in margins
+            .chunks_exact_mut(groups)
             .zip(out.chunks_exact_mut(outputs))
         {
-            margin.copy_from_slice(&self.base_margin);
-            for (tree, &group) in self.groups.iter().enumerate() {
-                // Leaves are f32 values held exactly in f64.
-                margin[group as usize] += self.forest.eval(tree, row) as f32;
-            }
-            self.link_margins(&mut margin, out);
+            self.link_margins(margin, out);
         }
+        Ok(())
     }
 }
 

@@ -376,6 +376,18 @@ pub async fn get_text(server: &Server, path: &str) -> String {
         .unwrap()
 }
 
+/// GETs a JSON document.
+pub async fn get_json(server: &Server, path: &str) -> serde_json::Value {
+    client()
+        .get(server.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// POSTs JSON and returns the status and the parsed body.
 pub async fn post(
     server: &Server,

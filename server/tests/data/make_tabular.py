@@ -1,7 +1,8 @@
 """Trains the tabular fixtures and records the training libraries' own predictions.
 
 Run by hand when the fixtures change (CI only reads what this writes):
-    pip install xgboost-cpu==3.2.0 lightgbm==4.7.0 numpy
+    pip install xgboost-cpu==3.2.0 lightgbm==4.7.0 scikit-learn==1.9.1 skl2onnx==1.20.0 \
+        onnxruntime==1.32.0 numpy
     python server/tests/data/make_tabular.py
 
 It also writes the example credit-scoring model, examples/credit-scoring/.
@@ -137,6 +138,33 @@ def lightgbm_multiclass():
     booster.save_model(folder / "model.txt")
 
 
+def sklearn_onnx():
+    """A scikit-learn pipeline (imputer, scaler, gradient boosting) exported to ONNX with
+    ZipMap off. Expected: onnxruntime's outputs, the runtime kandle embeds; sklearn's own
+    (in f64 where ONNX computes in f32) are kept beside them."""
+    import onnxruntime
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = features(500, 4)
+    y = np.digitize(np.nan_to_num(x[:, 0]) - np.nan_to_num(x[:, 2]), [-0.6, 0.6])
+    pipeline = make_pipeline(SimpleImputer(), StandardScaler(), GradientBoostingClassifier(n_estimators=30, max_depth=3))
+    pipeline.fit(x, y)
+    onx = to_onnx(pipeline, x[:1].astype(np.float32), options={id(pipeline.steps[-1][1]): {"zipmap": False}})
+    session = onnxruntime.InferenceSession(onx.SerializeToString())
+    test = features(64, 4, missing=0.2)
+    p = session.run(["probabilities"], {session.get_inputs()[0].name: test.astype(np.float32)})[0]
+    folder = write("sklearn-onnx", test, p, 3)
+    record = json.loads((folder / "expected.json").read_text())
+    record["sklearn_probabilities"] = pipeline.predict_proba(test).tolist()
+    (folder / "expected.json").write_text(json.dumps(record) + "\n")
+    (folder / "model.onnx").write_bytes(onx.SerializeToString())
+    print("sklearn-onnx: largest difference from sklearn", np.abs(p - pipeline.predict_proba(test)).max())
+
+
 def credit_scoring():
     """The example: a credit-risk XGBoost model on synthetic applicants, with a manifest
     naming its regions and classes."""
@@ -170,3 +198,4 @@ if __name__ == "__main__":
     lightgbm_binary()
     lightgbm_multiclass()
     credit_scoring()
+    sklearn_onnx()
