@@ -69,19 +69,23 @@ pub struct Forest<S> {
     /// Where each tree starts in `nodes`.
     roots: Vec<usize>,
     pub sets: CategorySets,
+    side_by_side: bool,
 }
 
-impl<S> Default for Forest<S> {
-    fn default() -> Self {
+impl<S: Split> Forest<S> {
+    /// `side_by_side`: walk rows `LANES` at a time (see `eval`). Measured on the fixtures
+    /// (`scripts/bench tabular`): 1.4x the rows/s on XGBoost's depth-wise trees, whose
+    /// walks end together; slower on LightGBM's leaf-wise trees, where the deepest of the
+    /// rows' walks sets the pace for all of them.
+    pub fn new(side_by_side: bool) -> Self {
         Self {
             nodes: Vec::new(),
             roots: Vec::new(),
             sets: CategorySets::default(),
+            side_by_side,
         }
     }
-}
 
-impl<S: Split> Forest<S> {
     /// Adds a tree whose nodes number their children within the tree; node 0 is the root.
     pub fn add_tree(&mut self, nodes: Vec<Node<S>>, features: usize) -> Result<(), String> {
         if nodes.is_empty() {
@@ -119,12 +123,12 @@ impl<S: Split> Forest<S> {
     }
 
     /// Calls `add(row, tree, leaf)` with the leaf each row of `rows` reaches in each tree,
-    /// trees in order for each row: whole blocks of `LANES` rows side by side, the rest one
-    /// at a time.
+    /// trees in order for each row: whole blocks of `LANES` rows side by side (when the
+    /// forest walks so), the rest one at a time.
     pub fn walk(&self, rows: &[f64], features: usize, mut add: impl FnMut(usize, usize, f64)) {
         let n = rows.len() / features;
         let row = |r: usize| &rows[r * features..(r + 1) * features];
-        let blocked = n - n % LANES;
+        let blocked = if self.side_by_side { n - n % LANES } else { 0 };
         for first in (0..blocked).step_by(LANES) {
             let block: [&[f64]; LANES] = std::array::from_fn(|lane| row(first + lane));
             for tree in 0..self.trees() {
@@ -163,8 +167,7 @@ impl<S: Split> Forest<S> {
 
     /// The leaf values `rows` reach in tree `tree`. The rows walk side by side: their walks
     /// are independent, so the CPU overlaps their node loads and branches instead of waiting
-    /// on each in turn (1.4x the rows per second of one walk after another on XGBoost's
-    /// depth-wise trees; about even on LightGBM's leaf-wise ones).
+    /// on each in turn.
     #[inline]
     pub fn eval(&self, tree: usize, rows: &[&[f64]; LANES]) -> [f64; LANES] {
         let nodes = &self.nodes[self.roots[tree]..];
@@ -222,28 +225,26 @@ mod tests {
 
     #[test]
     fn walks_each_tree_from_its_own_root() {
-        let mut forest = Forest::default();
-        forest
-            .add_tree(
-                vec![split(0, 1, 2, 0.5), Node::Leaf(-1.0), Node::Leaf(1.0)],
-                2,
-            )
-            .unwrap();
-        forest.add_tree(vec![Node::Leaf(7.0)], 2).unwrap();
-        // Nine rows: one block side by side, one alone; both ways agree.
+        // Nine rows: side by side, one block of eight and one row alone; or one at a time.
         let rows: Vec<f64> = (0..9).flat_map(|r| [r as f64 / 10.0, 0.0]).collect();
-        let mut leaves = vec![];
-        forest.walk(&rows, 2, |row, tree, leaf| leaves.push((row, tree, leaf)));
-        leaves.sort_by_key(|&(row, tree, _)| (row, tree));
         let expected: Vec<(usize, usize, f64)> = (0..9)
             .flat_map(|r| [(r, 0, if r < 5 { -1.0 } else { 1.0 }), (r, 1, 7.0)])
             .collect();
-        assert_eq!(leaves, expected);
+        for side_by_side in [true, false] {
+            let mut forest = Forest::new(side_by_side);
+            let stump = vec![split(0, 1, 2, 0.5), Node::Leaf(-1.0), Node::Leaf(1.0)];
+            forest.add_tree(stump, 2).unwrap();
+            forest.add_tree(vec![Node::Leaf(7.0)], 2).unwrap();
+            let mut leaves = vec![];
+            forest.walk(&rows, 2, |row, tree, leaf| leaves.push((row, tree, leaf)));
+            leaves.sort_by_key(|&(row, tree, _)| (row, tree));
+            assert_eq!(leaves, expected, "side by side: {side_by_side}");
+        }
     }
 
     #[test]
     fn refuses_loops_and_features_out_of_range() {
-        let mut forest = Forest::default();
+        let mut forest = Forest::new(true);
         let cycle = vec![split(0, 1, 2, 0.5), split(0, 0, 2, 0.5), Node::Leaf(1.0)];
         assert!(forest.add_tree(cycle, 1).unwrap_err().contains("before it"));
         let wide = vec![split(3, 1, 2, 0.5), Node::Leaf(0.0), Node::Leaf(1.0)];

@@ -82,7 +82,8 @@ impl LightGbm {
             .split_once("\nend of trees")
             .ok_or("no `end of trees` line")?
             .0;
-        let mut forest = Forest::default();
+        // Leaf-wise trees: one row at a time (see `Forest::new`).
+        let mut forest = Forest::new(false);
         for (i, section) in trees.split("\nTree=").enumerate() {
             add_tree(&mut forest, &fields(section), features)
                 .map_err(|e| format!("tree {i}: {e}"))?;

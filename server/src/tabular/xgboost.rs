@@ -157,7 +157,8 @@ impl XgBoost {
         {
             return Err("tree_info does not give each tree a class".into());
         }
-        let mut forest = Forest::default();
+        // Depth-wise trees: rows side by side (see `Forest::new`).
+        let mut forest = Forest::new(true);
         for (i, tree) in trees.trees.iter().enumerate() {
             add_tree(&mut forest, tree, features).map_err(|e| format!("tree {i}: {e}"))?;
         }
