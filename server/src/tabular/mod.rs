@@ -143,8 +143,8 @@ pub fn find(path: &Path) -> Result<Option<PathBuf>, LoadError> {
             .unwrap_or_default();
         let is_model = match ext {
             "ubj" => true,
-            "json" => !file.ends_with(MANIFEST) && starts_with(&file, b"{\"learner\"")?,
-            "txt" => starts_with(&file, b"tree\n")?,
+            "json" => !file.ends_with(MANIFEST) && head(&file, 256)?.contains("\"learner\""),
+            "txt" => head(&file, 5)? == "tree\n",
             "onnx" => true,
             "pkl" | "pickle" | "joblib" => {
                 pickle = Some(file);
@@ -184,15 +184,16 @@ fn name(path: &Path) -> String {
     )
 }
 
-fn starts_with(file: &Path, prefix: &[u8]) -> Result<bool, LoadError> {
-    let mut head = Vec::with_capacity(prefix.len());
+/// The first `bytes` of a file, as text (lossily): enough to tell what it holds.
+fn head(file: &Path, bytes: u64) -> Result<String, LoadError> {
+    let mut head = Vec::new();
     std::fs::File::open(file)
-        .and_then(|f| f.take(prefix.len() as u64).read_to_end(&mut head))
+        .and_then(|f| f.take(bytes).read_to_end(&mut head))
         .map_err(|source| LoadError::Io {
             path: file.to_path_buf(),
             source,
         })?;
-    Ok(head == prefix)
+    Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
 /// Loads the model file and the manifest beside it; ONNX models with ONNX Runtime from
@@ -262,6 +263,9 @@ fn onnx_model(file: &Path, _: Option<&Path>) -> Result<Box<dyn TabularModel>, Lo
 
 fn apply(model: Box<dyn TabularModel>, manifest: Manifest) -> Result<Tabular, String> {
     let mut schema = model.schema().clone();
+    if schema.features.is_empty() {
+        return Err("the model takes no features".into());
+    }
     if let Some(names) = manifest.feature_names {
         if names.len() != schema.features.len() {
             return Err(format!(
@@ -296,4 +300,82 @@ fn apply(model: Box<dyn TabularModel>, manifest: Manifest) -> Result<Tabular, St
         categories,
         labels: manifest.labels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Constant(Schema);
+
+    impl TabularModel for Constant {
+        fn schema(&self) -> &Schema {
+            &self.0
+        }
+        fn predict(&self, _: &[f64], out: &mut [f64]) -> Result<(), String> {
+            out.fill(0.5);
+            Ok(())
+        }
+    }
+
+    fn model(features: usize) -> Box<dyn TabularModel> {
+        Box::new(Constant(Schema {
+            format: "test",
+            features: (0..features).map(|i| format!("f{i}")).collect(),
+            kind: Kind::Regressor,
+        }))
+    }
+
+    #[test]
+    fn a_model_without_features_or_with_a_mismatched_manifest_is_refused() {
+        assert!(
+            apply(model(0), Manifest::default())
+                .err()
+                .unwrap()
+                .contains("no features")
+        );
+        let names = Manifest {
+            feature_names: Some(vec!["a".into()]),
+            ..Manifest::default()
+        };
+        assert!(apply(model(2), names).err().unwrap().contains("1 names"));
+        let categories = Manifest {
+            categories: [("colour".to_string(), vec!["red".to_string()])].into(),
+            ..Manifest::default()
+        };
+        assert!(
+            apply(model(2), categories)
+                .err()
+                .unwrap()
+                .contains("`colour`")
+        );
+        let ok = apply(model(2), Manifest::default()).unwrap();
+        assert_eq!(ok.predict(&[1.0; 600 * 2]).unwrap(), vec![0.5; 600]);
+    }
+
+    #[test]
+    fn models_are_found_by_what_they_hold_and_pickles_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a model").unwrap();
+        std::fs::write(dir.path().join(MANIFEST), "{}").unwrap();
+        assert!(find(dir.path()).unwrap().is_none());
+        // XGBoost's JSON, even re-indented.
+        std::fs::write(dir.path().join("model.json"), "{\n  \"learner\": {}}").unwrap();
+        assert_eq!(
+            find(dir.path()).unwrap(),
+            Some(dir.path().join("model.json"))
+        );
+        std::fs::write(dir.path().join("other.ubj"), "").unwrap();
+        assert!(
+            find(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("two models")
+        );
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        assert!(
+            find(dir.path()).unwrap().is_none(),
+            "a language model's folder"
+        );
+    }
 }
