@@ -186,7 +186,7 @@ async fn serve_tabular(
     let edge = Arc::new(Edge::new(&args, metrics, api_keys));
     let state = Arc::new(TabularState {
         model_name,
-        model: Arc::new(model),
+        model,
         edge: edge.clone(),
         max_rows: args.max_rows as usize,
     });

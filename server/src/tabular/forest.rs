@@ -29,12 +29,21 @@ pub struct CategorySets {
 
 /// Categories above this would need bitsets larger than any real model's.
 pub const MAX_CATEGORY: u32 = 1 << 20;
+/// Words of every category set of a forest together (256 MiB).
+const MAX_SET_WORDS: usize = 1 << 26;
 
 impl CategorySets {
     /// A set given as 32-bit words (LightGBM's own form); returns its index.
     pub fn add_words(&mut self, words: &[u32]) -> Result<u32, String> {
         if words.len() > (MAX_CATEGORY / 32) as usize {
             return Err(format!("a category set of {} words", words.len()));
+        }
+        // Each set costs up to 128 KiB for a few bytes of model file: bound them all.
+        if self.words.len() + words.len() > MAX_SET_WORDS {
+            return Err(format!(
+                "category sets over {} MiB in all",
+                (MAX_SET_WORDS * 4) >> 20
+            ));
         }
         let start = self.words.len() as u32;
         self.words.extend_from_slice(words);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 pub struct TabularState {
     pub model_name: String,
-    pub model: Arc<Tabular>,
+    pub model: Tabular,
     pub edge: Arc<Edge>,
     /// Most rows one request may carry.
     pub max_rows: usize,

@@ -99,7 +99,14 @@ impl Reader<'_> {
         let kind = match self.peek() {
             Some(b'$') => {
                 self.at += 1;
-                Some(self.byte()?)
+                match self.byte()? {
+                    // Types whose values take no bytes would let a tiny count claim any
+                    // number of elements; XGBoost writes none.
+                    b'Z' | b'T' | b'F' | b'N' => {
+                        return Err("a typed container of values without bytes".into());
+                    }
+                    marker => Some(marker),
+                }
             }
             _ => None,
         };
@@ -107,7 +114,7 @@ impl Reader<'_> {
             Some(b'#') => {
                 self.at += 1;
                 let n = self.length()?;
-                // Every element XGBoost writes takes at least one byte.
+                // Every element takes at least one byte (typed ones too, above).
                 if n > self.bytes.len() - self.at {
                     return Err(format!("a count of {n} exceeds the bytes left"));
                 }
@@ -200,6 +207,8 @@ mod tests {
         assert!(parse(&huge).unwrap_err().contains("exceeds the bytes left"));
         assert!(parse(b"[i").unwrap_err().contains("truncated"));
         assert!(parse(&[b'S', b'i', 0xff]).unwrap_err().contains("negative"));
+        let nulls = [b'[', b'$', b'Z', b'#', b'U', 8];
+        assert!(parse(&nulls).unwrap_err().contains("without bytes"));
         let deep = vec![b'['; 100];
         assert!(parse(&deep).unwrap_err().contains("deeply"));
     }
