@@ -15,8 +15,18 @@ pub const EXIT_MISSING_SECRET: u8 = 5;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
+    /// The model URI pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// What the source's reference resolved to: a hub commit, an OCI manifest digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Bytes that came over the network: 0 when the volume held the model already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled_bytes: Option<u64>,
+    /// How long the pull took, to a tenth of a second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

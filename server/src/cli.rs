@@ -20,6 +20,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Fetch a model into a folder that `serve --model DIR` loads.
     Pull(PullArgs),
+    /// Publish a model (any source `pull` takes) to an OCI registry as an artifact, one
+    /// layer per file, so clusters pull it from the registry they already run.
+    Push(PushArgs),
 }
 
 /// Longest duration any `--*-seconds` flag takes: a day. Larger values are typos, and
@@ -31,7 +34,8 @@ pub const DEFAULT_MODEL: &str = "hf://HuggingFaceTB/SmolLM2-135M-Instruct";
 
 #[derive(Debug, Clone, Args)]
 pub struct PullArgs {
-    /// hf://ORG/NAME[@REVISION], https://… (one file), file://PATH or a path.
+    /// hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, oci://REGISTRY/REPOSITORY[:TAG],
+    /// https://… (one file), file://PATH or a path.
     #[arg(long, env = "KANDLE_MODEL")]
     pub model: String,
     /// Folder to fill; it is ready once `.kandle-pull.json` appears in it.
@@ -43,6 +47,21 @@ pub struct PullArgs {
     /// container's `/dev/termination-log` into its status, and the operator from there).
     #[arg(long, env = "KANDLE_PULL_REPORT_FILE")]
     pub report_file: Option<PathBuf>,
+    #[arg(long, env = "KANDLE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PushArgs {
+    /// The model: any source `pull` takes (hf://, s3://, oci://, https://, a folder).
+    pub source: String,
+    /// Where to publish it: oci://REGISTRY/REPOSITORY:TAG.
+    pub target: String,
+    /// Where the source is pulled first (default: $XDG_CACHE_HOME/kandle or ~/.cache/kandle).
+    #[arg(long, env = "KANDLE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     #[arg(long, env = "KANDLE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
@@ -84,6 +103,10 @@ pub struct FetchArgs {
     #[arg(long, env = "KANDLE_CREDENTIALS_WAIT_SECONDS", default_value_t = 60,
         value_parser = clap::value_parser!(u64).range(..=MAX_SECONDS))]
     pub credentials_wait_seconds: u64,
+    /// Reach OCI registries over plain HTTP, not TLS (those on localhost and 127.0.0.0/8
+    /// always are, as Docker and containerd reach them).
+    #[arg(long, env = "KANDLE_PLAIN_HTTP")]
+    pub plain_http: bool,
 }
 
 impl FetchArgs {
@@ -100,6 +123,7 @@ impl FetchArgs {
                 secret: self.credentials_secret.clone(),
                 wait: std::time::Duration::from_secs(self.credentials_wait_seconds),
             },
+            plain_http: self.plain_http,
         }
     }
 }

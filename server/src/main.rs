@@ -41,5 +41,29 @@ async fn run() -> ExitCode {
             }
             ExitCode::from(code)
         }
+        Command::Push(args) => {
+            kandle_server::logging::init(args.log_format);
+            let cache = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(kandle_server::pull::default_cache_dir);
+            match kandle_server::pull::push(
+                &args.source,
+                &args.target,
+                &cache,
+                &args.fetch.options(),
+            )
+            .await
+            {
+                Ok(pinned) => {
+                    println!("{pinned}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, transient = e.is_transient(), "push failed");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
     }
 }

@@ -328,7 +328,10 @@ async fn resolve_model(args: &ServeArgs) -> anyhow::Result<PathBuf> {
     match ModelUri::parse(&args.model)? {
         ModelUri::Local(path) => Ok(path),
         _ => {
-            let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+            let cache = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(pull::default_cache_dir);
             let dest = pull::cache_folder(&cache, &args.model);
             pull::pull(&args.model, &dest, &args.fetch.options()).await?;
             Ok(dest)
@@ -336,18 +339,12 @@ async fn resolve_model(args: &ServeArgs) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn default_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("kandle")
-}
-
 /// The id users know the model by: the hub repository, or the folder's or file's name.
 fn default_name(model: &str) -> String {
-    if let Ok(ModelUri::Hub { repo, .. }) = ModelUri::parse(model) {
-        return repo;
+    match ModelUri::parse(model) {
+        Ok(ModelUri::Hub { repo, .. }) => return repo,
+        Ok(ModelUri::Oci(target)) => return target.repository,
+        _ => {}
     }
     let path = Path::new(model.strip_prefix("file://").unwrap_or(model));
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());

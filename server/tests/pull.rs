@@ -98,8 +98,14 @@ async fn pulls_what_a_model_needs_verified_and_serves_it() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let dest = dest.path().join("model");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let read_report = || -> serde_json::Value {
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let seconds = r.as_object_mut().unwrap().remove("seconds").unwrap();
+        assert!(seconds.as_f64().is_some_and(|s| s >= 0.0), "{seconds}");
+        r
+    };
+    let first = read_report();
     let m = marker(&dest);
     assert_eq!(m["source"], "hf://org/tiny");
     assert_eq!(
@@ -132,18 +138,28 @@ async fn pulls_what_a_model_needs_verified_and_serves_it() {
         .iter()
         .map(|f| f["size"].as_u64().unwrap())
         .sum();
+    let expected = |fetched: u64| {
+        serde_json::json!({"source": "hf://org/tiny", "revision": COMMIT, "sizeBytes": total,
+            "files": 4, "pulledBytes": fetched})
+    };
     assert_eq!(
-        report,
-        serde_json::json!({"revision": COMMIT, "sizeBytes": total, "files": 4}),
+        first,
+        expected(total),
         "the report the operator reads from the termination message"
     );
     assert!(!dest.join("onnx").exists() && !dest.join("pytorch_model.bin").exists());
 
     // Pulled again: the listing only, no file fetched or hashed again.
     let before = hub.resolve_hits();
-    let again = pull(&endpoint, "hf://org/tiny", &dest, &[]);
+    let again = pull(
+        &endpoint,
+        "hf://org/tiny",
+        &dest,
+        &["--report-file", report.to_str().unwrap()],
+    );
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(hub.resolve_hits(), before, "no file was fetched twice");
+    assert_eq!(read_report(), expected(0), "nothing came over the network");
     assert!(
         stderr(&again).contains("already pulled"),
         "{}",

@@ -67,7 +67,8 @@ impl std::fmt::Debug for Credentials {
 
 impl Credentials {
     /// The keys of `dir` (none when `dir` is `None`). Kubernetes' own entries (`..data`,
-    /// the timestamped folder) start with a dot and are skipped.
+    /// the timestamped folder) start with two dots and are skipped; a docker-registry
+    /// Secret's one key is `.dockerconfigjson`.
     pub fn load(dir: Option<&Path>) -> Result<Self, PullError> {
         let Some(dir) = dir else {
             return Ok(Self::default());
@@ -77,7 +78,7 @@ impl Credentials {
             let entry = entry.map_err(PullError::io(dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if name.starts_with('.') || !path.is_file() {
+            if name.starts_with("..") || !path.is_file() {
                 continue;
             }
             if files.len() == MAX_KEYS {
@@ -110,6 +111,20 @@ impl Credentials {
             .filter(|v| !v.is_empty())
     }
 
+    /// The login for an OCI registry (`host[:port]`): `OCI_USERNAME` and `OCI_PASSWORD`, else
+    /// the registry's entry in `.dockerconfigjson` (a `kubernetes.io/dockerconfigjson`
+    /// Secret, the kind image pull secrets are).
+    pub fn registry_login(&self, registry: &str) -> Result<Option<(String, String)>, PullError> {
+        if let (Some(user), Some(password)) = (self.get("OCI_USERNAME"), self.get("OCI_PASSWORD")) {
+            return Ok(Some((user, password)));
+        }
+        let Some(json) = self.files.get(DOCKER_CONFIG) else {
+            return Ok(None);
+        };
+        docker_login(json, registry)
+            .map_err(|e| PullError::Unsupported(format!("credentials: {DOCKER_CONFIG}: {e}")))
+    }
+
     /// The `AWS_*` keys given as files (the environment's are read by object_store).
     pub fn aws_files(&self) -> impl Iterator<Item = (&str, &str)> {
         self.files
@@ -117,6 +132,59 @@ impl Credentials {
             .filter(|(k, _)| k.starts_with("AWS_"))
             .map(|(k, v)| (k.as_str(), v.as_str()))
     }
+}
+
+const DOCKER_CONFIG: &str = ".dockerconfigjson";
+
+#[derive(serde::Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuth>,
+}
+
+#[derive(serde::Deserialize)]
+struct DockerAuth {
+    username: Option<String>,
+    password: Option<String>,
+    /// base64 of `user:password`
+    auth: Option<String>,
+}
+
+/// `registry`'s login in a docker config, its keys matched by host (`https://` and paths,
+/// as old Docker wrote them, ignored). Errors never quote the file: it holds passwords.
+fn docker_login(json: &str, registry: &str) -> Result<Option<(String, String)>, String> {
+    use base64::Engine as _;
+    let config: DockerConfig = serde_json::from_str(json)
+        .map_err(|e| format!("not a docker config (line {})", e.line()))?;
+    let host = |key: &str| {
+        let key = key.split_once("://").map_or(key, |(_, rest)| rest);
+        key.split('/').next().unwrap_or(key).to_ascii_lowercase()
+    };
+    let Some(entry) = config
+        .auths
+        .iter()
+        .find(|(k, _)| host(k) == registry)
+        .map(|(_, v)| v)
+    else {
+        return Ok(None);
+    };
+    if let (Some(user), Some(password)) = (&entry.username, &entry.password) {
+        return Ok(Some((user.clone(), password.clone())));
+    }
+    let Some(auth) = &entry.auth else {
+        return Err(format!(
+            "the entry for {registry} has neither auth nor username and password"
+        ));
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| format!("the auth of {registry} is not base64 of user:password"))?;
+    let (user, password) = decoded
+        .split_once(':')
+        .ok_or_else(|| format!("the auth of {registry} is not base64 of user:password"))?;
+    Ok(Some((user.into(), password.into())))
 }
 
 #[cfg(test)]
@@ -174,6 +242,38 @@ mod tests {
         let c = filled.load().await.unwrap();
         writer.await.unwrap();
         assert_eq!(c.get("HF_TOKEN").as_deref(), Some("hf_late"));
+    }
+
+    #[test]
+    fn registry_logins_come_from_a_docker_config_matched_by_host() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(".dockerconfigjson"),
+            r#"{"auths": {
+                "https://reg.example:5000/v1/": {"auth": "dXNlcjpwYTpzcw=="},
+                "other.example": {"username": "u2", "password": "p2"}
+            }}"#,
+        )
+        .unwrap();
+        let c = Credentials::load(Some(dir.path())).unwrap();
+        assert_eq!(
+            c.registry_login("reg.example:5000").unwrap(),
+            Some(("user".into(), "pa:ss".into()))
+        );
+        assert_eq!(
+            c.registry_login("other.example").unwrap(),
+            Some(("u2".into(), "p2".into()))
+        );
+        assert_eq!(c.registry_login("reg.example").unwrap(), None);
+
+        std::fs::write(
+            dir.path().join(".dockerconfigjson"),
+            r#"{"auths": {"reg.example": {"auth": "not base64 secret"}}}"#,
+        )
+        .unwrap();
+        let c = Credentials::load(Some(dir.path())).unwrap();
+        let e = c.registry_login("reg.example").unwrap_err().to_string();
+        assert!(e.contains("not base64") && !e.contains("secret"), "{e}");
     }
 
     #[test]

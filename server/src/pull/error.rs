@@ -88,19 +88,12 @@ impl PullError {
         }
     }
 
-    /// Maps an HTTP status that is not success to the error users should read.
-    pub fn from_status(uri: &str, status: u16, has_token: bool) -> Self {
+    /// Maps an HTTP status that is not success to the error users should read; `hint`
+    /// says what to do about a 401 or 403 (it depends on the source and its credentials).
+    pub fn from_status(uri: &str, status: u16, hint: &'static str) -> Self {
         let uri = uri.to_string();
         match status {
-            401 | 403 => Self::Unauthorized {
-                uri,
-                status,
-                hint: if has_token {
-                    "; the token in HF_TOKEN cannot read this model"
-                } else {
-                    "; the model may be gated or private: set HF_TOKEN"
-                },
-            },
+            401 | 403 => Self::Unauthorized { uri, status, hint },
             404 => Self::NotFound { uri },
             _ => Self::Status { uri, status },
         }

@@ -57,8 +57,10 @@ fn verified_by_default() -> bool {
 
 pub struct Fetcher {
     pub client: reqwest::Client,
-    /// Sent as a bearer token; never logged.
-    pub token: Option<String>,
+    /// The Authorization header's value (a bearer token, Basic credentials); never logged.
+    pub authorization: Option<String>,
+    /// What to do about a 401 or 403, for the source's error.
+    pub denied_hint: &'static str,
     pub retry_budget: Duration,
     /// Files at least this large may use several connections.
     pub split_min: u64,
@@ -66,7 +68,9 @@ pub struct Fetcher {
     pub connections_per_file: usize,
 }
 
-/// Exponential backoff with jitter for transient failures, within a total budget.
+/// Exponential backoff with jitter for transient failures, within a budget of time without
+/// progress: a try that moved the download forward starts both over, since a connection
+/// dropped after sending bytes says nothing about the source's health.
 pub(super) struct Backoff {
     started: Instant,
     next: Duration,
@@ -80,6 +84,11 @@ impl Backoff {
             next: Duration::from_millis(250),
             budget,
         }
+    }
+
+    /// The last try moved the download forward.
+    pub(super) fn progressed(&mut self) {
+        *self = Self::new(self.budget);
     }
 
     /// Waits before the next try after a transient failure; gives up (returning the
@@ -201,9 +210,15 @@ impl Fetcher {
     ) -> Result<(), PullError> {
         let mut backoff = Backoff::new(self.retry_budget);
         loop {
+            let before = writer.position();
             match self.download_once(file, writer, progress).await {
                 Ok(()) => return Ok(()),
-                Err(e) => backoff.wait(file, e).await?,
+                Err(e) => {
+                    if writer.position() > before {
+                        backoff.progressed();
+                    }
+                    backoff.wait(file, e).await?;
+                }
             }
         }
     }
@@ -277,7 +292,7 @@ impl Fetcher {
                 return Err(PullError::from_status(
                     &file.url,
                     status.as_u16(),
-                    self.token.is_some(),
+                    self.denied_hint,
                 ));
             }
         }
@@ -289,7 +304,7 @@ impl Fetcher {
         Ok((body(file, response).boxed(), total))
     }
 
-    /// GETs `file` with the hub token and `range` (a Range header) if given.
+    /// GETs `file` with the source's authorization and `range` (a Range header) if given.
     pub(super) async fn get(
         &self,
         file: &RemoteFile,
@@ -299,8 +314,8 @@ impl Fetcher {
         if let Some(range) = range {
             request = request.header(RANGE, range);
         }
-        if let Some(token) = &self.token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization);
         }
         request
             .send()
@@ -415,7 +430,7 @@ pub fn s3_error(uri: &str, e: object_store::Error) -> PullError {
 }
 
 /// reqwest's Display hides the cause (reset, timeout); the chain says what happened.
-fn network_message(e: &reqwest::Error) -> String {
+pub(super) fn network_message(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {

@@ -34,6 +34,15 @@ pub struct Listing {
     pub files: Vec<RemoteFile>,
 }
 
+/// What to do about a 401 or 403 from the hub.
+pub fn denied_hint(has_token: bool) -> &'static str {
+    if has_token {
+        "; the token in HF_TOKEN cannot read this model"
+    } else {
+        "; the model may be gated or private: set HF_TOKEN"
+    }
+}
+
 pub fn endpoint() -> String {
     std::env::var("HF_ENDPOINT").map_or_else(
         |_| "https://huggingface.co".into(),
@@ -84,7 +93,7 @@ pub async fn list(
         return Err(PullError::from_status(
             &uri,
             response.status().as_u16(),
-            token.is_some(),
+            denied_hint(token.is_some()),
         ));
     }
     let body = super::fetch::bounded_body(&uri, response, MAX_LISTING_BYTES).await?;

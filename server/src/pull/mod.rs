@@ -6,6 +6,7 @@ pub mod error;
 pub mod fetch;
 pub mod hub;
 pub mod names;
+pub mod oci;
 mod pace;
 pub mod progress;
 mod report;
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use uri::ModelUri;
+use uri::{ModelUri, OciRef};
 
 /// Written last: a folder with a marker holds every file it lists, verified.
 pub const MARKER: &str = ".kandle-pull.json";
@@ -42,6 +43,8 @@ pub struct PullOptions {
     /// Files at least this large may take several connections.
     pub range_min_bytes: u64,
     pub credentials: credentials::Source,
+    /// Reach OCI registries over plain HTTP (loopback ones always are).
+    pub plain_http: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,8 +68,28 @@ impl Marker {
     }
 }
 
-/// Pulls `uri` into `dest`; returns the marker describing what is there.
-pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, PullError> {
+/// What a pull left, and what it took.
+#[derive(Debug)]
+pub struct Pulled {
+    pub marker: Marker,
+    /// Bytes that came over the network: 0 when the folder held the model already.
+    pub fetched_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Pulls `uri` into `dest`.
+pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Pulled, PullError> {
+    let started = Instant::now();
+    let (marker, fetched_bytes) = fill(uri, dest, opts).await?;
+    Ok(Pulled {
+        marker,
+        fetched_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The marker of `dest` once it holds `uri`, and the bytes fetched to get there.
+async fn fill(uri: &str, dest: &Path, opts: &PullOptions) -> Result<(Marker, u64), PullError> {
     let parsed = ModelUri::parse(uri)?;
     let sha256 = match &opts.sha256 {
         Some(h) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
@@ -80,16 +103,12 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
         .map_err(PullError::io(dest))?;
     let _lock = lock(dest).await?;
     let started = Instant::now();
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| PullError::Network {
-            uri: uri.into(),
-            message: e.to_string(),
-        })?;
+    let client = http_client(uri)?;
     let credentials = opts.credentials.load().await?;
-    let token = credentials.get("HF_TOKEN");
+    let hf_token = credentials.get("HF_TOKEN");
+    // What the fetcher's requests carry: the hub's token unless the source says otherwise.
+    let mut authorization = hf_token.as_ref().map(|t| format!("Bearer {t}"));
+    let mut denied_hint = hub::denied_hint(hf_token.is_some());
     let include = select::globs(&opts.include).map_err(|source| PullError::Select {
         uri: uri.into(),
         source,
@@ -99,78 +118,79 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
         source,
     })?;
 
-    let (revision, files) =
-        match &parsed {
-            ModelUri::Hub { repo, revision } => {
-                // A pinned commit already pulled needs no request at all.
-                if let Some(m) = Marker::read(dest).filter(|m| {
-                    m.source == uri
-                        && m.revision.as_deref() == Some(revision.as_str())
-                        && m.complete(dest)
-                }) {
-                    tracing::info!(%uri, "already pulled");
-                    return Ok(m);
-                }
-                let listing = hub::list(&client, token.as_deref(), repo, revision).await?;
-                // The whole listing: a hostile one is refused, not just filtered.
-                check_listing(uri, &listing.files, true)?;
-                let names: Vec<String> = listing.files.iter().map(|f| f.path.clone()).collect();
-                let chosen = select::select(&names, include.as_ref(), exclude.as_ref()).map_err(
-                    |source| PullError::Select {
-                        uri: uri.into(),
-                        source,
-                    },
-                )?;
-                let files: Vec<RemoteFile> = listing
-                    .files
-                    .into_iter()
-                    .filter(|f| chosen.contains(&f.path))
-                    .collect();
-                (Some(listing.commit), files)
+    let (revision, files) = match &parsed {
+        ModelUri::Hub { repo, revision } => {
+            // A pinned commit already pulled needs no request at all.
+            if let Some(m) = Marker::read(dest).filter(|m| {
+                m.source == uri
+                    && m.revision.as_deref() == Some(revision.as_str())
+                    && m.complete(dest)
+            }) {
+                tracing::info!(%uri, "already pulled");
+                return Ok((m, 0));
             }
-            ModelUri::Url(url) => {
-                let name = url
-                    .rsplit('/')
-                    .next()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or("model.gguf");
-                let name = name.split(['?', '#']).next().unwrap_or(name).to_string();
-                let files = vec![RemoteFile {
-                    path: name,
-                    url: url.clone(),
-                    object: None,
-                    size: None,
-                    digest: sha256.map(Digest::Sha256),
-                }];
-                check_listing(uri, &files, false)?;
-                (None, files)
+            let listing = hub::list(&client, hf_token.as_deref(), repo, revision).await?;
+            // The whole listing: a hostile one is refused, not just filtered.
+            check_listing(uri, &listing.files, true)?;
+            let files = chosen(uri, listing.files, include.as_ref(), exclude.as_ref())?;
+            (Some(listing.commit), files)
+        }
+        ModelUri::Url(url) => {
+            let name = url
+                .rsplit('/')
+                .next()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("model.gguf");
+            let name = name.split(['?', '#']).next().unwrap_or(name).to_string();
+            let files = vec![RemoteFile {
+                path: name,
+                url: url.clone(),
+                object: None,
+                size: None,
+                digest: sha256.map(Digest::Sha256),
+            }];
+            check_listing(uri, &files, false)?;
+            (None, files)
+        }
+        ModelUri::Local(path) => {
+            let marker = copy_local(uri, path, dest, include.as_ref(), exclude.as_ref()).await?;
+            return Ok((marker, 0));
+        }
+        ModelUri::S3 { bucket, prefix } => {
+            let files = s3::list(bucket, prefix, &credentials).await?;
+            check_listing(uri, &files, false)?;
+            (
+                None,
+                chosen(uri, files, include.as_ref(), exclude.as_ref())?,
+            )
+        }
+        ModelUri::Oci(target) => {
+            // An artifact pinned by digest and already pulled needs no request at all.
+            if let Some(m) = Marker::read(dest).filter(|m| {
+                m.source == uri
+                    && target.is_digest()
+                    && m.revision.as_deref() == Some(target.reference.as_str())
+                    && m.complete(dest)
+            }) {
+                tracing::info!(%uri, "already pulled");
+                return Ok((m, 0));
             }
-            ModelUri::Local(path) => {
-                return copy_local(uri, path, dest, include.as_ref(), exclude.as_ref()).await;
-            }
-            ModelUri::S3 { bucket, prefix } => {
-                let files = s3::list(bucket, prefix, &credentials).await?;
-                check_listing(uri, &files, false)?;
-                let names: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
-                let chosen = select::select(&names, include.as_ref(), exclude.as_ref()).map_err(
-                    |source| PullError::Select {
-                        uri: uri.into(),
-                        source,
-                    },
-                )?;
-                let files: Vec<RemoteFile> = files
-                    .into_iter()
-                    .filter(|f| chosen.contains(&f.path))
-                    .collect();
-                (None, files)
-            }
-        };
+            let mut registry =
+                oci::Registry::new(client.clone(), target, &credentials, opts.plain_http)?;
+            let listing = registry.list().await?;
+            check_listing(uri, &listing.files, true)?;
+            authorization = registry.authorization();
+            denied_hint = registry.denied_hint();
+            let files = chosen(uri, listing.files, include.as_ref(), exclude.as_ref())?;
+            (Some(listing.digest), files)
+        }
+    };
 
     if let Some(m) =
         Marker::read(dest).filter(|m| m.source == uri && m.revision == revision && m.complete(dest))
     {
         tracing::info!(%uri, revision = ?m.revision, "already pulled");
-        return Ok(m);
+        return Ok((m, 0));
     }
     let total: u64 = files.iter().filter_map(|f| f.size).sum();
     tracing::info!(%uri, revision = ?revision, files = files.len(), total_bytes = total, "pulling");
@@ -178,7 +198,8 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
     let reporter = progress.report();
     let fetcher = Fetcher {
         client,
-        token,
+        authorization,
+        denied_hint,
         retry_budget: opts.retry_budget,
         split_min: opts.range_min_bytes,
         connections_per_file: opts.concurrency.max(1),
@@ -211,7 +232,82 @@ pub async fn pull(uri: &str, dest: &Path, opts: &PullOptions) -> Result<Marker, 
         rate_mib_s = format!("{:.1}", progress.done() as f64 / seconds / (1024.0 * 1024.0)),
         "pull complete"
     );
-    Ok(marker)
+    Ok((marker, progress.done()))
+}
+
+fn http_client(uri: &str) -> Result<reqwest::Client, PullError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| PullError::Network {
+            uri: uri.into(),
+            message: e.to_string(),
+        })
+}
+
+/// `kandle-server push`: `source` pulled into `cache_dir` (a local folder's files linked
+/// where they can be, not copied), then published to `target` as an OCI artifact. Returns
+/// the artifact's URI pinned by its manifest digest.
+pub async fn push(
+    source: &str,
+    target: &str,
+    cache_dir: &Path,
+    opts: &PullOptions,
+) -> Result<String, PullError> {
+    let ModelUri::Oci(target_ref) = ModelUri::parse(target)? else {
+        return Err(PullError::Unsupported(format!(
+            "`{target}`: a push goes to oci://REGISTRY/REPOSITORY:TAG"
+        )));
+    };
+    let folder = cache_folder(cache_dir, source);
+    let marker = pull(source, &folder, opts).await?.marker;
+    let credentials = opts.credentials.load().await?;
+    let mut registry = oci::Registry::new(
+        http_client(target)?,
+        &target_ref,
+        &credentials,
+        opts.plain_http,
+    )?;
+    let started = Instant::now();
+    let digest = registry.push(&folder, &marker, opts.concurrency).await?;
+    let pinned = OciRef {
+        reference: digest,
+        ..target_ref
+    };
+    tracing::info!(
+        %source, %target, %pinned, files = marker.files.len(),
+        bytes = marker.files.iter().map(|f| f.size).sum::<u64>(),
+        seconds = started.elapsed().as_secs_f64(), "push complete"
+    );
+    Ok(pinned.to_string())
+}
+
+/// Where pulled models are kept unless a flag says otherwise.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kandle")
+}
+
+/// The files of a listing that `--include`/`--exclude` (or kandle's own choice) keep.
+fn chosen(
+    uri: &str,
+    files: Vec<RemoteFile>,
+    include: Option<&globset::GlobSet>,
+    exclude: Option<&globset::GlobSet>,
+) -> Result<Vec<RemoteFile>, PullError> {
+    let names: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
+    let chosen = select::select(&names, include, exclude).map_err(|source| PullError::Select {
+        uri: uri.into(),
+        source,
+    })?;
+    Ok(files
+        .into_iter()
+        .filter(|f| chosen.contains(&f.path))
+        .collect())
 }
 
 fn refused(uri: &str, e: names::NameError) -> PullError {

@@ -1,17 +1,24 @@
 //! A pull's outcome as the operator reads it: the exit code and the one-line JSON report
 //! (their shape is [`kandle_contract::pull`]'s).
-use super::Marker;
+use super::Pulled;
 use super::error::PullError;
 use kandle_contract::pull::Report;
 use std::path::Path;
 
 /// The exit code and report of a pull.
-pub fn report(outcome: &Result<Marker, PullError>) -> (u8, Report) {
+pub fn report(outcome: &Result<Pulled, PullError>) -> (u8, Report) {
     match outcome {
-        Ok(marker) => {
+        Ok(Pulled {
+            marker,
+            fetched_bytes,
+            seconds,
+        }) => {
             let unverified = marker.files.iter().filter(|f| !f.verified).count();
             let report = Report {
+                source: Some(marker.source.clone()),
                 revision: marker.revision.clone(),
+                pulled_bytes: Some(*fetched_bytes),
+                seconds: Some((seconds * 10.0).round() / 10.0),
                 size_bytes: Some(marker.files.iter().map(|f| f.size).sum()),
                 files: Some(marker.files.len() as u64),
                 unverified_files: Some(unverified as u64).filter(|&n| n > 0),

@@ -185,9 +185,15 @@ impl Fetcher {
     async fn segment(&self, shared: &Shared<'_>, segment: Arc<Segment>) -> Result<(), PullError> {
         let mut backoff = Backoff::new(self.retry_budget);
         loop {
+            let before = segment.span().0;
             match self.segment_once(shared, &segment).await {
                 Ok(()) => return Ok(()),
-                Err(e) => backoff.wait(shared.file, e).await?,
+                Err(e) => {
+                    if segment.span().0 > before {
+                        backoff.progressed();
+                    }
+                    backoff.wait(shared.file, e).await?;
+                }
             }
         }
     }
@@ -272,7 +278,7 @@ impl Fetcher {
                 return Err(PullError::from_status(
                     &file.url,
                     status.as_u16(),
-                    self.token.is_some(),
+                    self.denied_hint,
                 ));
             }
         };

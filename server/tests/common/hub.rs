@@ -134,9 +134,18 @@ impl Hub {
 
 /// Starts the hub on a loopback port, on its own runtime thread; returns its URL.
 pub fn start(hub: Arc<Hub>) -> String {
+    let app = Router::new()
+        .route("/api/models/{org}/{name}/revision/{rev}", get(info))
+        .route("/{org}/{name}/resolve/{rev}/{*path}", get(resolve))
+        .with_state(hub);
+    format!("http://{}", serve(app))
+}
+
+/// Serves `app` on a loopback port, on a runtime thread of its own; returns the address.
+pub fn serve(app: Router) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -144,15 +153,11 @@ pub fn start(hub: Arc<Hub>) -> String {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let app = Router::new()
-                .route("/api/models/{org}/{name}/revision/{rev}", get(info))
-                .route("/{org}/{name}/resolve/{rev}/{*path}", get(resolve))
-                .with_state(hub);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.unwrap();
         });
     });
-    url
+    addr
 }
 
 fn authorized(repo: &Repo, headers: &HeaderMap) -> bool {
