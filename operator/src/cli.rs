@@ -57,15 +57,22 @@ pub struct ChildArgs {
     /// The operator's own namespace, which NetworkPolicies admit for its metric scrapes.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kandle-system")]
     pub operator_namespace: String,
+    /// Whether the cluster mounts image volumes, which `oci://` models use unless their spec
+    /// says `oci.mode: pull`. Default: `run` asks the API server (on by default from
+    /// Kubernetes 1.35); `render` assumes a current cluster (true).
+    #[arg(long, env = "KANDLE_IMAGE_VOLUMES", action = clap::ArgAction::Set)]
+    pub image_volumes: Option<bool>,
 }
 
 impl ChildArgs {
-    pub fn settings(&self) -> crate::build::Settings {
+    /// The settings, with `image_volumes` (what the cluster supports) where the flag is unset.
+    pub fn settings(&self, image_volumes: bool) -> crate::build::Settings {
         crate::build::Settings {
             server_image: self.server_image.clone(),
             server_image_cuda: self.server_image_cuda.clone(),
             cluster_domain: self.cluster_domain.clone(),
             operator_namespace: self.operator_namespace.clone(),
+            image_volumes: self.image_volumes.unwrap_or(image_volumes),
         }
     }
 }

@@ -79,6 +79,7 @@ pub const MAX_NAME_LEN: usize = 49;
     validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both: with autoscaling the operator sets the replica count"),
     validation = Rule::new("!(self.model.uri.startsWith('pvc://') && has(self.cache))").message("a pvc:// model is served from its own claim: remove cache"),
     validation = Rule::new("!(has(self.model.task) && self.model.task == 'tabular' && has(self.resources) && has(self.resources.gpu))").message("tabular models run on CPU: remove resources.gpu"),
+    validation = Rule::new("!(has(self.model.oci) && has(self.model.oci.mode) && self.model.oci.mode == 'volume' && has(self.cache))").message("an image volume is cached by the node's runtime: remove cache, or set model.oci.mode: pull"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -132,16 +133,19 @@ pub struct NetworkPolicySpec {
 /// What is served, from where.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
-    validation = Rule::new("self.uri.matches('^(hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[A-Za-z0-9][-_.A-Za-z0-9]*(@[^@]+)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*)$')").message("uri must be hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, https://HOST/PATH or pvc://CLAIM/PATH"),
+    validation = Rule::new("self.uri.matches('^(hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[A-Za-z0-9][-_.A-Za-z0-9]*(@[^@]+)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|oci://[A-Za-z0-9][-.A-Za-z0-9]*(:[0-9]+)?/[a-z0-9]+([._/-]+[a-z0-9]+)*(:[A-Za-z0-9_][-._A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?)$')").message("uri must be hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, oci://REGISTRY/REPOSITORY[:TAG|@sha256:DIGEST], https://HOST/PATH or pvc://CLAIM/PATH"),
+    validation = Rule::new("!has(self.oci) || self.uri.startsWith('oci://')").message("oci applies to oci:// models"),
     validation = Rule::new("!has(self.revision) || (self.uri.startsWith('hf://') && !self.uri.contains('@'))").message("revision applies to hf:// URIs without an @REVISION of their own"),
     validation = Rule::new("!has(self.sha256) || self.uri.startsWith('https://') || self.uri.startsWith('http://')").message("sha256 applies to a single-file https:// model"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// Where the model is: `hf://ORG/NAME[@REVISION]` (the Hugging Face hub),
-    /// `s3://BUCKET/PREFIX` (AWS or any S3-compatible store), `https://HOST/PATH` (one file,
-    /// such as a GGUF) or `pvc://CLAIM/PATH` (already on a PersistentVolumeClaim in this
-    /// namespace; nothing is pulled).
+    /// `s3://BUCKET/PREFIX` (AWS or any S3-compatible store),
+    /// `oci://REGISTRY/REPOSITORY[:TAG|@sha256:DIGEST]` (an OCI artifact, as
+    /// `kandle-server push` makes), `https://HOST/PATH` (one file, such as a GGUF) or
+    /// `pvc://CLAIM/PATH` (already on a PersistentVolumeClaim in this namespace; nothing is
+    /// pulled).
     #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
     /// Branch, tag or commit of an `hf://` model (default `main`). It is resolved to a commit
@@ -158,8 +162,10 @@ pub struct ModelSpec {
     pub task: Option<Task>,
     /// Secret mounted as files (one per key) into the pull step only: `HF_TOKEN` for gated
     /// hub models, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
-    /// `AWS_ENDPOINT_URL` for S3. The serving container never sees it. Until it exists the
-    /// phase is `Failed`, naming it, and the pull is retried.
+    /// `AWS_ENDPOINT_URL` for S3, `OCI_USERNAME` and `OCI_PASSWORD` or `.dockerconfigjson`
+    /// (a `kubernetes.io/dockerconfigjson` Secret) for a registry; an image volume gets it
+    /// as the pod's image pull secret. The serving container never sees it. Until it
+    /// exists the phase is `Failed`, naming it, and the pull is retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,
@@ -176,6 +182,38 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
     pub exclude: Vec<String>,
+    /// How an `oci://` model reaches the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciSpec>,
+}
+
+/// How an `oci://` model reaches the pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct OciSpec {
+    /// `volume`: a Kubernetes image volume, mounted read-only with no pull step: the
+    /// node's container runtime pulls the artifact once and keeps it for every pod on the
+    /// node (Kubernetes 1.35+, or 1.33+ with the `ImageVolume` feature gate, and a runtime
+    /// that mounts OCI artifacts, such as CRI-O 1.31+). `pull`: pulled like any other model,
+    /// by each pod or by the `pvc` cache's Job. Default: `volume` where the API server
+    /// enables image volumes by default (1.35+) and no `cache` is set, else `pull`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<OciMode>,
+    /// Reach the registry over plain HTTP, not TLS, when pulling (registries on localhost
+    /// and 127.0.0.0/8 always are). Image volumes follow the node runtime's own registry
+    /// configuration instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
+}
+
+/// How an `oci://` model reaches the pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OciMode {
+    /// A read-only image volume the node's runtime pulls and caches.
+    Volume,
+    /// Pulled by `kandle-server pull`, verified, into the model volume.
+    Pull,
 }
 
 /// What a model serves, which decides the OpenAI routes it answers.
@@ -602,9 +640,22 @@ pub enum Phase {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelStatus {
-    /// The commit an `hf://` revision resolved to.
+    /// Where the model came from: the URI pulled, or for an image volume the reference
+    /// the node's runtime mounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// What the source's reference resolved to: the commit of an `hf://` revision, the
+    /// manifest digest of an `oci://` tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_revision: Option<String>,
+    /// How long the last pull took, in seconds (absent for image volumes: the node's
+    /// runtime pulls them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_seconds: Option<i64>,
+    /// Bytes the last pull fetched over the network: 0 when the volume held the model
+    /// already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled_bytes: Option<i64>,
     /// Bytes of model files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,

@@ -1,6 +1,7 @@
 //! The Kubernetes events kandle publishes, as pure functions of what was decided: phase
 //! changes (with their cause), new revisions rolling out, rollbacks, canary steps, the
-//! autoscaler's changes (with the numbers behind them), the GPU fallback and invalid specs.
+//! autoscaler's changes (with the numbers behind them), a model pulled (from where, how
+//! long), the GPU fallback and invalid specs.
 use crate::crd::{CanaryVerdict, ModelDeployment, ModelDeploymentStatus, Phase};
 use crate::rollout::Fallback;
 use kube::runtime::events::{Event, EventType};
@@ -13,6 +14,8 @@ pub struct Announced {
     replicas: Option<i32>,
     rolled_back: Option<String>,
     canary: Option<(String, i32, CanaryVerdict)>,
+    /// The pulled model's source and revision.
+    model: Option<(Option<String>, Option<String>)>,
 }
 
 impl Announced {
@@ -26,6 +29,10 @@ impl Announced {
                 .canary
                 .as_ref()
                 .map(|c| (c.revision.clone(), c.step, c.verdict)),
+            model: s
+                .model
+                .as_ref()
+                .map(|m| (m.source.clone(), m.resolved_revision.clone())),
         }
     }
 }
@@ -42,8 +49,31 @@ pub fn transitions(
         replicas,
         rolled_back,
         canary,
+        model,
     } = before;
     let mut events = Vec::new();
+    if let Some(m) = &status.model
+        && let Some(seconds) = m.pull_seconds
+        && model != Some((m.source.clone(), m.resolved_revision.clone()))
+    {
+        let revision = m
+            .resolved_revision
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: "ModelPulled".into(),
+            note: Some(truncate_note(&format!(
+                "{}{revision}: {} bytes in {seconds} s, {} of them over the network",
+                m.source.as_deref().unwrap_or_default(),
+                m.size_bytes.unwrap_or_default(),
+                m.pulled_bytes.unwrap_or_default(),
+            ))),
+            action: "Pull".into(),
+            secondary: None,
+        });
+    }
     if revision.is_some() && revision != status.update_revision {
         events.push(Event {
             type_: EventType::Normal,
@@ -155,4 +185,40 @@ pub fn invalid_spec(message: &str) -> Event {
 /// Notes are bounded: the API server refuses longer ones.
 fn truncate_note(s: &str) -> String {
     s.chars().take(1000).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ModelStatus;
+
+    #[test]
+    fn a_pull_is_announced_once_per_source_and_revision_with_its_cost() {
+        let md = crate::build::tests::md(serde_json::json!({"model": {"uri": "oci://r/m:v1"}}));
+        let status = |revision: &str| ModelDeploymentStatus {
+            model: Some(ModelStatus {
+                source: Some("oci://r/m:v1".into()),
+                resolved_revision: Some(revision.into()),
+                pull_seconds: Some(12),
+                pulled_bytes: Some(0),
+                size_bytes: Some(1 << 30),
+                ..ModelStatus::default()
+            }),
+            ..ModelDeploymentStatus::default()
+        };
+        let pulled = |before: Announced, s: &ModelDeploymentStatus| {
+            transitions(&md, before, s)
+                .into_iter()
+                .filter(|e| e.reason == "ModelPulled")
+                .filter_map(|e| e.note)
+                .collect::<Vec<_>>()
+        };
+        let first = status("sha256:aa");
+        assert_eq!(
+            pulled(Announced::default(), &first),
+            ["oci://r/m:v1 (sha256:aa): 1073741824 bytes in 12 s, 0 of them over the network"]
+        );
+        assert!(pulled(Announced::of(&first), &first).is_empty());
+        assert_eq!(pulled(Announced::of(&first), &status("sha256:bb")).len(), 1);
+    }
 }

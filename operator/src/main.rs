@@ -42,7 +42,7 @@ async fn main() -> ExitCode {
             };
             match kandle_operator::render::render(
                 &input,
-                &args.children.settings(),
+                &args.children.settings(true),
                 &args.namespace,
                 observed.as_deref(),
             ) {
@@ -108,9 +108,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.metrics_addr,
         metrics.clone(),
     ));
+    let image_volumes = match client.apiserver_version().await {
+        Ok(info) => kandle_operator::build::image_volumes_by_default(&info.major, &info.minor),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the API server's version; oci:// models will be pulled, not mounted as image volumes");
+            false
+        }
+    };
     let controller = kandle_operator::controller::run(
         client.clone(),
-        args.children.settings(),
+        args.children.settings(image_volumes),
         args.watch_namespace.clone(),
         metrics.clone(),
         Arc::new(args.autoscaling.autoscaler()),

@@ -299,9 +299,30 @@ mod tests {
             "s3://bucket/prefix",
             "https://h/m.gguf",
             "pvc://models/smol",
+            "oci://registry.example:5000/team/models/smol:v1.2",
+            "oci://ghcr.io/org/smol",
+            "oci://localhost/smol@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ] {
             model_deployment(&doc(json!({"model": {"uri": uri}}))).unwrap();
         }
+        for uri in [
+            "oci://registry.example/Upper/case",
+            "oci://registry.example/smol:",
+            "oci://registry.example/smol@sha256:short",
+            "oci://registry.example",
+        ] {
+            let e = errors(json!({"model": {"uri": uri}}));
+            assert!(e.contains("oci://REGISTRY/REPOSITORY"), "{uri}: {e}");
+        }
+        let e = errors(json!({"model": {"uri": "hf://a/b", "oci": {"mode": "pull"}}}));
+        assert!(e.contains("oci applies to oci:// models"), "{e}");
+        let e = errors(
+            json!({"model": {"uri": "oci://r/m", "oci": {"mode": "volume"}},
+                              "cache": {"volume": "pvc"}}),
+        );
+        assert!(e.contains("an image volume is cached by the node"), "{e}");
+        let e = errors(json!({"model": {"uri": "oci://r/m", "oci": {"mode": "disk"}}}));
+        assert!(e.contains("mode"), "{e}");
         let e = errors(json!({"model": {"uri": "s3://b/p", "revision": "main"}}));
         assert!(e.contains("revision applies to hf://"), "{e}");
         let e = errors(json!({"model": {"uri": "pvc://c/p"}, "cache": {"volume": "pvc"}}));

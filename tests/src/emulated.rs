@@ -40,6 +40,7 @@ pub fn settings() -> Settings {
         server_image_cuda: "kandle-server-cuda:test".into(),
         cluster_domain: "cluster.local".into(),
         operator_namespace: "kandle-system".into(),
+        image_volumes: false,
     }
 }
 

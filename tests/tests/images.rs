@@ -43,6 +43,7 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
             server_image_cuda: "x-cuda".into(),
             cluster_domain: "cluster.local".into(),
             operator_namespace: "kandle-system".into(),
+            image_volumes: false,
         },
         "default",
         None,

@@ -1,9 +1,10 @@
 //! Where a model comes from and lives: pulled by each pod, pulled once by a Job into a
-//! PersistentVolumeClaim, or already on the user's own claim.
+//! PersistentVolumeClaim, already on the user's own claim, or an OCI artifact the node's
+//! runtime mounts as an image volume.
 use super::Settings;
 use super::labels::meta;
 use super::pod::{MODELS, credentials_volume, pod_security, pull_container, tmp_volume};
-use crate::crd::{CacheVolume, ModelDeployment};
+use crate::crd::{CacheVolume, ModelDeployment, OciMode};
 use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
 };
@@ -24,11 +25,24 @@ pub enum ModelSource {
     PvcCache { claim: String, folder: String },
     /// `pvc://CLAIM/PATH`: served read-only from the user's claim, nothing pulled.
     UserClaim { claim: String, path: String },
+    /// `oci://REFERENCE` as an image volume: the node's runtime pulls and caches it.
+    ImageVolume { reference: String },
 }
 
 impl ModelSource {
-    pub fn of(md: &ModelDeployment) -> Self {
+    pub fn of(md: &ModelDeployment, settings: &Settings) -> Self {
         let uri = &md.spec.model.uri;
+        if let Some(reference) = uri.strip_prefix("oci://") {
+            let mode = md.spec.model.oci.as_ref().and_then(|o| o.mode);
+            // A cache the spec asks for is a request to pull.
+            let volume = mode == Some(OciMode::Volume)
+                || (mode.is_none() && settings.image_volumes && md.spec.cache.is_none());
+            if volume {
+                return Self::ImageVolume {
+                    reference: reference.into(),
+                };
+            }
+        }
         if let Some(rest) = uri.strip_prefix("pvc://") {
             let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
             return Self::UserClaim {
@@ -49,6 +63,7 @@ impl ModelSource {
     pub fn model_path(&self) -> String {
         match self {
             Self::PerPod => format!("{MODELS}/model"),
+            Self::ImageVolume { .. } => MODELS.into(),
             Self::PvcCache { folder, .. } => format!("{MODELS}/{folder}"),
             Self::UserClaim { path, .. } if path.is_empty() => MODELS.into(),
             Self::UserClaim { path, .. } => format!("{MODELS}/{path}"),

@@ -13,10 +13,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, Lifecycle,
-    LifecycleHandler, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretVolumeSource, SleepAction, Toleration, Volume,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, ImageVolumeSource,
+    Lifecycle, LifecycleHandler, LocalObjectReference, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, SleepAction, Toleration,
+    Volume,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -116,6 +117,14 @@ fn pod_spec(md: &ModelDeployment, image: &str, source: &ModelSource) -> PodSpec 
             }),
             ..Volume::default()
         },
+        ModelSource::ImageVolume { reference } => Volume {
+            name: "model".into(),
+            image: Some(ImageVolumeSource {
+                reference: Some(reference.clone()),
+                pull_policy: None,
+            }),
+            ..Volume::default()
+        },
         ModelSource::PvcCache { claim, .. } | ModelSource::UserClaim { claim, .. } => Volume {
             name: "model".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -168,6 +177,13 @@ fn pod_spec(md: &ModelDeployment, image: &str, source: &ModelSource) -> PodSpec 
         termination_grace_period_seconds: Some(PRE_STOP_SECONDS + DRAIN_SECONDS + 5),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
+        // The kubelet pulls an image volume with the pod's pull secrets.
+        image_pull_secrets: match (source, &md.spec.model.credentials_secret) {
+            (ModelSource::ImageVolume { .. }, Some(secret)) => Some(vec![LocalObjectReference {
+                name: secret.clone(),
+            }]),
+            _ => None,
+        },
         ..PodSpec::default()
     };
     schedule(md, &mut spec);

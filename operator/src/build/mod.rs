@@ -36,6 +36,24 @@ pub struct Settings {
     pub cluster_domain: String,
     /// Where the operator runs: its scrapes of the pods' metrics come from there.
     pub operator_namespace: String,
+    /// The API server enables image volumes by default (Kubernetes 1.35+): `oci://`
+    /// models are mounted as image volumes unless their spec says otherwise.
+    pub image_volumes: bool,
+}
+
+/// Whether an API server of this version enables image volumes by default: Kubernetes
+/// 1.35 and later (providers write minors such as `35+`).
+pub fn image_volumes_by_default(major: &str, minor: &str) -> bool {
+    let number = |s: &str| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .ok()
+    };
+    match (number(major), number(minor)) {
+        (Some(major), _) if major > 1 => true,
+        (Some(1), Some(minor)) => minor >= 35,
+        _ => false,
+    }
 }
 
 /// Every child kind, in the order they are applied and printed.
@@ -194,7 +212,7 @@ impl Desired {
 /// Builds every child, as applied once the model is in place; `replicas` is what the
 /// spec or the autoscaler asks for.
 pub fn desired(md: &ModelDeployment, settings: &Settings, replicas: i32) -> Desired {
-    let source = ModelSource::of(md);
+    let source = ModelSource::of(md, settings);
     let mut children = Vec::new();
     let mut pull_job = None;
     if let ModelSource::PvcCache { .. } = &source {

@@ -130,6 +130,9 @@ pub fn pull_container(md: &ModelDeployment, image: &str, source: &ModelSource) -
     if let Some(sha) = &model.sha256 {
         args.extend(["--sha256".to_string(), sha.clone()]);
     }
+    if model.oci.as_ref().is_some_and(|o| o.plain_http) {
+        args.push("--plain-http".into());
+    }
     let mut mounts = vec![mount("model", MODELS, false), tmp_volume().1];
     if let Some(secret) = &model.credentials_secret {
         args.extend([

@@ -12,6 +12,7 @@ pub(crate) fn settings() -> Settings {
         server_image_cuda: "kandle-server-cuda:test".into(),
         cluster_domain: "cluster.local".into(),
         operator_namespace: "kandle-system".into(),
+        image_volumes: false,
     }
 }
 
@@ -340,7 +341,7 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
     let Child::Job(job) = &ready.children[1] else {
         panic!()
     };
-    let ModelSource::PvcCache { folder, .. } = ModelSource::of(&md) else {
+    let ModelSource::PvcCache { folder, .. } = ModelSource::of(&md, &settings()) else {
         panic!("a pvc cache")
     };
     assert!(
@@ -396,7 +397,10 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
     let mut reimaged = md.clone();
     reimaged.spec.server =
         Some(serde_json::from_value(json!({"image": "kandle-server:v2"})).unwrap());
-    assert_eq!(ModelSource::of(&reimaged), ModelSource::of(&md));
+    assert_eq!(
+        ModelSource::of(&reimaged, &settings()),
+        ModelSource::of(&md, &settings())
+    );
     let Child::Job(reimaged_job) = &children(&reimaged).children[1] else {
         panic!()
     };
@@ -426,6 +430,90 @@ fn a_model_on_the_users_claim_is_served_read_only_without_a_pull() {
         ("models", Some(true))
     );
     assert!(args(container(pod, "server")).contains("--model /models/llama/3b"));
+}
+
+#[test]
+fn oci_models_are_image_volumes_where_the_cluster_mounts_them_else_pulled() {
+    let spec = |oci: Value, cache: Option<Value>| {
+        let mut spec = json!({"model": {"uri": "oci://reg.example:5000/models/tiny:v1",
+            "credentialsSecret": "login", "oci": oci}});
+        if let Some(cache) = cache {
+            spec["cache"] = cache;
+        }
+        md(spec)
+    };
+    let mounting = Settings {
+        image_volumes: true,
+        ..settings()
+    };
+    let with = |settings: &Settings, md: &ModelDeployment| {
+        desired(md, settings, crate::replicas::wanted(md, None))
+    };
+
+    // Mounted: no pull step, the artifact read-only at /models, the login as pull secret.
+    for (settings, md) in [
+        (&mounting, spec(json!({}), None)),
+        (&settings(), spec(json!({"mode": "volume"}), None)),
+    ] {
+        let d = with(settings, &md);
+        let pod = pod(&d);
+        assert!(pod.init_containers.is_none());
+        let volume = &pod.volumes.as_ref().unwrap()[0];
+        let image = volume.image.as_ref().unwrap();
+        assert_eq!(
+            (volume.name.as_str(), image.reference.as_deref()),
+            ("model", Some("reg.example:5000/models/tiny:v1"))
+        );
+        let server = container(pod, "server");
+        assert!(
+            args(server).contains("--model /models "),
+            "{}",
+            args(server)
+        );
+        let mount = &server.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.read_only),
+            ("model", Some(true))
+        );
+        assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "login");
+        // The Secret is the kubelet's alone: no container mounts it.
+        assert!(mounted_secrets(pod, server).is_empty());
+    }
+
+    // Pulled: where the cluster does not mount them, the spec says so, or a cache is asked for.
+    for (settings, md) in [
+        (&settings(), spec(json!({"plainHttp": true}), None)),
+        (
+            &mounting,
+            spec(json!({"mode": "pull", "plainHttp": true}), None),
+        ),
+        (
+            &mounting,
+            spec(json!({"plainHttp": true}), Some(json!({"volume": "pvc"}))),
+        ),
+    ] {
+        let d = with(settings, &md);
+        let pull = match d.children.iter().find_map(|c| match c {
+            Child::Job(job) => job.spec.as_ref()?.template.spec.clone(),
+            _ => None,
+        }) {
+            Some(job_pod) => container(&job_pod, "pull").clone(),
+            None => container(pod(&d), "pull").clone(),
+        };
+        let a = args(&pull);
+        assert!(
+            a.contains("--model oci://reg.example:5000/models/tiny:v1")
+                && a.contains("--plain-http"),
+            "{a}"
+        );
+        assert!(pod(&d).image_pull_secrets.is_none());
+        assert!(pod(&d).volumes.as_ref().unwrap()[0].image.is_none());
+    }
+
+    assert!(crate::build::image_volumes_by_default("1", "35"));
+    assert!(crate::build::image_volumes_by_default("1", "36+"));
+    assert!(!crate::build::image_volumes_by_default("1", "34"));
+    assert!(!crate::build::image_volumes_by_default("", ""));
 }
 
 #[test]

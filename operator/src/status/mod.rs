@@ -55,7 +55,7 @@ pub fn compute(
         .deployment
         .and_then(|d| d.status.clone())
         .unwrap_or_default();
-    let model = model::model_state(md, observed);
+    let model = model::model_state(md, settings, observed);
     let pod_cause = diagnosis::pods_cause(&observed.pods, &desired.revision);
     let deadline = observed
         .deployment

@@ -1,7 +1,7 @@
 //! Where the model stands, read from the pull step's report
 //! ([`kandle_contract::pull::Report`], the pull container's termination message).
 use super::Observed;
-use crate::build::ModelSource;
+use crate::build::{ModelSource, Settings};
 use crate::crd::{ModelDeployment, ModelStatus};
 use crate::diagnosis;
 use k8s_openapi::api::core::v1::ContainerStatus;
@@ -21,9 +21,14 @@ pub enum Model {
 
 /// Where the model of `md` stands, from its pull Job's pods (pvc cache) or its serving
 /// pods' pull containers (per-pod pulls).
-pub fn model_state(md: &ModelDeployment, observed: &Observed) -> Model {
-    match ModelSource::of(md) {
+pub fn model_state(md: &ModelDeployment, settings: &Settings, observed: &Observed) -> Model {
+    match ModelSource::of(md, settings) {
         ModelSource::UserClaim { .. } => Model::Ready(None),
+        // The kubelet pulls it; a pull it cannot make shows on the pods (their cause).
+        ModelSource::ImageVolume { reference } => Model::Ready(Some(ModelStatus {
+            source: Some(format!("oci://{reference} (image volume)")),
+            ..ModelStatus::default()
+        })),
         ModelSource::PvcCache { .. } => {
             let report = observed
                 .job_pods
@@ -76,7 +81,10 @@ pub fn model_state(md: &ModelDeployment, observed: &Observed) -> Model {
 
 pub fn model_status(r: &Report) -> ModelStatus {
     ModelStatus {
+        source: r.source.clone(),
         resolved_revision: r.revision.clone(),
+        pull_seconds: r.seconds.map(|s| s.round() as i64),
+        pulled_bytes: r.pulled_bytes.map(saturate),
         size_bytes: r.size_bytes.map(saturate),
         files: r.files.map(saturate),
         unverified_files: r.unverified_files.map(saturate),
