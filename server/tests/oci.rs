@@ -523,11 +523,19 @@ async fn hostile_manifests_are_refused_before_any_file_is_written() {
     }
 }
 
+/// What a token service in front of a registry knows: the tokens it gave, each with the
+/// requests it may still make (tokens expire, as Docker Hub's do after five minutes).
+#[derive(Default)]
+struct Tokens {
+    left: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    issued: AtomicUsize,
+}
+
 /// A token service in front of a registry, as Docker Hub and GHCR work: `/v2/` answers 401
-/// with a Bearer challenge, `/token` gives a token for the `kandle` login (with push rights
-/// only when the scope asks for them), and every other request reaches the registry only
-/// with a token. Returns its address.
-fn token_front(upstream: String) -> String {
+/// with a Bearer challenge, `/token` gives a token good for `uses` requests for the `kandle`
+/// login (with push rights only when the scope asks for them), and every other request
+/// reaches the registry only with a live token. Returns its address and its tokens.
+fn token_front(upstream: String, uses: usize) -> (String, Arc<Tokens>) {
     use axum::body::Body;
     use axum::extract::{Query, Request, State};
     use axum::http::{HeaderMap, StatusCode, header};
@@ -535,9 +543,13 @@ fn token_front(upstream: String) -> String {
     use base64::Engine as _;
     use std::collections::HashMap;
 
-    const TOKEN: &str = "pull-and-push-token";
+    type Front = (String, Arc<std::sync::OnceLock<String>>, Arc<Tokens>, usize);
 
-    async fn token(headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+    async fn token(
+        State((_, _, tokens, uses)): State<Front>,
+        headers: HeaderMap,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> Response {
         let login = base64::engine::general_purpose::STANDARD.encode(format!("kandle:{PASSWORD}"));
         let authorized = headers
             .get(header::AUTHORIZATION)
@@ -552,20 +564,31 @@ fn token_front(upstream: String) -> String {
             )
                 .into_response();
         }
-        axum::Json(serde_json::json!({"token": TOKEN, "expires_in": 300})).into_response()
+        let token = format!("token-{}", tokens.issued.fetch_add(1, Ordering::SeqCst));
+        tokens.left.lock().unwrap().insert(token.clone(), uses);
+        axum::Json(serde_json::json!({"token": token, "expires_in": 300})).into_response()
     }
 
     async fn forward(
-        State((upstream, realm)): State<(String, Arc<std::sync::OnceLock<String>>)>,
+        State((upstream, realm, tokens, _)): State<Front>,
         request: Request,
     ) -> Response {
         let realm = realm.get().unwrap();
         let challenge = format!("Bearer realm=\"{realm}\",service=\"kandle-test\"");
-        let bearer = request
+        let token = request
             .headers()
             .get(header::AUTHORIZATION)
-            .is_some_and(|v| v.to_str().unwrap_or_default() == format!("Bearer {TOKEN}"));
-        if !bearer {
+            .and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "))
+            .map(String::from);
+        let live = token.is_some_and(|t| {
+            let mut left = tokens.left.lock().unwrap();
+            left.get_mut(&t).is_some_and(|n| {
+                let live = *n > 0;
+                *n = n.saturating_sub(1);
+                live
+            })
+        });
+        if !live {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, challenge)],
@@ -613,19 +636,20 @@ fn token_front(upstream: String) -> String {
 
     // The realm names the front's own address, known once it listens: the state says it.
     let realm = Arc::new(std::sync::OnceLock::new());
+    let tokens = Arc::new(Tokens::default());
     let app = axum::Router::new()
         .route("/token", axum::routing::get(token))
         .fallback(forward)
-        .with_state((upstream, realm.clone()));
+        .with_state((upstream, realm.clone(), tokens.clone(), uses));
     let addr = common::hub::serve(app).to_string();
     realm.set(format!("http://{addr}/token")).unwrap();
-    addr
+    (addr, tokens)
 }
 
 #[test]
 fn bearer_tokens_are_fetched_from_the_realm_with_the_login_and_sent_with_every_request() {
     let registry = Registry::start(false);
-    let front = token_front(registry.addr.clone());
+    let (front, _) = token_front(registry.addr.clone(), usize::MAX);
     let model = tiny_model();
     let target = format!("oci://{front}/team/tiny:v1");
     let login = [("OCI_USERNAME", "kandle"), ("OCI_PASSWORD", PASSWORD)];
@@ -656,4 +680,29 @@ fn bearer_tokens_are_fetched_from_the_realm_with_the_login_and_sent_with_every_r
             "{error}"
         );
     }
+}
+
+#[test]
+fn an_expired_token_mid_pull_is_renewed_and_the_pull_goes_on() {
+    let registry = Registry::start(false);
+    let model = tiny_model();
+    let login = [("OCI_USERNAME", "kandle"), ("OCI_PASSWORD", PASSWORD)];
+    push(model.path(), &registry.uri("team/tiny:v1"), &[]);
+    // Each token is good for two requests: the manifest and one blob, then one blob each.
+    let (front, tokens) = token_front(registry.addr.clone(), 2);
+    let dest = tempfile::tempdir().unwrap();
+    let (out, report) = pull_with(
+        &format!("oci://{front}/team/tiny:v1"),
+        &dest.path().join("m"),
+        &["--concurrency", "1"],
+        &login,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(files(&dest.path().join("m")), files(model.path()));
+    let blobs = files(model.path()).len();
+    let issued = tokens.issued.load(Ordering::SeqCst);
+    assert!(
+        issued >= blobs / 2 && issued <= blobs + 1,
+        "{issued} tokens for {blobs} blobs: {report}"
+    );
 }

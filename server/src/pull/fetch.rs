@@ -55,10 +55,62 @@ fn verified_by_default() -> bool {
     true
 }
 
+/// Fetches a fresh Authorization header (a registry's new bearer token).
+pub type Renew = Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<Option<String>, PullError>>
+        + Send
+        + Sync,
+>;
+
+/// The Authorization header a source's requests carry (a bearer token, Basic
+/// credentials; never logged). A registry's bearer tokens expire, Docker Hub's after five
+/// minutes, well within a large pull: a 401 asks `renew` for a fresh header, once for all
+/// the requests that carried the stale one, and the request is sent again.
+#[derive(Clone, Default)]
+pub struct Authorization {
+    header: Arc<std::sync::RwLock<Option<String>>>,
+    renew: Option<(Renew, Arc<tokio::sync::Mutex<()>>)>,
+}
+
+impl Authorization {
+    pub fn fixed(header: Option<String>) -> Self {
+        Self {
+            header: Arc::new(std::sync::RwLock::new(header)),
+            renew: None,
+        }
+    }
+
+    pub fn renewable(header: Option<String>, renew: Renew) -> Self {
+        Self {
+            renew: Some((renew, Arc::default())),
+            ..Self::fixed(header)
+        }
+    }
+
+    fn current(&self) -> Option<String> {
+        self.header.read().expect("not poisoned").clone()
+    }
+
+    /// After a 401 to a request that carried `sent`: whether a new header is there to try.
+    async fn renewed(&self, sent: &Option<String>) -> Result<bool, PullError> {
+        let Some((renew, one_at_a_time)) = &self.renew else {
+            return Ok(false);
+        };
+        let _turn = one_at_a_time.lock().await;
+        if self.current() != *sent {
+            // Another request renewed it meanwhile.
+            return Ok(true);
+        }
+        let fresh = renew().await?;
+        let changed = fresh != *sent;
+        *self.header.write().expect("not poisoned") = fresh;
+        Ok(changed)
+    }
+}
+
 pub struct Fetcher {
     pub client: reqwest::Client,
-    /// The Authorization header's value (a bearer token, Basic credentials); never logged.
-    pub authorization: Option<String>,
+    pub authorization: Authorization,
     /// What to do about a 401 or 403, for the source's error.
     pub denied_hint: &'static str,
     pub retry_budget: Duration,
@@ -304,17 +356,37 @@ impl Fetcher {
         Ok((body(file, response).boxed(), total))
     }
 
-    /// GETs `file` with the source's authorization and `range` (a Range header) if given.
+    /// GETs `file` with the source's authorization and `range` (a Range header) if given;
+    /// once more with a renewed authorization after a 401.
     pub(super) async fn get(
         &self,
         file: &RemoteFile,
         range: Option<String>,
     ) -> Result<reqwest::Response, PullError> {
+        let sent = self.authorization.current();
+        let response = self.send(file, range.as_deref(), &sent).await?;
+        if response.status() == StatusCode::UNAUTHORIZED
+            && self.authorization.renewed(&sent).await?
+        {
+            tracing::info!(file = %file.path, "the authorization expired; renewed it");
+            return self
+                .send(file, range.as_deref(), &self.authorization.current())
+                .await;
+        }
+        Ok(response)
+    }
+
+    async fn send(
+        &self,
+        file: &RemoteFile,
+        range: Option<&str>,
+        authorization: &Option<String>,
+    ) -> Result<reqwest::Response, PullError> {
         let mut request = self.client.get(&file.url);
         if let Some(range) = range {
             request = request.header(RANGE, range);
         }
-        if let Some(authorization) = &self.authorization {
+        if let Some(authorization) = authorization {
             request = request.header(AUTHORIZATION, authorization);
         }
         request

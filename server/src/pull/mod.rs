@@ -17,6 +17,7 @@ mod sink;
 pub mod uri;
 
 use error::PullError;
+pub use fetch::Authorization;
 use fetch::{Digest, Fetcher, FileRecord, RemoteFile};
 use futures::{StreamExt, TryStreamExt};
 use progress::Progress;
@@ -107,7 +108,8 @@ async fn fill(uri: &str, dest: &Path, opts: &PullOptions) -> Result<(Marker, u64
     let credentials = opts.credentials.load().await?;
     let hf_token = credentials.get("HF_TOKEN");
     // What the fetcher's requests carry: the hub's token unless the source says otherwise.
-    let mut authorization = hf_token.as_ref().map(|t| format!("Bearer {t}"));
+    let mut authorization =
+        fetch::Authorization::fixed(hf_token.as_ref().map(|t| format!("Bearer {t}")));
     let mut denied_hint = hub::denied_hint(hf_token.is_some());
     let include = select::globs(&opts.include).map_err(|source| PullError::Select {
         uri: uri.into(),

@@ -87,6 +87,7 @@ pub struct Listing {
 
 /// One repository of one registry, and the authorization its requests carry once the
 /// registry has said what it wants.
+#[derive(Clone)]
 pub struct Registry {
     http: reqwest::Client,
     target: OciRef,
@@ -129,9 +130,20 @@ impl Registry {
         })
     }
 
-    /// The header value blob requests carry (the fetcher sends it).
-    pub fn authorization(&self) -> Option<String> {
-        self.authorization.clone()
+    /// What blob requests carry (the fetcher sends it): renewed by asking the registry
+    /// again when a token expires mid-pull.
+    pub fn authorization(&self) -> super::Authorization {
+        let this = self.clone();
+        super::Authorization::renewable(
+            self.authorization.clone(),
+            std::sync::Arc::new(move || {
+                let mut registry = this.clone();
+                Box::pin(async move {
+                    registry.authorize(false).await?;
+                    Ok(registry.authorization)
+                })
+            }),
+        )
     }
 
     pub fn denied_hint(&self) -> &'static str {
