@@ -135,6 +135,7 @@ pub struct NetworkPolicySpec {
 #[x_kube(
     validation = Rule::new("self.uri.matches('^(hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[A-Za-z0-9][-_.A-Za-z0-9]*(@[^@]+)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|oci://[A-Za-z0-9][-.A-Za-z0-9]*(:[0-9]+)?/[a-z0-9]+([._/-]+[a-z0-9]+)*(:[A-Za-z0-9_][-._A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?)$')").message("uri must be hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, oci://REGISTRY/REPOSITORY[:TAG|@sha256:DIGEST], https://HOST/PATH or pvc://CLAIM/PATH"),
     validation = Rule::new("!has(self.oci) || self.uri.startsWith('oci://')").message("oci applies to oci:// models"),
+    validation = Rule::new("!(has(self.oci) && has(self.oci.mode) && self.oci.mode == 'volume' && (has(self.include) || has(self.exclude)))").message("an image volume mounts the whole artifact: remove include and exclude, or set oci.mode: pull"),
     validation = Rule::new("!has(self.revision) || (self.uri.startsWith('hf://') && !self.uri.contains('@'))").message("revision applies to hf:// URIs without an @REVISION of their own"),
     validation = Rule::new("!has(self.sha256) || self.uri.startsWith('https://') || self.uri.startsWith('http://')").message("sha256 applies to a single-file https:// model"),
 )]
@@ -196,7 +197,8 @@ pub struct OciSpec {
     /// node (Kubernetes 1.35+, or 1.33+ with the `ImageVolume` feature gate, and a runtime
     /// that mounts OCI artifacts, such as CRI-O 1.31+). `pull`: pulled like any other model,
     /// by each pod or by the `pvc` cache's Job. Default: `volume` where the API server
-    /// enables image volumes by default (1.35+) and no `cache` is set, else `pull`.
+    /// enables image volumes by default (1.35+) and neither `cache` nor `include`/`exclude`
+    /// is set, else `pull`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<OciMode>,
     /// Reach the registry over plain HTTP, not TLS, when pulling (registries on localhost

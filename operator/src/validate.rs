@@ -321,6 +321,11 @@ mod tests {
                               "cache": {"volume": "pvc"}}),
         );
         assert!(e.contains("an image volume is cached by the node"), "{e}");
+        let e = errors(
+            json!({"model": {"uri": "oci://r/m", "oci": {"mode": "volume"},
+                                        "include": ["*.gguf"]}}),
+        );
+        assert!(e.contains("mounts the whole artifact"), "{e}");
         let e = errors(json!({"model": {"uri": "oci://r/m", "oci": {"mode": "disk"}}}));
         assert!(e.contains("mode"), "{e}");
         let e = errors(json!({"model": {"uri": "s3://b/p", "revision": "main"}}));

@@ -33,10 +33,13 @@ impl ModelSource {
     pub fn of(md: &ModelDeployment, settings: &Settings) -> Self {
         let uri = &md.spec.model.uri;
         if let Some(reference) = uri.strip_prefix("oci://") {
-            let mode = md.spec.model.oci.as_ref().and_then(|o| o.mode);
-            // A cache the spec asks for is a request to pull.
+            let model = &md.spec.model;
+            let mode = model.oci.as_ref().and_then(|o| o.mode);
+            // A cache or a choice of files is a request to pull: a volume mounts it all.
+            let pull_asked =
+                md.spec.cache.is_some() || !model.include.is_empty() || !model.exclude.is_empty();
             let volume = mode == Some(OciMode::Volume)
-                || (mode.is_none() && settings.image_volumes && md.spec.cache.is_none());
+                || (mode.is_none() && settings.image_volumes && !pull_asked);
             if volume {
                 return Self::ImageVolume {
                     reference: reference.into(),

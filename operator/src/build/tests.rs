@@ -434,11 +434,14 @@ fn a_model_on_the_users_claim_is_served_read_only_without_a_pull() {
 
 #[test]
 fn oci_models_are_image_volumes_where_the_cluster_mounts_them_else_pulled() {
-    let spec = |oci: Value, cache: Option<Value>| {
+    // `more`: include globs (an array) or a cache.
+    let spec = |oci: Value, more: Option<Value>| {
         let mut spec = json!({"model": {"uri": "oci://reg.example:5000/models/tiny:v1",
             "credentialsSecret": "login", "oci": oci}});
-        if let Some(cache) = cache {
-            spec["cache"] = cache;
+        match more {
+            Some(globs @ Value::Array(_)) => spec["model"]["include"] = globs,
+            Some(cache) => spec["cache"] = cache,
+            None => {}
         }
         md(spec)
     };
@@ -480,7 +483,8 @@ fn oci_models_are_image_volumes_where_the_cluster_mounts_them_else_pulled() {
         assert!(mounted_secrets(pod, server).is_empty());
     }
 
-    // Pulled: where the cluster does not mount them, the spec says so, or a cache is asked for.
+    // Pulled: where the cluster does not mount them, the spec says so, or a cache or a
+    // choice of files is asked for.
     for (settings, md) in [
         (&settings(), spec(json!({"plainHttp": true}), None)),
         (
@@ -490,6 +494,10 @@ fn oci_models_are_image_volumes_where_the_cluster_mounts_them_else_pulled() {
         (
             &mounting,
             spec(json!({"plainHttp": true}), Some(json!({"volume": "pvc"}))),
+        ),
+        (
+            &mounting,
+            spec(json!({"plainHttp": true}), Some(json!(["*.gguf"]))),
         ),
     ] {
         let d = with(settings, &md);
