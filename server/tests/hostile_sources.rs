@@ -138,6 +138,13 @@ fn duplicate_names_and_files_without_size_or_hash_are_refused() {
             vec![json!({"rfilename": "model.gguf", "size": 64})],
             "without the size and hash",
         ),
+        (
+            vec![
+                json!({"rfilename": "model.gguf", "size": 1u64 << 63, "blobId": "ab"}),
+                json!({"rfilename": "config.json", "size": 1u64 << 63, "blobId": "ab"}),
+            ],
+            "add up to more than 2^64 bytes",
+        ),
     ] {
         let (hub, endpoint) = evil_hub(&[("model.gguf", data.clone())], listing);
         let started = Instant::now();

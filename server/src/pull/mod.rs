@@ -320,8 +320,16 @@ fn refused(uri: &str, e: names::NameError) -> PullError {
 }
 
 /// A remote's listing, refused unless every file has a safe name of its own and a size to
-/// check (`need_digest`: and a hash; a source that publishes them must publish them all).
+/// check (`need_digest`: and a hash; a source that publishes them must publish them all),
+/// and the sizes add up to a number (the pull's progress sums them).
 fn check_listing(uri: &str, files: &[RemoteFile], need_digest: bool) -> Result<(), PullError> {
+    let sizes = files.iter().filter_map(|f| f.size);
+    if sizes.clone().try_fold(0u64, u64::checked_add).is_none() {
+        return Err(PullError::Refused {
+            uri: uri.into(),
+            reason: "the sizes listed add up to more than 2^64 bytes".into(),
+        });
+    }
     let mut seen = HashSet::new();
     for f in files {
         names::check(&f.path).map_err(|e| refused(uri, e))?;
