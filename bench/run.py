@@ -36,7 +36,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+
+from serving import decode_rates, median_of, stream_chat
+import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = int(os.environ.get("KANDLE_BENCH_ROUNDS", "5"))
@@ -109,30 +111,8 @@ def llama_generate(llm, prompts):
     return out
 
 
-def median_of(rounds):
-    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-
-
-def wait_ready(url, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.01)
-    raise SystemExit("server not ready")
-
-
 def start_server(model, port, *extra):
-    t = time.perf_counter()
-    proc = subprocess.Popen([SERVER, "serve", "--model", model, "--served-model-name", "m", "--host", "127.0.0.1",
-                             "--port", str(port), *extra], stderr=subprocess.DEVNULL)
-    wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
-    return proc, time.perf_counter() - t
+    return serving.start_server(SERVER, model, port, *extra)
 
 
 def oha(port, connections, requests, body, path="/v1/embeddings"):
@@ -166,36 +146,6 @@ FRUITS = {"model": "m", "messages": [{"role": "user", "content":
 FRUITS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "fruits", "schema": {
     "type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}}},
     "required": ["fruits"]}}}
-
-
-def stream_chat(port, body):
-    """One streamed chat completion: (seconds from first to last text, completion tokens)."""
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
-                                     {"content-type": "application/json"})
-    first = last = None
-    tokens = 0
-    with urllib.request.urlopen(request) as response:
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
-    return last - first, tokens
-
-
-def decode_rates(port, body, concurrency):
-    """(Per-sequence decode tokens/s, aggregate tokens/s) for `concurrency` requests at once."""
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda _: stream_chat(port, body), range(concurrency)))
-    wall = time.perf_counter() - start
-    per_sequence = statistics.median((tokens - 1) / seconds for seconds, tokens in runs)
-    return per_sequence, sum(tokens for _, tokens in runs) / wall, statistics.mean(t for _, t in runs)
 
 
 def structured_decode():

@@ -10,7 +10,7 @@
 //! tabular MODEL_DIR ROWS_JSON ITERS BATCH...
 //!                                       seconds per predict of BATCH rows (tiled from the
 //!                                       JSON rows, null for missing)
-use kandle_server::cli::{DeviceArg, DtypeArg};
+use kandle_server::cli::{DeviceArg, DtypeArg, KernelsArg};
 use kandle_server::engine::SamplingParams;
 use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
 use kandle_server::engine::{BLOCK_TOKENS, EmbeddingModel, EncoderInput};
@@ -26,6 +26,7 @@ fn model(path: &str) -> kandle_server::model::LoadedModel {
         task: None,
         dtype: DtypeArg::Auto,
         device: DeviceArg::Cpu,
+        kernels: KernelsArg::Auto,
     })
     .unwrap()
 }

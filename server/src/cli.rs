@@ -158,6 +158,14 @@ pub enum DeviceArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelsArg {
+    /// kandle's own kernels on the CPU in f32, candle's operations elsewhere.
+    Auto,
+    /// candle's device-independent operations everywhere: on the CPU, the code a GPU runs.
+    Portable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -166,12 +174,19 @@ pub enum LogFormat {
 /// An amount of memory: absolute, or a share of what the container may use.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Memory {
+    /// A quarter of the container's memory limit on the CPU; on a GPU, 80% of what is free
+    /// once the weights are loaded (the rest for activations and cuBLAS workspaces).
+    Auto,
     Bytes(u64),
+    /// Of the container's memory limit on the CPU, of the free GPU memory on a GPU.
     Fraction(f64),
 }
 
 fn parse_memory(s: &str) -> Result<Memory, String> {
     let s = s.trim();
+    if s == "auto" {
+        return Ok(Memory::Auto);
+    }
     if s.contains('.') {
         return match s.parse::<f64>() {
             Ok(f) if f > 0.0 && f <= 1.0 => Ok(Memory::Fraction(f)),
@@ -225,6 +240,11 @@ pub struct ServeArgs {
     /// answers, else the CPU).
     #[arg(long, env = "KANDLE_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceArg,
+    /// `portable` runs the CPU on candle's device-independent operations, the code a GPU
+    /// runs, instead of kandle's own kernels: slower; for checking GPU code paths on a
+    /// machine without one, or ruling kandle's kernels out when an output looks wrong.
+    #[arg(long, env = "KANDLE_KERNELS", value_enum, default_value = "auto")]
+    pub kernels: KernelsArg,
     /// Requests executed at once; more wait in the queue.
     #[arg(long, env = "KANDLE_MAX_CONCURRENT_REQUESTS", default_value_t = 64)]
     pub max_concurrent_requests: usize,
@@ -240,10 +260,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KANDLE_MAX_STEP_TOKENS", default_value_t = 512,
         value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_step_tokens: u64,
-    /// Memory for the KV cache of generative models: bytes (`2GiB`, `512MiB`, `1000000`)
-    /// or a fraction of the container's memory limit (`0.25`). It is raised to hold at
-    /// least one sequence of the model's whole context.
-    #[arg(long, env = "KANDLE_KV_CACHE_MEMORY", default_value = "0.25", value_parser = parse_memory)]
+    /// Memory for the KV cache of generative models: bytes (`2GiB`, `512MiB`, `1000000`),
+    /// a fraction (`0.25`) of the container's memory limit on the CPU or of the GPU memory
+    /// free once the weights are loaded, or `auto` (0.25 of the limit on the CPU, 0.8 of the
+    /// free GPU memory). A pool smaller than one sequence of the model's whole context
+    /// shortens the context served.
+    #[arg(long, env = "KANDLE_KV_CACHE_MEMORY", default_value = "auto", value_parser = parse_memory)]
     pub kv_cache_memory: Memory,
     /// Reuse the KV cache of a prompt prefix that earlier sequences computed (a shared system
     /// prompt, the earlier turns of a chat): `true` or `false`.
@@ -306,6 +328,7 @@ mod tests {
         assert_eq!(parse_memory("512MiB"), Ok(Memory::Bytes(512 << 20)));
         assert_eq!(parse_memory("4096"), Ok(Memory::Bytes(4096)));
         assert_eq!(parse_memory("0.25"), Ok(Memory::Fraction(0.25)));
+        assert_eq!(parse_memory("auto"), Ok(Memory::Auto));
         for bad in [
             "0",
             "1.5",

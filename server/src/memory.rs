@@ -1,7 +1,41 @@
-//! How much memory this process may use: its cgroup's limit (v2, then v1), else the machine's.
+//! How much memory this process may use: its cgroup's limit (v2, then v1), else the machine's;
+//! and on a GPU, what is free there.
+use crate::cli::Memory;
+use candle_core::Device;
 use std::path::Path;
 
-pub fn limit_bytes() -> Option<u64> {
+/// Bytes the KV-cache pool may take under `setting`, for a model loaded on `device`.
+pub fn kv_cache_bytes(setting: Memory, device: &Device) -> u64 {
+    let (base, auto) = match gpu_free_bytes(device) {
+        Some(free) => (free, 0.8),
+        None => (limit_bytes().unwrap_or(0), 0.25),
+    };
+    match setting {
+        Memory::Bytes(b) => b,
+        Memory::Fraction(f) => (base as f64 * f) as u64,
+        Memory::Auto => (base as f64 * auto) as u64,
+    }
+}
+
+/// The GPU memory free now (weights loaded, nothing else yet), or None off a GPU.
+#[cfg(feature = "cuda")]
+fn gpu_free_bytes(device: &Device) -> Option<u64> {
+    let cuda = device.as_cuda_device().ok()?;
+    match cuda.cuda_stream().context().mem_get_info() {
+        Ok((free, _total)) => Some(free as u64),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the GPU's free memory");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_free_bytes(_device: &Device) -> Option<u64> {
+    None
+}
+
+fn limit_bytes() -> Option<u64> {
     let read = |p: &str| std::fs::read_to_string(Path::new(p)).ok();
     // "max" (v2) or a huge number (v1) mean no limit: fall through to the machine's memory.
     let cgroup = read("/sys/fs/cgroup/memory.max")

@@ -1,5 +1,5 @@
 //! `kandle-server serve`: load, warm, bind, serve, and drain on SIGTERM.
-use crate::cli::{Memory, ServeArgs, TaskArg};
+use crate::cli::{ServeArgs, TaskArg};
 use crate::constrain::LazyLexicon;
 use crate::engine::SamplingParams;
 use crate::engine::embedding::{BatchLimits, EmbeddingEngine};
@@ -50,6 +50,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         task: args.task,
         dtype: args.dtype,
         device: args.device,
+        kernels: args.kernels,
     };
     tracing::info!(model = %model_path.display(), "loading model");
     let loaded = tokio::task::spawn_blocking(move || model::load(&opts))
@@ -62,7 +63,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_name(&args.model));
     let generation = match &loaded.backend {
         Backend::Generator(lm) => {
-            Some(generation_limits(&args, &mut info, lm.kv_bytes_per_block()))
+            let wanted = crate::memory::kv_cache_bytes(args.kv_cache_memory, lm.device());
+            Some(generation_limits(
+                &args,
+                &mut info,
+                wanted,
+                lm.kv_bytes_per_block(),
+            ))
         }
         Backend::Embedder(_) => None,
     };
@@ -213,14 +220,15 @@ async fn listen(
     Ok(())
 }
 
-/// Sizes the KV-cache pool from `--kv-cache-memory`. A pool too small for one sequence of
-/// the model's whole context shortens the context served, as vLLM does, rather than let a
+/// Sizes the KV-cache pool to `wanted` bytes. A pool too small for one sequence of the
+/// model's whole context shortens the context served, as vLLM does, rather than let a
 /// sequence fail halfway; more than every running sequence's whole context would be unused.
-fn generation_limits(args: &ServeArgs, info: &mut ModelInfo, block_bytes: usize) -> Limits {
-    let wanted = match args.kv_cache_memory {
-        Memory::Bytes(b) => b,
-        Memory::Fraction(f) => (crate::memory::limit_bytes().unwrap_or(0) as f64 * f) as u64,
-    };
+fn generation_limits(
+    args: &ServeArgs,
+    info: &mut ModelInfo,
+    wanted: u64,
+    block_bytes: usize,
+) -> Limits {
     let per_context = info.context_length.div_ceil(BLOCK_TOKENS);
     let max_running = args.max_batch_size.max(1);
     let blocks = usize::try_from(wanted / block_bytes.max(1) as u64)

@@ -5,7 +5,7 @@
 //! Qwen3 with per-head q/k norms. In f32 every logit must be within 1e-4 of transformers' at
 //! every step, and greedy decoding must give transformers' tokens: alone, among other
 //! sequences of different lengths, and when a small KV cache forces preemption.
-use kandle_server::cli::{DeviceArg, DtypeArg};
+use kandle_server::cli::{DeviceArg, DtypeArg, KernelsArg};
 use kandle_server::engine::SamplingParams;
 use kandle_server::engine::generation::{
     Event, GenerationEngine, GenerationJob, Limits, TokenLogprob,
@@ -25,12 +25,16 @@ fn dir(family: &str) -> PathBuf {
         .join(family)
 }
 
-fn model(family: &str) -> LoadedModel {
+/// kandle's CPU kernels, and candle's portable operations: the code a GPU runs.
+const KERNELS: [KernelsArg; 2] = [KernelsArg::Auto, KernelsArg::Portable];
+
+fn model(family: &str, kernels: KernelsArg) -> LoadedModel {
     load(&LoadOptions {
         path: dir(family),
         task: None,
         dtype: DtypeArg::F32,
         device: DeviceArg::Cpu,
+        kernels,
     })
     .unwrap_or_else(|e| panic!("{family}: {e}"))
 }
@@ -87,16 +91,18 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Prompt in one pass, then transformers' greedy tokens one at a time: every step's logits
-/// match, and kandle's own argmax is transformers' token.
+/// match, and kandle's own argmax is transformers' token, on either kernels.
 #[test]
 fn logits_match_transformers_at_every_step() {
-    for family in FAMILIES {
-        let loaded = model(family);
+    for (family, kernels) in FAMILIES.iter().flat_map(|f| KERNELS.map(|k| (*f, k))) {
+        let loaded = model(family, kernels);
+        let cases = cases(family);
+        let family = format!("{family} ({kernels:?})");
         let Backend::Generator(lm) = &loaded.backend else {
             panic!("{family} is a generator")
         };
         let mut worst = 0f32;
-        for (n, case) in cases(family).iter().enumerate() {
+        for (n, case) in cases.iter().enumerate() {
             let mut seq = lm.sequence(case.prompt.len() + case.greedy.len()).unwrap();
             for (step, want) in case.logits.iter().enumerate() {
                 let got: Vec<f32> = if step == 0 {
@@ -128,8 +134,8 @@ fn logits_match_transformers_at_every_step() {
 /// token: the prefill path (many rows, causal mask, window) agrees with the decode path.
 #[test]
 fn one_long_chunk_equals_many_steps() {
-    for family in FAMILIES {
-        let loaded = model(family);
+    for (family, kernels) in FAMILIES.iter().flat_map(|f| KERNELS.map(|k| (*f, k))) {
+        let loaded = model(family, kernels);
         let Backend::Generator(lm) = &loaded.backend else {
             panic!()
         };
@@ -149,7 +155,7 @@ fn one_long_chunk_equals_many_steps() {
                 .to_vec1()
                 .unwrap();
             let diff = largest_difference(&got, &case.logits[steps - 1]);
-            assert!(diff <= TOLERANCE, "{family}: {diff}");
+            assert!(diff <= TOLERANCE, "{family} ({kernels:?}): {diff}");
         }
     }
 }
@@ -203,11 +209,12 @@ async fn generate_with_logprobs(
 /// rows), with prefix caching off and on, then with a KV cache so small that sequences are
 /// preempted and recomputed: always transformers' tokens. A prompt that shares three full
 /// blocks with another gives the same text whether those blocks come from the cache or not.
+/// On either kernels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_tokens_do_not_depend_on_the_batch() {
-    for family in FAMILIES {
+    for (family, kernels) in FAMILIES.iter().flat_map(|f| KERNELS.map(|k| (*f, k))) {
         let cases = cases(family);
-        let loaded = model(family);
+        let loaded = model(family, kernels);
         let tokenizer = loaded.tokenizer.clone();
         let expected: Vec<String> = cases
             .iter()
@@ -219,8 +226,10 @@ async fn greedy_tokens_do_not_depend_on_the_batch() {
         let steps = cases[0].greedy.len();
         let long: Vec<u32> = others[5].iter().chain(&cases[0].prompt).copied().collect();
         let mut long_text = None;
+        let name = family;
+        let family = format!("{family} ({kernels:?})");
         for (kv_blocks, prefix_caching) in [(64, false), (64, true), (4, true)] {
-            let loaded = model(family);
+            let loaded = model(name, kernels);
             let Backend::Generator(lm) = loaded.backend else {
                 panic!()
             };
@@ -277,7 +286,7 @@ async fn greedy_tokens_do_not_depend_on_the_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprobs_follow_transformers() {
     for family in FAMILIES {
-        let loaded = model(family);
+        let loaded = model(family, KernelsArg::Auto);
         let tokenizer = Arc::new(loaded.tokenizer);
         let Backend::Generator(lm) = loaded.backend else {
             panic!()

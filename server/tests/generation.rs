@@ -7,7 +7,7 @@ mod common;
 use candle_core::Tensor;
 use common::{Server, TinyLlama, client, post, post_stream, read_sse, start_tiny};
 use kandle_server::api::{Tool, ToolChoice};
-use kandle_server::cli::{DeviceArg, DtypeArg};
+use kandle_server::cli::{DeviceArg, DtypeArg, KernelsArg};
 use kandle_server::constrain::{Constraint, Grammars, Vocabulary};
 use kandle_server::model::{Backend, LoadOptions, load};
 use kandle_server::tools::parse::{MISTRAL_CALLS, Syntax};
@@ -281,6 +281,7 @@ fn half_precision_greedy_follows_f32() {
             task: None,
             dtype,
             device: DeviceArg::Cpu,
+            kernels: KernelsArg::Auto,
         })
         .unwrap();
         let prompt = model
@@ -358,6 +359,7 @@ fn logits_with(config: serde_json::Value) -> Result<Vec<f32>, String> {
         task: None,
         dtype: DtypeArg::F32,
         device: DeviceArg::Cpu,
+        kernels: KernelsArg::Auto,
     })
     .map_err(|e| e.to_string())?;
     let prompt = model

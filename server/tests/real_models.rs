@@ -5,7 +5,7 @@ mod common;
 use base64::Engine as _;
 use candle_core::Tensor;
 use common::{Server, minilm_dir, post, smollm2_gguf};
-use kandle_server::cli::{DeviceArg, DtypeArg};
+use kandle_server::cli::{DeviceArg, DtypeArg, KernelsArg};
 use kandle_server::model::decoder::Sequence;
 use kandle_server::model::{Backend, LoadOptions, LoadedModel, load};
 use kandle_server::validation::TemplateMessage;
@@ -38,6 +38,16 @@ fn floats(v: &Value) -> Vec<f32> {
 
 #[tokio::test]
 async fn minilm_matches_sentence_transformers() {
+    minilm_matches(&[]).await;
+}
+
+/// candle's portable operations, the code a GPU runs, on the CPU.
+#[tokio::test]
+async fn minilm_on_portable_kernels_matches_sentence_transformers() {
+    minilm_matches(&["--kernels", "portable"]).await;
+}
+
+async fn minilm_matches(extra: &[&str]) {
     let reference = reference("minilm_reference.json");
     let sentences: Vec<&str> = reference["sentences"]
         .as_array()
@@ -46,7 +56,12 @@ async fn minilm_matches_sentence_transformers() {
         .map(|s| s.as_str().unwrap())
         .collect();
     assert!(sentences.len() >= 32);
-    let server = Server::start(&minilm_dir(), &["--served-model-name", "minilm"]);
+    let args: Vec<&str> = ["--served-model-name", "minilm"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let server = Server::start(&minilm_dir(), &args);
 
     // One request with every sentence (batched together) and one request per sentence at
     // once (batched across requests) must both match.
@@ -129,7 +144,7 @@ async fn minilm_matches_sentence_transformers() {
 
 #[test]
 fn smollm2_prompt_ids_match_llama_cpp() {
-    let smol = Smollm2::load();
+    let smol = Smollm2::load(KernelsArg::Auto);
     let model = &smol.model;
     for case in smol.cases() {
         let expected = ids(&case["prompt_ids"]);
@@ -204,6 +219,7 @@ fn a_truncated_gguf_is_refused() {
         task: None,
         dtype: DtypeArg::Auto,
         device: DeviceArg::Cpu,
+        kernels: KernelsArg::Auto,
     })
     .err()
     .expect("half a file does not load");
@@ -219,12 +235,13 @@ struct Smollm2 {
 }
 
 impl Smollm2 {
-    fn load() -> Self {
+    fn load(kernels: KernelsArg) -> Self {
         let model = load(&LoadOptions {
             path: smollm2_gguf(),
             task: None,
             dtype: DtypeArg::Auto,
             device: DeviceArg::Cpu,
+            kernels,
         })
         .unwrap();
         Self {
@@ -283,7 +300,18 @@ fn ranked(logits: &Tensor) -> Vec<u32> {
 /// time, so every step is compared, not only those before the first difference.
 #[test]
 fn smollm2_logits_follow_llama_cpp_at_every_step() {
-    let smol = Smollm2::load();
+    logits_follow_llama_cpp(KernelsArg::Auto);
+}
+
+/// The same through candle's quantized matrix products and portable attention: what a GPU
+/// runs.
+#[test]
+fn smollm2_logits_on_portable_kernels_follow_llama_cpp() {
+    logits_follow_llama_cpp(KernelsArg::Portable);
+}
+
+fn logits_follow_llama_cpp(kernels: KernelsArg) {
+    let smol = Smollm2::load(kernels);
     let eos = smol.reference["eos_id"].as_u64().unwrap() as u32;
     let mut errors = Vec::new();
     for case in smol.cases() {
@@ -342,7 +370,7 @@ fn smollm2_logits_follow_llama_cpp_at_every_step() {
 /// up to a near-tie.
 #[test]
 fn smollm2_greedy_continuations_match_llama_cpp() {
-    let smol = Smollm2::load();
+    let smol = Smollm2::load(KernelsArg::Auto);
     let (mut shared, mut total) = (0, 0);
     for case in smol.cases() {
         let theirs = ids(&case["greedy_ids"]);
@@ -377,7 +405,7 @@ fn smollm2_greedy_continuations_match_llama_cpp() {
 /// The HTTP API serves exactly what the engine computes: the same greedy tokens, decoded.
 #[tokio::test]
 async fn smollm2_served_text_is_the_greedy_continuation() {
-    let smol = Smollm2::load();
+    let smol = Smollm2::load(KernelsArg::Auto);
     let server = Server::start(&smollm2_gguf(), &["--served-model-name", "smollm2"]);
     let max_tokens = smol.max_tokens();
     for case in smol.cases() {

@@ -9,6 +9,7 @@ use super::{
     load_tokenizer,
 };
 use crate::chat_template::ChatTemplate;
+use crate::cli::KernelsArg;
 use candle_core::{DType, Device};
 use std::path::Path;
 
@@ -18,6 +19,7 @@ pub fn load(
     task: Option<Task>,
     dtype: DType,
     device: &Device,
+    kernels: KernelsArg,
 ) -> Result<LoadedModel, LoadError> {
     let config_path = dir.join("config.json");
     let cfg = DecoderConfig::from_hf(config).map_err(|m| LoadError::invalid(&config_path, m))?;
@@ -52,7 +54,7 @@ pub fn load(
         eos_token_ids: eos,
         labels: Default::default(),
     };
-    let weights = Weights::load(cfg, &mut source, None, device)
+    let weights = Weights::load(cfg, &mut source, None, device, kernels)
         .map_err(|e| LoadError::invalid(dir, e.to_string()))?;
     Ok(LoadedModel {
         info,

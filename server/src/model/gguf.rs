@@ -5,6 +5,7 @@ use super::decoder::source::{Gguf, Source};
 use super::decoder::{Decoder, Weights};
 use super::{Backend, LoadError, LoadedModel, ModelInfo, Task, device_name, generation_task};
 use crate::chat_template::ChatTemplate;
+use crate::cli::KernelsArg;
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
@@ -147,7 +148,12 @@ fn config(ct: &Content, file: &Path) -> Result<DecoderConfig, LoadError> {
     .map_err(|m| LoadError::invalid(file, m))
 }
 
-pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedModel, LoadError> {
+pub fn load(
+    file: &Path,
+    task: Option<Task>,
+    device: &Device,
+    kernels: KernelsArg,
+) -> Result<LoadedModel, LoadError> {
     let reader = std::fs::File::open(file).map_err(|source| LoadError::Io {
         path: file.to_path_buf(),
         source,
@@ -188,7 +194,7 @@ pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedMo
         labels: Default::default(),
     };
     let weights = (|| {
-        let mut source = Gguf::open(ct, &reader, device)?;
+        let mut source = Gguf::open(ct, &reader, device, kernels)?;
         // Llama 3.1 files carry their rope scaling as per-frequency divisors.
         let freq_factors = if source.has("rope_freqs.weight") {
             Some(
@@ -200,7 +206,7 @@ pub fn load(file: &Path, task: Option<Task>, device: &Device) -> Result<LoadedMo
         } else {
             None
         };
-        Weights::load(cfg, &mut source, freq_factors, device)
+        Weights::load(cfg, &mut source, freq_factors, device, kernels)
     })()
     .map_err(|e| LoadError::invalid(file, e.to_string()))?;
     Ok(LoadedModel {

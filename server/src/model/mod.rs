@@ -9,10 +9,11 @@ pub mod decoder;
 pub mod dense;
 mod disjoint;
 pub mod gguf;
+pub mod kernels;
 pub mod weights;
 
 use crate::chat_template::ChatTemplate;
-use crate::cli::{DeviceArg, DtypeArg, TaskArg};
+use crate::cli::{DeviceArg, DtypeArg, KernelsArg, TaskArg};
 use crate::engine::EmbeddingModel;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -133,6 +134,7 @@ pub struct LoadOptions {
     pub task: Option<TaskArg>,
     pub dtype: DtypeArg,
     pub device: DeviceArg,
+    pub kernels: KernelsArg,
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device, LoadError> {
@@ -169,7 +171,7 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let device = device(opts.device)?;
     let task = opts.task.map(Task::from);
     if let Some(file) = gguf::find_gguf(path)? {
-        return gguf::load(&file, task, &device);
+        return gguf::load(&file, task, &device, opts.kernels);
     }
     let config = weights::read_json(&path.join("config.json"))?;
     let model_type = config
@@ -178,9 +180,9 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
         .unwrap_or_default();
     let dtype = dtype(opts.dtype, &device);
     match model_type {
-        "bert" => bert::load(path, &config, task, dtype, &device),
+        "bert" => bert::load(path, &config, task, dtype, &device, opts.kernels),
         // The decoder's config names what it does not support.
-        _ => causal_lm::load(path, &config, task, dtype, &device),
+        _ => causal_lm::load(path, &config, task, dtype, &device, opts.kernels),
     }
 }
 

@@ -2,6 +2,7 @@
 //! the `[CLS]` token) and a linear head; one row of logits per input. A cross-encoder is
 //! this with one logit: the relevance of the pair it reads.
 use super::encoder::{Config, Encoder, linear};
+use crate::cli::KernelsArg;
 use crate::engine::{EmbeddingModel, EncoderInput};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -13,10 +14,10 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    pub fn load(vb: VarBuilder, cfg: &Config, labels: usize) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &Config, labels: usize, kernels: KernelsArg) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            encoder: Encoder::load(vb.clone(), cfg)?,
+            encoder: Encoder::load(vb.clone(), cfg, kernels)?,
             pooler: linear(vb.pp("bert.pooler.dense"), h, h)?,
             head: linear(vb.pp("classifier"), h, labels)?,
         })

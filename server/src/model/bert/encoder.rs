@@ -4,6 +4,7 @@
 //! reads each sequence's rows in place; elsewhere it gathers them into a padded
 //! [batch, heads, longest, head_dim] view and back.
 use super::gelu;
+use crate::cli::KernelsArg;
 use crate::engine::EncoderInput;
 use crate::model::attention::{self, Heads, Inputs, Span};
 use crate::model::dense::Dense;
@@ -31,7 +32,7 @@ fn absolute() -> String {
     "absolute".into()
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Activation {
     /// `gelu` in transformers: the exact, erf-based GELU.
     GeluErf,
@@ -41,9 +42,10 @@ enum Activation {
 }
 
 impl Activation {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    fn apply(self, x: &Tensor, kernels: KernelsArg) -> Result<Tensor> {
         match self {
-            Self::GeluErf => gelu::gelu_erf(x),
+            Self::GeluErf if kernels.own_cpu(x.device(), x.dtype()) => gelu::gelu_erf(x),
+            Self::GeluErf => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
             Self::Relu => x.relu(),
         }
@@ -109,25 +111,25 @@ struct Layer {
 /// single-threaded pass of its own), candle's ops on other devices and dtypes.
 enum Projection {
     Dense(Dense),
-    Candle(Linear, Option<Activation>),
+    Candle(Linear, Option<Activation>, KernelsArg),
 }
 
 impl Projection {
-    fn new(linear: Linear, activation: Option<Activation>) -> Result<Self> {
+    fn new(linear: Linear, activation: Option<Activation>, kernels: KernelsArg) -> Result<Self> {
         let w = linear.weight();
         Ok(match linear.bias() {
-            Some(bias) if w.device().is_cpu() && w.dtype() == DType::F32 => {
+            Some(bias) if kernels.own_cpu(w.device(), w.dtype()) => {
                 Self::Dense(Dense::new(w, bias, activation.map(Activation::in_place))?)
             }
-            _ => Self::Candle(linear, activation),
+            _ => Self::Candle(linear, activation, kernels),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(d) => d.forward(x),
-            Self::Candle(l, None) => l.forward(x),
-            Self::Candle(l, Some(a)) => a.apply(&l.forward(x)?),
+            Self::Candle(l, None, _) => l.forward(x),
+            Self::Candle(l, Some(a), kernels) => a.apply(&l.forward(x)?, *kernels),
         }
     }
 }
@@ -143,6 +145,7 @@ pub struct Encoder {
     layers: Vec<Layer>,
     heads: usize,
     device: Device,
+    kernels: KernelsArg,
 }
 
 pub(super) fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Linear> {
@@ -163,7 +166,7 @@ fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
 impl Encoder {
     /// `vb` at the model's root: checkpoints saved from `BertModel` have bare names, those
     /// from task heads prefix `bert.`.
-    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &Config, kernels: KernelsArg) -> Result<Self> {
         let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb
         } else {
@@ -187,19 +190,23 @@ impl Encoder {
                             Some(cat(|l| l.bias().expect("loaded with a bias").clone())?),
                         ),
                         None,
+                        kernels,
                     )?,
                     attention_out: Projection::new(
                         linear(attention.pp("output.dense"), h, h)?,
                         None,
+                        kernels,
                     )?,
                     attention_norm: layer_norm(attention.pp("output.LayerNorm"), h, eps)?,
                     up: Projection::new(
                         linear(vb.pp("intermediate.dense"), h, cfg.intermediate_size)?,
                         Some(activation),
+                        kernels,
                     )?,
                     down: Projection::new(
                         linear(vb.pp("output.dense"), cfg.intermediate_size, h)?,
                         None,
+                        kernels,
                     )?,
                     output_norm: layer_norm(vb.pp("output.LayerNorm"), h, eps)?,
                 })
@@ -217,6 +224,7 @@ impl Encoder {
             layers,
             heads: cfg.num_attention_heads,
             device: vb.device().clone(),
+            kernels,
         })
     }
 
@@ -256,7 +264,7 @@ impl Encoder {
     /// Scaled dot-product attention of packed [tokens, 3 * hidden] queries, keys and values,
     /// each sequence attending to itself only; packed [tokens, hidden] out.
     fn attention(&self, qkv: &Tensor, packing: &Packing) -> Result<Tensor> {
-        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        if self.kernels.own_cpu(qkv.device(), qkv.dtype()) {
             return self.attention_in_place(qkv, packing);
         }
         let (b, l) = (packing.lens.len(), packing.longest);
@@ -399,6 +407,7 @@ pub fn rows(lens: &[usize], i: usize) -> std::ops::Range<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn config() -> Config {
         serde_json::from_value(serde_json::json!({
@@ -410,7 +419,7 @@ mod tests {
     }
 
     /// Random weights under the names a `BertForMaskedLM` checkpoint uses.
-    fn encoder(cfg: &Config) -> Encoder {
+    fn weights(cfg: &Config) -> HashMap<String, Tensor> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mut shapes: Vec<(String, Vec<usize>)> = vec![
             (
@@ -440,18 +449,41 @@ mod tests {
                 shapes.push((format!("{p}.{norm}.bias"), vec![h]));
             }
         }
-        let tensors = shapes
+        shapes
             .into_iter()
             .map(|(name, shape)| {
                 let t = Tensor::randn(0f32, 0.5, shape, &Device::Cpu).unwrap();
                 (format!("bert.{name}"), t)
             })
+            .collect()
+    }
+
+    fn load(weights: HashMap<String, Tensor>, cfg: &Config, kernels: KernelsArg) -> Encoder {
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        Encoder::load(vb, cfg, kernels).unwrap()
+    }
+
+    fn encoder(cfg: &Config) -> Encoder {
+        load(weights(cfg), cfg, KernelsArg::Auto)
+    }
+
+    /// candle's operations, the path a GPU takes, compute what kandle's CPU kernels compute.
+    #[test]
+    fn portable_operations_match_the_cpu_kernels() {
+        let cfg = config();
+        let w = weights(&cfg);
+        let own = load(w.clone(), &cfg, KernelsArg::Auto);
+        let portable = load(w, &cfg, KernelsArg::Portable);
+        let batch: Vec<EncoderInput> = [vec![3, 4, 5], vec![7, 8, 9, 10, 11, 12, 13], vec![1]]
+            .into_iter()
+            .map(EncoderInput::single)
             .collect();
-        Encoder::load(
-            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-            cfg,
-        )
-        .unwrap()
+        let (a, b) = (
+            own.forward(&batch).unwrap(),
+            portable.forward(&batch).unwrap(),
+        );
+        let diff = crate::model::max_abs_diff(&a, &b);
+        assert!(diff < 1e-4, "{diff}");
     }
 
     #[test]

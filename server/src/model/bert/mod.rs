@@ -12,6 +12,7 @@ use super::{
     Backend, Labels, LoadError, LoadedModel, ModelInfo, Task, device_name, dtype_name,
     load_tokenizer,
 };
+use crate::cli::KernelsArg;
 use crate::engine::{EmbeddingModel, EncoderInput};
 use candle_core::{DType, Device};
 use classifier::Classifier;
@@ -32,6 +33,7 @@ pub fn load(
     task: Option<Task>,
     dtype: DType,
     device: &Device,
+    kernels: KernelsArg,
 ) -> Result<LoadedModel, LoadError> {
     let config_path = dir.join("config.json");
     let cfg: Config = serde_json::from_value(config.clone())
@@ -70,13 +72,15 @@ pub fn load(
     let backend = match &labels {
         Some(l) => {
             let classifier = catch_load(dir, || {
-                Classifier::load(vb, &cfg, l.names.len()).map_err(LoadError::from)
+                Classifier::load(vb, &cfg, l.names.len(), kernels).map_err(LoadError::from)
             })?;
             Backend::Embedder(Box::new(classifier))
         }
         None => {
             let (pooling, normalize) = sentence_transformers_config(dir)?;
-            let encoder = catch_load(dir, || Encoder::load(vb, &cfg).map_err(LoadError::from))?;
+            let encoder = catch_load(dir, || {
+                Encoder::load(vb, &cfg, kernels).map_err(LoadError::from)
+            })?;
             Backend::Embedder(Box::new(Embedder {
                 encoder,
                 hidden_size: cfg.hidden_size,

@@ -11,6 +11,7 @@ pub mod quant;
 pub mod rope;
 pub mod source;
 
+use crate::cli::KernelsArg;
 use crate::engine::{BLOCK_TOKENS, Chunk, LanguageModel};
 use attention::{KvCache, Layout};
 use candle_core::{DType, Device, Result, Tensor};
@@ -43,6 +44,7 @@ pub struct Weights {
     rope: Rope,
     dtype: DType,
     device: Device,
+    kernels: KernelsArg,
 }
 
 impl Weights {
@@ -51,6 +53,7 @@ impl Weights {
         src: &mut dyn Source,
         rope_freq_factors: Option<Vec<f32>>,
         device: &Device,
+        kernels: KernelsArg,
     ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (q_rows, kv_rows) = (cfg.num_heads * d, cfg.num_kv_heads * d);
@@ -102,6 +105,7 @@ impl Weights {
             norm: src.vector("model.norm.weight", h)?,
             dtype: src.dtype(),
             device: device.clone(),
+            kernels,
             embed,
             layers,
             lm_head,
@@ -115,7 +119,7 @@ impl Weights {
 
     /// The CPU attention kernel runs in f32; other devices keep the cache in the model's dtype.
     fn kv_dtype(&self) -> DType {
-        if self.device.is_cpu() {
+        if self.kernels.own_cpu(&self.device, DType::F32) {
             DType::F32
         } else {
             self.dtype
@@ -134,7 +138,7 @@ impl Weights {
             .flat_map(|c| (c.start..c.start + c.tokens.len()).map(|p| p as u32))
             .collect();
         let rows = ids.len();
-        let layout = Layout::new(chunks, cache, kv_heads, d, &self.device)?;
+        let layout = Layout::new(chunks, cache, kv_heads, d, &self.device, self.kernels)?;
         let (cos, sin) = self
             .rope
             .angles(&Tensor::new(positions, &self.device)?, self.dtype)?;
@@ -195,6 +199,10 @@ impl Decoder {
 
     pub fn config(&self) -> &DecoderConfig {
         self.weights.config()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.weights.device
     }
 
     /// One sequence of up to `capacity` tokens with a cache of its own, sharing these

@@ -6,6 +6,7 @@
 //! names it, never a panic in a later forward pass.
 use super::matrix::Matrix;
 use super::quant::{self, Format};
+use crate::cli::KernelsArg;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
 use candle_core::safetensors::MmapedSafetensors;
@@ -81,11 +82,17 @@ pub struct Gguf {
     content: Content,
     map: memmap2::Mmap,
     device: Device,
+    kernels: KernelsArg,
 }
 
 impl Gguf {
     #[allow(unsafe_code)]
-    pub fn open(content: Content, file: &File, device: &Device) -> Result<Self> {
+    pub fn open(
+        content: Content,
+        file: &File,
+        device: &Device,
+        kernels: KernelsArg,
+    ) -> Result<Self> {
         // SAFETY: mapped read-only; as with safetensors, nothing rewrites a published model
         // file while the server runs (pulls publish by rename).
         let map = unsafe { memmap2::Mmap::map(file)? };
@@ -93,6 +100,7 @@ impl Gguf {
             content,
             map,
             device: device.clone(),
+            kernels,
         })
     }
 
@@ -180,7 +188,7 @@ impl Source for Gguf {
             _ => None,
         };
         if let Some(format) = format
-            && self.device.is_cpu()
+            && self.kernels.own_cpu(&self.device, DType::F32)
         {
             return Ok(Matrix::Quantized(quant::Matrix::new(
                 format,

@@ -5,6 +5,7 @@
 //! other devices by gathering each sequence's slots.
 use crate::model::attention as cpu;
 
+use crate::cli::KernelsArg;
 use crate::engine::{BLOCK_TOKENS, Chunk};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
@@ -46,7 +47,7 @@ pub struct Layout {
     write: Tensor,
     /// Slots of every sequence's keys (its cached ones, then the new ones), packed.
     slots: Vec<u32>,
-    /// The same slots as a tensor, for devices that gather them (none on the CPU).
+    /// The same slots as a tensor, to gather them; None where the CPU kernel reads in place.
     read: Option<Tensor>,
     spans: Vec<cpu::Span>,
     seqlens_q: Vec<usize>,
@@ -60,6 +61,7 @@ impl Layout {
         kv_heads: usize,
         head_dim: usize,
         device: &Device,
+        kernels: KernelsArg,
     ) -> Result<Self> {
         let slot = |blocks: &[u32], pos: usize| -> Result<u32> {
             match blocks.get(pos / BLOCK_TOKENS) {
@@ -95,9 +97,10 @@ impl Layout {
         let total = read.len();
         Ok(Self {
             write,
-            read: match device {
-                Device::Cpu => None,
-                _ => Some(Tensor::from_vec(read.clone(), total, device)?),
+            read: if kernels.own_cpu(device, cache.dtype()) {
+                None
+            } else {
+                Some(Tensor::from_vec(read.clone(), total, device)?)
             },
             slots: read,
             spans,
@@ -123,7 +126,17 @@ pub fn attend(
     let dtype = cache.dtype();
     k_pool.scatter_set(&layout.write, &k.to_dtype(dtype)?, 0)?;
     v_pool.scatter_set(&layout.write, &v.to_dtype(dtype)?, 0)?;
-    let out = if q.device().is_cpu() && dtype == DType::F32 {
+    let out = if let Some(read) = &layout.read {
+        attend_each(
+            q,
+            &k_pool.index_select(read, 0)?,
+            &v_pool.index_select(read, 0)?,
+            &layout.seqlens_q,
+            &layout.seqlens_k,
+            window,
+            scale,
+        )?
+    } else {
         let (rows, heads, dim) = q.dims3()?;
         let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let (k_storage, k_layout) = k_pool.storage_and_layout();
@@ -151,20 +164,6 @@ pub fn attend(
             scale,
         });
         Tensor::from_vec(out, (rows, heads, dim), &Device::Cpu)?
-    } else {
-        let read = match &layout.read {
-            Some(read) => read.clone(),
-            None => Tensor::new(layout.slots.as_slice(), q.device())?,
-        };
-        attend_each(
-            q,
-            &k_pool.index_select(&read, 0)?,
-            &v_pool.index_select(&read, 0)?,
-            &layout.seqlens_q,
-            &layout.seqlens_k,
-            window,
-            scale,
-        )?
     };
     out.to_dtype(q.dtype())
 }
@@ -269,48 +268,45 @@ mod tests {
         for pool in [&cache.layers[0].0, &cache.layers[0].1] {
             pool.scatter_set(&slots, &earlier, 0).unwrap();
         }
-        let layout = Layout::new(&chunks, &cache, kv_heads, d, &dev).unwrap();
+        let layout = |chunks: &[Chunk<'_>], kernels| {
+            Layout::new(chunks, &cache, kv_heads, d, &dev, kernels).unwrap()
+        };
+        let (own, portable) = (
+            layout(&chunks, KernelsArg::Auto),
+            layout(&chunks, KernelsArg::Portable),
+        );
+        assert!(own.read.is_none() && portable.read.is_some());
         for window in [None, Some(5)] {
-            let fused = attend(&q, &k, &v, &cache, 0, &layout, window, 0.3).unwrap();
-            let read = Tensor::new(layout.slots.as_slice(), &dev).unwrap();
-            let keys = cache.layers[0].0.index_select(&read, 0).unwrap();
-            let values = cache.layers[0].1.index_select(&read, 0).unwrap();
-            let plain =
-                attend_each(&q, &keys, &values, &[20, 3, 1], &[20, 3, 6], window, 0.3).unwrap();
+            let fused = attend(&q, &k, &v, &cache, 0, &own, window, 0.3).unwrap();
+            let plain = attend(&q, &k, &v, &cache, 0, &portable, window, 0.3).unwrap();
             let diff = crate::model::max_abs_diff(&fused, &plain);
             assert!(diff < 1e-5, "{window:?}: {diff}");
         }
         // Sequence b alone, decoding one more token after its three: the same rows as
-        // among a's.
+        // among a's, on either path.
         let alone = [Chunk {
             tokens: &tokens[..3],
             start: 0,
             blocks: &blocks_b,
             every_row: false,
         }];
-        let layout = Layout::new(&alone, &cache, kv_heads, d, &dev).unwrap();
         let (qb, kb, vb) = (
             q.narrow(0, 20, 3).unwrap(),
             k.narrow(0, 20, 3).unwrap(),
             v.narrow(0, 20, 3).unwrap(),
         );
-        let together = attend(
-            &q,
-            &k,
-            &v,
-            &cache,
-            0,
-            &Layout::new(&chunks, &cache, kv_heads, d, &dev).unwrap(),
-            None,
-            0.3,
-        )
-        .unwrap()
-        .narrow(0, 20, 3)
-        .unwrap();
-        let single = attend(&qb, &kb, &vb, &cache, 0, &layout, None, 0.3).unwrap();
-        assert_eq!(
-            together.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            single.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
+        for (kernels, among) in [(KernelsArg::Auto, &own), (KernelsArg::Portable, &portable)] {
+            let together = attend(&q, &k, &v, &cache, 0, among, None, 0.3)
+                .unwrap()
+                .narrow(0, 20, 3)
+                .unwrap();
+            let single = layout(&alone, kernels);
+            let single = attend(&qb, &kb, &vb, &cache, 0, &single, None, 0.3).unwrap();
+            assert_eq!(
+                together.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                single.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{kernels:?}"
+            );
+        }
     }
 }
