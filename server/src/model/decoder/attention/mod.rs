@@ -199,17 +199,19 @@ fn attend_each(
         };
         let (ks, vs) = (expand(keys)?, expand(values)?);
         let offset = lk - lq;
-        let mask: Vec<f32> = (0..lq)
-            .flat_map(|i| {
-                (0..lk).map(move |j| {
-                    let visible = j <= i + offset && window.is_none_or(|w| i + offset - j < w);
-                    if visible { 0.0 } else { f32::NEG_INFINITY }
+        let mut scores = (qs.contiguous()?.matmul(&ks.t()?.contiguous()?)? * scale as f64)?;
+        // A decoding row sees every key unless a window cuts some: no mask to build and send.
+        if lq > 1 || window.is_some_and(|w| lk > w) {
+            let mask: Vec<f32> = (0..lq)
+                .flat_map(|i| {
+                    (0..lk).map(move |j| {
+                        let visible = j <= i + offset && window.is_none_or(|w| i + offset - j < w);
+                        if visible { 0.0 } else { f32::NEG_INFINITY }
+                    })
                 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (lq, lk), q.device())?;
-        let scores = (qs.contiguous()?.matmul(&ks.t()?.contiguous()?)? * scale as f64)?
-            .broadcast_add(&mask)?;
+                .collect();
+            scores = scores.broadcast_add(&Tensor::from_vec(mask, (lq, lk), q.device())?)?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         outs.push(probs.matmul(&vs.contiguous()?)?.transpose(0, 1)?);
         q_at += lq;
