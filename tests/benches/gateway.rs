@@ -55,7 +55,7 @@ struct Nginx {
     child: Child,
     addr: SocketAddr,
     /// Its configuration and logs, removed after it stops.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Nginx {
@@ -77,23 +77,33 @@ impl Nginx {
                  proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = Command::new("/usr/sbin/nginx")
-            .args(["-e", &format!("{root}/error.log"), "-p"])
-            .arg(dir.path())
-            .args(["-c", "nginx.conf", "-g", "daemon off;"])
+        let child = Self::command(&dir)
+            .args(["-g", "daemon off;"])
             .spawn()
             .expect("nginx: apt-get install nginx-light");
         Self {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            _dir: dir,
+            dir,
         }
+    }
+
+    fn command(dir: &tempfile::TempDir) -> Command {
+        let mut nginx = Command::new("/usr/sbin/nginx");
+        nginx
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-p")
+            .arg(dir.path())
+            .args(["-c", "nginx.conf"]);
+        nginx
     }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Killing the master would leave its workers running: it stops them itself.
+        let _ = Self::command(&self.dir).args(["-s", "stop"]).status();
         let _ = self.child.wait();
     }
 }
