@@ -32,7 +32,7 @@ fn absolute() -> String {
     "absolute".into()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 enum Activation {
     /// `gelu` in transformers: the exact, erf-based GELU.
     GeluErf,
