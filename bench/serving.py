@@ -56,7 +56,8 @@ def stream_chat(port, body):
     first = last = None
     tokens = 0
     sent = time.perf_counter()
-    with urllib.request.urlopen(request) as response:
+    # Bounded, so a stuck server fails the run instead of holding a GPU lease to its end.
+    with urllib.request.urlopen(request, timeout=600) as response:
         for line in response:
             if not line.startswith(b"data: {"):
                 continue
