@@ -79,7 +79,7 @@ class Servers:
     """Starts servers on distinct ports and stops them all at the end."""
 
     def __init__(self, binary, env, logs):
-        self.binary, self.env, self.logs, self.port, self.procs = binary, env, logs, 18300, []
+        self.binary, self.env, self.logs, self.port, self.procs = binary, env, logs, 18300, {}
         os.makedirs(logs, exist_ok=True)
 
     def start(self, model, *args):
@@ -93,16 +93,16 @@ class Servers:
                 with open(log) as f:
                     print("".join(f.readlines()[-30:]), file=sys.stderr)
                 raise
-        self.procs.append(proc)
+        self.procs[self.port] = proc
         return self.port, seconds
 
     def stop(self, port):
-        proc = self.procs[port - 18301]
+        proc = self.procs.pop(port)
         proc.terminate()
         proc.wait()
 
     def close(self):
-        for p in self.procs:
+        for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
                 p.wait()
