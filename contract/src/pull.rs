@@ -11,6 +11,12 @@ pub const EXIT_TRANSIENT: u8 = 4;
 /// is retried (slowly) but shown as failed.
 pub const EXIT_MISSING_SECRET: u8 = 5;
 
+/// Written last in a pulled folder: it holds every file it lists, verified.
+pub const MARKER: &str = ".kandle-pull.json";
+/// Locked (`flock`) by the one process pulling into a folder; others wait on it, and the
+/// node cache's collector skips a folder whose lock is held.
+pub const LOCK: &str = ".kandle-pull.lock";
+
 /// The report: on success what was pulled, on failure why and whether a retry may help.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -40,6 +40,41 @@ pub enum Command {
     Render(RenderArgs),
     /// Serve one OpenAI endpoint for every ModelDeployment, routing by the request's model.
     Gateway(GatewayArgs),
+    /// The node cache's DaemonSet: prepare the node's cache folder, or collect unused models.
+    #[command(subcommand)]
+    NodeCache(NodeCacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCacheCommand {
+    /// Create the cache folder and give it to the serving pods' user (needs CAP_CHOWN).
+    Prepare {
+        #[arg(long, env = "KANDLE_NODE_CACHE_ROOT")]
+        root: PathBuf,
+        /// The serving pods' uid and gid.
+        #[arg(long, default_value_t = 65532)]
+        owner: u32,
+    },
+    /// Remove models no ModelDeployment uses, least recently used first, while the cache
+    /// holds more than `--max-size`.
+    Collect(CollectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    #[arg(long, env = "KANDLE_NODE_CACHE_ROOT")]
+    pub root: PathBuf,
+    /// Most the cache may hold before unused models are removed (a Kubernetes quantity).
+    #[arg(long, env = "KANDLE_NODE_CACHE_MAX_SIZE", default_value = "100Gi")]
+    pub max_size: String,
+    /// Seconds between two collections.
+    #[arg(long, env = "KANDLE_NODE_CACHE_INTERVAL_SECONDS", default_value_t = 60)]
+    pub interval_seconds: u64,
+    /// Only ModelDeployments of this namespace use the cache (default: all namespaces).
+    #[arg(long, env = "KANDLE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
 }
 
 /// What the children depend on, shared by `run` and `render`.
@@ -62,6 +97,14 @@ pub struct ChildArgs {
     /// Kubernetes 1.35); `render` assumes a current cluster (true).
     #[arg(long, env = "KANDLE_IMAGE_VOLUMES", action = clap::ArgAction::Set)]
     pub image_volumes: Option<bool>,
+    /// The node cache's folder on every node, for `cache.volume: node` (the chart's
+    /// `nodeCache.root`).
+    #[arg(
+        long,
+        env = "KANDLE_NODE_CACHE_ROOT",
+        default_value = "/var/lib/kandle/models"
+    )]
+    pub node_cache_root: String,
 }
 
 impl ChildArgs {
@@ -73,6 +116,7 @@ impl ChildArgs {
             cluster_domain: self.cluster_domain.clone(),
             operator_namespace: self.operator_namespace.clone(),
             image_volumes: self.image_volumes.unwrap_or(image_volumes),
+            node_cache_root: self.node_cache_root.clone(),
         }
     }
 }

@@ -352,6 +352,11 @@ pub struct ServerSpec {
 pub struct CacheSpec {
     /// `emptyDir`: each pod pulls the model into its own volume before serving.
     /// `pvc`: a Job pulls it once into a PersistentVolumeClaim that pods mount read-only.
+    /// `node`: the node's shared cache (a hostPath folder the chart's `nodeCache` prepares
+    /// and collects): the first pod on a node pulls, the others on that node wait for it and
+    /// pull nothing. Models pulled with a `credentialsSecret` are shared only by
+    /// ModelDeployments of the same namespace naming the same Secret. The namespace must
+    /// admit hostPath volumes (Pod Security `privileged`).
     #[serde(default)]
     pub volume: CacheVolume,
     /// Most the `emptyDir` may hold (its `sizeLimit`): a pod whose model outgrows it is
@@ -374,6 +379,9 @@ pub enum CacheVolume {
     /// A PersistentVolumeClaim filled once by a Job.
     #[serde(rename = "pvc")]
     Pvc,
+    /// A folder of the node's shared cache: pulled once per node.
+    #[serde(rename = "node")]
+    Node,
 }
 
 /// The PersistentVolumeClaim of a `pvc` cache.

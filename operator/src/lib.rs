@@ -15,6 +15,7 @@ pub mod http;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod nodecache;
 pub mod plan;
 pub mod quantity;
 pub mod reference;

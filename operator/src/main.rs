@@ -1,5 +1,7 @@
 use clap::Parser;
-use kandle_operator::cli::{Cli, Command, GatewayArgs, LogFormat, RunArgs};
+use kandle_operator::cli::{
+    Cli, CollectArgs, Command, GatewayArgs, LogFormat, NodeCacheCommand, RunArgs,
+};
 use kandle_operator::leader::{self, LeaseConfig};
 use kandle_operator::metrics::Metrics;
 use kube::CustomResourceExt;
@@ -63,6 +65,22 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::NodeCache(NodeCacheCommand::Prepare { root, owner }) => {
+            match kandle_operator::nodecache::prepare(&root, owner) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot prepare {}: {e}", root.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::NodeCache(NodeCacheCommand::Collect(args)) => match collect(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "node cache collector failed");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -88,6 +106,26 @@ async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     kandle_operator::gateway::run(client, &args, listener, terminated()).await
+}
+
+async fn collect(args: CollectArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
+    let max_bytes = kandle_operator::quantity::nanos(&args.max_size)
+        .filter(|n| *n >= 0)
+        .map(|n| u64::try_from(n / 1_000_000_000).unwrap_or(u64::MAX))
+        .ok_or_else(|| anyhow::anyhow!("--max-size {:?} is not a size", args.max_size))?;
+    let client = kube::Client::try_default().await?;
+    tokio::select! {
+        () = kandle_operator::nodecache::collect(
+            client,
+            args.watch_namespace.as_deref(),
+            args.root,
+            max_bytes,
+            Duration::from_secs(args.interval_seconds.max(1)),
+        ) => {}
+        () = terminated() => {}
+    }
+    Ok(())
 }
 
 /// SIGTERM (what the kubelet sends) or Ctrl-C.

@@ -125,3 +125,106 @@ async fn the_binary_converges_reports_and_hands_back_its_lease() {
     );
     assert_nothing_forbidden(&server);
 }
+
+/// A model folder of `bytes` in the node cache, last written `age` ago.
+fn cached(root: &std::path::Path, name: &str, bytes: usize, age: Duration) {
+    use kandle_contract::pull::{LOCK, MARKER};
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.safetensors"), vec![0u8; bytes]).unwrap();
+    std::fs::write(dir.join(LOCK), b"").unwrap();
+    std::fs::write(dir.join(MARKER), b"{}").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join(MARKER))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_cache_collector_removes_unused_models_past_its_limit_and_nothing_else() {
+    let server = ApiServer::default();
+    let dir = tempfile::tempdir().unwrap();
+    // The collector gets only what the chart grants the node cache's DaemonSet.
+    let listening = loopback::serve(
+        server.as_user(Policy::chart_node_cache("kandle-system")),
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let t = Target {
+        client: server.client(),
+        namespace: "default".into(),
+        timeout: Duration::from_secs(20),
+        real: false,
+    };
+    let used = t
+        .create(
+            "cached",
+            serde_json::json!({"model": {"uri": "hf://org/m"}, "cache": {"volume": "node"}}),
+        )
+        .await;
+    let used = kandle_operator::build::node_folder(&used).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let hour = Duration::from_secs(3600);
+    let (locked, old, new) = (
+        "0000000000000000000000000000000a",
+        "0000000000000000000000000000000b",
+        "0000000000000000000000000000000c",
+    );
+    // 11 kB against a 9.1 kB limit: the used model stays however old; the oldest unused
+    // one is being pulled into; the next oldest goes, and that is enough.
+    cached(root.path(), &used, 4000, 9 * hour);
+    cached(root.path(), locked, 3000, 3 * hour);
+    cached(root.path(), old, 2000, 2 * hour);
+    cached(root.path(), new, 2000, hour);
+    std::fs::create_dir(root.path().join("lost+found")).unwrap();
+    let pulling =
+        std::fs::File::open(root.path().join(locked).join(kandle_contract::pull::LOCK)).unwrap();
+    pulling.lock().unwrap();
+
+    let mut collector = Operator(
+        Command::new(env!("CARGO_BIN_EXE_kandle-operator"))
+            .args(["node-cache", "collect", "--max-size", "9100"])
+            .arg("--root")
+            .arg(root.path())
+            .args(["--interval-seconds", "1", "--log-format", "json"])
+            .env("KUBECONFIG", &listening.kubeconfig)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let started = std::time::Instant::now();
+    while root.path().join(old).exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the unused model is removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // More passes change nothing: the cache fits.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for kept in [used.as_str(), locked, new, "lost+found"] {
+        assert!(root.path().join(kept).exists(), "{kept} was removed");
+    }
+    let pid = collector.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = collector.0.wait().unwrap();
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut collector.0.stdout.take().unwrap(), &mut logs).unwrap();
+    assert!(status.success(), "{status}: {logs}");
+    assert!(
+        logs.contains("removed an unused model from the node cache")
+            && logs.contains("a pull holds this folder; kept"),
+        "{logs}"
+    );
+    assert_nothing_forbidden(&server);
+}

@@ -3,7 +3,9 @@
 //! progress deadline), the scheduler (a cluster-wide count of free `nvidia.com/gpu`),
 //! the Job controller, and the kubelet running the pull and the server. A pull of a URI
 //! containing `does-not-exist` fails as a 404 from the hub would; a server image
-//! containing `crash` crash-loops.
+//! containing `crash` crash-loops. The cluster is one node: a pull into a hostPath folder
+//! that a pull filled before finds the model there and fetches nothing, as
+//! `kandle-server pull` does (its marker; tested in `server/tests/pull.rs`).
 use crate::apiserver::ApiServer;
 use crate::apiserver::store::{Part, Store, kind, now};
 use serde_json::{Value, json};
@@ -30,6 +32,8 @@ pub struct Cluster {
     second: Duration,
     /// Per Deployment, the last rollout progress seen and when.
     progress: Arc<Mutex<HashMap<(String, String), Progress>>>,
+    /// The node's hostPath folders that hold a pulled model.
+    host_models: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Cluster {
@@ -47,6 +51,7 @@ impl Cluster {
             wake: Arc::new(Notify::new()),
             second,
             progress: Arc::new(Mutex::new(HashMap::new())),
+            host_models: Arc::default(),
         };
         let sim = cluster.clone();
         let mut events = sim.store.subscribe();
@@ -382,7 +387,7 @@ impl Cluster {
         let mut status = json!({"phase": "Running", "podIP": format!("10.1.{}.{}", ip / 250, ip % 250 + 1),
             "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]});
         if let Some(pull) = pull {
-            let (state, failed) = self.pull_outcome(ns, pull);
+            let (state, failed) = self.pull_outcome(ns, pull, spec);
             if failed {
                 status["conditions"][1]["status"] = json!("False");
                 status["initContainerStatuses"] = json!([{"name": "pull", "image": pull["image"], "imageID": "", "ready": false,
@@ -416,7 +421,7 @@ impl Cluster {
     }
 
     /// The pull container's terminated state with its report, and whether it failed.
-    fn pull_outcome(&self, ns: &str, pull: &Value) -> (Value, bool) {
+    fn pull_outcome(&self, ns: &str, pull: &Value, pod: &Value) -> (Value, bool) {
         let uri = arg(pull, "--model").unwrap_or_default();
         let (code, report) = if let Some(secret) = self.missing_secret(ns, pull) {
             let error = format!(
@@ -432,13 +437,30 @@ impl Cluster {
                 json!({"error": format!("{uri}: not found (404)"), "transient": false}),
             )
         } else {
-            let pulled =
-                json!({"revision": PULLED_REVISION, "sizeBytes": PULLED_BYTES, "files": 6});
+            let found = self
+                .host_folder(pull, pod)
+                .is_some_and(|folder| !self.host_models.lock().unwrap().insert(folder));
+            let fetched = if found { 0 } else { PULLED_BYTES };
+            let pulled = json!({"source": uri, "revision": PULLED_REVISION, "pulledBytes": fetched,
+                                "sizeBytes": PULLED_BYTES, "files": 6});
             (0, pulled)
         };
         let reason = if code == 0 { "Completed" } else { "Error" };
         let state = json!({"terminated": {"exitCode": code, "reason": reason, "message": report.to_string(), "finishedAt": now()}});
         (state, code != 0)
+    }
+
+    /// The node's folder a pull writes, when its `--dest` lies on a hostPath volume.
+    fn host_folder(&self, pull: &Value, pod: &Value) -> Option<String> {
+        let dest = arg(pull, "--dest")?;
+        pull["volumeMounts"].as_array()?.iter().find_map(|m| {
+            let inside = dest.strip_prefix(m["mountPath"].as_str()?)?;
+            let volume = pod["volumes"]
+                .as_array()?
+                .iter()
+                .find(|v| v["name"] == m["name"])?;
+            Some(format!("{}{inside}", volume["hostPath"]["path"].as_str()?))
+        })
     }
 
     fn sync_job(&self, job: &Value) {
@@ -464,7 +486,7 @@ impl Cluster {
         if self.owned("pods", job).is_empty() {
             let mut labels = template["metadata"]["labels"].clone();
             labels["batch.kubernetes.io/job-name"] = json!(name);
-            let (state, failed) = self.pull_outcome(&ns, pull);
+            let (state, failed) = self.pull_outcome(&ns, pull, &template["spec"]);
             let pod = json!({
                 "metadata": {"name": format!("{name}-{}", self.names.fetch_add(1, Ordering::SeqCst)), "labels": labels,
                              "ownerReferences": [owner_ref(job, "batch/v1", "Job")]},

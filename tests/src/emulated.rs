@@ -41,6 +41,7 @@ pub fn settings() -> Settings {
         cluster_domain: "cluster.local".into(),
         operator_namespace: "kandle-system".into(),
         image_volumes: false,
+        node_cache_root: "/var/lib/kandle/models".into(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Operator scenarios written once against a `kube::Client`: the emulated API server in
 //! `cargo test`, or a real cluster (with the operator installed) when `KANDLE_E2E=1`.
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kandle_operator::crd::{ModelDeployment, Phase};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -371,4 +371,56 @@ pub async fn scale_subresource_is_followed(t: &Target) {
         status.selector.as_deref(),
         Some("app.kubernetes.io/instance=scaled,app.kubernetes.io/name=kandle-server")
     );
+}
+
+/// `cache.volume: node`: pods of one model on one node share its folder; one pod pulls, the
+/// others wait for it and fetch nothing (none, when an earlier run left the model there).
+/// Returns the bytes each pod fetched.
+pub async fn node_cache_pulls_once_per_node(t: &Target) -> Vec<u64> {
+    t.create(
+        "node-cached",
+        json!({"model": {"uri": t.model_uri()}, "replicas": 2, "cache": {"volume": "node"}}),
+    )
+    .await;
+    let ready = t.wait_phase("node-cached", Phase::Ready).await;
+    let pods = t
+        .api::<Pod>()
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=node-cached"))
+        .await
+        .expect("list pods");
+    let mut fetched_per_node: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for pod in &pods.items {
+        let status = pod.status.as_ref().expect("a pod status");
+        let pull = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == "pull")
+            .expect("each pod pulls");
+        let report: Value = pull
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| serde_json::from_str(t.message.as_deref()?).ok())
+            .expect("the pull's report");
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        fetched_per_node
+            .entry(node.unwrap_or_default())
+            .or_default()
+            .push(report["pulledBytes"].as_u64().expect("pulledBytes"));
+    }
+    assert_eq!(pods.items.len(), 2);
+    for (node, fetched) in &fetched_per_node {
+        assert!(
+            fetched.iter().filter(|&&b| b > 0).count() <= 1,
+            "more than one pod on node {node:?} pulled: {fetched:?}"
+        );
+    }
+    let model = ready.status.and_then(|s| s.model).expect("status.model");
+    assert!(model.size_bytes.unwrap_or(0) > 0, "{model:?}");
+    t.api::<ModelDeployment>()
+        .delete("node-cached", &DeleteParams::default())
+        .await
+        .expect("delete");
+    fetched_per_node.into_values().flatten().collect()
 }

@@ -44,6 +44,7 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
             cluster_domain: "cluster.local".into(),
             operator_namespace: "kandle-system".into(),
             image_volumes: false,
+            node_cache_root: "/var/lib/kandle/models".into(),
         },
         "default",
         None,

@@ -50,6 +50,14 @@ async fn kubectl_scale_is_followed() {
 }
 
 #[tokio::test]
+async fn a_node_cache_pulls_once_per_node() {
+    let mut fetched = scenarios::node_cache_pulls_once_per_node(&Emulated::start().target()).await;
+    fetched.sort_unstable();
+    // The emulated node starts empty: the first pod pulls, the second finds the model.
+    assert_eq!(fetched, [0, kandle_tests::cluster::PULLED_BYTES as u64]);
+}
+
+#[tokio::test]
 async fn a_missing_secret_is_reported_until_created() {
     let env = Emulated::start();
     let t = env.target();
@@ -404,6 +412,7 @@ async fn real_cluster_scenarios() {
     scenarios::pull_failure_is_reported(&t).await;
     scenarios::missing_secret_is_reported_until_created(&t, "secretive", json!({})).await;
     scenarios::scale_subresource_is_followed(&t).await;
+    scenarios::node_cache_pulls_once_per_node(&t).await;
 }
 
 /// A counter's value in the operator's `/metrics` text.

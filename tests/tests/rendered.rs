@@ -18,6 +18,7 @@ fn render(example: &Path, image_volumes: bool) -> String {
         cluster_domain: "cluster.local".into(),
         operator_namespace: "kandle-system".into(),
         image_volumes,
+        node_cache_root: "/var/lib/kandle/models".into(),
     };
     let input = std::fs::read_to_string(example).unwrap();
     kandle_operator::render::render(&input, &settings, "default", None)

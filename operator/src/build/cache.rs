@@ -1,6 +1,6 @@
-//! Where a model comes from and lives: pulled by each pod, pulled once by a Job into a
-//! PersistentVolumeClaim, already on the user's own claim, or an OCI artifact the node's
-//! runtime mounts as an image volume.
+//! Where a model comes from and lives: pulled by each pod, pulled once per node into the
+//! node's shared cache, pulled once by a Job into a PersistentVolumeClaim, already on the
+//! user's own claim, or an OCI artifact the node's runtime mounts as an image volume.
 use super::Settings;
 use super::labels::meta;
 use super::pod::{MODELS, credentials_volume, pod_security, pull_container, tmp_volume};
@@ -21,6 +21,10 @@ use std::collections::BTreeMap;
 pub enum ModelSource {
     /// Each pod pulls into an emptyDir with an init container.
     PerPod,
+    /// Each pod's init container pulls into the node's cache (a hostPath `root`), under a
+    /// folder named for the model; the pull's lock makes the node's later pods wait for the
+    /// first and find the model there.
+    NodeCache { root: String, folder: String },
     /// A Job pulls into the operator's claim, under a folder named for the model.
     PvcCache { claim: String, folder: String },
     /// `pvc://CLAIM/PATH`: served read-only from the user's claim, nothing pulled.
@@ -58,8 +62,17 @@ impl ModelSource {
                 claim: claim_name(md),
                 folder: model_hash(md),
             },
+            Some(CacheVolume::Node) => Self::NodeCache {
+                root: settings.node_cache_root.clone(),
+                folder: node_folder(md).expect("cache.volume is node"),
+            },
             _ => Self::PerPod,
         }
+    }
+
+    /// Whether each pod pulls the model itself, in an init container.
+    pub fn pulled_by_pod(&self) -> bool {
+        matches!(self, Self::PerPod | Self::NodeCache { .. })
     }
 
     /// The folder `serve --model` loads, inside the model volume.
@@ -67,7 +80,9 @@ impl ModelSource {
         match self {
             Self::PerPod => format!("{MODELS}/model"),
             Self::ImageVolume { .. } => MODELS.into(),
-            Self::PvcCache { folder, .. } => format!("{MODELS}/{folder}"),
+            Self::PvcCache { folder, .. } | Self::NodeCache { folder, .. } => {
+                format!("{MODELS}/{folder}")
+            }
             Self::UserClaim { path, .. } if path.is_empty() => MODELS.into(),
             Self::UserClaim { path, .. } => format!("{MODELS}/{path}"),
         }
@@ -94,6 +109,25 @@ fn model_hash(md: &ModelDeployment) -> String {
     let m = &md.spec.model;
     let key = serde_json::json!([m.uri, m.revision, m.include, m.exclude, m.sha256]);
     hex::encode(&Sha256::digest(key.to_string().as_bytes())[..4])
+}
+
+/// The folder of the node cache holding `md`'s model, when it uses the node cache: 32 hex
+/// digits of what is pulled, so that a tenant cannot aim another model at a folder someone
+/// else serves. A model pulled with credentials is keyed by the namespace and Secret too:
+/// only those who could pull it themselves find it there.
+pub fn node_folder(md: &ModelDeployment) -> Option<String> {
+    if md.spec.cache.as_ref()?.volume != CacheVolume::Node {
+        return None;
+    }
+    let m = &md.spec.model;
+    let owner = m
+        .credentials_secret
+        .as_ref()
+        .map(|secret| [md.namespace().unwrap_or_default(), secret.clone()]);
+    let key = serde_json::json!([m.uri, m.revision, m.include, m.exclude, m.sha256, owner]);
+    Some(hex::encode(
+        &Sha256::digest(key.to_string().as_bytes())[..16],
+    ))
 }
 
 /// The claim of a `pvc` cache.

@@ -13,11 +13,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, ImageVolumeSource,
-    Lifecycle, LifecycleHandler, LocalObjectReference, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, SleepAction, Toleration,
-    Volume,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, HostPathVolumeSource,
+    ImageVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference, NodeAffinity,
+    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, SleepAction,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -117,6 +117,16 @@ fn pod_spec(md: &ModelDeployment, image: &str, source: &ModelSource) -> PodSpec 
             }),
             ..Volume::default()
         },
+        // Created by the kubelet (as root) where the chart's DaemonSet has not yet made it
+        // the pods' own; a pull that cannot write there says so in its report.
+        ModelSource::NodeCache { root, .. } => Volume {
+            name: "model".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: root.clone(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Volume::default()
+        },
         ModelSource::ImageVolume { reference } => Volume {
             name: "model".into(),
             image: Some(ImageVolumeSource {
@@ -149,7 +159,7 @@ fn pod_spec(md: &ModelDeployment, image: &str, source: &ModelSource) -> PodSpec 
         ..Volume::default()
     };
     let mut volumes = vec![model_volume, tmp, shm];
-    if *source == ModelSource::PerPod {
+    if source.pulled_by_pod() {
         volumes.extend(credentials_volume(md));
     }
     let api_key = md
@@ -169,7 +179,8 @@ fn pod_spec(md: &ModelDeployment, image: &str, source: &ModelSource) -> PodSpec 
         });
     }
     let mut spec = PodSpec {
-        init_containers: (*source == ModelSource::PerPod)
+        init_containers: source
+            .pulled_by_pod()
             .then(|| vec![pull_container(md, image, source)]),
         containers: vec![server_container(md, image, source, api_key.is_some())],
         volumes: Some(volumes),
@@ -246,11 +257,15 @@ fn server_container(
     if let Some(n) = server.max_input_tokens {
         args.extend(["--max-input-tokens".into(), n.to_string()]);
     }
-    let mut mounts = vec![
-        mount("model", MODELS, true),
-        tmp_volume().1,
-        mount("shm", "/dev/shm", false),
-    ];
+    let model = match source {
+        // Its own model's folder only: the node's other models are not this pod's.
+        ModelSource::NodeCache { folder, .. } => VolumeMount {
+            sub_path: Some(folder.clone()),
+            ..mount("model", &source.model_path(), true)
+        },
+        _ => mount("model", MODELS, true),
+    };
+    let mut mounts = vec![model, tmp_volume().1, mount("shm", "/dev/shm", false)];
     if api_key {
         args.extend(["--api-key-file".into(), format!("{API_KEY_DIR}/api-key")]);
         mounts.push(mount("api-key", API_KEY_DIR, true));

@@ -7,7 +7,7 @@ mod pod;
 mod quantity;
 mod service;
 
-pub use cache::ModelSource;
+pub use cache::{ModelSource, node_folder};
 pub use deployment::SERVER_PORT;
 
 pub use kandle_contract::keys::{REVISION_LABEL, TRACK_LABEL};
@@ -39,6 +39,9 @@ pub struct Settings {
     /// The API server enables image volumes by default (Kubernetes 1.35+): `oci://`
     /// models are mounted as image volumes unless their spec says otherwise.
     pub image_volumes: bool,
+    /// The node cache's folder on every node (`cache.volume: node`), prepared and
+    /// collected by the chart's `nodeCache` DaemonSet.
+    pub node_cache_root: String,
 }
 
 /// Whether an API server of this version enables image volumes by default: Kubernetes

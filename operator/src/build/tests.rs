@@ -13,6 +13,7 @@ pub(crate) fn settings() -> Settings {
         cluster_domain: "cluster.local".into(),
         operator_namespace: "kandle-system".into(),
         image_volumes: false,
+        node_cache_root: "/var/lib/kandle/models".into(),
     }
 }
 
@@ -414,6 +415,94 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
         panic!()
     };
     assert_ne!(other_job.metadata.name, job.metadata.name);
+}
+
+#[test]
+fn a_node_cache_is_one_host_folder_per_model_pulled_by_the_pods_and_served_read_only() {
+    let spec = |ns: &str, model: Value| {
+        let mut md = md(json!({"model": model, "replicas": 2, "cache": {"volume": "node"}}));
+        md.metadata.namespace = Some(ns.into());
+        md
+    };
+    let public = spec("ml", json!({"uri": "hf://org/m"}));
+    let d = children(&public);
+    assert_eq!(
+        kinds(&d),
+        ["Deployment", "Service", "PodDisruptionBudget"],
+        "no claim and no Job: each pod pulls, the node keeps it"
+    );
+    let ModelSource::NodeCache { root, folder } = ModelSource::of(&public, &settings()) else {
+        panic!("a node cache")
+    };
+    assert_eq!(root, "/var/lib/kandle/models");
+    assert_eq!(folder.len(), 32);
+    let pod = pod(&d);
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "model")
+        .unwrap();
+    let host = volume.host_path.as_ref().unwrap();
+    assert_eq!(
+        (host.path.as_str(), host.type_.as_deref()),
+        ("/var/lib/kandle/models", Some("DirectoryOrCreate"))
+    );
+    let pull = container(pod, "pull");
+    assert!(args(pull).contains(&format!("--dest /models/{folder}")));
+    let server = container(pod, "server");
+    assert!(args(server).contains(&format!("--model /models/{folder}")));
+    // The server sees its own model only, and cannot write it.
+    let mount = server
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "model")
+        .unwrap();
+    assert_eq!(
+        (
+            mount.mount_path.as_str(),
+            mount.sub_path.as_deref(),
+            mount.read_only
+        ),
+        (
+            format!("/models/{folder}").as_str(),
+            Some(folder.as_str()),
+            Some(true)
+        )
+    );
+
+    // A public model is one folder on the node whichever namespace asks for it.
+    let folder_of = |md: &ModelDeployment| crate::build::node_folder(md).unwrap();
+    assert_eq!(
+        folder_of(&spec("other", json!({"uri": "hf://org/m"}))),
+        folder
+    );
+    // Another revision or choice of files is another folder.
+    for other in [
+        json!({"uri": "hf://org/m", "revision": "v2"}),
+        json!({"uri": "hf://org/m", "include": ["*.safetensors"]}),
+    ] {
+        assert_ne!(folder_of(&spec("ml", other)), folder);
+    }
+    // A private model is shared only with those holding the same Secret in that namespace.
+    let private = |ns: &str, secret: &str| {
+        folder_of(&spec(
+            ns,
+            json!({"uri": "hf://org/m", "credentialsSecret": secret}),
+        ))
+    };
+    assert_ne!(private("ml", "tok"), folder);
+    assert_eq!(private("ml", "tok"), private("ml", "tok"));
+    assert_ne!(private("ml", "tok"), private("other", "tok"));
+    assert_ne!(private("ml", "tok"), private("ml", "tok2"));
+    assert_eq!(
+        crate::build::node_folder(&md(json!({"model": {"uri": "hf://org/m"}}))),
+        None,
+        "only cache.volume: node uses the node cache"
+    );
 }
 
 #[test]

@@ -57,7 +57,7 @@ pub fn model_state(md: &ModelDeployment, settings: &Settings, observed: &Observe
                 )),
             }
         }
-        ModelSource::PerPod => {
+        ModelSource::PerPod | ModelSource::NodeCache { .. } => {
             let mut reports: Vec<_> = observed
                 .pods
                 .iter()

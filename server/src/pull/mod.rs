@@ -28,9 +28,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use uri::{ModelUri, OciRef};
 
-/// Written last: a folder with a marker holds every file it lists, verified.
-pub const MARKER: &str = ".kandle-pull.json";
-const LOCK: &str = ".kandle-pull.lock";
+use kandle_contract::pull::LOCK;
+pub use kandle_contract::pull::MARKER;
 const STAGING: &str = ".kandle-staging";
 
 #[derive(Debug, Clone)]

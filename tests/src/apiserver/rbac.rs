@@ -30,6 +30,7 @@ struct ChartRules {
     watched: Vec<PolicyRule>,
     leader_election: Vec<PolicyRule>,
     gateway: Vec<PolicyRule>,
+    node_cache: Vec<PolicyRule>,
 }
 
 fn chart_rules() -> ChartRules {
@@ -66,14 +67,18 @@ impl Policy {
 
     /// The rules the chart grants the gateway, cluster-wide.
     pub fn chart_gateway(release_namespace: &str) -> Self {
-        Self {
-            user: format!("system:serviceaccount:{release_namespace}:kandle-gateway"),
-            grants: chart_rules()
-                .gateway
-                .into_iter()
-                .map(|r| (None, r))
-                .collect(),
-        }
+        Self::cluster_wide(
+            &format!("system:serviceaccount:{release_namespace}:kandle-gateway"),
+            chart_rules().gateway,
+        )
+    }
+
+    /// The rules the chart grants the node cache's DaemonSet, cluster-wide.
+    pub fn chart_node_cache(release_namespace: &str) -> Self {
+        Self::cluster_wide(
+            &format!("system:serviceaccount:{release_namespace}:kandle-node-cache"),
+            chart_rules().node_cache,
+        )
     }
 
     pub fn allows(&self, access: &Access) -> bool {
