@@ -5,8 +5,10 @@ a model of about 1 GiB in four files, served twice: as fast as loopback goes, an
 PACED_MB_S per connection as CDNs pace them (nginx limit_rate). For each, every round,
 interleaved (in an order rotated round by round, each after a sync): curl fetching the
 files one after another, `kandle-server pull`, and huggingface_hub's snapshot_download with
-HF_ENDPOINT pointed at the local hub; and the same three for one file. Medians over rounds,
-plus kandle's peak resident memory.
+HF_ENDPOINT pointed at the local hub; and the same three for one file. Then what a second
+pod on the node does with `cache.volume: node`: kandle's pull again into the folder it filled
+(it must fetch nothing), against huggingface_hub's snapshot_download again into its own.
+Medians over rounds, plus kandle's peak resident memory.
 Results: bench-results/pull.json. Run by scripts/bench-pull (needs nginx and the
 .venv-bench peers).
 """
@@ -121,6 +123,18 @@ def timed(cmd, env=None):
     return time.perf_counter() - t
 
 
+def kandle_again(port, dest):
+    """The node's second pod: the pull finds the first one's files and fetches nothing."""
+    report = dest + "-report.json"
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", RUST_LOG="warn")
+    seconds = timed([SERVER, "pull", "--model", "hf://org/big", "--dest", dest, "--report-file", report], env)
+    with open(report) as f:
+        fetched = json.load(f)["pulledBytes"]
+    if fetched:
+        raise SystemExit(f"the second pull fetched {fetched} bytes")
+    return seconds
+
+
 def kandle(port, dest, include=None):
     cmd = ["/usr/bin/time", "-f", "%M", SERVER, "pull", "--model", "hf://org/big", "--dest", dest]
     if include:
@@ -169,7 +183,8 @@ def main():
     nginx = subprocess.Popen(["nginx", "-c", os.path.join(work, "nginx.conf")])
     time.sleep(1)
     kinds = ("curl_all", "kandle_all", "hf_all", "curl_one", "kandle_one", "hf_one")
-    runs = {s: {k: [] for k in kinds} for s in SCENARIOS}
+    again = ("kandle_again", "hf_again")
+    runs = {s: {k: [] for k in kinds + again} for s in SCENARIOS}
     peak_mib = []
     try:
         for r in range(ROUNDS):
@@ -188,6 +203,8 @@ def main():
                     runs[scenario][tag].append(seconds)
                     if mem is not None:
                         peak_mib.append(mem)
+                runs[scenario]["kandle_again"].append(kandle_again(port, d("kandle_all")))
+                runs[scenario]["hf_again"].append(hf(port, d("hf_all")))
                 # Deleted between rounds, then a long settle: the filesystem's discards
                 # stall whoever writes next.
                 for tag in kinds:
@@ -211,6 +228,8 @@ def main():
             "kandle_over_hf": {"all": med["hf_all"] / med["kandle_all"], "one": med["hf_one"] / med["kandle_one"]},
             # Runs of a quarter second on a shared VM: the best of each is steadier than the median.
             "best_kandle_over_curl": {n: min(run[f"curl_{n}"]) / min(run[f"kandle_{n}"]) for n in ("all", "one")},
+            # The second pod on a node (cache.volume: node): the pull step, nothing fetched.
+            "second_pull_seconds": {"kandle": med["kandle_again"], "hf": med["hf_again"]},
             "seconds": run,
         }
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)

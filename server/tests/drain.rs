@@ -57,6 +57,20 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
         503,
         "new requests are refused while draining"
     );
+    // Logged as answers, not as errors: a kubelet probing readiness while the pod drains
+    // must not fill the logs with ERROR lines.
+    server
+        .log_line(|v| v["fields"]["status"] == 503 && v["span"]["path"] == "/v1/models")
+        .await;
+    let errors: Vec<String> = server
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(r#""level":"ERROR""#))
+        .cloned()
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
 
     while let Some(chunk) = stream.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());

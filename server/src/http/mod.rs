@@ -143,7 +143,11 @@ pub(crate) fn observed<S: Clone + Send + Sync + 'static>(
                         .unwrap_or_default();
                     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
                 })
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                // Every response is logged above with its status; a 503 from `/readyz` while
+                // loading or draining is an answer, not an error, and real failures are
+                // logged with their cause where they are mapped (`ApiError::body`).
+                .on_failure(()))
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
 }
