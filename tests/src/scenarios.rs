@@ -418,6 +418,11 @@ pub async fn node_cache_pulls_once_per_node(t: &Target) -> Vec<u64> {
     }
     let model = ready.status.and_then(|s| s.model).expect("status.model");
     assert!(model.size_bytes.unwrap_or(0) > 0, "{model:?}");
+    assert_eq!(
+        model.source.as_deref(),
+        Some(format!("{} (node cache)", t.model_uri()).as_str()),
+        "status says where the model came from"
+    );
     t.api::<ModelDeployment>()
         .delete("node-cached", &DeleteParams::default())
         .await

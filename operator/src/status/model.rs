@@ -22,7 +22,8 @@ pub enum Model {
 /// Where the model of `md` stands, from its pull Job's pods (pvc cache) or its serving
 /// pods' pull containers (per-pod pulls).
 pub fn model_state(md: &ModelDeployment, settings: &Settings, observed: &Observed) -> Model {
-    match ModelSource::of(md, settings) {
+    let source = ModelSource::of(md, settings);
+    match source {
         ModelSource::UserClaim { .. } => Model::Ready(None),
         // The kubelet pulls it; a pull it cannot make shows on the pods (their cause).
         ModelSource::ImageVolume { reference } => Model::Ready(Some(ModelStatus {
@@ -69,7 +70,13 @@ pub fn model_state(md: &ModelDeployment, settings: &Settings, observed: &Observe
                     permanent: r.transient == Some(false),
                     message: r.error.unwrap_or_default(),
                 },
-                Some((r, _)) => Model::Ready(Some(model_status(&r))),
+                Some((r, _)) => {
+                    let mut status = model_status(&r);
+                    if let ModelSource::NodeCache { .. } = source {
+                        status.source = status.source.map(|s| format!("{s} (node cache)"));
+                    }
+                    Model::Ready(Some(status))
+                }
                 None if observed.pods.iter().any(|p| diagnosis::pulling(p)) => {
                     Model::Pulling(format!("pods are pulling {}", md.spec.model.uri))
                 }
