@@ -14,6 +14,15 @@ use std::time::Duration;
 
 struct Operator(Child);
 
+impl Operator {
+    /// SIGTERM, as the kubelet stops a pod.
+    fn terminate(&self) {
+        let pid = self.0.id().to_string();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(kill.unwrap().success());
+    }
+}
+
 impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -91,14 +100,7 @@ async fn the_binary_converges_reports_and_hands_back_its_lease() {
         Some("kandle-operator-0")
     );
 
-    let pid = operator.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    operator.terminate();
     let started = std::time::Instant::now();
     let status = loop {
         if let Some(status) = operator.0.try_wait().unwrap() {
@@ -209,14 +211,7 @@ async fn the_node_cache_collector_removes_unused_models_past_its_limit_and_nothi
     for kept in [used.as_str(), locked, new, "lost+found"] {
         assert!(root.path().join(kept).exists(), "{kept} was removed");
     }
-    let pid = collector.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    collector.terminate();
     let status = collector.0.wait().unwrap();
     let mut logs = String::new();
     std::io::Read::read_to_string(&mut collector.0.stdout.take().unwrap(), &mut logs).unwrap();

@@ -1,7 +1,7 @@
 //! The children as users will see them in `kubectl get -o yaml`.
 use super::*;
 use crate::crd::ModelDeployment;
-use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Volume};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
@@ -214,13 +214,7 @@ fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
         .map(|t| t.key.clone().unwrap())
         .collect();
     assert_eq!(tolerations, ["dedicated", "nvidia.com/gpu"]);
-    let shm = pod
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|v| v.name == "shm")
-        .unwrap();
+    let shm = volume(pod, "shm");
     assert_eq!(
         shm.empty_dir
             .as_ref()
@@ -236,6 +230,15 @@ fn gpus_bring_limits_the_product_affinity_in_every_term_and_the_toleration() {
         server.startup_probe.as_ref().unwrap().failure_threshold,
         Some((300 + 400) / 5)
     );
+}
+
+/// The pod's volume `name`.
+fn volume<'a>(pod: &'a PodSpec, name: &str) -> &'a Volume {
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
 }
 
 /// The Secrets mounted into `c`, by name.
@@ -380,13 +383,7 @@ fn a_pvc_cache_is_filled_by_a_job_before_the_pods_mount_it_read_only() {
     );
     let pod = pod(&ready);
     assert!(pod.init_containers.is_none());
-    let model = pod
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|v| v.name == "model")
-        .unwrap();
+    let model = volume(pod, "model");
     let claim = model.persistent_volume_claim.as_ref().unwrap();
     assert_eq!(
         (claim.claim_name.as_str(), claim.read_only),
@@ -437,14 +434,8 @@ fn a_node_cache_is_one_host_folder_per_model_pulled_by_the_pods_and_served_read_
     assert_eq!(root, "/var/lib/kandle/models");
     assert_eq!(folder.len(), 32);
     let pod = pod(&d);
-    let volume = pod
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|v| v.name == "model")
-        .unwrap();
-    let host = volume.host_path.as_ref().unwrap();
+    let model = volume(pod, "model");
+    let host = model.host_path.as_ref().unwrap();
     assert_eq!(
         (host.path.as_str(), host.type_.as_deref()),
         ("/var/lib/kandle/models", Some("DirectoryOrCreate"))
@@ -665,13 +656,12 @@ fn pull_steps_are_bounded_and_the_model_volume_has_a_size_limit() {
     assert_eq!(get(&resources.requests, "memory").as_deref(), Some("128Mi"));
     assert_eq!(get(&resources.requests, "cpu").as_deref(), Some("250m"));
     assert_eq!(get(&resources.limits, "memory").as_deref(), Some("1Gi"));
-    let size = |d: &Desired, volume: &str| {
-        pod(d)
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == volume)
-            .and_then(|v| v.empty_dir.as_ref()?.size_limit.clone())
+    let size = |d: &Desired, name: &str| {
+        volume(pod(d), name)
+            .empty_dir
+            .as_ref()?
+            .size_limit
+            .clone()
             .map(|q| q.0)
     };
     assert_eq!(size(&d, "model").as_deref(), Some("20Gi"), "the default");
