@@ -421,7 +421,7 @@ impl Cluster {
     }
 
     /// The pull container's terminated state with its report, and whether it failed.
-    fn pull_outcome(&self, ns: &str, pull: &Value, pod: &Value) -> (Value, bool) {
+    fn pull_outcome(&self, ns: &str, pull: &Value, spec: &Value) -> (Value, bool) {
         let uri = arg(pull, "--model").unwrap_or_default();
         let (code, report) = if let Some(secret) = self.missing_secret(ns, pull) {
             let error = format!(
@@ -437,8 +437,7 @@ impl Cluster {
                 json!({"error": format!("{uri}: not found (404)"), "transient": false}),
             )
         } else {
-            let found = self
-                .host_folder(pull, pod)
+            let found = host_folder(pull, spec)
                 .is_some_and(|folder| !self.host_models.lock().unwrap().insert(folder));
             let fetched = if found { 0 } else { PULLED_BYTES };
             let pulled = json!({"source": uri, "revision": PULLED_REVISION, "pulledBytes": fetched,
@@ -448,19 +447,6 @@ impl Cluster {
         let reason = if code == 0 { "Completed" } else { "Error" };
         let state = json!({"terminated": {"exitCode": code, "reason": reason, "message": report.to_string(), "finishedAt": now()}});
         (state, code != 0)
-    }
-
-    /// The node's folder a pull writes, when its `--dest` lies on a hostPath volume.
-    fn host_folder(&self, pull: &Value, pod: &Value) -> Option<String> {
-        let dest = arg(pull, "--dest")?;
-        pull["volumeMounts"].as_array()?.iter().find_map(|m| {
-            let inside = dest.strip_prefix(m["mountPath"].as_str()?)?;
-            let volume = pod["volumes"]
-                .as_array()?
-                .iter()
-                .find(|v| v["name"] == m["name"])?;
-            Some(format!("{}{inside}", volume["hostPath"]["path"].as_str()?))
-        })
     }
 
     fn sync_job(&self, job: &Value) {
@@ -569,6 +555,20 @@ fn arg<'a>(container: &'a Value, flag: &str) -> Option<&'a str> {
     let args = container["args"].as_array()?;
     let i = args.iter().position(|x| x == flag)?;
     args.get(i + 1)?.as_str()
+}
+
+/// The node's folder a pull writes, when its `--dest` lies on a hostPath volume of the pod
+/// `spec`.
+fn host_folder(pull: &Value, spec: &Value) -> Option<String> {
+    let dest = arg(pull, "--dest")?;
+    pull["volumeMounts"].as_array()?.iter().find_map(|m| {
+        let inside = dest.strip_prefix(m["mountPath"].as_str()?)?;
+        let volume = spec["volumes"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == m["name"])?;
+        Some(format!("{}{inside}", volume["hostPath"]["path"].as_str()?))
+    })
 }
 
 fn owner_ref(owner: &Value, api_version: &str, kind: &str) -> Value {
