@@ -205,15 +205,11 @@ impl Keys {
     }
 
     pub fn load(path: &Path) -> Result<Self, KeysError> {
-        let shown = path.display().to_string();
-        let read = |source| KeysError::Read {
-            path: shown.clone(),
+        let bytes = read_limited(path).map_err(|source| KeysError::Read {
+            path: path.display().to_string(),
             source,
-        };
-        if std::fs::metadata(path).map_err(read)?.len() > MAX_FILE_BYTES {
-            return Err(KeysError::TooLarge { path: shown });
-        }
-        Self::from_bytes(&std::fs::read(path).map_err(read)?, path)
+        })?;
+        Self::from_bytes(&bytes, path)
     }
 
     /// The keys of a file's contents, read elsewhere.
@@ -244,9 +240,36 @@ fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
+/// A keys file's bytes, at most one past the limit (which [`Keys::from_bytes`] refuses): a
+/// file swapped for a huge one is never read whole.
+pub fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_past_the_limit_is_refused_without_being_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        let mut text = FILE.to_string();
+        text.push_str(&"#".repeat(MAX_FILE_BYTES as usize));
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(
+            read_limited(&path).unwrap().len() as u64,
+            MAX_FILE_BYTES + 1
+        );
+        assert!(matches!(Keys::load(&path), Err(KeysError::TooLarge { .. })));
+        std::fs::write(&path, FILE).unwrap();
+        assert_eq!(Keys::load(&path).unwrap().len(), 3);
+    }
 
     const FILE: &str = "keys:\n\
         - {name: all, key: sk-all-000}\n\

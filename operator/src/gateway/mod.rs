@@ -239,14 +239,27 @@ pub fn watch_keys(
     let first = Keys::load(&path)?;
     tracing::info!(path = %path.display(), keys = first.len(), "API keys loaded");
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+    // Bounded, and off the async threads.
+    let read_file = {
+        let path = path.clone();
+        move || {
+            let path = path.clone();
+            async move {
+                tokio::task::spawn_blocking(move || keys::read_limited(&path))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        }
+    };
     tokio::spawn(async move {
-        let mut last = tokio::fs::read(&path).await.ok();
+        let mut last = read_file().await;
         loop {
             tokio::time::sleep(every).await;
             if tx.is_closed() {
                 return;
             }
-            let now = tokio::fs::read(&path).await.ok();
+            let now = read_file().await;
             if now == last {
                 continue;
             }
