@@ -5,7 +5,7 @@ mod common;
 
 use common::TinyLlama;
 use sha2::{Digest as _, Sha256};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -30,21 +30,15 @@ impl Drop for Registry {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Registry {
     /// A registry on loopback; with `login`, only the `kandle` user may use it.
     fn start(login: bool) -> Self {
         let storage = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
+        // Port 0, and the address read from the registry's own log: a port picked beforehand
+        // can be taken by another test in between, and a bare connect to a port nobody
+        // listens on yet can connect to itself (TCP simultaneous open on loopback).
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:0\n",
             storage.path().join("data").display()
         );
         if login {
@@ -55,18 +49,26 @@ impl Registry {
             ));
         }
         std::fs::write(storage.path().join("config.yml"), config).unwrap();
-        let child = Command::new("docker-registry")
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(storage.path().join("config.yml"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start docker-registry (scripts/test installs Debian's docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (found, address) = std::sync::mpsc::channel();
+        let log = BufReader::new(child.stderr.take().unwrap());
+        // Reads the log to its end, so that the registry never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in log.lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("msg=\"listening on ").nth(1) {
+                    let _ = found.send(rest.split('"').next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let addr = address
+            .recv_timeout(Duration::from_secs(30))
+            .expect("docker-registry did not start listening");
         Self {
             child,
             storage,
