@@ -6,6 +6,7 @@ use kandle_operator::crd::{ModelDeployment, Phase};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -67,21 +68,46 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Serves `model` as `served` on a free loopback port, once ready.
     pub async fn start(model: impl AsRef<Path>, served: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(server_binary())
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        // Port 0, and the address from the server's "listening" log line: a port picked
+        // beforehand could be taken by another test's server in between.
+        let mut child = Command::new(server_binary())
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-format",
+                "json",
+            ])
             .args(["--served-model-name", served, "--model"])
             .arg(model.as_ref())
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start kandle-server");
+        let (found, address) = std::sync::mpsc::channel();
+        let log = BufReader::new(child.stderr.take().expect("piped stderr"));
+        // Reads the log to its end, so that the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in log.lines().map_while(Result::ok) {
+                let line: Value = serde_json::from_str(&line).unwrap_or_default();
+                if line["fields"]["message"] == "listening"
+                    && let Some(addr) = line["fields"]["address"].as_str()
+                {
+                    let _ = found.send(addr.to_string());
+                }
+            }
+        });
+        let addr =
+            tokio::task::spawn_blocking(move || address.recv_timeout(Duration::from_secs(60)))
+                .await
+                .expect("log reader")
+                .expect("kandle-server did not start listening");
         let server = Self {
             child,
-            addr: ([127, 0, 0, 1], port).into(),
+            addr: addr.parse().expect("a socket address"),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         let addr = server.addr.to_string();

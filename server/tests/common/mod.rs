@@ -251,18 +251,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(model: &Path, extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_kandle-server"))
             .args([
                 "serve",
                 "--host",
                 "127.0.0.1",
+                // Port 0: a port picked beforehand could be taken by another test's server.
                 "--port",
-                &port.to_string(),
+                "0",
                 "--model",
             ])
             .arg(model)
@@ -280,13 +276,36 @@ impl Server {
                 sink.lock().unwrap().push(line);
             }
         });
-        let server = Self {
+        let mut server = Self {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: String::new(),
             logs,
         };
+        server.base = format!("http://{}", server.wait_listening());
         server.wait_ready();
         server
+    }
+
+    /// The address the server's "listening" log line names.
+    fn wait_listening(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| listening_address(l));
+            if let Some(address) = found {
+                return address;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not listening in time; logs:\n{}",
+                self.logs.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&self) {
@@ -339,6 +358,18 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The loopback address in a server's "listening" log line (text or JSON).
+fn listening_address(line: &str) -> Option<String> {
+    let at = line
+        .contains("listening")
+        .then(|| line.find("127.0.0.1:"))??;
+    let port: String = line[at + "127.0.0.1:".len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some(format!("127.0.0.1:{port}"))
 }
 
 /// A GET's status over a raw TCP connection: no async runtime needed.
