@@ -52,8 +52,17 @@ impl Split for LgbSplit {
         } else if self.zero_missing && (-ZERO..=ZERO).contains(&value) {
             self.default_left
         } else {
-            value <= self.threshold
+            Self::below(value, self.threshold)
         }
+    }
+
+    fn threshold(&self) -> Option<f64> {
+        (!self.categorical && !self.zero_missing).then_some(self.threshold)
+    }
+
+    #[inline]
+    fn below(value: f64, threshold: f64) -> bool {
+        value <= threshold
     }
 }
 
@@ -88,6 +97,7 @@ impl LightGbm {
             add_tree(&mut forest, &fields(section), features)
                 .map_err(|e| format!("tree {i}: {e}"))?;
         }
+        forest.finish(features);
         let mut names: Vec<String> = header
             .get("feature_names")
             .map(|s| s.split(' ').map(String::from).collect())
@@ -281,8 +291,11 @@ impl TabularModel for LightGbm {
         let features = self.schema.features.len();
         let groups = self.per_iteration;
         let mut raw = vec![0f64; rows.len() / features * groups];
-        self.forest.walk(rows, features, |row, tree, leaf| {
-            raw[row * groups + tree % groups] += leaf;
+        self.forest.walk(rows, features, |row, leaves| {
+            for (group, raw) in raw[row * groups..][..groups].iter_mut().enumerate() {
+                // In tree order, as LightGBM sums.
+                *raw = (leaves.iter().skip(group).step_by(groups)).fold(0.0, |sum, l| sum + l);
+            }
         });
         let outputs = self.schema.kind.outputs();
         for (raw, out) in raw.chunks_exact(groups).zip(out.chunks_exact_mut(outputs)) {

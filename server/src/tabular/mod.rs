@@ -9,6 +9,7 @@ pub mod http;
 pub mod lightgbm;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+mod scorer;
 mod ubjson;
 pub mod v2;
 pub mod xgboost;

@@ -16,8 +16,8 @@ enum Link {
 pub struct XgBoost {
     schema: Schema,
     forest: Forest<XgbSplit>,
-    /// Output (class) each tree adds to.
-    groups: Vec<u32>,
+    /// The trees that add to each output (class), in order.
+    trees_of: Vec<Vec<usize>>,
     base_margin: Vec<f32>,
     link: Link,
 }
@@ -38,12 +38,22 @@ impl Split for XgbSplit {
         if value.is_nan() {
             self.default_left
         } else if !self.categorical {
-            value < self.threshold
+            Self::below(f64::from(value), f64::from(self.threshold))
         } else {
             // Categories are whole numbers stored as floats; XGBoost truncates them, and
             // sends negative and unseen ones left.
             !(value >= 0.0 && value < u32::MAX as f32 && sets.contains(self.set, value as u32))
         }
+    }
+
+    fn threshold(&self) -> Option<f64> {
+        (!self.categorical).then_some(f64::from(self.threshold))
+    }
+
+    /// In f32, as XGBoost compares (exact for the f32 values both are).
+    #[inline]
+    fn below(value: f64, threshold: f64) -> bool {
+        (value as f32) < threshold as f32
     }
 }
 
@@ -162,6 +172,7 @@ impl XgBoost {
         for (i, tree) in trees.trees.iter().enumerate() {
             add_tree(&mut forest, tree, features).map_err(|e| format!("tree {i}: {e}"))?;
         }
+        forest.finish(features);
         let base_margin = base_margin(&param.base_score, outputs, link)?;
         let mut names = learner.feature_names;
         if names.len() != features {
@@ -174,7 +185,13 @@ impl XgBoost {
                 kind,
             },
             forest,
-            groups: trees.tree_info,
+            trees_of: (0..outputs)
+                .map(|g| {
+                    (0..trees.tree_info.len())
+                        .filter(|&t| trees.tree_info[t] as usize == g)
+                        .collect()
+                })
+                .collect(),
             base_margin,
             link,
         })
@@ -308,9 +325,12 @@ impl TabularModel for XgBoost {
         let mut margins: Vec<f32> = (0..rows.len() / features)
             .flat_map(|_| self.base_margin.iter().copied())
             .collect();
-        self.forest.walk(rows, features, |row, tree, leaf| {
-            // Leaves are f32 values held exactly in f64.
-            margins[row * groups + self.groups[tree] as usize] += leaf as f32;
+        self.forest.walk(rows, features, |row, leaves| {
+            let margins = &mut margins[row * groups..][..groups];
+            for (margin, trees) in margins.iter_mut().zip(&self.trees_of) {
+                // In tree order, in f32 (leaves are f32 values held exactly in f64).
+                *margin = trees.iter().fold(*margin, |sum, &t| sum + leaves[t] as f32);
+            }
         });
         let outputs = self.schema.kind.outputs();
         for (margin, out) in margins
