@@ -10,19 +10,23 @@
 //!    Deployment), scheduling (simulated), the pull (simulated: the Job completes at once)
 //!    and the load (a real kandle-server starting with SmolLM2).
 //!
-//! Needs release builds of kandle-server (`cargo build --release -p kandle-server`) and
+//! Needs release builds of kandle-server and kandle-operator (`cargo build --release -p
+//! kandle-server -p kandle-operator`) and
 //! nginx (`apt-get install nginx-light`); run with `cargo bench -p kandle-tests --bench
 //! gateway`. `KANDLE_BENCH_ROUNDS` (default 5) and `KANDLE_BENCH_REQUESTS` (per
 //! connection and round, default 200) size it.
-use clap::Parser;
 use k8s_openapi::api::apps::v1::Deployment;
 use kandle_operator::crd::Phase;
-use kandle_tests::apiserver::ApiServer;
+use kandle_tests::apiserver::rbac::Policy;
+use kandle_tests::apiserver::{ApiServer, loopback};
 use kandle_tests::emulated::Emulated;
-use kandle_tests::serving::{ServerProcess, endpoints, minilm_dir, model, smollm2_gguf};
+use kandle_tests::serving::{
+    ServerProcess, endpoints, minilm_dir, model, server_binary, smollm2_gguf,
+};
 use serde_json::json;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -32,22 +36,60 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-async fn start_gateway(api: &ApiServer) -> SocketAddr {
-    let argv = ["kandle-operator", "gateway", "--log-format", "text"];
-    let kandle_operator::cli::Command::Gateway(args) =
-        kandle_operator::cli::Cli::try_parse_from(argv)
-            .unwrap()
-            .command
-    else {
-        unreachable!()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = api.client();
-    tokio::spawn(async move {
-        kandle_operator::gateway::run(client, &args, listener, std::future::pending()).await
-    });
-    addr
+/// The gateway as the chart runs it: its own process (the release `kandle-operator`),
+/// with the chart's RBAC. Run inside this benchmark instead, it would share the load
+/// generator's threads and be charged for the client's work, which nginx is not.
+struct GatewayProcess {
+    child: Child,
+    addr: SocketAddr,
+    /// Its kubeconfig.
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    async fn start(api: &ApiServer) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let view = api.as_user(Policy::chart_gateway("kandle-system"));
+        let listening = loopback::serve(view, dir.path()).await.unwrap();
+        let binary = server_binary().with_file_name("kandle-operator");
+        let mut child = Command::new(&binary)
+            .args(["gateway", "--addr", "127.0.0.1:0", "--log-format", "json"])
+            .env("KUBECONFIG", &listening.kubeconfig)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (cargo build --release -p kandle-operator)",
+                    binary.display()
+                )
+            });
+        // The operator's binary logs to stdout.
+        let log = BufReader::new(child.stdout.take().unwrap());
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut lines = log.lines().map_while(Result::ok);
+            let addr = lines.find_map(|line| {
+                let line: serde_json::Value = serde_json::from_str(&line).ok()?;
+                line["fields"]["address"].as_str()?.parse().ok()
+            });
+            // Reads the rest, so that the gateway never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            addr.expect("the gateway's listening line")
+        })
+        .await
+        .unwrap();
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// nginx as a plain reverse proxy with keep-alive to the backend, killed when dropped.
@@ -164,13 +206,13 @@ async fn added_latency() {
     let spec = json!({"model": {"uri": "hf://org/m", "servedName": "minilm"}});
     model(&api, "minilm", spec, json!({}), Phase::Ready).await;
     endpoints(&api, "ml", "minilm", &[server.addr]).await;
-    let gateway = start_gateway(&api).await;
+    let gateway = GatewayProcess::start(&api).await;
     let nginx = Nginx::start(server.addr);
     // Both proxies route before measuring (the gateway once it has synced its watches).
     let warm = Instant::now() + Duration::from_secs(30);
     while Instant::now() < warm {
         let ok = reqwest::Client::new()
-            .post(format!("http://{gateway}/v1/embeddings"))
+            .post(format!("http://{}/v1/embeddings", gateway.addr))
             .json(&json!({"model": "minilm", "input": "x"}))
             .send()
             .await
@@ -182,7 +224,7 @@ async fn added_latency() {
     }
     let targets = [
         ("direct", server.addr),
-        ("gateway", gateway),
+        ("gateway", gateway.addr),
         ("nginx", nginx.addr),
     ];
     println!(
@@ -220,8 +262,8 @@ async fn added_latency() {
 async fn scale_from_zero() {
     let env = Emulated::start();
     let t = env.target();
-    let gateway = start_gateway(&env.server).await;
-    env.load.read_gateway(gateway);
+    let gateway = GatewayProcess::start(&env.server).await;
+    env.load.read_gateway(gateway.addr);
     t.create(
         "sleepy",
         json!({"model": {"uri": "hf://org/m", "servedName": "smol"},
@@ -234,7 +276,7 @@ async fn scale_from_zero() {
     let answer = tokio::spawn(async move {
         let body = json!({"model": "smol", "max_tokens": 8,
                           "messages": [{"role": "user", "content": "Hi"}]});
-        let url = format!("http://{gateway}/v1/chat/completions");
+        let url = format!("http://{}/v1/chat/completions", gateway.addr);
         let response = reqwest::Client::new()
             .post(url)
             .json(&body)
