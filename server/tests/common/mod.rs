@@ -290,22 +290,28 @@ impl Server {
     fn wait_listening(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let found = self
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .find_map(|l| listening_address(l));
-            if let Some(address) = found {
+            if let Some(address) = self.logged(listening_address, deadline, "no listening line") {
                 return address;
             }
-            assert!(
-                Instant::now() < deadline,
-                "server not listening in time; logs:\n{}",
-                self.logs.lock().unwrap().join("\n")
-            );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The first log line `find` accepts, as it maps it; fails past `deadline`.
+    fn logged<T>(
+        &self,
+        mut find: impl FnMut(&str) -> Option<T>,
+        deadline: Instant,
+        failure: &str,
+    ) -> Option<T> {
+        let logs = self.logs.lock().unwrap();
+        let found = logs.iter().find_map(|l| find(l));
+        assert!(
+            found.is_some() || Instant::now() < deadline,
+            "{failure}; logs:\n{}",
+            logs.join("\n")
+        );
+        found
     }
 
     fn wait_ready(&self) {
@@ -334,20 +340,11 @@ impl Server {
     /// reader thread to see it.
     pub async fn log_line(&self, wanted: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let parsed = |l: &str| serde_json::from_str(l).ok().filter(|v| wanted(v));
         loop {
-            let found = self.logs.lock().unwrap().iter().find_map(|l| {
-                serde_json::from_str(l)
-                    .ok()
-                    .filter(|v: &serde_json::Value| wanted(v))
-            });
-            if let Some(line) = found {
+            if let Some(line) = self.logged(parsed, deadline, "no such log line") {
                 return line;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no such log line; logs:\n{}",
-                self.logs.lock().unwrap().join("\n")
-            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
