@@ -21,10 +21,9 @@ use kandle_tests::apiserver::rbac::Policy;
 use kandle_tests::apiserver::{ApiServer, loopback};
 use kandle_tests::emulated::Emulated;
 use kandle_tests::serving::{
-    ServerProcess, endpoints, minilm_dir, model, server_binary, smollm2_gguf,
+    ServerProcess, endpoints, logged_address, minilm_dir, model, server_binary, smollm2_gguf,
 };
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,19 +63,7 @@ impl GatewayProcess {
                 )
             });
         // The operator's binary logs to stdout.
-        let log = BufReader::new(child.stdout.take().unwrap());
-        let addr = tokio::task::spawn_blocking(move || {
-            let mut lines = log.lines().map_while(Result::ok);
-            let addr = lines.find_map(|line| {
-                let line: serde_json::Value = serde_json::from_str(&line).ok()?;
-                line["fields"]["address"].as_str()?.parse().ok()
-            });
-            // Reads the rest, so that the gateway never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            addr.expect("the gateway's listening line")
-        })
-        .await
-        .unwrap();
+        let addr = logged_address(child.stdout.take().unwrap(), "the gateway").await;
         Self {
             child,
             addr,

