@@ -13,8 +13,9 @@
 //! Needs release builds of kandle-server and kandle-operator (`cargo build --release -p
 //! kandle-server -p kandle-operator`) and
 //! nginx (`apt-get install nginx-light`); run with `cargo bench -p kandle-tests --bench
-//! gateway`. `KANDLE_BENCH_ROUNDS` (default 5) and `KANDLE_BENCH_REQUESTS` (per
-//! connection and round, default 200) size it.
+//! gateway`. `KANDLE_BENCH_ROUNDS` (default 5), `KANDLE_BENCH_REQUESTS` (per
+//! connection and round, default 200) and `KANDLE_BENCH_CONNECTIONS` (default `1,64`) size
+//! it.
 use k8s_openapi::api::apps::v1::Deployment;
 use kandle_operator::crd::Phase;
 use kandle_tests::apiserver::rbac::Policy;
@@ -175,6 +176,58 @@ async fn load(addr: SocketAddr, connections: usize, per_connection: usize) -> Ve
     all
 }
 
+/// CPU time (user and system) that the processes `pids` have used so far, in seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // Clock ticks per second: 100 on every Linux this runs on (USER_HZ).
+    const TICKS: f64 = 100.0;
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            // Fields after the command name, which may hold spaces: state is the first,
+            // utime and stime the 12th and 13th.
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let fields: Vec<&str> = after.split(' ').collect();
+            fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        })
+        .sum();
+    ticks as f64 / TICKS
+}
+
+/// `parent` and its children.
+fn with_children(parent: u32) -> Vec<u32> {
+    let mut pids = vec![parent];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        if after.split(' ').nth(1) == Some(&parent.to_string()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `KANDLE_BENCH_CONNECTIONS` (comma-separated), by default 1 and 64.
+fn connection_counts() -> Vec<usize> {
+    std::env::var("KANDLE_BENCH_CONNECTIONS")
+        .ok()
+        .map(|list| {
+            list.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| vec![1, 64])
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e3
@@ -209,15 +262,17 @@ async fn added_latency() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The proxies' own processes, for the CPU each spends per request.
+    let nginx_pids = with_children(nginx.child.id());
     let targets = [
-        ("direct", server.addr),
-        ("gateway", gateway.addr),
-        ("nginx", nginx.addr),
+        ("direct", server.addr, Vec::new()),
+        ("gateway", gateway.addr, vec![gateway.child.id()]),
+        ("nginx", nginx.addr, nginx_pids),
     ];
     println!(
         "added latency, MiniLM embeddings of one sentence, {rounds} rounds x {per_connection} requests per connection"
     );
-    for connections in [1, 64] {
+    for connections in connection_counts() {
         let per = if connections == 1 {
             per_connection
         } else {
@@ -225,18 +280,27 @@ async fn added_latency() {
         };
         let mut p50 = vec![Vec::new(); targets.len()];
         let mut p99 = vec![Vec::new(); targets.len()];
+        let mut cpu = vec![0.0; targets.len()];
         for _ in 0..rounds {
-            for (i, (_, addr)) in targets.iter().enumerate() {
+            for (i, (_, addr, pids)) in targets.iter().enumerate() {
+                let before = cpu_seconds(pids);
                 let times = load(*addr, connections, per).await;
+                cpu[i] += cpu_seconds(pids) - before;
                 p50[i].push(percentile(&times, 0.5));
                 p99[i].push(percentile(&times, 0.99));
             }
         }
         let p50: Vec<f64> = p50.iter_mut().map(|v| median(v)).collect();
         let p99: Vec<f64> = p99.iter_mut().map(|v| median(v)).collect();
-        for (i, (name, _)) in targets.iter().enumerate() {
+        let requests = (rounds * connections * per) as f64;
+        for (i, (name, _, pids)) in targets.iter().enumerate() {
+            let cpu = if pids.is_empty() {
+                String::new()
+            } else {
+                format!("  proxy CPU {:.0} us/request", cpu[i] / requests * 1e6)
+            };
             println!(
-                "  {connections:>2} connections {name:>8}: p50 {:7.3} ms  p99 {:7.3} ms  added p50 {:+.3} ms  added p99 {:+.3} ms",
+                "  {connections:>2} connections {name:>8}: p50 {:7.3} ms  p99 {:7.3} ms  added p50 {:+.3} ms  added p99 {:+.3} ms{cpu}",
                 p50[i],
                 p99[i],
                 p50[i] - p50[0],

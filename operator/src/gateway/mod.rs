@@ -51,7 +51,7 @@ pub struct Gateway {
     /// `None`: no keys file, every caller may call every model.
     keys: Option<tokio::sync::watch::Receiver<Arc<Keys>>>,
     balancer: balance::Balancer,
-    http: reqwest::Client,
+    http: proxy::Upstream,
     metrics: metrics::Metrics,
     draining: Drain,
 }
@@ -86,13 +86,7 @@ impl Gateway {
         keys: Option<tokio::sync::watch::Receiver<Arc<Keys>>>,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            // Plain HTTP to pods inside the cluster; answers are never decompressed here.
-            .no_proxy()
-            .build()
-            .expect("an HTTP client without TLS settings builds");
+        let http = proxy::upstream(connect_timeout);
         Arc::new(Self {
             settings,
             table: routes.table,

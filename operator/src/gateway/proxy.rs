@@ -7,13 +7,35 @@ use super::keys::{Limited, Tenant};
 use super::metrics::{Deployment, ModelLabel, UpstreamError};
 use super::table::Model;
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderName, Method, Response, StatusCode, Uri, header};
-use futures::StreamExt;
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, header};
+use http_body::{Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming as UpstreamBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// The HTTP client to the pods: hyper's own, with a pool of kept-alive connections per pod.
+/// Plain HTTP inside the cluster, to IP addresses (no resolver), answers never decoded.
+pub(super) type Upstream = Client<HttpConnector, Full<Bytes>>;
+
+pub(super) fn upstream(connect_timeout: Duration) -> Upstream {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
 
 /// The fields the gateway reads; the rest of the body goes through untouched.
 #[derive(Deserialize)]
@@ -170,7 +192,7 @@ impl Gateway {
                 .clone(),
         );
         let forwarded = forwarded_headers(&headers, self.keys.is_some());
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = uri.path_and_query().cloned();
         let mut tried = Vec::new();
         let mut unavailable = None;
         for _ in 0..=self.settings.retries {
@@ -189,13 +211,11 @@ impl Gateway {
                 break;
             };
             tried.push(slot.addr);
-            let sent = self
-                .http
-                .request(method.clone(), format!("http://{}{path}", slot.addr))
-                .headers(forwarded.clone())
-                .body(body.clone())
-                .send()
-                .await;
+            let mut upstream = Request::new(Full::new(body.clone()));
+            *upstream.method_mut() = method.clone();
+            *upstream.uri_mut() = pod_uri(slot.addr, path.clone());
+            *upstream.headers_mut() = forwarded.clone();
+            let sent = self.http.request(upstream).await;
             let reason = match sent {
                 Ok(answer) if answer.status() == StatusCode::SERVICE_UNAVAILABLE => {
                     unavailable = Some(answer);
@@ -328,23 +348,54 @@ fn forwarded_headers(headers: &HeaderMap, keys_checked: bool) -> HeaderMap {
     forwarded
 }
 
-/// The upstream's answer passed on chunk by chunk. `guards` (the pod's slot, the key's
+/// `path` on the pod at `addr`, in the absolute form hyper's client takes.
+fn pod_uri(addr: std::net::SocketAddr, path: Option<PathAndQuery>) -> Uri {
+    let mut parts = axum::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Authority::try_from(addr.to_string()).ok();
+    parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+    Uri::from_parts(parts).expect("a socket address and a parsed path make a URI")
+}
+
+/// The upstream's answer passed on frame by frame. `guards` (the pod's slot, the key's
 /// permit, gauges) live until the body ends or the client goes, and dropping the upstream
-/// response then closes its connection, which cancels the work on the pod.
-fn stream<G: Send + 'static>(answer: reqwest::Response, guards: G) -> Response<Body> {
-    let mut response = Response::builder().status(answer.status());
-    if let Some(headers) = response.headers_mut() {
-        for (name, value) in answer.headers() {
-            if !HOP_BY_HOP.contains(name) {
-                headers.append(name, value.clone());
-            }
-        }
+/// body then closes its connection, which cancels the work on the pod.
+fn stream<G: Send + Unpin + 'static>(answer: Response<UpstreamBody>, guards: G) -> Response<Body> {
+    let (mut parts, body) = answer.into_parts();
+    for name in &HOP_BY_HOP {
+        parts.headers.remove(name);
     }
-    let body = answer.bytes_stream().map(move |chunk| {
-        let _ = &guards;
-        chunk
-    });
-    response
-        .body(Body::from_stream(body))
-        .expect("status and headers came from a valid response")
+    Response::from_parts(
+        parts,
+        Body::new(Guarded {
+            body,
+            _guards: guards,
+        }),
+    )
+}
+
+/// A pod's answer body, holding what must live as long as it does.
+struct Guarded<G> {
+    body: UpstreamBody,
+    _guards: G,
+}
+
+impl<G: Unpin> http_body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
