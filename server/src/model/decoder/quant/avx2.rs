@@ -1,4 +1,8 @@
-//! The AVX2 kernels (with FMA and F16C), chosen at run time.
+//! The AVX2 kernels (with FMA and F16C), chosen at run time, and their AVX-512 VNNI variants:
+//! the same loops on 256-bit vectors, where one `vpdpbusd` multiplies 4 unsigned bytes by 4
+//! signed ones and adds them to an i32 lane, the work of AVX2's `maddubs`, `madd` and `add`.
+//! Each variant is a thin `target_feature` wrapper around one inlined body, so both
+//! instruction sets share its code and the body's intrinsics compile inside the wrapper.
 use super::{BLOCK, Format, GROUP, Q8};
 use std::arch::x86_64::*;
 
@@ -44,76 +48,117 @@ pub(super) fn quantize(x: &[f32]) -> Vec<Q8> {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn dots_q4_1<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
-    let low = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for (b, block) in w.chunks_exact(Format::Q4_1.group_block_bytes()).enumerate() {
-        let p = block.as_ptr();
-        // SAFETY: a group block is 160 bytes: 16 of scales, 16 of minimums, 128 of nibbles.
-        let (d, m, raw) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
-                [0, 1, 2, 3].map(|i| _mm256_loadu_si256(p.add(32 + 32 * i).cast())),
-            )
-        };
-        // q[c]: values 4c..4c + 4 of all 8 rows.
-        let q: [__m256i; 8] = std::array::from_fn(|c| {
-            if c < 4 {
-                _mm256_and_si256(raw[c], low)
-            } else {
-                _mm256_and_si256(_mm256_srli_epi16::<4>(raw[c - 4]), low)
-            }
-        });
-        for r in 0..R {
-            let y = &x[r][b];
-            let mut sum16 = _mm256_setzero_si256();
-            for (c, q) in q.iter().enumerate() {
-                // SAFETY: `qs` is 32 bytes.
-                let y4 = unsafe { y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned() };
-                // u4 x i8 pairs: at most 2 * 15 * 127 each, so 8 of them fit in i16.
-                sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(*q, _mm256_set1_epi32(y4)));
-            }
-            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
-            acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
-            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);
-        }
-    }
-    store(acc)
+    // SAFETY: this function's features are the body's.
+    unsafe { q4_1::<R, false>(w, x) }
 }
 
-/// Q8_0 weights are signed, and `maddubs` takes one unsigned operand: it gets |w|, and the
-/// activations take w's signs. Pair sums reach 2 * 128 * 127, so each 4-value chunk widens
-/// to i32 at once.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) fn dots_q4_1_vnni<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    // SAFETY: this function's features are the body's.
+    unsafe { q4_1::<R, true>(w, x) }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn dots_q8_0<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for (b, block) in w.chunks_exact(Format::Q8_0.group_block_bytes()).enumerate() {
-        let p = block.as_ptr();
-        // SAFETY: a group block is 272 bytes: 16 of scales, then 8 vectors of 32 values.
-        let (d, q) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-                [0, 1, 2, 3, 4, 5, 6, 7].map(|c| _mm256_loadu_si256(p.add(16 + 32 * c).cast())),
-            )
-        };
-        let abs = q.map(|q| _mm256_sign_epi8(q, q));
-        for r in 0..R {
-            let y = &x[r][b];
-            let mut sum = _mm256_setzero_si256();
-            for c in 0..8 {
-                // SAFETY: `qs` is 32 bytes.
-                let y4 = unsafe { y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned() };
-                let signed = _mm256_sign_epi8(_mm256_set1_epi32(y4), q[c]);
-                let pairs = _mm256_maddubs_epi16(abs[c], signed);
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+    // SAFETY: this function's features are the body's.
+    unsafe { q8_0::<R, false>(w, x) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) fn dots_q8_0_vnni<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    // SAFETY: this function's features are the body's.
+    unsafe { q8_0::<R, true>(w, x) }
+}
+
+/// Safety: the CPU has AVX2, FMA and F16C, and AVX-512 VNNI and VL when `VNNI`; called only
+/// from a wrapper enabling them, so the intrinsics inline.
+#[inline(always)]
+unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    unsafe {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, block) in w.chunks_exact(Format::Q4_1.group_block_bytes()).enumerate() {
+            let p = block.as_ptr();
+            // A group block is 160 bytes: 16 of scales, 16 of minimums, 128 of nibbles.
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+            let raw = [0, 1, 2, 3].map(|i| _mm256_loadu_si256(p.add(32 + 32 * i).cast()));
+            // q[c]: values 4c..4c + 4 of all 8 rows.
+            let q: [__m256i; 8] = std::array::from_fn(|c| {
+                if c < 4 {
+                    _mm256_and_si256(raw[c], low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw[c - 4]), low)
+                }
+            });
+            for r in 0..R {
+                let y = &x[r][b];
+                // `qs` is 32 bytes.
+                let y4 = |c: usize| {
+                    _mm256_set1_epi32(y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned())
+                };
+                let sum = if VNNI {
+                    q.iter()
+                        .enumerate()
+                        .fold(_mm256_setzero_si256(), |sum, (c, q)| {
+                            _mm256_dpbusd_epi32(sum, *q, y4(c))
+                        })
+                } else {
+                    // u4 x i8 pairs: at most 2 * 15 * 127 each, so 8 of them fit in i16.
+                    let sum16 = q
+                        .iter()
+                        .enumerate()
+                        .fold(_mm256_setzero_si256(), |s, (c, q)| {
+                            _mm256_add_epi16(s, _mm256_maddubs_epi16(*q, y4(c)))
+                        });
+                    _mm256_madd_epi16(sum16, ones)
+                };
+                let sum = _mm256_cvtepi32_ps(sum);
+                acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
+                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);
             }
-            let sum = _mm256_cvtepi32_ps(sum);
-            acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
         }
+        store(acc)
     }
-    store(acc)
+}
+
+/// Q8_0 weights are signed, and `maddubs` and `dpbusd` take one unsigned operand: it gets |w|,
+/// and the activations take w's signs. AVX2's pair sums reach 2 * 128 * 127, so each 4-value
+/// chunk widens to i32 at once.
+///
+/// Safety: as [`q4_1`].
+#[inline(always)]
+unsafe fn q8_0<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, block) in w.chunks_exact(Format::Q8_0.group_block_bytes()).enumerate() {
+            let p = block.as_ptr();
+            // A group block is 272 bytes: 16 of scales, then 8 vectors of 32 values.
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+            let q = [0, 1, 2, 3, 4, 5, 6, 7].map(|c| _mm256_loadu_si256(p.add(16 + 32 * c).cast()));
+            let abs = q.map(|q| _mm256_sign_epi8(q, q));
+            for r in 0..R {
+                let y = &x[r][b];
+                let mut sum = _mm256_setzero_si256();
+                for c in 0..8 {
+                    // `qs` is 32 bytes.
+                    let y4 = y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned();
+                    let signed = _mm256_sign_epi8(_mm256_set1_epi32(y4), q[c]);
+                    sum = if VNNI {
+                        _mm256_dpbusd_epi32(sum, abs[c], signed)
+                    } else {
+                        let pairs = _mm256_maddubs_epi16(abs[c], signed);
+                        _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones))
+                    };
+                }
+                let sum = _mm256_cvtepi32_ps(sum);
+                acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
+            }
+        }
+        store(acc)
+    }
 }
 
 #[target_feature(enable = "avx")]

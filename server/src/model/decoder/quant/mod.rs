@@ -285,11 +285,7 @@ impl Q8 {
 
 /// Whether the CPU kernels run their AVX2 code (chosen once per process, as for these).
 pub fn avx2() -> bool {
-    match Kernel::detect() {
-        Kernel::Portable => false,
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => true,
-    }
+    !matches!(Kernel::detect(), Kernel::Portable)
 }
 
 #[derive(Clone, Copy)]
@@ -297,23 +293,49 @@ enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with AVX-512 VNNI's integer dot products (on 256-bit vectors).
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Kernel {
-    /// The best kernel this CPU runs, chosen once per process.
+    /// The best kernel this CPU runs, chosen once per process; `KANDLE_KERNELS` (`portable`,
+    /// `avx2`) names a plainer one, to compare them.
     fn detect() -> Self {
         static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *KERNEL.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if std::env::var_os("KANDLE_PORTABLE_KERNELS").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Self::Avx2;
-            }
-            Self::Portable
+            let supported = Self::supported();
+            let cap = std::env::var("KANDLE_KERNELS").unwrap_or_default();
+            let capped = supported.iter().position(|k| k.name() == cap);
+            supported[capped.unwrap_or(supported.len() - 1)]
         })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => "vnni",
+        }
+    }
+
+    /// Every kernel this CPU runs, plainest first.
+    fn supported() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            kernels.push(Self::Avx2);
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                kernels.push(Self::Vnni);
+            }
+        }
+        kernels
     }
 
     fn quantize(self, x: &[f32]) -> Vec<Q8> {
@@ -321,7 +343,7 @@ impl Kernel {
             Self::Portable => quantize(x),
             // SAFETY: chosen only when the CPU has AVX2 and FMA.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::quantize(x) },
+            Self::Avx2 | Self::Vnni => unsafe { avx2::quantize(x) },
         }
     }
 
@@ -329,11 +351,15 @@ impl Kernel {
     fn dots<const R: usize>(self, format: Format, w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
         match (self, format) {
             (Self::Portable, _) => portable_dots(format, w, x),
-            // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
+            // SAFETY: each chosen only when the CPU has the features it enables.
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Format::Q4_1) => unsafe { avx2::dots_q4_1(w, x) },
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Format::Q8_0) => unsafe { avx2::dots_q8_0(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q4_1) => unsafe { avx2::dots_q4_1_vnni(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Format::Q8_0) => unsafe { avx2::dots_q8_0_vnni(w, x) },
         }
     }
 }
@@ -481,13 +507,7 @@ mod tests {
                 "{format:?} {what}: row {r} column {c}: {got} against {want}"
             );
         };
-        #[allow(unused_mut)]
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        if let k @ Kernel::Avx2 = Kernel::detect() {
-            kernels.push(k);
-        }
-        for kernel in kernels {
+        for kernel in Kernel::supported() {
             for g in 0..rows.div_ceil(GROUP) {
                 let columns = g * GROUP..rows.min((g + 1) * GROUP);
                 for r0 in (0..m).step_by(ROW_TILE) {
@@ -543,8 +563,7 @@ mod tests {
         let mut x = activations(4, 64);
         x[32..64].fill(0.0);
         let want = quantize(&x);
-        #[cfg(target_arch = "x86_64")]
-        if let k @ Kernel::Avx2 = Kernel::detect() {
+        for k in Kernel::supported() {
             for (a, b) in k.quantize(&x).iter().zip(&want) {
                 assert_eq!((a.qs, a.d, a.s), (b.qs, b.d, b.s));
             }
