@@ -406,6 +406,9 @@ def main():
     proc, _ = start_server(MINILM, 18181)
     try:
         results["embed_http"] = {c: oha(18181, c, 400 * max(1, c // 4), body) for c in (1, 8, 32)}
+        # 32 connections of one sentence each against the in-process batch of 32 (goal: 0.9x).
+        results["embed_http"]["c32_over_inprocess_b32"] = (
+            results["embed_http"][32]["requests_per_s"] / results["embed_inprocess"]["32"]["kandle_sentences_per_s"])
     finally:
         proc.terminate(), proc.wait()
     proc, _ = start_server(MINILM, 18182, "--max-concurrent-requests", "4", "--max-queue", "4")

@@ -72,46 +72,49 @@ impl Dense {
         let panels = n.div_ceil(NR);
         let groups = panels.div_ceil(PANELS_PER_ITEM);
         let avx2 = super::decoder::quant::avx2();
-        let mut out = vec![0f32; m * n];
-        let dst = DisjointOut::new(&mut out);
-        candle_core::utils::barrier_pool().execute_chunked(
-            m.div_ceil(ROWS_PER_ITEM) * groups,
-            |items| {
-                for item in items {
-                    let (block, group) = (item / groups, item % groups);
-                    let rows = block * ROWS_PER_ITEM..m.min((block + 1) * ROWS_PER_ITEM);
-                    for p in group * PANELS_PER_ITEM..panels.min((group + 1) * PANELS_PER_ITEM) {
-                        let panel = &self.packed[p * k * NR..(p + 1) * k * NR];
-                        let bias: &[f32; NR] = self.bias[p * NR..(p + 1) * NR]
-                            .try_into()
-                            .expect("the bias is padded to whole panels");
-                        let width = NR.min(n - p * NR);
-                        let mut r = rows.start;
-                        while r < rows.end {
-                            let t = MR.min(rows.end - r);
-                            let mut tile = tile(avx2, t, &x[r * k..(r + t) * k], k, panel, bias);
-                            if let Some(f) = self.activation {
-                                f(tile[..t].as_flattened_mut());
-                            }
-                            for (i, row) in tile[..t].iter().enumerate() {
-                                let at = (r + i) * n + p * NR;
-                                // SAFETY: each (row, column) belongs to exactly one work
-                                // item, and `out` outlives the pool's call.
-                                unsafe {
-                                    if width == NR {
-                                        dst.write_array(at, row);
-                                    } else {
-                                        dst.write(at, &row[..width]);
+        let fill = |dst: &DisjointOut| {
+            candle_core::utils::barrier_pool().execute_chunked(
+                m.div_ceil(ROWS_PER_ITEM) * groups,
+                |items| {
+                    for item in items {
+                        let (block, group) = (item / groups, item % groups);
+                        let rows = block * ROWS_PER_ITEM..m.min((block + 1) * ROWS_PER_ITEM);
+                        for p in group * PANELS_PER_ITEM..panels.min((group + 1) * PANELS_PER_ITEM)
+                        {
+                            let panel = &self.packed[p * k * NR..(p + 1) * k * NR];
+                            let bias: &[f32; NR] = self.bias[p * NR..(p + 1) * NR]
+                                .try_into()
+                                .expect("the bias is padded to whole panels");
+                            let width = NR.min(n - p * NR);
+                            let mut r = rows.start;
+                            while r < rows.end {
+                                let t = MR.min(rows.end - r);
+                                let mut tile =
+                                    tile(avx2, t, &x[r * k..(r + t) * k], k, panel, bias);
+                                if let Some(f) = self.activation {
+                                    f(tile[..t].as_flattened_mut());
+                                }
+                                for (i, row) in tile[..t].iter().enumerate() {
+                                    let at = (r + i) * n + p * NR;
+                                    // SAFETY: each (row, column) belongs to exactly one work
+                                    // item, and the buffer outlives the pool's call.
+                                    unsafe {
+                                        if width == NR {
+                                            dst.write_array(at, row);
+                                        } else {
+                                            dst.write(at, &row[..width]);
+                                        }
                                     }
                                 }
+                                r += t;
                             }
-                            r += t;
                         }
                     }
-                }
-            },
-        );
-        out
+                },
+            );
+        };
+        // SAFETY: the work items' (rows, panels) blocks cover every output.
+        unsafe { DisjointOut::filled(m * n, fill) }
     }
 }
 

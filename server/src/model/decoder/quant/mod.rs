@@ -204,38 +204,40 @@ impl Matrix {
         let (n, blocks) = (self.rows, self.blocks());
         let kernel = Kernel::detect();
         let xq = kernel.quantize(x);
-        let mut out = vec![0f32; m * n];
-        let dst = DisjointOut::new(&mut out);
         let groups = n.div_ceil(GROUP);
-        candle_core::utils::barrier_pool().execute_chunked(
-            groups.div_ceil(GROUPS_PER_ITEM),
-            |range| {
-                let x_row = |r: usize| &xq[r * blocks..(r + 1) * blocks];
-                // SAFETY: each (row, column) is written by exactly one work item, and `out`
-                // outlives the pool's call.
-                let write = |r: usize, g: usize, v: [f32; GROUP]| {
-                    let at = r * n + g * GROUP;
-                    match n - g * GROUP {
-                        cols if cols >= GROUP => unsafe { dst.write_array(at, &v) },
-                        cols => unsafe { dst.write(at, &v[..cols]) },
-                    }
-                };
-                let full = m - m % ROW_TILE;
-                for g in range.start * GROUPS_PER_ITEM..groups.min(range.end * GROUPS_PER_ITEM) {
-                    let w = self.group(g);
-                    for r0 in (0..full).step_by(ROW_TILE) {
-                        let x: [&[Q8]; ROW_TILE] = std::array::from_fn(|t| x_row(r0 + t));
-                        for (t, v) in kernel.dots(self.format, w, &x).into_iter().enumerate() {
-                            write(r0 + t, g, v);
+        let fill = |dst: &DisjointOut| {
+            candle_core::utils::barrier_pool().execute_chunked(
+                groups.div_ceil(GROUPS_PER_ITEM),
+                |range| {
+                    let x_row = |r: usize| &xq[r * blocks..(r + 1) * blocks];
+                    // SAFETY: each (row, column) is written by exactly one work item, and the
+                    // buffer outlives the pool's call.
+                    let write = |r: usize, g: usize, v: [f32; GROUP]| {
+                        let at = r * n + g * GROUP;
+                        match n - g * GROUP {
+                            cols if cols >= GROUP => unsafe { dst.write_array(at, &v) },
+                            cols => unsafe { dst.write(at, &v[..cols]) },
+                        }
+                    };
+                    let full = m - m % ROW_TILE;
+                    for g in range.start * GROUPS_PER_ITEM..groups.min(range.end * GROUPS_PER_ITEM)
+                    {
+                        let w = self.group(g);
+                        for r0 in (0..full).step_by(ROW_TILE) {
+                            let x: [&[Q8]; ROW_TILE] = std::array::from_fn(|t| x_row(r0 + t));
+                            for (t, v) in kernel.dots(self.format, w, &x).into_iter().enumerate() {
+                                write(r0 + t, g, v);
+                            }
+                        }
+                        for r in full..m {
+                            write(r, g, kernel.dots(self.format, w, &[x_row(r)])[0]);
                         }
                     }
-                    for r in full..m {
-                        write(r, g, kernel.dots(self.format, w, &[x_row(r)])[0]);
-                    }
-                }
-            },
-        );
-        out
+                },
+            );
+        };
+        // SAFETY: the work items' groups cover every column, each written for every row.
+        unsafe { DisjointOut::filled(m * n, fill) }
     }
 }
 
