@@ -262,12 +262,12 @@ async fn added_latency() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The proxies' own processes, for the CPU each spends per request.
-    let nginx_pids = with_children(nginx.child.id());
+    // The proxies' processes (nginx's workers are its master's children), for the CPU each
+    // spends per request.
     let targets = [
-        ("direct", server.addr, Vec::new()),
-        ("gateway", gateway.addr, vec![gateway.child.id()]),
-        ("nginx", nginx.addr, nginx_pids),
+        ("direct", server.addr, None),
+        ("gateway", gateway.addr, Some(gateway.child.id())),
+        ("nginx", nginx.addr, Some(nginx.child.id())),
     ];
     println!(
         "added latency, MiniLM embeddings of one sentence, {rounds} rounds x {per_connection} requests per connection"
@@ -282,10 +282,11 @@ async fn added_latency() {
         let mut p99 = vec![Vec::new(); targets.len()];
         let mut cpu = vec![0.0; targets.len()];
         for _ in 0..rounds {
-            for (i, (_, addr, pids)) in targets.iter().enumerate() {
-                let before = cpu_seconds(pids);
+            for (i, (_, addr, proxy)) in targets.iter().enumerate() {
+                let pids = proxy.map(with_children).unwrap_or_default();
+                let before = cpu_seconds(&pids);
                 let times = load(*addr, connections, per).await;
-                cpu[i] += cpu_seconds(pids) - before;
+                cpu[i] += cpu_seconds(&pids) - before;
                 p50[i].push(percentile(&times, 0.5));
                 p99[i].push(percentile(&times, 0.99));
             }
@@ -293,11 +294,10 @@ async fn added_latency() {
         let p50: Vec<f64> = p50.iter_mut().map(|v| median(v)).collect();
         let p99: Vec<f64> = p99.iter_mut().map(|v| median(v)).collect();
         let requests = (rounds * connections * per) as f64;
-        for (i, (name, _, pids)) in targets.iter().enumerate() {
-            let cpu = if pids.is_empty() {
-                String::new()
-            } else {
-                format!("  proxy CPU {:.0} us/request", cpu[i] / requests * 1e6)
+        for (i, (name, _, proxy)) in targets.iter().enumerate() {
+            let cpu = match proxy {
+                None => String::new(),
+                Some(_) => format!("  proxy CPU {:.0} us/request", cpu[i] / requests * 1e6),
             };
             println!(
                 "  {connections:>2} connections {name:>8}: p50 {:7.3} ms  p99 {:7.3} ms  added p50 {:+.3} ms  added p99 {:+.3} ms{cpu}",
