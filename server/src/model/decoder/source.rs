@@ -1,7 +1,7 @@
 //! Where a decoder's tensors come from: memory-mapped safetensors (dense, in the chosen
 //! dtype) or a memory-mapped GGUF file (quantized matrices kept quantized, copied once from
-//! the mapping into candle's storage or, for Q4_1 and Q8_0 on the CPU, kandle's interleaved
-//! layout). The decoder asks for tensors
+//! the mapping into candle's storage or, for Q4_1, Q5_0, Q5_1 and Q8_0 on the CPU, kandle's
+//! interleaved layout). The decoder asks for tensors
 //! by their Hugging Face names and shapes; a tensor of the wrong shape is a load error that
 //! names it, never a panic in a later forward pass.
 use super::matrix::Matrix;
@@ -184,6 +184,8 @@ impl Source for Gguf {
         check_shape(name, &dims, &[rows, cols])?;
         let format = match dtype {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q5_0 => Some(Format::Q5_0),
+            GgmlDType::Q5_1 => Some(Format::Q5_1),
             GgmlDType::Q8_0 => Some(Format::Q8_0),
             _ => None,
         };

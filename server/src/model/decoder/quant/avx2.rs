@@ -3,7 +3,7 @@
 //! signed ones and adds them to an i32 lane, the work of AVX2's `maddubs`, `madd` and `add`.
 //! Each variant is a thin `target_feature` wrapper around one inlined body, so both
 //! instruction sets share its code and the body's intrinsics compile inside the wrapper.
-use super::{BLOCK, Format, GROUP, Q8};
+use super::{BLOCK, GROUP, Packing, Q8};
 use std::arch::x86_64::*;
 
 /// As `super::quantize` (`cvtps` rounds half to even, like `round_ties_even`).
@@ -61,13 +61,25 @@ pub(super) fn dots_q4_1_vnni<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32;
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn dots_q8_0<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
     // SAFETY: this function's features are the body's.
-    unsafe { q8_0::<R, false>(w, x) }
+    unsafe { bytes::<R, false, true>(w, x) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub(super) fn dots_q8_0_vnni<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
     // SAFETY: this function's features are the body's.
-    unsafe { q8_0::<R, true>(w, x) }
+    unsafe { bytes::<R, true, true>(w, x) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dots_q5_1<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    // SAFETY: this function's features are the body's.
+    unsafe { bytes::<R, false, false>(w, x) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) fn dots_q5_1_vnni<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+    // SAFETY: this function's features are the body's.
+    unsafe { bytes::<R, true, false>(w, x) }
 }
 
 /// Safety: the CPU has AVX2, FMA and F16C, and AVX-512 VNNI and VL when `VNNI`; called only
@@ -78,7 +90,10 @@ unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
-        for (b, block) in w.chunks_exact(Format::Q4_1.group_block_bytes()).enumerate() {
+        for (b, block) in w
+            .chunks_exact(Packing::Nibbles.group_block_bytes())
+            .enumerate()
+        {
             let p = block.as_ptr();
             // A group block is 160 bytes: 16 of scales, 16 of minimums, 128 of nibbles.
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
@@ -123,38 +138,62 @@ unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[
     }
 }
 
-/// Q8_0 weights are signed, and `maddubs` and `dpbusd` take one unsigned operand: it gets |w|,
-/// and the activations take w's signs. AVX2's pair sums reach 2 * 128 * 127, so each 4-value
-/// chunk widens to i32 at once.
+/// A byte per weight: Q8_0's (and Q5_0's) signed `q` with a scale, or Q5_1's unsigned one
+/// with a scale and a minimum. `maddubs` and `dpbusd` take one unsigned operand: signed
+/// weights give it |w| and the activations take w's signs. AVX2's pair sums reach
+/// 2 * 128 * 127, so each 4-value chunk widens to i32 at once.
 ///
 /// Safety: as [`q4_1`].
 #[inline(always)]
-unsafe fn q8_0<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
+    w: &[u8],
+    x: &[&[Q8]; R],
+) -> [[f32; GROUP]; R] {
     unsafe {
         let ones = _mm256_set1_epi16(1);
+        let packing = if SIGNED {
+            Packing::Signed
+        } else {
+            Packing::Unsigned
+        };
+        let values = packing.values_at();
         let mut acc = [_mm256_setzero_ps(); R];
-        for (b, block) in w.chunks_exact(Format::Q8_0.group_block_bytes()).enumerate() {
+        for (b, block) in w.chunks_exact(packing.group_block_bytes()).enumerate() {
+            // Scales, then minimums (unsigned only), then 8 vectors of 32 values.
             let p = block.as_ptr();
-            // A group block is 272 bytes: 16 of scales, then 8 vectors of 32 values.
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
-            let q = [0, 1, 2, 3, 4, 5, 6, 7].map(|c| _mm256_loadu_si256(p.add(16 + 32 * c).cast()));
-            let abs = q.map(|q| _mm256_sign_epi8(q, q));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+            let q =
+                [0, 1, 2, 3, 4, 5, 6, 7].map(|c| _mm256_loadu_si256(p.add(values + 32 * c).cast()));
+            let unsigned = if SIGNED {
+                q.map(|q| _mm256_sign_epi8(q, q))
+            } else {
+                q
+            };
             for r in 0..R {
                 let y = &x[r][b];
                 let mut sum = _mm256_setzero_si256();
                 for c in 0..8 {
                     // `qs` is 32 bytes.
-                    let y4 = y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned();
-                    let signed = _mm256_sign_epi8(_mm256_set1_epi32(y4), q[c]);
-                    sum = if VNNI {
-                        _mm256_dpbusd_epi32(sum, abs[c], signed)
+                    let y4 =
+                        _mm256_set1_epi32(y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned());
+                    let y4 = if SIGNED {
+                        _mm256_sign_epi8(y4, q[c])
                     } else {
-                        let pairs = _mm256_maddubs_epi16(abs[c], signed);
+                        y4
+                    };
+                    sum = if VNNI {
+                        _mm256_dpbusd_epi32(sum, unsigned[c], y4)
+                    } else {
+                        let pairs = _mm256_maddubs_epi16(unsigned[c], y4);
                         _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones))
                     };
                 }
                 let sum = _mm256_cvtepi32_ps(sum);
                 acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
+                if !SIGNED {
+                    acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);
+                }
             }
         }
         store(acc)

@@ -1,5 +1,6 @@
-//! GGUF Q4_1 and Q8_0 matrices multiplied on the CPU by kernels of kandle's own. candle 0.11
-//! has only a scalar loop for Q4_1 on x86 (79% of SmolLM2's decode time), and its Q8_0 kernel
+//! GGUF Q4_1, Q5_0, Q5_1 and Q8_0 matrices multiplied on the CPU by kernels of kandle's own.
+//! candle 0.11 has only scalar loops for Q4_1 and the Q5 formats on x86 (Q4_1's was 79% of
+//! SmolLM2's decode time), and its Q8_0 kernel
 //! takes one activation row at a time, so a batch of rows costs as many passes over the
 //! weights. As in llama.cpp, the activations are quantized to 8 bits per 32-value block, so
 //! each block's dot product is an integer sum; AVX2 (with FMA and F16C) is chosen at run time
@@ -16,7 +17,10 @@
 //!   bytes where byte `4r + j` of vector `i` holds row `r`'s `q` number `4i + j` in its low
 //!   nibble and number `4i + j + 16` in its high one;
 //! - Q8_0 (a weight is `d * q`, `q` an i8): 8 f16 `d`, then 8 vectors of 32 bytes where byte
-//!   `4r + j` of vector `c` is row `r`'s `q` number `4c + j`.
+//!   `4r + j` of vector `c` is row `r`'s `q` number `4c + j`;
+//! - Q5_0 is kept as Q8_0, its `q - 16` an i8 (exact: the same weights, a byte each);
+//! - Q5_1 (a weight is `d * q + m`, `q` in 0..32): 8 f16 `d`, 8 f16 `m`, then `q` as Q8_0's,
+//!   a byte each.
 //!
 //! Unsafe code is allowed here: SIMD intrinsics, and workers writing disjoint parts of one
 //! output buffer.
@@ -37,10 +41,12 @@ const ROW_TILE: usize = 4;
 /// threads while the pool's per-item cost stays noise.
 const GROUPS_PER_ITEM: usize = 2;
 
-/// The block formats with a kernel here.
+/// The GGUF block formats with a kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
 }
 
@@ -49,59 +55,115 @@ impl Format {
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
         }
     }
 
-    fn group_block_bytes(self) -> usize {
-        GROUP * self.block_bytes()
+    /// How this format's blocks are kept. The 5-bit formats are widened to a byte per value
+    /// at load, exactly (a Q5_0 value is `d * (q - 16)`, an i8 times Q8_0's scale): 8.5 or
+    /// 9 bits a weight instead of 5.5 or 6, for kernels that need no bit shuffling.
+    fn packing(self) -> Packing {
+        match self {
+            Self::Q4_1 => Packing::Nibbles,
+            Self::Q5_0 | Self::Q8_0 => Packing::Signed,
+            Self::Q5_1 => Packing::Unsigned,
+        }
     }
 
-    /// Where row `lane`'s GGUF block goes in its group block (see the module's docs).
+    /// Row `lane`'s GGUF block in its group block (see the module's docs).
     fn pack(self, block: &[u8], lane: usize, dst: &mut [u8]) {
+        let packing = self.packing();
         dst[2 * lane..2 * lane + 2].copy_from_slice(&block[0..2]);
+        if packing.has_min() {
+            dst[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&block[2..4]);
+        }
         match self {
             Self::Q4_1 => {
-                dst[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&block[2..4]);
                 // GGUF byte `4i + j` holds numbers 4i + j and 4i + j + 16, as the packed one.
                 for i in 0..4 {
                     let at = 32 + 32 * i + 4 * lane;
                     dst[at..at + 4].copy_from_slice(&block[4 + 4 * i..8 + 4 * i]);
                 }
             }
-            Self::Q8_0 => {
-                for c in 0..8 {
-                    let at = 16 + 32 * c + 4 * lane;
-                    dst[at..at + 4].copy_from_slice(&block[2 + 4 * c..6 + 4 * c]);
-                }
-            }
+            Self::Q8_0 => packing.put(dst, lane, |k| block[2 + k]),
+            Self::Q5_0 => packing.put(dst, lane, |k| five_bits(&block[2..], k).wrapping_sub(16)),
+            Self::Q5_1 => packing.put(dst, lane, |k| five_bits(&block[4..], k)),
+        }
+    }
+}
+
+/// Number `k` of a 5-bit block's values: `qh` (4 bytes of high bits, bit `k` for number `k`)
+/// then 16 bytes of low nibbles, as Q4's.
+fn five_bits(qh_qs: &[u8], k: usize) -> u8 {
+    let qh = u32::from_le_bytes([qh_qs[0], qh_qs[1], qh_qs[2], qh_qs[3]]);
+    let nibbles = qh_qs[4 + k % 16];
+    let low = if k < 16 { nibbles & 0x0F } else { nibbles >> 4 };
+    low | (((qh >> k) & 1) as u8) << 4
+}
+
+/// A group block's layout (see the module's docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Packing {
+    /// Q4_1: `d * q + m`, two 4-bit `q` a byte.
+    Nibbles,
+    /// Q8_0 (and Q5_0): `d * q`, `q` an i8.
+    Signed,
+    /// Q5_1: `d * q + m`, `q` a byte in 0..32.
+    Unsigned,
+}
+
+impl Packing {
+    fn has_min(self) -> bool {
+        self != Self::Signed
+    }
+
+    /// Where the `q` numbers start in a group block: after 8 scales, and 8 minimums if any.
+    fn values_at(self) -> usize {
+        if self.has_min() { 32 } else { 16 }
+    }
+
+    fn group_block_bytes(self) -> usize {
+        let values = if self == Self::Nibbles { 128 } else { 256 };
+        self.values_at() + values
+    }
+
+    /// Writes row `lane`'s 32 byte-wide `q` numbers, `q(k)` for number `k`.
+    fn put(self, dst: &mut [u8], lane: usize, q: impl Fn(usize) -> u8) {
+        for k in 0..BLOCK {
+            dst[self.values_at() + 32 * (k / 4) + 4 * lane + k % 4] = q(k);
         }
     }
 
     /// Row `lane`'s scale and minimum in a group block.
     fn scale_min(self, block: &[u8], lane: usize) -> (f32, f32) {
         let half = |i: usize| f16::from_bits(u16::from_le_bytes([block[i], block[i + 1]])).to_f32();
-        match self {
-            Self::Q4_1 => (half(2 * lane), half(16 + 2 * lane)),
-            Self::Q8_0 => (half(2 * lane), 0.0),
-        }
+        let min = if self.has_min() {
+            half(16 + 2 * lane)
+        } else {
+            0.0
+        };
+        (half(2 * lane), min)
     }
 
     /// Row `lane`'s integer `q` number `k` in a group block.
     fn q(self, block: &[u8], lane: usize, k: usize) -> i32 {
+        let at = self.values_at() + 4 * lane + k % 4;
         match self {
-            Self::Q4_1 => {
-                let byte = block[32 + 32 * (k % 16 / 4) + 4 * lane + k % 4];
+            Self::Nibbles => {
+                let byte = block[at + 32 * (k % 16 / 4)];
                 (if k < 16 { byte & 0x0F } else { byte >> 4 }) as i32
             }
-            Self::Q8_0 => block[16 + 32 * (k / 4) + 4 * lane + k % 4] as i8 as i32,
+            Self::Signed => block[at + 32 * (k / 4)] as i8 as i32,
+            Self::Unsigned => block[at + 32 * (k / 4)] as i32,
         }
     }
 }
 
 /// A [rows, cols] quantized matrix, the right operand of `x @ w.T`.
 pub struct Matrix {
-    format: Format,
+    packing: Packing,
     /// Groups of 8 rows (the last padded with zero rows), each `cols / 32` group blocks.
     packed: Vec<u8>,
     rows: usize,
@@ -122,7 +184,8 @@ impl Matrix {
                 bytes.len()
             );
         }
-        let group_block = format.group_block_bytes();
+        let packing = format.packing();
+        let group_block = packing.group_block_bytes();
         let mut packed = vec![0u8; rows.div_ceil(GROUP) * blocks * group_block];
         for (r, row) in bytes.chunks_exact(blocks * block_bytes).enumerate() {
             let (g, lane) = (r / GROUP, r % GROUP);
@@ -132,7 +195,7 @@ impl Matrix {
             }
         }
         Ok(Self {
-            format,
+            packing,
             packed,
             rows,
             cols,
@@ -148,10 +211,10 @@ impl Matrix {
     pub fn stack(parts: &[&Self]) -> Option<Self> {
         let first = parts.first()?;
         let fits = |m: &&Self| {
-            m.format == first.format && m.cols == first.cols && m.rows.is_multiple_of(GROUP)
+            m.packing == first.packing && m.cols == first.cols && m.rows.is_multiple_of(GROUP)
         };
         parts.iter().all(fits).then(|| Self {
-            format: first.format,
+            packing: first.packing,
             packed: parts.iter().fold(Vec::new(), |mut all, m| {
                 all.extend_from_slice(&m.packed);
                 all
@@ -167,7 +230,7 @@ impl Matrix {
 
     /// The group blocks of rows `8g..8g + 8`.
     fn group(&self, g: usize) -> &[u8] {
-        let n = self.blocks() * self.format.group_block_bytes();
+        let n = self.blocks() * self.packing.group_block_bytes();
         &self.packed[g * n..(g + 1) * n]
     }
 
@@ -178,7 +241,7 @@ impl Matrix {
 
     /// The rows `ids` as f32, for an embedding table.
     pub fn embedding(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let format = self.format;
+        let packing = self.packing;
         let mut out = vec![0f32; ids.len() * self.cols];
         for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
             let id = id as usize;
@@ -188,12 +251,12 @@ impl Matrix {
             let lane = id % GROUP;
             let group = self.group(id / GROUP);
             for (block, out) in group
-                .chunks_exact(format.group_block_bytes())
+                .chunks_exact(packing.group_block_bytes())
                 .zip(dst.chunks_exact_mut(BLOCK))
             {
-                let (d, m) = format.scale_min(block, lane);
+                let (d, m) = packing.scale_min(block, lane);
                 for (k, v) in out.iter_mut().enumerate() {
-                    *v = d * format.q(block, lane, k) as f32 + m;
+                    *v = d * packing.q(block, lane, k) as f32 + m;
                 }
             }
         }
@@ -225,12 +288,12 @@ impl Matrix {
                         let w = self.group(g);
                         for r0 in (0..full).step_by(ROW_TILE) {
                             let x: [&[Q8]; ROW_TILE] = std::array::from_fn(|t| x_row(r0 + t));
-                            for (t, v) in kernel.dots(self.format, w, &x).into_iter().enumerate() {
+                            for (t, v) in kernel.dots(self.packing, w, &x).into_iter().enumerate() {
                                 write(r0 + t, g, v);
                             }
                         }
                         for r in full..m {
-                            write(r, g, kernel.dots(self.format, w, &[x_row(r)])[0]);
+                            write(r, g, kernel.dots(self.packing, w, &[x_row(r)])[0]);
                         }
                     }
                 },
@@ -350,18 +413,22 @@ impl Kernel {
     }
 
     /// The dot products of a group's 8 weight rows with each of `x` (rows of Q8 blocks).
-    fn dots<const R: usize>(self, format: Format, w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
-        match (self, format) {
-            (Self::Portable, _) => portable_dots(format, w, x),
+    fn dots<const R: usize>(self, packing: Packing, w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+        match (self, packing) {
+            (Self::Portable, _) => portable_dots(packing, w, x),
             // SAFETY: each chosen only when the CPU has the features it enables.
             #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, Format::Q4_1) => unsafe { avx2::dots_q4_1(w, x) },
+            (Self::Avx2, Packing::Nibbles) => unsafe { avx2::dots_q4_1(w, x) },
             #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, Format::Q8_0) => unsafe { avx2::dots_q8_0(w, x) },
+            (Self::Avx2, Packing::Signed) => unsafe { avx2::dots_q8_0(w, x) },
             #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q4_1) => unsafe { avx2::dots_q4_1_vnni(w, x) },
+            (Self::Avx2, Packing::Unsigned) => unsafe { avx2::dots_q5_1(w, x) },
             #[cfg(target_arch = "x86_64")]
-            (Self::Vnni, Format::Q8_0) => unsafe { avx2::dots_q8_0_vnni(w, x) },
+            (Self::Vnni, Packing::Nibbles) => unsafe { avx2::dots_q4_1_vnni(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Packing::Signed) => unsafe { avx2::dots_q8_0_vnni(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            (Self::Vnni, Packing::Unsigned) => unsafe { avx2::dots_q5_1_vnni(w, x) },
         }
     }
 }
@@ -370,15 +437,15 @@ fn quantize(x: &[f32]) -> Vec<Q8> {
     x.chunks_exact(BLOCK).map(Q8::quantize).collect()
 }
 
-fn portable_dots<const R: usize>(format: Format, w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
+fn portable_dots<const R: usize>(packing: Packing, w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
     let mut out = [[0f32; GROUP]; R];
-    for (b, block) in w.chunks_exact(format.group_block_bytes()).enumerate() {
+    for (b, block) in w.chunks_exact(packing.group_block_bytes()).enumerate() {
         for lane in 0..GROUP {
-            let (d, m) = format.scale_min(block, lane);
+            let (d, m) = packing.scale_min(block, lane);
             for (acc, row) in out.iter_mut().zip(x) {
                 let y = &row[b];
                 let sum: i32 = (0..BLOCK)
-                    .map(|k| format.q(block, lane, k) * y.qs[k] as i32)
+                    .map(|k| packing.q(block, lane, k) * y.qs[k] as i32)
                     .sum();
                 acc[lane] += d * y.d * sum as f32 + m * y.s;
             }
@@ -392,7 +459,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    const FORMATS: [Format; 2] = [Format::Q4_1, Format::Q8_0];
+    const FORMATS: [Format; 4] = [Format::Q4_1, Format::Q5_0, Format::Q5_1, Format::Q8_0];
 
     /// Random GGUF bytes for a [rows, cols] matrix, and their exact f32 values.
     fn random(format: Format, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
@@ -417,6 +484,26 @@ mod tests {
                     let value = |q: u8| d * q as f32 + m.to_f32();
                     dense.extend(qs.iter().map(|q| value(q & 0x0F)));
                     dense.extend(qs.iter().map(|q| value(q >> 4)));
+                }
+                Format::Q5_0 | Format::Q5_1 => {
+                    let m = f16::from_f32(-((next() % 1000) as f32) / 5000.0);
+                    if format == Format::Q5_1 {
+                        bytes.extend(m.to_bits().to_le_bytes());
+                    }
+                    let qh = next() ^ (next() << 16);
+                    let qs: Vec<u8> = (0..16).map(|_| next() as u8).collect();
+                    bytes.extend(qh.to_le_bytes());
+                    bytes.extend(&qs);
+                    // As ggml's dequantize_row_q5_*: bit j of `qh` tops number j.
+                    let value = |q: u32| match format {
+                        Format::Q5_0 => d * (q as f32 - 16.0),
+                        _ => d * q as f32 + m.to_f32(),
+                    };
+                    let low: Vec<u32> = qs.iter().map(|&q| (q & 0x0F) as u32).collect();
+                    let high: Vec<u32> = qs.iter().map(|&q| (q >> 4) as u32).collect();
+                    for (j, q) in low.iter().chain(&high).enumerate() {
+                        dense.push(value(q | ((qh >> j) & 1) << 4));
+                    }
                 }
                 Format::Q8_0 => {
                     // Every i8, -128 included, which only a hostile file holds.
@@ -514,9 +601,9 @@ mod tests {
                 let columns = g * GROUP..rows.min((g + 1) * GROUP);
                 for r0 in (0..m).step_by(ROW_TILE) {
                     let x: [&[Q8]; ROW_TILE] = std::array::from_fn(|t| x_row(r0 + t));
-                    let tile = kernel.dots(format, w.group(g), &x);
+                    let tile = kernel.dots(w.packing, w.group(g), &x);
                     for (t, lanes) in tile.iter().enumerate() {
-                        let alone = kernel.dots(format, w.group(g), &[x_row(r0 + t)])[0];
+                        let alone = kernel.dots(w.packing, w.group(g), &[x_row(r0 + t)])[0];
                         for c in columns.clone() {
                             check(lanes[c % GROUP], r0 + t, c, "tile");
                             check(alone[c % GROUP], r0 + t, c, "row");
