@@ -26,7 +26,11 @@ fn model(path: &str) -> kandle_server::model::LoadedModel {
         task: None,
         dtype: DtypeArg::Auto,
         device: DeviceArg::Cpu,
-        kernels: KernelsArg::Auto,
+        // `KANDLE_BENCH_KERNELS=portable`: candle's operations, to compare kandle's kernels.
+        kernels: match std::env::var("KANDLE_BENCH_KERNELS").as_deref() {
+            Ok("portable") => KernelsArg::Portable,
+            _ => KernelsArg::Auto,
+        },
     })
     .unwrap()
 }
