@@ -245,15 +245,6 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
                 continue;
             }
             self.step(&planned);
-            self.metrics
-                .sequences_running
-                .set(self.running.len() as i64);
-            self.metrics
-                .sequences_waiting
-                .set(self.waiting.len() as i64);
-            self.metrics
-                .kv_cache_blocks_used
-                .set((self.limits.kv_blocks - self.pool.available()) as i64);
         }
     }
 
@@ -448,6 +439,8 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             self.running[i].constraint = Some(constraint);
         }
         let mut finished = vec![false; self.running.len()];
+        // Each finished sequence's last event, sent once its blocks are back in the pool.
+        let mut ends = Vec::new();
         for (&(i, rows), offset) in planned.iter().zip(offsets) {
             let seq = &mut self.running[i];
             let span = seq.job.span.clone();
@@ -472,20 +465,17 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
                     }
                     advance(seq, &l, masks[i].take(), self.eos, self.metrics)
                 });
-            finished[i] = match outcome {
-                Ok(None) => false,
-                Ok(Some(event)) => {
-                    let _ = seq.events.send(event);
-                    true
-                }
+            let last = match outcome {
+                Ok(event) => event,
                 Err(e) => {
                     tracing::error!(error = %e, "generation step failed");
-                    let _ = seq
-                        .events
-                        .send(Event::Failed(EngineError::Model(e.to_string())));
-                    true
+                    Some(Event::Failed(EngineError::Model(e.to_string())))
                 }
             };
+            if let Some(event) = last {
+                finished[i] = true;
+                ends.push((seq.events.clone(), event));
+            }
         }
         let mut index = 0;
         let pool = &mut self.pool;
@@ -497,6 +487,24 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             }
             !done
         });
+        // A client that sees its request end then sees its blocks free in the metrics.
+        self.report();
+        for (events, event) in ends {
+            let _ = events.send(event);
+        }
+    }
+
+    /// The gauges of the sequences and the pool, as they are now.
+    fn report(&self) {
+        self.metrics
+            .sequences_running
+            .set(self.running.len() as i64);
+        self.metrics
+            .sequences_waiting
+            .set(self.waiting.len() as i64);
+        self.metrics
+            .kv_cache_blocks_used
+            .set((self.limits.kv_blocks - self.pool.available()) as i64);
     }
 }
 
