@@ -114,11 +114,12 @@ unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[
                     _mm256_set1_epi32(y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned())
                 };
                 let sum = if VNNI {
-                    q.iter()
-                        .enumerate()
-                        .fold(_mm256_setzero_si256(), |sum, (c, q)| {
-                            _mm256_dpbusd_epi32(sum, *q, y4(c))
-                        })
+                    // Two chains: one of 8 dependent `dpbusd`s waited on their latency.
+                    let mut sums = [_mm256_setzero_si256(); 2];
+                    for (c, q) in q.iter().enumerate() {
+                        sums[c % 2] = _mm256_dpbusd_epi32(sums[c % 2], *q, y4(c));
+                    }
+                    _mm256_add_epi32(sums[0], sums[1])
                 } else {
                     // u4 x i8 pairs: at most 2 * 15 * 127 each, so 8 of them fit in i16.
                     let sum16 = q
@@ -172,7 +173,8 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
             };
             for r in 0..R {
                 let y = &x[r][b];
-                let mut sum = _mm256_setzero_si256();
+                // Two chains, as in `q4_1`.
+                let mut sums = [_mm256_setzero_si256(); 2];
                 for c in 0..8 {
                     // `qs` is 32 bytes.
                     let y4 =
@@ -182,14 +184,15 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
                     } else {
                         y4
                     };
-                    sum = if VNNI {
-                        _mm256_dpbusd_epi32(sum, unsigned[c], y4)
+                    let sum = &mut sums[c % 2];
+                    *sum = if VNNI {
+                        _mm256_dpbusd_epi32(*sum, unsigned[c], y4)
                     } else {
                         let pairs = _mm256_maddubs_epi16(unsigned[c], y4);
-                        _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones))
+                        _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones))
                     };
                 }
-                let sum = _mm256_cvtepi32_ps(sum);
+                let sum = _mm256_cvtepi32_ps(_mm256_add_epi32(sums[0], sums[1]));
                 acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
                 if !SIGNED {
                     acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);
