@@ -4,7 +4,8 @@
 //!
 //! embed MODEL_DIR ITERS BATCH...        seconds per batch (tokenize + forward + pool)
 //! generate GGUF PROMPTS_JSON TOKENS     TTFT per prompt, decode tok/s, aggregate tok/s at 8
-//!                                       and 32 concurrent requests
+//!                                       and 32 concurrent requests (KANDLE_BENCH_CONCURRENCY:
+//!                                       other counts, such as `8` alone to profile it)
 //! kernels                               memory read bandwidth, and the Q4_1 matmul's weight
 //!                                       bytes/s and multiply-adds/s at 1 to 256 rows
 //! tabular MODEL_DIR ROWS_JSON ITERS BATCH...
@@ -184,7 +185,10 @@ async fn generate(args: &[String]) {
         "decode_tokens_per_s_c1".into(),
         json!((n - 1) as f64 / (total - ttft)),
     );
-    for concurrency in [8, 32] {
+    let levels: Vec<usize> = std::env::var("KANDLE_BENCH_CONCURRENCY")
+        .map(|v| v.split(',').map(|c| c.parse().unwrap()).collect())
+        .unwrap_or(vec![8, 32]);
+    for concurrency in levels {
         let start = Instant::now();
         let all =
             futures::future::join_all((0..concurrency).map(|_| run(prompts[0].clone(), tokens)))

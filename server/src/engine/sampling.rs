@@ -184,14 +184,24 @@ fn pick(
 }
 
 /// The first index of the largest value (NaN never wins over a number).
+/// The first index of the largest logit, NaN ignored (0 when all are NaN). The maximum is
+/// taken in 8 independent lanes, so the loop vectorises: this pass over the vocabulary, once
+/// per token per sequence on the engine thread, was 2.5% of a batched decode profile.
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] || logits[best].is_nan() {
-            best = i;
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] = lanes[l].max(c[l]);
         }
     }
-    best as u32
+    let max = lanes.into_iter().fold(tail, f32::max);
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// Larger logits first; NaN last.
@@ -295,6 +305,13 @@ mod tests {
         let mut s = Sampler::new(&params(0.0, 1));
         assert_eq!(s.sample(vec![0.1, 3.0, 0.2, 3.0]), 1);
         assert_eq!(s.sample(vec![f32::NAN, -1.0]), 1);
+        assert_eq!(s.sample(vec![f32::NAN; 3]), 0);
+        // Past the 8-lane loop's tail, and among infinities.
+        let mut long = vec![0.5f32; 21];
+        long[13] = 2.0;
+        long[17] = 2.0;
+        assert_eq!(s.sample(long), 13);
+        assert_eq!(s.sample(vec![f32::NEG_INFINITY; 11]), 0);
     }
 
     #[test]

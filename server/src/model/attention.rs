@@ -8,6 +8,7 @@
 //! quantized kernels; each output is computed the same way whatever the batch.
 #![allow(unsafe_code)]
 use crate::model::disjoint::DisjointOut;
+use crate::model::exp::exp;
 
 /// The heads and their width.
 #[derive(Debug, Clone, Copy)]
@@ -28,13 +29,34 @@ pub struct Span {
     pub k_len: usize,
 }
 
+/// How keys and values are stored: f32, or f16 (half the bytes to read for each cached
+/// token, which is what a batched decode step's attention waits on).
+pub trait Stored: Copy + Sync {
+    const F16: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl Stored for f32 {
+    const F16: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Stored for half::f16 {
+    const F16: bool = true;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
 /// Everything one step's attention reads: queries [rows, heads, dim] with rows `q_stride`
 /// apart, and key and value pools [slots, kv_heads, dim] with slots `kv_stride` apart.
-pub struct Inputs<'a> {
+pub struct Inputs<'a, T: Stored = f32> {
     pub q: &'a [f32],
     pub q_stride: usize,
-    pub k_pool: &'a [f32],
-    pub v_pool: &'a [f32],
+    pub k_pool: &'a [T],
+    pub v_pool: &'a [T],
     pub kv_stride: usize,
     pub slots: &'a [u32],
     pub spans: &'a [Span],
@@ -50,7 +72,7 @@ pub struct Inputs<'a> {
 /// Attention of every query row against its own sequence's keys: [rows, heads, dim].
 /// A work item is one row: each cached key and value (every KV head's, side by side in a
 /// slot) is loaded once for all its query heads.
-pub fn attend(x: &Inputs<'_>) -> Vec<f32> {
+pub fn attend<T: Stored>(x: &Inputs<'_, T>) -> Vec<f32> {
     let Heads { heads, dim, .. } = x.heads;
     let rows: usize = x.spans.iter().map(|s| s.q_len).sum();
     let span_of: Vec<usize> = (0..x.spans.len())
@@ -70,7 +92,7 @@ pub fn attend(x: &Inputs<'_>) -> Vec<f32> {
                     one_avx2(x, &span_of, row, &mut scores, &mut acc)
                 };
             } else {
-                one::<false>(x, &span_of, row, &mut scores, &mut acc);
+                one::<T, false>(x, &span_of, row, &mut scores, &mut acc);
             }
             // SAFETY: the item for `row` alone writes that row.
             unsafe { dst.write(row * heads * dim, &acc) };
@@ -81,16 +103,22 @@ pub fn attend(x: &Inputs<'_>) -> Vec<f32> {
 
 /// The same code, compiled for AVX2 and FMA: the loops below vectorise 8 lanes wide.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn one_avx2(x: &Inputs<'_>, span_of: &[usize], row: usize, scores: &mut Vec<f32>, acc: &mut [f32]) {
-    one::<true>(x, span_of, row, scores, acc)
+#[target_feature(enable = "avx2,fma,f16c")]
+fn one_avx2<T: Stored>(
+    x: &Inputs<'_, T>,
+    span_of: &[usize],
+    row: usize,
+    scores: &mut Vec<f32>,
+    acc: &mut [f32],
+) {
+    one::<T, true>(x, span_of, row, scores, acc)
 }
 
 /// Attention for query `row`, all heads, into `acc` ([heads, dim]); `AVX2` only where the
 /// CPU has AVX2 and FMA.
 #[inline(always)]
-fn one<const AVX2: bool>(
-    x: &Inputs<'_>,
+fn one<T: Stored, const AVX2: bool>(
+    x: &Inputs<'_, T>,
     span_of: &[usize],
     row: usize,
     scores: &mut Vec<f32>,
@@ -124,7 +152,7 @@ fn one<const AVX2: bool>(
     if AVX2 && dim.is_multiple_of(8) {
         // Eight keys at a time, each head's eight dot products summed across lanes together.
         while j + 8 <= n {
-            let keys: [&[f32]; 8] = std::array::from_fn(|i| key(j + i));
+            let keys: [&[T]; 8] = std::array::from_fn(|i| key(j + i));
             for h in 0..heads {
                 let at = h / group * dim;
                 // SAFETY: the CPU has AVX2 and FMA (AVX2 is set only then); dim is a
@@ -147,23 +175,31 @@ fn one<const AVX2: bool>(
     for h in 0..heads {
         let row = &mut scores[h * n..][..n];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
+        // Separate loops, so each vectorises: kandle's exp has no libm call.
         for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s = exp(*s - max);
         }
+        let sum = sum(row);
         for s in row.iter_mut() {
             *s /= sum;
         }
     }
-    acc.fill(0.0);
-    for (j, &s) in slots.iter().enumerate() {
-        let v = &x.v_pool[s as usize * x.kv_stride..][..width];
-        for h in 0..heads {
-            let w = scores[h * n + j];
-            let v = &v[h / group * dim..][..dim];
-            for (a, v) in acc[h * dim..][..dim].iter_mut().zip(v) {
-                *a += w * v;
+    // Head by head, so one head's values (a few KB) stay in L1 for the heads of its group.
+    for h in 0..heads {
+        let at = h / group * dim;
+        let value = |j: usize| &x.v_pool[slots[j] as usize * x.kv_stride + at..][..dim];
+        let (acc, weights) = (&mut acc[h * dim..][..dim], &scores[h * n..][..n]);
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 && dim.is_multiple_of(8) {
+            // SAFETY: the CPU has AVX2 and FMA (AVX2 is set only then); dim is a multiple
+            // of 8 and each value row holds `dim` values.
+            unsafe { avx2::weighted_sum(acc, weights, value) };
+            continue;
+        }
+        acc.fill(0.0);
+        for (j, &w) in weights.iter().enumerate() {
+            for (a, v) in acc.iter_mut().zip(value(j)) {
+                *a += w * v.to_f32();
             }
         }
     }
@@ -171,7 +207,76 @@ fn one<const AVX2: bool>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::Stored;
     use std::arch::x86_64::*;
+
+    /// 8 stored values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `p` points at 8 values.
+    #[inline(always)]
+    unsafe fn load8<T: Stored>(p: *const T) -> __m256 {
+        unsafe {
+            if T::F16 {
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+            } else {
+                _mm256_loadu_ps(p.cast())
+            }
+        }
+    }
+
+    /// `acc = Σ_j weights[j] * rows(j)`, 64 values at a time held in registers across every
+    /// j (a loop over j inside one over the values would load and store them for each j).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `acc.len()` is a multiple of 8 and every row holds
+    /// `acc.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum<'a, T: Stored + 'a>(
+        acc: &mut [f32],
+        weights: &[f32],
+        rows: impl Fn(usize) -> &'a [T],
+    ) {
+        let dim = acc.len();
+        debug_assert!(dim.is_multiple_of(8));
+        let mut start = 0;
+        while start < dim {
+            // SAFETY: as this function's; each part lies inside `acc` and the rows.
+            start += unsafe {
+                if dim - start >= 64 {
+                    part::<T, 8>(acc, weights, &rows, start)
+                } else {
+                    part::<T, 1>(acc, weights, &rows, start)
+                }
+            };
+        }
+    }
+
+    /// `weighted_sum` for the `8 * R` values from `start`; returns how many.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn part<'a, T: Stored + 'a, const R: usize>(
+        acc: &mut [f32],
+        weights: &[f32],
+        rows: &impl Fn(usize) -> &'a [T],
+        start: usize,
+    ) -> usize {
+        let mut sums = [_mm256_setzero_ps(); R];
+        for (j, &w) in weights.iter().enumerate() {
+            let (w, row) = (_mm256_set1_ps(w), &rows(j)[start..start + 8 * R]);
+            for (r, s) in sums.iter_mut().enumerate() {
+                // SAFETY: `row` holds `8 * R` values.
+                let v = unsafe { load8(row.as_ptr().add(8 * r)) };
+                *s = _mm256_fmadd_ps(w, v, *s);
+            }
+        }
+        let out = &mut acc[start..start + 8 * R];
+        for (r, s) in sums.iter().enumerate() {
+            // SAFETY: `out` holds `8 * R` values.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * r), *s) };
+        }
+        8 * R
+    }
 
     /// `q` against `dim` values of each key from `at`: eight dot products, each summed in
     /// 8 lanes, then the lanes of all eight added pairwise together (six horizontal adds
@@ -180,8 +285,8 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2 and FMA; `q.len()` is a multiple of 8 and every key holds
     /// `at + q.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dots8(q: &[f32], keys: &[&[f32]; 8], at: usize) -> [f32; 8] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots8<T: Stored>(q: &[f32], keys: &[&[T]; 8], at: usize) -> [f32; 8] {
         let dim = q.len();
         debug_assert!(dim.is_multiple_of(8) && keys.iter().all(|k| k.len() >= at + dim));
         unsafe {
@@ -189,7 +294,7 @@ mod avx2 {
             for d in (0..dim).step_by(8) {
                 let qv = _mm256_loadu_ps(q.as_ptr().add(d));
                 for (a, k) in acc.iter_mut().zip(keys) {
-                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.as_ptr().add(at + d)), *a);
+                    *a = _mm256_fmadd_ps(qv, load8(k.as_ptr().add(at + d)), *a);
                 }
             }
             let pairs = [
@@ -212,21 +317,35 @@ mod avx2 {
     }
 }
 
+/// The sum in 8 independent lanes, as `dot` sums.
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for l in 0..8 {
+            lanes[l] += x[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Dot product in 8 independent lanes, so the compiler vectorises it; the lanes are summed in
 /// a fixed order, so the result does not depend on anything but the two vectors.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: Stored>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in ac.zip(bc) {
         for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+            lanes[l] += x[l] * y[l].to_f32();
         }
     }
     lanes.iter().sum::<f32>() + tail

@@ -8,6 +8,7 @@ pub mod causal_lm;
 pub mod decoder;
 pub mod dense;
 mod disjoint;
+pub(crate) mod exp;
 pub mod gguf;
 pub mod kernels;
 pub mod weights;

@@ -28,6 +28,10 @@ impl Linear {
         })
     }
 
+    pub fn quantized(&self) -> bool {
+        self.weight.quantized()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.weight.forward(x)?;
         match &self.bias {
@@ -71,6 +75,20 @@ impl Stacked {
             linear: Linear { weight, bias },
             widths: parts.iter().map(|&(_, rows)| rows).collect(),
         })
+    }
+
+    /// The parts' outputs side by side, in the order the parts were given.
+    pub fn forward_joined(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Fused { linear, .. } => linear.forward(x),
+            Self::Apart(linears) => {
+                let parts = linears
+                    .iter()
+                    .map(|l| l.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, D::Minus1)
+            }
+        }
     }
 
     /// Each of the `N` parts' output, in the order the parts were given.

@@ -46,6 +46,14 @@ impl Matrix {
         }
     }
 
+    /// Whether the weights are stored quantized (a GGUF file's), not as plain floats.
+    pub fn quantized(&self) -> bool {
+        !matches!(
+            self,
+            Self::Candle(QMatMul::Tensor(_) | QMatMul::TensorF16(_))
+        )
+    }
+
     /// The rows `ids` of an embedding table, as f32.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         match self {

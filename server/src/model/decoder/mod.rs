@@ -10,6 +10,7 @@ pub mod matrix;
 pub mod quant;
 pub mod rope;
 pub mod source;
+mod swiglu;
 
 use crate::cli::KernelsArg;
 use crate::engine::{BLOCK_TOKENS, Chunk, LanguageModel};
@@ -117,12 +118,17 @@ impl Weights {
         &self.cfg
     }
 
-    /// The CPU attention kernel runs in f32; other devices keep the cache in the model's dtype.
+    /// The cache's dtype. kandle's CPU attention reads f32 or f16: f16 for quantized weights,
+    /// as llama.cpp keeps its cache (half the bytes a decode step reads per cached token, and
+    /// twice the tokens in the same memory), f32 for float weights (whose logits must match
+    /// transformers'). Other devices keep the cache in the model's dtype.
     fn kv_dtype(&self) -> DType {
-        if self.kernels.own_cpu(&self.device, DType::F32) {
-            DType::F32
-        } else {
+        if !self.kernels.own_cpu(&self.device, DType::F32) {
             self.dtype
+        } else if self.layers.iter().any(|l| l.down.quantized()) {
+            DType::F16
+        } else {
+            DType::F32
         }
     }
 
@@ -143,6 +149,7 @@ impl Weights {
             .rope
             .angles(&Tensor::new(positions, &self.device)?, self.dtype)?;
         let scale = 1.0 / (d as f32).sqrt();
+        let own = self.kernels.own_cpu(&self.device, self.dtype);
         let eps = cfg.rms_norm_eps as f32;
         let norm = |x: &Tensor, w: &Tensor| candle_nn::ops::rms_norm(&x.contiguous()?, w, eps);
 
@@ -160,13 +167,13 @@ impl Weights {
                 q = norm(&q, qn)?;
                 k = norm(&k, kn)?;
             }
-            let q = self.rope.apply(&q, &cos, &sin)?;
-            let k = self.rope.apply(&k, &cos, &sin)?;
+            let q = self.rope.apply(&q, &cos, &sin, own)?;
+            let k = self.rope.apply(&k, &cos, &sin, own)?;
             let attn = attention::attend(&q, &k, &v, cache, i, &layout, cfg.windows[i], scale)?;
             x = (x + layer.o.forward(&attn.reshape((rows, heads * d))?)?)?;
             let h = norm(&x, &layer.mlp_norm)?;
-            let [gate, up] = layer.gate_up.forward(&h)?;
-            let gated = (candle_nn::ops::silu(&gate)? * up)?;
+            let gate_up = layer.gate_up.forward_joined(&h)?;
+            let gated = swiglu::swiglu(&gate_up, own)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
         // The rows whose next token is asked for: each chunk's last, or all of its rows.

@@ -7,7 +7,7 @@ use crate::model::attention as cpu;
 
 use crate::cli::KernelsArg;
 use crate::engine::{BLOCK_TOKENS, Chunk};
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Result, Storage, Tensor};
 
 /// Keys and values of every layer: [slots, kv_heads, head_dim] each.
 pub struct KvCache {
@@ -43,12 +43,12 @@ impl KvCache {
 
 /// Where one step's rows go and what they attend to; built once per step, used by every layer.
 pub struct Layout {
-    /// Slot of each new row, broadcast to [rows, kv_heads, head_dim] for `scatter_set`.
-    write: Tensor,
+    /// Slot of each new row.
+    write: Vec<u32>,
     /// Slots of every sequence's keys (its cached ones, then the new ones), packed.
     slots: Vec<u32>,
-    /// The same slots as a tensor, to gather them; None where the CPU kernel reads in place.
-    read: Option<Tensor>,
+    /// Both as tensors, for candle's operations; None where the CPU kernel works in place.
+    tensors: Option<Tensors>,
     spans: Vec<cpu::Span>,
     seqlens_q: Vec<usize>,
     seqlens_k: Vec<usize>,
@@ -90,18 +90,23 @@ impl Layout {
             seqlens_q.push(c.tokens.len());
             seqlens_k.push(end);
         }
-        let rows = write.len();
-        let write = Tensor::from_vec(write, (rows, 1, 1), device)?
-            .broadcast_as((rows, kv_heads, head_dim))?
-            .contiguous()?;
-        let total = read.len();
+        // kandle's CPU kernel reads an f32 or f16 cache in place.
+        let in_place =
+            kernels.own_cpu(device, DType::F32) && matches!(cache.dtype(), DType::F32 | DType::F16);
+        let tensors = if in_place {
+            None
+        } else {
+            let rows = write.len();
+            Some(Tensors {
+                write: Tensor::from_vec(write.clone(), (rows, 1, 1), device)?
+                    .broadcast_as((rows, kv_heads, head_dim))?
+                    .contiguous()?,
+                read: Tensor::from_vec(read.clone(), read.len(), device)?,
+            })
+        };
         Ok(Self {
             write,
-            read: if kernels.own_cpu(device, cache.dtype()) {
-                None
-            } else {
-                Some(Tensor::from_vec(read.clone(), total, device)?)
-            },
+            tensors,
             slots: read,
             spans,
             seqlens_q,
@@ -124,9 +129,9 @@ pub fn attend(
 ) -> Result<Tensor> {
     let (k_pool, v_pool) = &cache.layers[layer];
     let dtype = cache.dtype();
-    k_pool.scatter_set(&layout.write, &k.to_dtype(dtype)?, 0)?;
-    v_pool.scatter_set(&layout.write, &v.to_dtype(dtype)?, 0)?;
-    let out = if let Some(read) = &layout.read {
+    let out = if let Some(Tensors { write, read }) = &layout.tensors {
+        k_pool.scatter_set(write, &k.to_dtype(dtype)?, 0)?;
+        v_pool.scatter_set(write, &v.to_dtype(dtype)?, 0)?;
         attend_each(
             q,
             &k_pool.index_select(read, 0)?,
@@ -137,35 +142,120 @@ pub fn attend(
             scale,
         )?
     } else {
+        let write = WriteSlots(&layout.write);
+        k_pool.inplace_op2(&k.to_dtype(dtype)?.contiguous()?, &write)?;
+        v_pool.inplace_op2(&v.to_dtype(dtype)?.contiguous()?, &write)?;
         let (rows, heads, dim) = q.dims3()?;
+        let kv_heads = k_pool.dim(1)?;
         let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let (k_storage, k_layout) = k_pool.storage_and_layout();
         let (v_storage, v_layout) = v_pool.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(k_all)), Storage::Cpu(CpuStorage::F32(v_all))) =
-            (&*k_storage, &*v_storage)
-        else {
-            candle_core::bail!("the CPU KV cache is not f32");
+        let (k_at, v_at) = (k_layout.start_offset(), v_layout.start_offset());
+        let heads = cpu::Heads {
+            heads,
+            kv_heads,
+            dim,
         };
-        let out = cpu::attend(&cpu::Inputs {
-            q: &q,
-            q_stride: heads * dim,
-            k_pool: &k_all[k_layout.start_offset()..],
-            v_pool: &v_all[v_layout.start_offset()..],
-            kv_stride: k_pool.dim(1)? * dim,
-            slots: &layout.slots,
-            spans: &layout.spans,
-            heads: cpu::Heads {
-                heads,
-                kv_heads: k_pool.dim(1)?,
-                dim,
-            },
-            causal: true,
-            window,
-            scale,
-        });
-        Tensor::from_vec(out, (rows, heads, dim), &Device::Cpu)?
+        let out = match (&*k_storage, &*v_storage) {
+            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
+                in_place(&q, &k[k_at..], &v[v_at..], layout, heads, window, scale)
+            }
+            (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
+                in_place(&q, &k[k_at..], &v[v_at..], layout, heads, window, scale)
+            }
+            _ => candle_core::bail!("the CPU KV cache is neither f32 nor f16"),
+        };
+        Tensor::from_vec(out, (rows, heads.heads, dim), &Device::Cpu)?
     };
     out.to_dtype(q.dtype())
+}
+
+/// kandle's CPU kernel over the key and value pools where they lie.
+fn in_place<T: cpu::Stored>(
+    q: &[f32],
+    k_pool: &[T],
+    v_pool: &[T],
+    layout: &Layout,
+    heads: cpu::Heads,
+    window: Option<usize>,
+    scale: f32,
+) -> Vec<f32> {
+    cpu::attend(&cpu::Inputs {
+        q,
+        q_stride: heads.heads * heads.dim,
+        k_pool,
+        v_pool,
+        kv_stride: heads.kv_heads * heads.dim,
+        slots: &layout.slots,
+        spans: &layout.spans,
+        heads,
+        causal: true,
+        window,
+        scale,
+    })
+}
+
+/// The index tensors candle's gather and scatter take.
+struct Tensors {
+    /// `Layout::write` broadcast to [rows, kv_heads, head_dim], for `scatter_set`.
+    write: Tensor,
+    /// `Layout::slots`, for `index_select`.
+    read: Tensor,
+}
+
+/// Copies each new row's keys or values [rows, kv_heads, head_dim] into its slot of a CPU
+/// pool of the same dtype: what `scatter_set` does, without its index tensor of one slot per
+/// value.
+struct WriteSlots<'a>(&'a [u32]);
+
+impl InplaceOp2 for WriteSlots<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut CpuStorage,
+        pool_layout: &candle_core::Layout,
+        rows: &CpuStorage,
+        rows_layout: &candle_core::Layout,
+    ) -> Result<()> {
+        let (Some((p0, p1)), Some((r0, r1))) = (
+            pool_layout.contiguous_offsets(),
+            rows_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("the KV cache and its rows are contiguous");
+        };
+        match (pool, rows) {
+            (CpuStorage::F32(pool), CpuStorage::F32(rows)) => {
+                self.copy(&mut pool[p0..p1], &rows[r0..r1])
+            }
+            (CpuStorage::F16(pool), CpuStorage::F16(rows)) => {
+                self.copy(&mut pool[p0..p1], &rows[r0..r1])
+            }
+            _ => candle_core::bail!("the CPU KV cache and its rows are both f32 or both f16"),
+        }
+    }
+}
+
+impl WriteSlots<'_> {
+    fn copy<T: Copy>(&self, pool: &mut [T], rows: &[T]) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let width = rows.len() / self.0.len();
+        if width == 0 || rows.len() != width * self.0.len() {
+            candle_core::bail!("{} values for {} slots", rows.len(), self.0.len());
+        }
+        for (&slot, row) in self.0.iter().zip(rows.chunks_exact(width)) {
+            let at = slot as usize * width;
+            match pool.get_mut(at..at + width) {
+                Some(dst) => dst.copy_from_slice(row),
+                None => candle_core::bail!("slot {slot} is outside the KV cache"),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Attention one sequence at a time with plain tensor operations: the path for devices
@@ -225,12 +315,19 @@ mod tests {
     use super::*;
 
     /// The CPU kernel and the plain path agree, with GQA, a window, prefill rows and a decode
-    /// row after cached ones; and a row's result does not change with its neighbours.
+    /// row after cached ones, on an f32 and an f16 cache; and a row's result does not change
+    /// with its neighbours.
     #[test]
     fn the_cpu_kernel_matches_plain_attention_and_ignores_neighbours() {
+        for dtype in [DType::F32, DType::F16] {
+            kernel_matches_plain_attention(dtype);
+        }
+    }
+
+    fn kernel_matches_plain_attention(dtype: DType) {
         let dev = Device::Cpu;
         let (heads, kv_heads, d) = (9, 3, 64);
-        let cache = KvCache::new(1, 8, kv_heads, d, DType::F32, &dev).unwrap();
+        let cache = KvCache::new(1, 8, kv_heads, d, dtype, &dev).unwrap();
         let tokens = [1u32; 40];
         let blocks_a = [3u32, 0, 5];
         let blocks_b = [1u32, 7];
@@ -268,7 +365,8 @@ mod tests {
             .contiguous()
             .unwrap();
         for pool in [&cache.layers[0].0, &cache.layers[0].1] {
-            pool.scatter_set(&slots, &earlier, 0).unwrap();
+            pool.scatter_set(&slots, &earlier.to_dtype(dtype).unwrap(), 0)
+                .unwrap();
         }
         let layout = |chunks: &[Chunk<'_>], kernels| {
             Layout::new(chunks, &cache, kv_heads, d, &dev, kernels).unwrap()
@@ -277,12 +375,12 @@ mod tests {
             layout(&chunks, KernelsArg::Auto),
             layout(&chunks, KernelsArg::Portable),
         );
-        assert!(own.read.is_none() && portable.read.is_some());
+        assert!(own.tensors.is_none() && portable.tensors.is_some());
         for window in [None, Some(5)] {
             let fused = attend(&q, &k, &v, &cache, 0, &own, window, 0.3).unwrap();
             let plain = attend(&q, &k, &v, &cache, 0, &portable, window, 0.3).unwrap();
             let diff = crate::model::max_abs_diff(&fused, &plain);
-            assert!(diff < 1e-5, "{window:?}: {diff}");
+            assert!(diff < 1e-5, "{dtype:?} {window:?}: {diff}");
         }
         // Sequence b alone, decoding one more token after its three: the same rows as
         // among a's, on either path.
@@ -307,7 +405,7 @@ mod tests {
             assert_eq!(
                 together.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 single.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                "{kernels:?}"
+                "{dtype:?} {kernels:?}"
             );
         }
     }
