@@ -63,7 +63,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_name(&args.model));
     let generation = match &loaded.backend {
         Backend::Generator(lm) => {
-            let wanted = crate::memory::kv_cache_bytes(args.kv_cache_memory, lm.device());
+            let wanted = crate::memory::kv_cache_bytes(args.kv_cache_memory, lm.device())?;
             Some(generation_limits(
                 &args,
                 &mut info,

@@ -341,6 +341,26 @@ async fn a_small_kv_cache_shortens_the_context_served() {
     assert_eq!(warning["level"], "WARN");
 }
 
+/// A KV cache that cannot fit beside the loaded model under the memory limit stops the
+/// server at start with the numbers, rather than an out-of-memory kill once it fills.
+#[test]
+fn a_kv_cache_that_cannot_fit_beside_the_model_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyLlama::FAST.write(dir.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kandle-server"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--model"])
+        .arg(dir.path())
+        .args(["--kv-cache-memory", "0.95"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--kv-cache-memory asks for") && stderr.contains("fit beside it"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn odd_but_valid_requests_get_what_openai_gives() {
     let dir = tempfile::tempdir().unwrap();
