@@ -25,13 +25,20 @@ impl KvCache {
         device: &Device,
     ) -> Result<Self> {
         let shape = (blocks * BLOCK_TOKENS, kv_heads, head_dim);
+        let zeros = || -> Result<Tensor> {
+            match (dtype, device) {
+                // candle fills an f16 tensor value by value: seconds for a pool of gigabytes,
+                // where zeroed pages from the allocator cost nothing until they are written.
+                (DType::F16, Device::Cpu) => Tensor::from_vec(
+                    bytemuck::zeroed_vec::<half::f16>(shape.0 * kv_heads * head_dim),
+                    shape,
+                    device,
+                ),
+                _ => Tensor::zeros(shape, dtype, device),
+            }
+        };
         let layers = (0..layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, dtype, device)?,
-                    Tensor::zeros(shape, dtype, device)?,
-                ))
-            })
+            .map(|_| Ok((zeros()?, zeros()?)))
             .collect::<Result<_>>()?;
         Ok(Self { layers, blocks })
     }
