@@ -70,8 +70,8 @@ pub struct Inputs<'a, T: Stored = f32> {
 }
 
 /// Attention of every query row against its own sequence's keys: [rows, heads, dim].
-/// A work item is one row: each cached key and value (every KV head's, side by side in a
-/// slot) is loaded once for all its query heads.
+/// A work item is one row: each cached key (every KV head's, side by side in a slot) is
+/// loaded once for all its query heads; values are summed head by head.
 pub fn attend<T: Stored>(x: &Inputs<'_, T>) -> Vec<f32> {
     let Heads { heads, dim, .. } = x.heads;
     let rows: usize = x.spans.iter().map(|s| s.q_len).sum();
@@ -101,7 +101,8 @@ pub fn attend<T: Stored>(x: &Inputs<'_, T>) -> Vec<f32> {
     out
 }
 
-/// The same code, compiled for AVX2 and FMA: the loops below vectorise 8 lanes wide.
+/// The same code, compiled for AVX2, FMA and F16C (f16 caches): the loops below vectorise
+/// 8 lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn one_avx2<T: Stored>(
