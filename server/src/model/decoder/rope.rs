@@ -124,19 +124,21 @@ impl CustomOp3 for Rotate {
         sin: &CpuStorage,
         sin_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let f32s = |s: &'_ CpuStorage, l: &Layout| -> Option<Vec<f32>> {
+        fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
             let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
                 return None;
             };
-            Some(v[a..b].to_vec())
-        };
-        let (Some(mut out), Some(cos), Some(sin)) = (
+            Some(&v[a..b])
+        }
+        let (Some(x), Some(cos), Some(sin)) = (
             f32s(x, x_layout),
             f32s(cos, cos_layout),
             f32s(sin, sin_layout),
         ) else {
             candle_core::bail!("rope takes contiguous f32 tensors");
         };
+        // The angles are read where they lie; only the rotated copy of x is new.
+        let mut out = x.to_vec();
         let (rows, heads, dim) = x_layout.shape().dims3()?;
         let half = dim / 2;
         if dim % 2 != 0 || cos.len() != rows * half || sin.len() != rows * half {
