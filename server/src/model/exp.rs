@@ -26,8 +26,12 @@ pub fn exp(x: f32) -> f32 {
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = P.iter().fold(0.0, |acc, &c| acc * r + c);
     let y = p * r * r + r + 1.0;
-    // 2^n from its exponent bits: n is in [-126, 127] after the clamp.
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from its exponent bits: n is in [-126, 127] after the clamp. n's integer is read
+    // from the low bits of n + 1.5 * 2^23 (exact for |n| < 2^22), not with `as i32`, whose
+    // saturating conversion the compiler does lane by lane.
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(n.wrapping_add(127) << 23)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod config;
 mod linear;
 pub mod matrix;
+mod norm;
 pub mod quant;
 pub mod rope;
 pub mod source;
@@ -151,7 +152,7 @@ impl Weights {
         let scale = 1.0 / (d as f32).sqrt();
         let own = self.kernels.own_cpu(&self.device, self.dtype);
         let eps = cfg.rms_norm_eps as f32;
-        let norm = |x: &Tensor, w: &Tensor| candle_nn::ops::rms_norm(&x.contiguous()?, w, eps);
+        let norm = |x: &Tensor, w: &Tensor| norm::rms_norm(x, w, eps, own);
 
         let mut x = self
             .embed

@@ -1,11 +1,11 @@
 //! The MLP's activation, silu(gate) * up, from the gate and up projections' stacked output
-//! [rows, 2 * width]. On CPU f32 it is one pass over the barrier pool with kandle's exp:
-//! candle's `silu` and multiply ran on the engine thread, a libm call per value, and took 9%
-//! of that thread in a batched decode profile while the pool's other threads waited. Other
-//! devices and dtypes use candle's operations.
+//! [rows, 2 * width]. On CPU f32 it is one pass with kandle's exp (over the barrier pool for
+//! a prefill's rows): candle's `silu` and multiply ran on the engine thread, a libm call per
+//! value, and took 9% of that thread in a batched decode profile while the pool's other
+//! threads waited. Other devices and dtypes use candle's operations.
 #![allow(unsafe_code)]
 use crate::model::dense::map_rows;
-use crate::model::disjoint::DisjointOut;
+use crate::model::disjoint::each_row;
 use crate::model::exp::exp;
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Result, Shape, Tensor};
 
@@ -64,19 +64,10 @@ impl CustomOp1 for SwiGlu {
         let width = cols / 2;
         map_rows(self.name(), storage, layout, cols, width, |x, m| {
             let avx2 = crate::model::decoder::quant::avx2();
-            let fill = |dst: &DisjointOut| {
-                candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
-                    let mut out = vec![0f32; width];
-                    for r in rows {
-                        let (gate, up) = x[r * cols..(r + 1) * cols].split_at(width);
-                        row(avx2, gate, up, &mut out);
-                        // SAFETY: row `r` is written by this item alone.
-                        unsafe { dst.write(r * width, &out) };
-                    }
-                });
-            };
-            // SAFETY: the items cover rows 0..m, each writing its whole row.
-            unsafe { DisjointOut::filled(m * width, fill) }
+            each_row(m, width, |r, out| {
+                let (gate, up) = x[r * cols..(r + 1) * cols].split_at(width);
+                row(avx2, gate, up, out)
+            })
         })
     }
 }
@@ -96,16 +87,19 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
     }
 
-    /// A row's values do not depend on the rows beside it or on which loop ran.
+    /// A row's values do not depend on the rows beside it or on which loop ran, on the
+    /// calling thread (5 rows) or over the pool (40).
     #[test]
     fn each_value_is_the_scalar_function() {
-        let x = Tensor::randn(0f32, 30.0, (5, 2 * 1000), &Device::Cpu).unwrap();
-        let ours = swiglu(&x, true).unwrap().to_vec2::<f32>().unwrap();
-        let x = x.to_vec2::<f32>().unwrap();
-        for (x, ours) in x.iter().zip(&ours) {
-            let (gate, up) = x.split_at(1000);
-            for ((&g, &u), &o) in gate.iter().zip(up).zip(ours) {
-                assert_eq!(o.to_bits(), silu_times(g, u).to_bits(), "silu({g}) * {u}");
+        for rows in [5, 40] {
+            let x = Tensor::randn(0f32, 30.0, (rows, 2 * 1000), &Device::Cpu).unwrap();
+            let ours = swiglu(&x, true).unwrap().to_vec2::<f32>().unwrap();
+            let x = x.to_vec2::<f32>().unwrap();
+            for (x, ours) in x.iter().zip(&ours) {
+                let (gate, up) = x.split_at(1000);
+                for ((&g, &u), &o) in gate.iter().zip(up).zip(ours) {
+                    assert_eq!(o.to_bits(), silu_times(g, u).to_bits(), "silu({g}) * {u}");
+                }
             }
         }
     }

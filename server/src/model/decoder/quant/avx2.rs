@@ -95,6 +95,7 @@ unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[
             .enumerate()
         {
             let p = block.as_ptr();
+            prefetch::<R>(p, Packing::Nibbles.group_block_bytes());
             // A group block is 160 bytes: 16 of scales, 16 of minimums, 128 of nibbles.
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
             let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
@@ -162,6 +163,7 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
         for (b, block) in w.chunks_exact(packing.group_block_bytes()).enumerate() {
             // Scales, then minimums (unsigned only), then 8 vectors of 32 values.
             let p = block.as_ptr();
+            prefetch::<R>(p, packing.group_block_bytes());
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
             let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
             let q =
@@ -200,6 +202,25 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
             }
         }
         store(acc)
+    }
+}
+
+/// Asks for the weights 1 KB past the group block at `p` (`bytes` long). Several rows'
+/// arithmetic per weight leaves the hardware prefetcher behind: Q4_1 at 8 rows went from
+/// 120-156 to 153-170 GMAC/s (`inprocess kernels`, medians of three sets of interleaved
+/// runs). One row is bound by the bus and the hardware prefetcher alone keeps up with it,
+/// so it asks for nothing.
+///
+/// Safety: the CPU has SSE (every x86-64 does); a prefetch never faults, whatever the address.
+#[inline(always)]
+unsafe fn prefetch<const R: usize>(p: *const u8, bytes: usize) {
+    const AHEAD: usize = 1024;
+    if R > 1 {
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: as this function's; `wrapping_add` forms the address without assuming
+            // it lies in the same allocation.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD + line).cast()) };
+        }
     }
 }
 
