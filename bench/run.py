@@ -23,8 +23,9 @@
    by onnxmltools; and kandle's latency over HTTP at batch 1 with 32 connections (oha).
 
 Run with scripts/bench (it installs the peers); `scripts/bench structured` runs section 6
-alone, without them, `scripts/bench embed` section 1, `scripts/bench rerank` section 7 and
-`scripts/bench tabular` section 8, `scripts/bench start` kandle's half of section 4.
+alone, without them, `scripts/bench embed` section 1, `scripts/bench rerank` section 7,
+`scripts/bench tabular` section 8, `scripts/bench generate` section 3 (needing only
+llama-cpp-python) and `scripts/bench start` kandle's half of section 4.
 Results: bench-results/results.json.
 """
 import importlib.util
@@ -323,6 +324,35 @@ def tabular(binary):
     return results
 
 
+def generate_vs_llama(binary):
+    """Section 3: kandle's engine and llama-cpp-python on the same GGUF, rounds interleaved."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=GGUF, n_ctx=2048, n_threads=THREADS, n_batch=512, verbose=False)
+    chat = llm.tokenize(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n".encode(),
+        add_bos=False, special=True)
+    long_text = " ".join(SENTENCES).encode()
+    prompts = [chat, llm.tokenize(long_text, add_bos=False)[:256]]
+    assert len(prompts[0]) == 37 and len(prompts[1]) == 256
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    k_rounds, l_rounds = [], []
+    for _ in range(ROUNDS):
+        k_rounds.append(kandle_inprocess(binary, "generate", GGUF, f.name, GEN_TOKENS))
+        l_rounds.append(llama_generate(llm, prompts))
+    k, l = median_of(k_rounds), median_of(l_rounds)
+    return {"kandle": k, "llama_cpp_python": l, "ratio_kandle_over_llama": {
+        "ttft_37": l["ttft_37"] / k["ttft_37"],
+        "ttft_256": l["ttft_256"] / k["ttft_256"],
+        "decode_c1": k["decode_tokens_per_s_c1"] / l["decode_tokens_per_s_c1"],
+        "aggregate_c8_vs_llama_c1": k["aggregate_tokens_per_s_c8"] / l["decode_tokens_per_s_c1"],
+        "kandle_aggregate_c8_vs_own_c1": k["aggregate_tokens_per_s_c8"] / k["decode_tokens_per_s_c1"],
+        "kandle_aggregate_c32_vs_c8": k["aggregate_tokens_per_s_c32"] / k["aggregate_tokens_per_s_c8"],
+    }}
+
+
 def kandle_start_round(starts):
     """One start to ready of kandle-server per model: what a pod whose model is already on
     the node (cache.volume: node, an image volume) waits for."""
@@ -348,11 +378,13 @@ def main():
     if sys.argv[1:] == ["rerank"]:
         print(json.dumps({"rerank": rerank_pairs()}, indent=1))
         return
+    if sys.argv[1:] == ["generate"]:
+        print(json.dumps({"generate": generate_vs_llama(inprocess_binary())}, indent=1))
+        return
     if sys.argv[1:] == ["structured"]:
         print(json.dumps({"structured_outputs": structured_decode()}, indent=1))
         return
     import torch
-    from llama_cpp import Llama
 
     torch.set_num_threads(THREADS)
     results = {"machine": {"cpus": THREADS, "torch": torch.__version__}, "rounds": ROUNDS}
@@ -361,30 +393,7 @@ def main():
     results["embed_inprocess"] = embed_inprocess(binary)
 
     # 3. Generation, interleaved.
-    llm = Llama(model_path=GGUF, n_ctx=2048, n_threads=THREADS, n_batch=512, verbose=False)
-    chat = llm.tokenize(
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n".encode(),
-        add_bos=False, special=True)
-    long_text = " ".join(SENTENCES).encode()
-    prompts = [chat, llm.tokenize(long_text, add_bos=False)[:256]]
-    assert len(prompts[0]) == 37 and len(prompts[1]) == 256
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(prompts, f)
-    k_rounds, l_rounds = [], []
-    for _ in range(ROUNDS):
-        k_rounds.append(kandle_inprocess(binary, "generate", GGUF, f.name, GEN_TOKENS))
-        l_rounds.append(llama_generate(llm, prompts))
-    k, l = median_of(k_rounds), median_of(l_rounds)
-    results["generate"] = {"kandle": k, "llama_cpp_python": l, "ratio_kandle_over_llama": {
-        "ttft_37": l["ttft_37"] / k["ttft_37"],
-        "ttft_256": l["ttft_256"] / k["ttft_256"],
-        "decode_c1": k["decode_tokens_per_s_c1"] / l["decode_tokens_per_s_c1"],
-        "aggregate_c8_vs_llama_c1": k["aggregate_tokens_per_s_c8"] / l["decode_tokens_per_s_c1"],
-        "kandle_aggregate_c8_vs_own_c1": k["aggregate_tokens_per_s_c8"] / k["decode_tokens_per_s_c1"],
-        "kandle_aggregate_c32_vs_c8": k["aggregate_tokens_per_s_c32"] / k["aggregate_tokens_per_s_c8"],
-    }}
-    del llm
+    results["generate"] = generate_vs_llama(binary)
 
     # 5. Decoding one token reads every weight once: how close each engine is to the bus.
     kernels = median_of([kandle_inprocess(binary, "kernels") for _ in range(ROUNDS)])
