@@ -36,7 +36,12 @@ pub(super) fn quantize(x: &[f32]) -> Vec<Q8> {
             let mut qs = [0i8; BLOCK];
             // SAFETY: `qs` is 32 bytes.
             unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), q8) };
-            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+            // The sum from the i32 lanes (each within ±127, so packing kept them): a scalar
+            // loop over the 32 bytes was half of this function's time.
+            let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)));
             Q8 {
                 qs,
                 d,
