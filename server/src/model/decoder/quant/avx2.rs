@@ -3,7 +3,7 @@
 //! signed ones and adds them to an i32 lane, the work of AVX2's `maddubs`, `madd` and `add`.
 //! Each variant is a thin `target_feature` wrapper around one inlined body, so both
 //! instruction sets share its code and the body's intrinsics compile inside the wrapper.
-use super::{BLOCK, GROUP, Packing, Q8};
+use super::{BLOCK, GROUP, Packing, Q8, SIGN};
 use std::arch::x86_64::*;
 
 /// As `super::quantize` (`cvtps` rounds half to even, like `round_ties_even`).
@@ -46,6 +46,7 @@ pub(super) fn quantize(x: &[f32]) -> Vec<Q8> {
                 qs,
                 d,
                 s: d * sum as f32,
+                sum,
             }
         })
         .collect()
@@ -145,10 +146,12 @@ unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[
     }
 }
 
-/// A byte per weight: Q8_0's (and Q5_0's) signed `q` with a scale, or Q5_1's unsigned one
-/// with a scale and a minimum. `maddubs` and `dpbusd` take one unsigned operand: signed
-/// weights give it |w| and the activations take w's signs. AVX2's pair sums reach
-/// 2 * 128 * 127, so each 4-value chunk widens to i32 at once.
+/// A byte per weight: Q8_0's (and Q5_0's) signed `q` (stored as `q + 128`) with a scale, or
+/// Q5_1's unsigned one with a scale and a minimum. `maddubs` and `dpbusd` take one unsigned
+/// operand. `dpbusd` takes the stored `q + 128` and the block's sum is corrected by
+/// `128 * Σy` after; `maddubs` would saturate on that (its pairs reach 2 * 255 * 127), so AVX2
+/// flips the stored bit back, gives the instruction |q| and the activations q's signs. AVX2's
+/// pair sums then reach 2 * 128 * 127, so each 4-value chunk widens to i32 at once.
 ///
 /// Safety: as [`q4_1`].
 #[inline(always)]
@@ -171,9 +174,15 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
             prefetch::<R>(p, packing.group_block_bytes());
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
             let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
-            let q =
+            let stored =
                 [0, 1, 2, 3, 4, 5, 6, 7].map(|c| _mm256_loadu_si256(p.add(values + 32 * c).cast()));
-            let unsigned = if SIGNED {
+            // AVX2's signed weights: `q` back from `q + 128`, then |q| for `maddubs`.
+            let q = if SIGNED && !VNNI {
+                stored.map(|v| _mm256_xor_si256(v, _mm256_set1_epi8(SIGN as i8)))
+            } else {
+                stored
+            };
+            let unsigned = if SIGNED && !VNNI {
                 q.map(|q| _mm256_sign_epi8(q, q))
             } else {
                 q
@@ -186,7 +195,7 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
                     // `qs` is 32 bytes.
                     let y4 =
                         _mm256_set1_epi32(y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned());
-                    let y4 = if SIGNED {
+                    let y4 = if SIGNED && !VNNI {
                         _mm256_sign_epi8(y4, q[c])
                     } else {
                         y4
@@ -199,7 +208,12 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
                         _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones))
                     };
                 }
-                let sum = _mm256_cvtepi32_ps(_mm256_add_epi32(sums[0], sums[1]));
+                let mut sum = _mm256_add_epi32(sums[0], sums[1]);
+                if SIGNED && VNNI {
+                    // Σ (q + 128) y - 128 Σy: exact, as every sum here.
+                    sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * y.sum));
+                }
+                let sum = _mm256_cvtepi32_ps(sum);
                 acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
                 if !SIGNED {
                     acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);

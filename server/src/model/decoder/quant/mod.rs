@@ -17,7 +17,10 @@
 //!   bytes where byte `4r + j` of vector `i` holds row `r`'s `q` number `4i + j` in its low
 //!   nibble and number `4i + j + 16` in its high one;
 //! - Q8_0 (a weight is `d * q`, `q` an i8): 8 f16 `d`, then 8 vectors of 32 bytes where byte
-//!   `4r + j` of vector `c` is row `r`'s `q` number `4c + j`;
+//!   `4r + j` of vector `c` is row `r`'s `q` number `4c + j`, stored as the unsigned `q + 128`:
+//!   VNNI's `dpbusd` takes it as it is and subtracts `128 * Σy` once per block, where a signed
+//!   byte cost a `sign` instruction per activation vector (AVX2 flips the bit back once per
+//!   block);
 //! - Q5_0 is kept as Q8_0, its `q - 16` an i8 (exact: the same weights, a byte each);
 //! - Q5_1 (a weight is `d * q + m`, `q` in 0..32): 8 f16 `d`, 8 f16 `m`, then `q` as Q8_0's,
 //!   a byte each.
@@ -87,8 +90,10 @@ impl Format {
                     dst[at..at + 4].copy_from_slice(&block[4 + 4 * i..8 + 4 * i]);
                 }
             }
-            Self::Q8_0 => packing.put(dst, lane, |k| block[2 + k]),
-            Self::Q5_0 => packing.put(dst, lane, |k| five_bits(&block[2..], k).wrapping_sub(16)),
+            Self::Q8_0 => packing.put(dst, lane, |k| block[2 + k] ^ SIGN),
+            Self::Q5_0 => packing.put(dst, lane, |k| {
+                five_bits(&block[2..], k).wrapping_sub(16) ^ SIGN
+            }),
             Self::Q5_1 => packing.put(dst, lane, |k| five_bits(&block[4..], k)),
         }
     }
@@ -108,7 +113,7 @@ fn five_bits(qh_qs: &[u8], k: usize) -> u8 {
 enum Packing {
     /// Q4_1: `d * q + m`, two 4-bit `q` a byte.
     Nibbles,
-    /// Q8_0 (and Q5_0): `d * q`, `q` an i8.
+    /// Q8_0 (and Q5_0): `d * q`, `q` an i8, stored as `q + 128` (see the module's docs).
     Signed,
     /// Q5_1: `d * q + m`, `q` a byte in 0..32.
     Unsigned,
@@ -155,7 +160,7 @@ impl Packing {
                 let byte = block[at + 32 * (k % 16 / 4)];
                 (if k < 16 { byte & 0x0F } else { byte >> 4 }) as i32
             }
-            Self::Signed => block[at + 32 * (k / 4)] as i8 as i32,
+            Self::Signed => (block[at + 32 * (k / 4)] ^ SIGN) as i8 as i32,
             Self::Unsigned => block[at + 32 * (k / 4)] as i32,
         }
     }
@@ -321,13 +326,18 @@ impl CustomOp1 for Matrix {
     }
 }
 
-/// 32 activations as 8-bit integers: `x ≈ d * q`, with `s = d * Σq` for the minimum's term.
+/// The bit that turns a stored signed weight `q + 128` back into `q`, and back.
+const SIGN: u8 = 0x80;
+
+/// 32 activations as 8-bit integers: `x ≈ d * q`, with `s = d * Σq` for the minimum's term
+/// and `sum = Σq` for the signed weights' offset.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct Q8 {
     qs: [i8; BLOCK],
     d: f32,
     s: f32,
+    sum: i32,
 }
 
 impl Q8 {
@@ -344,6 +354,7 @@ impl Q8 {
             qs,
             d,
             s: d * sum as f32,
+            sum,
         }
     }
 }
@@ -676,10 +687,12 @@ mod tests {
                 let got = k.quantize(&x, 64);
                 assert_eq!(got.len(), want.len());
                 for (a, b) in got.iter().zip(&want) {
-                    assert_eq!((a.qs, a.d, a.s), (b.qs, b.d, b.s));
+                    assert_eq!((a.qs, a.d, a.s, a.sum), (b.qs, b.d, b.s, b.sum));
                 }
             }
-            assert!(want[1].qs.iter().all(|&q| q == 0) && want[1].d == 0.0 && want[1].s == 0.0);
+            let zero = &want[1];
+            assert!(zero.qs.iter().all(|&q| q == 0) && zero.d == 0.0 && zero.s == 0.0);
+            assert_eq!(zero.sum, 0);
         }
     }
 
