@@ -182,14 +182,9 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
     const TICKS: f64 = 100.0;
     let ticks: u64 = pids
         .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .map(|stat| {
-            // Fields after the command name, which may hold spaces: state is the first,
-            // utime and stime the 12th and 13th.
-            let after = &stat[stat.rfind(')').unwrap() + 2..];
-            let fields: Vec<&str> = after.split(' ').collect();
-            fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-        })
+        .filter_map(|&pid| stat_fields(pid))
+        // utime and stime are the 12th and 13th fields after the name.
+        .map(|fields| fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap())
         .sum();
     ticks as f64 / TICKS
 }
@@ -205,15 +200,20 @@ fn with_children(parent: u32) -> Vec<u32> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        if after.split(' ').nth(1) == Some(&parent.to_string()) {
+        // The parent's pid is the 2nd field after the name.
+        if stat_fields(pid).is_some_and(|fields| fields[1] == parent.to_string()) {
             pids.push(pid);
         }
     }
     pids
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces), state
+/// first; None once the process is gone.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    Some(after.split(' ').map(str::to_owned).collect())
 }
 
 /// `KANDLE_BENCH_CONNECTIONS` (comma-separated), by default 1 and 64.
