@@ -403,6 +403,8 @@ def main():
         "kandle_q4_1_matmul_gb_per_s": kernels["q4_1_rows1_weight_gb_per_s"],
         "kandle_q4_1_matmul_gmac_per_s_rows_8_32_256": [
             kernels[f"q4_1_rows{m}_gmac_per_s"] for m in (8, 32, 256)],
+        # 8 decoding sequences of 128 cached tokens, SmolLM2's 30 layers.
+        "kandle_attention_decode_step_ms": kernels["attention_decode_ms"],
         "weight_bytes_per_token": weight_bytes,
         "kandle_decode_share_of_bandwidth":
             weight_bytes * k["decode_tokens_per_s_c1"] / 1e9 / kernels["read_gb_per_s"],

@@ -6,8 +6,9 @@
 //! generate GGUF PROMPTS_JSON TOKENS     TTFT per prompt, decode tok/s, aggregate tok/s at 8
 //!                                       and 32 concurrent requests (KANDLE_BENCH_CONCURRENCY:
 //!                                       other counts, such as `8` alone to profile it)
-//! kernels                               memory read bandwidth, and the Q4_1 matmul's weight
-//!                                       bytes/s and multiply-adds/s at 1 to 256 rows
+//! kernels                               memory read bandwidth, the Q4_1 matmul's weight
+//!                                       bytes/s and multiply-adds/s at 1 to 256 rows, and a
+//!                                       batched decode step's attention
 //! tabular MODEL_DIR ROWS_JSON ITERS BATCH...
 //!                                       seconds per predict of BATCH rows (tiled from the
 //!                                       JSON rows, null for missing)
@@ -266,7 +267,49 @@ fn kernels() {
             json!((m * rows * cols) as f64 / t / 1e9),
         );
     }
+    out.insert(
+        "attention_decode_ms".into(),
+        json!(attention_decode() * 1e3),
+    );
     println!("{}", serde_json::Value::Object(out));
+}
+
+/// Seconds for one batched decode step's attention in SmolLM2-135M's shape (30 layers, 9
+/// query heads over 3 KV heads of 64, f16 cache): 8 sequences of 128 cached tokens, one new
+/// row each.
+fn attention_decode() -> f64 {
+    use candle_core::{DType, Device, Tensor};
+    use kandle_server::engine::Chunk;
+    use kandle_server::model::decoder::attention::{KvCache, Layout, attend};
+    let (layers, heads, kv_heads, dim, seqs, cached) = (30, 9, 3, 64, 8, 127usize);
+    let blocks_each = (cached + 1).div_ceil(BLOCK_TOKENS);
+    let dev = Device::Cpu;
+    let cache = KvCache::new(layers, seqs * blocks_each, kv_heads, dim, DType::F16, &dev).unwrap();
+    let tables: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| {
+            (0..blocks_each as u32)
+                .map(|b| b * seqs as u32 + s as u32)
+                .collect()
+        })
+        .collect();
+    let token = [1u32];
+    let chunks: Vec<Chunk<'_>> = tables
+        .iter()
+        .map(|blocks| Chunk {
+            tokens: &token,
+            start: cached,
+            blocks,
+            every_row: false,
+        })
+        .collect();
+    let layout = Layout::new(&chunks, &cache, kv_heads, dim, &dev, KernelsArg::Auto).unwrap();
+    let rand = |h| Tensor::randn(0f32, 1.0, (seqs, h, dim), &dev).unwrap();
+    let (q, k, v) = (rand(heads), rand(kv_heads), rand(kv_heads));
+    best(10, || {
+        for layer in 0..layers {
+            attend(&q, &k, &v, &cache, layer, &layout, None, 0.125).unwrap();
+        }
+    })
 }
 
 async fn futures_ttft<F, Fut>(run: &F, prompt: &[u32], times: usize) -> Vec<f64>

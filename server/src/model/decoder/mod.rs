@@ -159,6 +159,7 @@ impl Weights {
             .embedding(&Tensor::new(ids, &self.device)?)?
             .to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
+            layout.prefetch_writes(cache, i);
             let h = norm(&x, &layer.attn_norm)?;
             let [q, k, v] = layer.qkv.forward(&h)?;
             let mut q = q.reshape((rows, heads, d))?;

@@ -8,6 +8,7 @@ use crate::model::attention as cpu;
 use crate::cli::KernelsArg;
 use crate::engine::{BLOCK_TOKENS, Chunk};
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Result, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 /// Keys and values of every layer: [slots, kv_heads, head_dim] each.
 pub struct KvCache {
@@ -120,6 +121,28 @@ impl Layout {
             seqlens_k,
         })
     }
+
+    /// Asks for the cache lines that this step's new keys and values of `layer` go to, ahead
+    /// of `attend`: written there cold, one line after another missed (0.38 ms of a batched
+    /// decode step's 1.6 ms of attention). A no-op where the cache is not read in place.
+    pub fn prefetch_writes(&self, cache: &KvCache, layer: usize) {
+        if self.tensors.is_some() {
+            return;
+        }
+        for pool in [&cache.layers[layer].0, &cache.layers[layer].1] {
+            let (storage, layout) = pool.storage_and_layout();
+            let (at, width) = (layout.start_offset(), layout.stride()[0]);
+            match &*storage {
+                Storage::Cpu(CpuStorage::F32(p)) => {
+                    cpu::prefetch_slots(&p[at..], width, width, &self.write)
+                }
+                Storage::Cpu(CpuStorage::F16(p)) => {
+                    cpu::prefetch_slots(&p[at..], width, width, &self.write)
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// q: [rows, heads, head_dim]; k, v: [rows, kv_heads, head_dim]. Returns [rows, heads, head_dim].
@@ -150,8 +173,14 @@ pub fn attend(
         )?
     } else {
         let write = WriteSlots(&layout.write);
-        k_pool.inplace_op2(&k.to_dtype(dtype)?.contiguous()?, &write)?;
-        v_pool.inplace_op2(&v.to_dtype(dtype)?.contiguous()?, &write)?;
+        // f32 rows go into an f16 pool as they are: `WriteSlots` converts them on the way, 8
+        // at a time, where candle's `to_dtype` makes a copy converted value by value.
+        let rows = |t: &Tensor| match t.dtype() {
+            DType::F32 => t.contiguous(),
+            _ => t.to_dtype(dtype)?.contiguous(),
+        };
+        k_pool.inplace_op2(&rows(k)?, &write)?;
+        v_pool.inplace_op2(&rows(v)?, &write)?;
         let (rows, heads, dim) = q.dims3()?;
         let kv_heads = k_pool.dim(1)?;
         let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -211,8 +240,8 @@ struct Tensors {
 }
 
 /// Copies each new row's keys or values [rows, kv_heads, head_dim] into its slot of a CPU
-/// pool of the same dtype: what `scatter_set` does, without its index tensor of one slot per
-/// value.
+/// pool of the same dtype, or of an f16 pool from f32 rows: what `scatter_set` does, without
+/// its index tensor of one slot per value.
 struct WriteSlots<'a>(&'a [u32]);
 
 impl InplaceOp2 for WriteSlots<'_> {
@@ -233,20 +262,25 @@ impl InplaceOp2 for WriteSlots<'_> {
         ) else {
             candle_core::bail!("the KV cache and its rows are contiguous");
         };
-        match (pool, rows) {
+        let (pool, rows) = match (pool, rows) {
             (CpuStorage::F32(pool), CpuStorage::F32(rows)) => {
-                self.copy(&mut pool[p0..p1], &rows[r0..r1])
+                return self.copy(&mut pool[p0..p1], &rows[r0..r1], <[f32]>::copy_from_slice);
             }
             (CpuStorage::F16(pool), CpuStorage::F16(rows)) => {
-                self.copy(&mut pool[p0..p1], &rows[r0..r1])
+                return self.copy(&mut pool[p0..p1], &rows[r0..r1], <[_]>::copy_from_slice);
             }
-            _ => candle_core::bail!("the CPU KV cache and its rows are both f32 or both f16"),
-        }
+            (CpuStorage::F16(pool), CpuStorage::F32(rows)) => (pool, rows),
+            _ => candle_core::bail!("the CPU KV cache is f32 or f16 and its rows f32 or its dtype"),
+        };
+        self.copy(&mut pool[p0..p1], &rows[r0..r1], |dst, row| {
+            dst.convert_from_f32_slice(row)
+        })
     }
 }
 
 impl WriteSlots<'_> {
-    fn copy<T: Copy>(&self, pool: &mut [T], rows: &[T]) -> Result<()> {
+    /// `put`s each row into its slot of `pool`.
+    fn copy<T, S>(&self, pool: &mut [T], rows: &[S], put: impl Fn(&mut [T], &[S])) -> Result<()> {
         if self.0.is_empty() {
             return Ok(());
         }
@@ -257,7 +291,7 @@ impl WriteSlots<'_> {
         for (&slot, row) in self.0.iter().zip(rows.chunks_exact(width)) {
             let at = slot as usize * width;
             match pool.get_mut(at..at + width) {
-                Some(dst) => dst.copy_from_slice(row),
+                Some(dst) => put(dst, row),
                 None => candle_core::bail!("slot {slot} is outside the KV cache"),
             }
         }
