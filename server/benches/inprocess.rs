@@ -3,9 +3,11 @@
 //! llama-cpp-python) and reports medians and ratios.
 //!
 //! embed MODEL_DIR ITERS BATCH...        seconds per batch (tokenize + forward + pool)
-//! generate GGUF PROMPTS_JSON TOKENS     TTFT per prompt, decode tok/s, aggregate tok/s at 8
-//!                                       and 32 concurrent requests (KANDLE_BENCH_CONCURRENCY:
-//!                                       other counts, such as `8` alone to profile it)
+//! generate GGUF PROMPTS_JSON TOKENS     TTFT per prompt, decode tok/s, aggregate tok/s (all
+//!                                       tokens over the whole time, prefill included) at 1,
+//!                                       8 and 32 concurrent requests
+//!                                       (KANDLE_BENCH_CONCURRENCY: other counts, such as `8`
+//!                                       alone to profile it)
 //! kernels                               memory read bandwidth, the Q4_1 matmul's weight
 //!                                       bytes/s and multiply-adds/s at 1 to 256 rows, and a
 //!                                       batched decode step's attention
@@ -188,7 +190,7 @@ async fn generate(args: &[String]) {
     );
     let levels: Vec<usize> = std::env::var("KANDLE_BENCH_CONCURRENCY")
         .map(|v| v.split(',').map(|c| c.parse().unwrap()).collect())
-        .unwrap_or(vec![8, 32]);
+        .unwrap_or(vec![1, 8, 32]);
     for concurrency in levels {
         let start = Instant::now();
         let all =
