@@ -270,7 +270,9 @@ impl InplaceOp2 for WriteSlots<'_> {
                 return self.copy(&mut pool[p0..p1], &rows[r0..r1], <[_]>::copy_from_slice);
             }
             (CpuStorage::F16(pool), CpuStorage::F32(rows)) => (pool, rows),
-            _ => candle_core::bail!("the CPU KV cache is f32 or f16 and its rows f32 or its dtype"),
+            _ => {
+                candle_core::bail!("rows for the CPU KV cache are f32 or of its dtype (f32 or f16)")
+            }
         };
         self.copy(&mut pool[p0..p1], &rows[r0..r1], |dst, row| {
             dst.convert_from_f32_slice(row)
