@@ -152,11 +152,17 @@ fn one<T: Stored, const AVX2: bool>(
     scores.clear();
     scores.resize(heads * n, 0.0);
     let key = |j: usize| &x.k_pool[slots[j] as usize * x.kv_stride..][..width];
-    // Ask for every key and value of the row's sequence at once: read in the loops' order
-    // (a KV head's part of each slot, slot after slot), the pool's lines arrived one miss
-    // at a time: attention took 7.6-8.0% of a batched decode profile, 6.4% with this.
-    prefetch_slots(x.k_pool, x.kv_stride, width, slots);
-    prefetch_slots(x.v_pool, x.kv_stride, width, slots);
+    // Ask for the pool's lines a little ahead of the loop: keys `AHEAD` slots before they
+    // are read, values as their keys are (the weighted sum reads them after the softmax).
+    // Read unasked, the lines came one miss at a time; asked all at the row's start, the
+    // requests queued behind each other and the row waited on the last of them.
+    const AHEAD: usize = 16;
+    let ask = |from: usize, to: usize| {
+        let keys = &slots[(from + AHEAD).min(n)..(to + AHEAD).min(n)];
+        prefetch_slots(x.k_pool, x.kv_stride, width, keys);
+        prefetch_slots(x.v_pool, x.kv_stride, width, &slots[from..to]);
+    };
+    prefetch_slots(x.k_pool, x.kv_stride, width, &slots[..AHEAD.min(n)]);
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if AVX2 && dim.is_multiple_of(8) {
@@ -165,6 +171,7 @@ fn one<T: Stored, const AVX2: bool>(
         // a quarter of the kernel's time at 70 cached tokens).
         while j < n {
             let valid = (n - j).min(8);
+            ask(j, j + valid);
             let keys: [&[T]; 8] = std::array::from_fn(|i| key(j + i.min(valid - 1)));
             for h in 0..heads {
                 let at = h / group * dim;
@@ -179,6 +186,7 @@ fn one<T: Stored, const AVX2: bool>(
         }
     }
     for j in j..n {
+        ask(j, j + 1);
         let k = key(j);
         for h in 0..heads {
             let k = &k[h / group * dim..][..dim];
