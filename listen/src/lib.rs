@@ -4,11 +4,13 @@
 //! shortly after shutdown. A silent or slow client costs one slot for a bounded time,
 //! never a file descriptor for good. HTTP/1.1 only: what the OpenAI clients, kubelet probes
 //! and Prometheus speak, and the protocol whose timeouts hyper bounds.
-use axum::Router;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -28,14 +30,23 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
 }
 
-/// Serves `app` until `shutdown` resolves (by then requests in flight have drained), then
-/// closes the connections that are left.
-pub async fn serve(
+/// Serves `app` (an axum `Router`, or any service like one) until `shutdown` resolves (by
+/// then requests in flight have drained), then closes the connections that are left.
+pub async fn serve<S, B>(
     listener: TcpListener,
-    app: Router,
+    app: S,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
-) {
+) where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();

@@ -2,8 +2,9 @@
 //!
 //! 1. Added latency: MiniLM embeddings of one short sentence from one kandle-server, sent
 //!    straight to it, through the gateway, and through nginx (Debian's, configured as a
-//!    plain keep-alive reverse proxy), at 1 and 64 connections, interleaved rounds; p50 and
-//!    p99 of each, and what each proxy adds to the direct figures.
+//!    plain keep-alive reverse proxy), at 1 and 64 connections, each connection sending to
+//!    the three in turn; p50 and p99 of each (the median over rounds), and what each proxy
+//!    adds to the direct figures.
 //! 2. Scale from zero: the real operator (emulated API server, simulated kubelet) and the
 //!    gateway; from the first request for a model at zero replicas to its answer, split into
 //!    the decision (the operator's autoscaler reads the held request and scales the
@@ -15,7 +16,8 @@
 //! nginx (`apt-get install nginx-light`); run with `cargo bench -p kandle-tests --bench
 //! gateway`. `KANDLE_BENCH_ROUNDS` (default 5), `KANDLE_BENCH_REQUESTS` (per
 //! connection and round, default 200) and `KANDLE_BENCH_CONNECTIONS` (default `1,64`) size
-//! it.
+//! it; `KANDLE_BENCH_GATEWAY_BASE`, the path of another `kandle-operator`, adds its gateway
+//! to the same run as `base` (a change against its base, free of the drift between runs).
 use k8s_openapi::api::apps::v1::Deployment;
 use kandle_operator::crd::Phase;
 use kandle_tests::apiserver::rbac::Policy;
@@ -48,13 +50,21 @@ struct GatewayProcess {
 
 impl GatewayProcess {
     async fn start(api: &ApiServer) -> Self {
+        Self::start_binary(api, server_binary().with_file_name("kandle-operator")).await
+    }
+
+    async fn start_binary(api: &ApiServer, binary: std::path::PathBuf) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let view = api.as_user(Policy::chart_gateway("kandle-system"));
         let listening = loopback::serve(view, dir.path()).await.unwrap();
-        let binary = server_binary().with_file_name("kandle-operator");
         let mut child = Command::new(&binary)
             .args(["gateway", "--addr", "127.0.0.1:0", "--log-format", "json"])
             .env("KUBECONFIG", &listening.kubeconfig)
+            .envs(
+                std::env::var("XGW_THREADS")
+                    .ok()
+                    .map(|t| ("TOKIO_WORKER_THREADS", t)),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
@@ -138,23 +148,36 @@ impl Drop for Nginx {
     }
 }
 
-/// Latencies of `per_connection` requests on each of `connections` connections at once.
-async fn load(addr: SocketAddr, connections: usize, per_connection: usize) -> Vec<Duration> {
+/// Latencies, per target, of `per_connection` requests to each of `targets` on each of
+/// `connections` connections at once. Each connection sends to the targets in turn, one
+/// request at a time, so all of them meet the same backend: the model's own time drifts
+/// by more than a proxy adds, and a proxy measured minutes apart from the others would
+/// carry that drift as its own.
+async fn load(
+    targets: &[SocketAddr],
+    connections: usize,
+    per_connection: usize,
+) -> Vec<Vec<Duration>> {
     let body = json!({"model": "minilm", "input": "a short sentence about serving models"});
-    let body = serde_json::to_vec(&body).unwrap();
+    let body = bytes::Bytes::from(serde_json::to_vec(&body).unwrap());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()
         .unwrap();
-    let url = format!("http://{addr}/v1/embeddings");
-    let tasks = (0..connections).map(|_| {
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+    let urls: Vec<String> = targets
+        .iter()
+        .map(|addr| format!("http://{addr}/v1/embeddings"))
+        .collect();
+    let tasks = (0..connections).map(|c| {
+        let (client, urls, body) = (client.clone(), urls.clone(), body.clone());
         tokio::spawn(async move {
-            let mut times = Vec::with_capacity(per_connection);
-            for _ in 0..per_connection {
+            let mut times = vec![Vec::with_capacity(per_connection); urls.len()];
+            for i in 0..per_connection * urls.len() {
+                // Connections start at different targets, so each target always has its share.
+                let target = (c + i) % urls.len();
                 let start = Instant::now();
                 let response = client
-                    .post(&url)
+                    .post(&urls[target])
                     .header("content-type", "application/json")
                     .body(body.clone())
                     .send()
@@ -162,17 +185,20 @@ async fn load(addr: SocketAddr, connections: usize, per_connection: usize) -> Ve
                     .unwrap();
                 assert_eq!(response.status(), 200);
                 response.bytes().await.unwrap();
-                times.push(start.elapsed());
+                times[target].push(start.elapsed());
             }
             times
         })
     });
-    let mut all: Vec<Duration> = futures::future::join_all(tasks)
-        .await
-        .into_iter()
-        .flat_map(Result::unwrap)
-        .collect();
-    all.sort();
+    let mut all = vec![Vec::new(); targets.len()];
+    for times in futures::future::join_all(tasks).await {
+        for (target, times) in times.unwrap().into_iter().enumerate() {
+            all[target].extend(times);
+        }
+    }
+    for times in &mut all {
+        times.sort();
+    }
     all
 }
 
@@ -247,28 +273,38 @@ async fn added_latency() {
     model(&api, "minilm", spec, json!({}), Phase::Ready).await;
     endpoints(&api, "ml", "minilm", &[server.addr]).await;
     let gateway = GatewayProcess::start(&api).await;
+    // A second gateway binary (a change's base, say), measured in the same interleaved run.
+    let base = match std::env::var_os("KANDLE_BENCH_GATEWAY_BASE") {
+        Some(binary) => Some(GatewayProcess::start_binary(&api, binary.into()).await),
+        None => None,
+    };
     let nginx = Nginx::start(server.addr);
-    // Both proxies route before measuring (the gateway once it has synced its watches).
-    let warm = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < warm {
-        let ok = reqwest::Client::new()
-            .post(format!("http://{}/v1/embeddings", gateway.addr))
-            .json(&json!({"model": "minilm", "input": "x"}))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ok {
-            break;
+    // The gateways route before measuring (once they have synced their watches).
+    for addr in std::iter::once(gateway.addr).chain(base.as_ref().map(|b| b.addr)) {
+        let warm = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < warm {
+            let ok = reqwest::Client::new()
+                .post(format!("http://{addr}/v1/embeddings"))
+                .json(&json!({"model": "minilm", "input": "x"}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The proxies' processes (nginx's workers are its master's children), for the CPU each
     // spends per request.
-    let targets = [
+    let mut targets = vec![
         ("direct", server.addr, None),
         ("gateway", gateway.addr, Some(gateway.child.id())),
         ("nginx", nginx.addr, Some(nginx.child.id())),
     ];
+    if let Some(base) = &base {
+        targets.push(("base", base.addr, Some(base.child.id())));
+    }
     println!(
         "added latency, MiniLM embeddings of one sentence, {rounds} rounds x {per_connection} requests per connection"
     );
@@ -280,17 +316,23 @@ async fn added_latency() {
         };
         let mut p50 = vec![Vec::new(); targets.len()];
         let mut p99 = vec![Vec::new(); targets.len()];
-        let mut cpu = vec![0.0; targets.len()];
+        let pids: Vec<Vec<u32>> = targets
+            .iter()
+            .map(|(_, _, proxy)| proxy.map(with_children).unwrap_or_default())
+            .collect();
+        let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(p)).collect();
+        let addrs: Vec<SocketAddr> = targets.iter().map(|(_, addr, _)| *addr).collect();
         for _ in 0..rounds {
-            for (i, (_, addr, proxy)) in targets.iter().enumerate() {
-                let pids = proxy.map(with_children).unwrap_or_default();
-                let before = cpu_seconds(&pids);
-                let times = load(*addr, connections, per).await;
-                cpu[i] += cpu_seconds(&pids) - before;
-                p50[i].push(percentile(&times, 0.5));
-                p99[i].push(percentile(&times, 0.99));
+            for (i, times) in load(&addrs, connections, per).await.iter().enumerate() {
+                p50[i].push(percentile(times, 0.5));
+                p99[i].push(percentile(times, 0.99));
             }
         }
+        let cpu: Vec<f64> = pids
+            .iter()
+            .zip(&before)
+            .map(|(p, before)| cpu_seconds(p) - before)
+            .collect();
         let p50: Vec<f64> = p50.iter_mut().map(|v| median(v)).collect();
         let p99: Vec<f64> = p99.iter_mut().map(|v| median(v)).collect();
         let requests = (rounds * connections * per) as f64;

@@ -260,6 +260,17 @@ async fn routes_each_model_to_its_pods_and_refuses_bad_requests_in_openai_shape(
     )
     .await;
     assert_eq!(status, 404);
+    let wrong_method = http()
+        .get(format!("{}/v1/chat/completions", gateway.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    let (status, error) = error_of(wrong_method).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
 
     let metrics = gateway_metrics(&gateway).await;
     assert!(

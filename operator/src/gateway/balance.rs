@@ -2,6 +2,7 @@
 //! prefix-affinity mode, the pod a prompt's prefix hashes to unless it carries more than
 //! its share (consistent hashing with bounded loads, as KubeAI's PrefixHash), so requests
 //! that share a system prompt find its KV cache where it was filled.
+use axum::http::uri::Authority;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
@@ -19,20 +20,43 @@ pub enum Routing {
 /// Requests in flight per pod, counted by this gateway.
 #[derive(Default)]
 pub struct Balancer {
-    in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    pods: Mutex<HashMap<SocketAddr, Arc<Pod>>>,
     /// Rotates the starting point among equally loaded pods.
     turn: AtomicUsize,
 }
 
+/// What the gateway keeps per pod: its load, and its address as a URI authority, written
+/// once rather than formatted and parsed again for every request.
+struct Pod {
+    in_flight: AtomicUsize,
+    authority: Authority,
+}
+
+impl Pod {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            authority: Authority::try_from(addr.to_string())
+                .expect("a socket address is an authority"),
+        }
+    }
+}
+
 /// One request's place on a pod: counted until dropped (when its response ends).
 pub struct Slot {
-    count: Arc<AtomicUsize>,
+    pod: Arc<Pod>,
     pub addr: SocketAddr,
+}
+
+impl Slot {
+    pub fn authority(&self) -> &Authority {
+        &self.pod.authority
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.pod.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -55,14 +79,21 @@ impl Balancer {
         if candidates.is_empty() {
             return None;
         }
-        let counts: Vec<Arc<AtomicUsize>> = {
-            let mut map = self.in_flight.lock().expect("not poisoned");
+        let pods: Vec<Arc<Pod>> = {
+            let mut map = self.pods.lock().expect("not poisoned");
             candidates
                 .iter()
-                .map(|e| map.entry(*e).or_default().clone())
+                .map(|e| {
+                    map.entry(*e)
+                        .or_insert_with(|| Arc::new(Pod::new(*e)))
+                        .clone()
+                })
                 .collect()
         };
-        let loads: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Acquire)).collect();
+        let loads: Vec<usize> = pods
+            .iter()
+            .map(|p| p.in_flight.load(Ordering::Acquire))
+            .collect();
         let index = match prefix {
             Some(prefix) => affine(&candidates, &loads, prefix, load_factor),
             None => {
@@ -70,23 +101,25 @@ impl Balancer {
                 least(&loads, start)
             }
         };
-        counts[index].fetch_add(1, Ordering::AcqRel);
+        let pod = pods[index].clone();
+        pod.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(Slot {
-            count: counts[index].clone(),
+            pod,
             addr: candidates[index],
         })
     }
 
     /// Requests in flight on `addr` through this gateway.
     pub fn in_flight(&self, addr: SocketAddr) -> usize {
-        let map = self.in_flight.lock().expect("not poisoned");
-        map.get(&addr).map_or(0, |c| c.load(Ordering::Acquire))
+        let map = self.pods.lock().expect("not poisoned");
+        map.get(&addr)
+            .map_or(0, |p| p.in_flight.load(Ordering::Acquire))
     }
 
     /// Forgets pods that are gone and idle, so the map does not grow with pod churn.
     pub fn retain(&self, alive: impl Fn(&SocketAddr) -> bool) {
-        let mut map = self.in_flight.lock().expect("not poisoned");
-        map.retain(|addr, count| alive(addr) || count.load(Ordering::Acquire) > 0);
+        let mut map = self.pods.lock().expect("not poisoned");
+        map.retain(|addr, pod| alive(addr) || pod.in_flight.load(Ordering::Acquire) > 0);
     }
 }
 

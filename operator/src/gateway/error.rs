@@ -14,6 +14,8 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("No such endpoint")]
     NotFound,
+    #[error("This endpoint takes POST requests only")]
+    MethodNotAllowed,
     #[error("Request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
     #[error("The request body did not arrive within {0} s")]
@@ -46,6 +48,7 @@ impl GatewayError {
         match self {
             Self::InvalidRequest(_) | Self::MissingModel => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -67,6 +70,7 @@ impl GatewayError {
             Self::BodyTimeout(_) => ("invalid_request_error", Some("timeout")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::NotFound => ("invalid_request_error", Some("not_found")),
+            Self::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed")),
             Self::Unauthorized => ("authentication_error", Some("invalid_api_key")),
             Self::Forbidden(_) => ("permission_error", Some("model_not_allowed")),
             Self::RateLimited(_) | Self::TooManyConcurrent => {
@@ -112,6 +116,11 @@ impl IntoResponse for GatewayError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        if matches!(self, Self::MethodNotAllowed) {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
         }
         response
     }

@@ -13,17 +13,21 @@ pub mod watch;
 
 use crate::cli::GatewayArgs;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::State;
+use axum::http::{Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use error::GatewayError;
+use futures::future::BoxFuture;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
 use kandle_listen::ConnectionLimits;
 use keys::Keys;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use table::Table;
 use tokio::net::TcpListener;
@@ -99,19 +103,20 @@ impl Gateway {
         })
     }
 
-    pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+    /// The gateway's HTTP service: the OpenAI routes it forwards, then axum's router for the
+    /// rest.
+    pub fn service(self: &Arc<Self>) -> Service {
+        let router = Router::new()
             .route("/v1/models", get(models))
-            .route("/v1/chat/completions", post(forward))
-            .route("/v1/completions", post(forward))
-            .route("/v1/embeddings", post(forward))
-            .route("/v1/rerank", post(forward))
             .route("/metrics", get(render_metrics))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(ready))
             .fallback(|| async { GatewayError::NotFound })
-            .layer(DefaultBodyLimit::max(self.settings.max_body_bytes))
-            .with_state(self.clone())
+            .with_state(self.clone());
+        Service {
+            gateway: self.clone(),
+            router,
+        }
     }
 
     /// Drops the counts of pods that left every model's endpoints, as the table changes, so
@@ -143,38 +148,75 @@ impl Gateway {
     }
 }
 
-async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> Response {
+/// The paths whose requests go to a model's pods.
+const FORWARDED: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/rerank",
+];
+
+/// The gateway as hyper calls it. Forwarded requests go straight to the proxy: through
+/// axum's router each also paid for its routing, its boxed service clone and its
+/// matched-path extension, per request, for four fixed paths.
+#[derive(Clone)]
+pub struct Service {
+    gateway: Arc<Gateway>,
+    router: Router,
+}
+
+impl tower::Service<Request<Incoming>> for Service {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        if FORWARDED.contains(&request.uri().path()) {
+            let gateway = self.gateway.clone();
+            return Box::pin(async move { Ok(forward(gateway, request).await) });
+        }
+        Box::pin(tower::ServiceExt::oneshot(self.router.clone(), request))
+    }
+}
+
+async fn forward(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response {
+    if request.method() != Method::POST {
+        return GatewayError::MethodNotAllowed.into_response();
+    }
     if gateway.draining.refusing.load(Ordering::Acquire) {
         return GatewayError::Draining.into_response();
     }
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let headers = std::mem::take(request.headers_mut());
+    let (parts, body) = request.into_parts();
+    let limit = gateway.settings.max_body_bytes;
     let read = tokio::time::timeout(
         gateway.settings.body_timeout,
-        Bytes::from_request(request, &()),
+        Limited::new(body, limit).collect(),
     );
     let body = match read.await {
         Err(_) => {
             return GatewayError::BodyTimeout(gateway.settings.body_timeout.as_secs())
                 .into_response();
         }
-        Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return GatewayError::PayloadTooLarge(gateway.settings.max_body_bytes).into_response();
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return GatewayError::PayloadTooLarge(limit).into_response();
         }
-        Ok(Err(rejection)) => {
-            let message = format!("Could not read the request body: {}", rejection.body_text());
+        Ok(Err(e)) => {
+            let message = format!("Could not read the request body: {e}");
             return GatewayError::InvalidRequest(message).into_response();
         }
-        Ok(Ok(body)) => body,
+        Ok(Ok(body)) => body.to_bytes(),
     };
     let tracked = gateway.draining.track();
     let response = gateway
         .clone()
         .proxy(proxy::Incoming {
-            method,
-            uri,
-            headers,
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
             body,
         })
         .await;
@@ -306,7 +348,7 @@ pub async fn run(
         shutdown.await;
         draining.drain(grace).await;
     };
-    kandle_listen::serve(listener, gateway.router(), limits, drained).await;
+    kandle_listen::serve(listener, gateway.service(), limits, drained).await;
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -191,19 +191,15 @@ impl Gateway {
                 })
                 .clone(),
         );
-        let forwarded = forwarded_headers(&headers, self.keys.is_some());
+        let forwarded = forwarded_headers(headers, self.keys.is_some());
         let path = uri.path_and_query().cloned();
         let mut tried = Vec::new();
         let mut unavailable = None;
         for _ in 0..=self.settings.retries {
-            let endpoints = self
-                .table
-                .borrow()
-                .get(&served)
-                .map(|m| m.endpoints.clone())
-                .unwrap_or_else(|| model.endpoints.clone());
+            // The pods as they are now: some may have become ready or gone since the last try.
+            let current = self.table.borrow().get(&served).cloned();
             let Some(slot) = self.balancer.pick(
-                &endpoints,
+                &current.as_ref().unwrap_or(&model).endpoints,
                 &tried,
                 routed.prefix.as_deref(),
                 self.settings.affinity_load_factor,
@@ -213,7 +209,7 @@ impl Gateway {
             tried.push(slot.addr);
             let mut upstream = Request::new(Full::new(body.clone()));
             *upstream.method_mut() = method.clone();
-            *upstream.uri_mut() = pod_uri(slot.addr, path.clone());
+            *upstream.uri_mut() = pod_uri(slot.authority().clone(), path.clone());
             *upstream.headers_mut() = forwarded.clone();
             let sent = self.http.request(upstream).await;
             let reason = match sent {
@@ -336,8 +332,7 @@ impl Drop for Tracked {
 /// The client's headers minus hop-by-hop ones and the framing the HTTP client sets again,
 /// and minus its API key when the gateway checked it (the key is the gateway's, not the
 /// pod's).
-fn forwarded_headers(headers: &HeaderMap, keys_checked: bool) -> HeaderMap {
-    let mut forwarded = headers.clone();
+fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap {
     let framing = [header::HOST, header::CONTENT_LENGTH];
     for name in HOP_BY_HOP.iter().chain(&framing) {
         forwarded.remove(name);
@@ -348,11 +343,11 @@ fn forwarded_headers(headers: &HeaderMap, keys_checked: bool) -> HeaderMap {
     forwarded
 }
 
-/// `path` on the pod at `addr`, in the absolute form hyper's client takes.
-fn pod_uri(addr: std::net::SocketAddr, path: Option<PathAndQuery>) -> Uri {
+/// `path` on the pod at `authority`, in the absolute form hyper's client takes.
+fn pod_uri(authority: Authority, path: Option<PathAndQuery>) -> Uri {
     let mut parts = axum::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Authority::try_from(addr.to_string()).ok();
+    parts.authority = Some(authority);
     parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
     Uri::from_parts(parts).expect("a socket address and a parsed path make a URI")
 }
