@@ -60,11 +60,6 @@ impl GatewayProcess {
         let mut child = Command::new(&binary)
             .args(["gateway", "--addr", "127.0.0.1:0", "--log-format", "json"])
             .env("KUBECONFIG", &listening.kubeconfig)
-            .envs(
-                std::env::var("XGW_THREADS")
-                    .ok()
-                    .map(|t| ("TOKIO_WORKER_THREADS", t)),
-            )
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
