@@ -7,8 +7,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --release --locked -p kandle-operator \
-    && cp target/release/kandle-operator /kandle-operator
+    RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --profile dist --locked -p kandle-operator \
+    && cp target/dist/kandle-operator /kandle-operator
 
 # No shell, no package manager: glibc, CA certificates and the binary, as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -18,8 +18,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/root/.cargo/registry \
     --mount=type=cache,target=/src/target \
-    RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --release --locked -p kandle-server --features cuda \
-    && cp target/release/kandle-server /kandle-server
+    RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --profile dist --locked -p kandle-server --features cuda \
+    && cp target/dist/kandle-server /kandle-server
 
 # The CUDA runtime libraries (cuBLAS, cuRAND) the binary links; the driver comes from the node.
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04

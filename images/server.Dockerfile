@@ -10,8 +10,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --release --locked -p kandle-server \
-    && cp target/release/kandle-server /kandle-server
+    RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --profile dist --locked -p kandle-server \
+    && cp target/dist/kandle-server /kandle-server
 
 # No shell, no package manager: glibc, CA certificates and the binary, as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot

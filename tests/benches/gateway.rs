@@ -16,8 +16,10 @@
 //! nginx (`apt-get install nginx-light`); run with `cargo bench -p kandle-tests --bench
 //! gateway`. `KANDLE_BENCH_ROUNDS` (default 5), `KANDLE_BENCH_REQUESTS` (per
 //! connection and round, default 200) and `KANDLE_BENCH_CONNECTIONS` (default `1,64`) size
-//! it; `KANDLE_BENCH_GATEWAY_BASE`, the path of another `kandle-operator`, adds its gateway
-//! to the same run as `base` (a change against its base, free of the drift between runs).
+//! it; `KANDLE_BENCH_GATEWAY` picks another `kandle-operator` to measure (the images' build:
+//! `cargo build --profile dist -p kandle-operator`, then `target/dist/kandle-operator`), and
+//! `KANDLE_BENCH_GATEWAY_BASE` adds a second one to the same run as `base` (a change against
+//! its base, free of the drift between runs).
 use k8s_openapi::api::apps::v1::Deployment;
 use kandle_operator::crd::Phase;
 use kandle_tests::apiserver::rbac::Policy;
@@ -49,8 +51,13 @@ struct GatewayProcess {
 }
 
 impl GatewayProcess {
+    /// The release build's, or `KANDLE_BENCH_GATEWAY`'s (the images' `dist` build, say).
     async fn start(api: &ApiServer) -> Self {
-        Self::start_binary(api, server_binary().with_file_name("kandle-operator")).await
+        let binary = std::env::var_os("KANDLE_BENCH_GATEWAY").map_or_else(
+            || server_binary().with_file_name("kandle-operator"),
+            Into::into,
+        );
+        Self::start_binary(api, binary).await
     }
 
     async fn start_binary(api: &ApiServer, binary: std::path::PathBuf) -> Self {

@@ -91,8 +91,9 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
             .iter()
             .find_map(|(op, v)| (op == "RUN" && v.contains("cargo build")).then_some(v.clone()))
             .unwrap_or_else(|| panic!("{name}: builds with cargo"));
+        // The shipped build: LTO and one codegen unit (Cargo.toml's `dist` profile).
         assert!(
-            cargo.contains("--release") && cargo.contains("--locked"),
+            cargo.contains("--profile dist") && cargo.contains("--locked"),
             "{name}: {cargo}"
         );
         assert_eq!(
@@ -106,6 +107,10 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
             .nth(1)
             .unwrap()
             .to_string();
+        assert!(
+            cargo.contains(&format!("cp target/dist/{package} ")),
+            "{name}: ships what it built: {cargo}"
+        );
 
         assert_eq!(
             get(runtime, "USER").as_deref(),
@@ -130,4 +135,9 @@ fn images_are_multi_stage_non_root_and_run_what_they_build() {
         parsed.unwrap_or_else(|e| panic!("{name}: the default command {argv:?} is refused: {e}"));
     }
     assert_eq!(seen, 3, "server, server-cuda and operator");
+    let workspace = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    assert!(
+        workspace.contains("[profile.dist]"),
+        "the images build Cargo.toml's dist profile"
+    );
 }
