@@ -4,6 +4,8 @@
 //! shortly after shutdown. A silent or slow client costs one slot for a bounded time,
 //! never a file descriptor for good. HTTP/1.1 only: what the OpenAI clients, kubelet probes
 //! and Prometheus speak, and the protocol whose timeouts hyper bounds.
+mod beside;
+
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::{Request, Response};
@@ -30,6 +32,37 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
 }
 
+/// A service `serve` can serve: one answering hyper's requests, cloned for each connection
+/// (an axum `Router`, say).
+pub trait App<B>:
+    tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> App<B> for S where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The body of an `App`'s answers.
+pub trait Body:
+    http_body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
+impl<B> Body for B where
+    B: http_body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// Serves `app` (an axum `Router`, or any service like one) until `shutdown` resolves (by
 /// then requests in flight have drained), then closes the connections that are left.
 pub async fn serve<S, B>(
@@ -38,14 +71,26 @@ pub async fn serve<S, B>(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: App<B>,
+    B: Body,
+{
+    let each = || (app.clone(), std::future::pending());
+    serve_each(listener, each, limits, shutdown).await;
+}
+
+/// `serve`, with a service made for each connection by `each`, and beside it a future
+/// polled by the connection's own task for as long as the connection lasts (work the
+/// connection's requests hand over, such as their connections onward, so it stays on the
+/// same task and thread).
+pub async fn serve_each<S, B, D>(
+    listener: TcpListener,
+    each: impl Fn() -> (S, D),
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: App<B>,
+    B: Body,
+    D: Future<Output = Infallible> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
@@ -54,18 +99,25 @@ pub async fn serve<S, B>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
     tokio::pin!(shutdown);
+    // tokio's timer driver is woken (a syscall, and an idle worker roused) whenever a timer
+    // is set sooner than the deadline it sleeps towards, or while it has none: between
+    // requests it often has none, so every request's header timeout would wake it. A
+    // standing tick, sooner than any header timeout, spares that.
+    let mut tick = tokio::time::interval((limits.header_timeout / 2).max(Duration::from_millis(1)));
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
+            _ = tick.tick() => continue,
             accepted = accept(&listener, &slots) => accepted,
         };
         let Some((stream, permit)) = accepted else {
             continue;
         };
-        let service = TowerToHyperService::new(app.clone());
+        let (service, beside) = each();
+        let service = TowerToHyperService::new(service);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            if let Err(error) = beside::Beside::new(connection, beside).await {
                 tracing::debug!(%error, "connection closed");
             }
             drop(permit);

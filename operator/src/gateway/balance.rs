@@ -2,7 +2,7 @@
 //! prefix-affinity mode, the pod a prompt's prefix hashes to unless it carries more than
 //! its share (consistent hashing with bounded loads, as KubeAI's PrefixHash), so requests
 //! that share a system prompt find its KV cache where it was filled.
-use axum::http::uri::Authority;
+use axum::http::HeaderValue;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
@@ -25,19 +25,19 @@ pub struct Balancer {
     turn: AtomicUsize,
 }
 
-/// What the gateway keeps per pod: its load, and its address as a URI authority, written
-/// once rather than formatted and parsed again for every request.
+/// What the gateway keeps per pod: its load, and its address as a `Host` header, written
+/// once rather than formatted again for every request.
 struct Pod {
     in_flight: AtomicUsize,
-    authority: Authority,
+    host: HeaderValue,
 }
 
 impl Pod {
     fn new(addr: SocketAddr) -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
-            authority: Authority::try_from(addr.to_string())
-                .expect("a socket address is an authority"),
+            host: HeaderValue::try_from(addr.to_string())
+                .expect("a socket address is a header value"),
         }
     }
 }
@@ -49,8 +49,8 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn authority(&self) -> &Authority {
-        &self.pod.authority
+    pub fn host(&self) -> &HeaderValue {
+        &self.pod.host
     }
 }
 

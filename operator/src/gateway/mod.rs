@@ -9,6 +9,7 @@ pub mod keys;
 pub mod metrics;
 pub mod proxy;
 pub mod table;
+pub mod upstream;
 pub mod watch;
 
 use crate::cli::GatewayArgs;
@@ -55,7 +56,9 @@ pub struct Gateway {
     /// `None`: no keys file, every caller may call every model.
     keys: Option<tokio::sync::watch::Receiver<Arc<Keys>>>,
     balancer: balance::Balancer,
-    http: proxy::Upstream,
+    /// Connections to pods between requests.
+    idle: Arc<upstream::Idle>,
+    connect_timeout: Duration,
     metrics: metrics::Metrics,
     draining: Drain,
 }
@@ -90,37 +93,49 @@ impl Gateway {
         keys: Option<tokio::sync::watch::Receiver<Arc<Keys>>>,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        let http = proxy::upstream(connect_timeout);
         Arc::new(Self {
             settings,
             table: routes.table,
             synced: routes.synced,
             keys,
             balancer: balance::Balancer::default(),
-            http,
+            idle: Arc::default(),
+            connect_timeout,
             metrics: metrics::Metrics::default(),
             draining: Drain::default(),
         })
     }
 
-    /// The gateway's HTTP service: the OpenAI routes it forwards, then axum's router for the
-    /// rest.
-    pub fn service(self: &Arc<Self>) -> Service {
-        let router = Router::new()
+    /// What serves each client connection: the gateway's HTTP service (the OpenAI routes
+    /// it forwards, then axum's router for the rest), and the driver of that connection's
+    /// connections to pods, for the connection's task to poll beside it.
+    pub fn connections(self: &Arc<Self>) -> impl Fn() -> (Service, upstream::Driver) + use<> {
+        let gateway = self.clone();
+        let router = self.router();
+        move || {
+            let (upstreams, driver) =
+                upstream::Upstreams::new(gateway.idle.clone(), gateway.connect_timeout);
+            let service = Service {
+                gateway: gateway.clone(),
+                router: router.clone(),
+                upstreams,
+            };
+            (service, driver)
+        }
+    }
+
+    fn router(self: &Arc<Self>) -> Router {
+        Router::new()
             .route("/v1/models", get(models))
             .route("/metrics", get(render_metrics))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(ready))
             .fallback(|| async { GatewayError::NotFound })
-            .with_state(self.clone());
-        Service {
-            gateway: self.clone(),
-            router,
-        }
+            .with_state(self.clone())
     }
 
-    /// Drops the counts of pods that left every model's endpoints, as the table changes, so
-    /// pod churn does not grow them.
+    /// Drops the counts of and connections to pods that left every model's endpoints, as the
+    /// table changes, so pod churn does not grow them.
     async fn forget_gone_pods(self: Arc<Self>) {
         let mut changes = self.table.clone();
         while changes.changed().await.is_ok() {
@@ -131,6 +146,7 @@ impl Gateway {
                 .flat_map(|m| m.endpoints.iter().copied())
                 .collect();
             self.balancer.retain(|addr| alive.contains(addr));
+            self.idle.retain(|addr| alive.contains(addr));
         }
     }
 
@@ -163,6 +179,7 @@ const FORWARDED: [&str; 4] = [
 pub struct Service {
     gateway: Arc<Gateway>,
     router: Router,
+    upstreams: upstream::Upstreams,
 }
 
 impl tower::Service<Request<Incoming>> for Service {
@@ -177,13 +194,18 @@ impl tower::Service<Request<Incoming>> for Service {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         if FORWARDED.contains(&request.uri().path()) {
             let gateway = self.gateway.clone();
-            return Box::pin(async move { Ok(forward(gateway, request).await) });
+            let upstreams = self.upstreams.clone();
+            return Box::pin(async move { Ok(forward(gateway, upstreams, request).await) });
         }
         Box::pin(tower::ServiceExt::oneshot(self.router.clone(), request))
     }
 }
 
-async fn forward(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response {
+async fn forward(
+    gateway: Arc<Gateway>,
+    upstreams: upstream::Upstreams,
+    request: Request<Incoming>,
+) -> Response {
     if request.method() != Method::POST {
         return GatewayError::MethodNotAllowed.into_response();
     }
@@ -211,15 +233,13 @@ async fn forward(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response 
         Ok(Ok(body)) => body.to_bytes(),
     };
     let tracked = gateway.draining.track();
-    let response = gateway
-        .clone()
-        .proxy(proxy::Incoming {
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
-            body,
-        })
-        .await;
+    let request = proxy::Incoming {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+    };
+    let response = gateway.clone().proxy(&upstreams, request).await;
     drop(tracked);
     response
 }
@@ -348,7 +368,7 @@ pub async fn run(
         shutdown.await;
         draining.drain(grace).await;
     };
-    kandle_listen::serve(listener, gateway.service(), limits, drained).await;
+    kandle_listen::serve_each(listener, gateway.connections(), limits, drained).await;
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -6,36 +6,20 @@ use super::error::GatewayError;
 use super::keys::{Limited, Tenant};
 use super::metrics::{Deployment, ModelLabel, UpstreamError};
 use super::table::Model;
+use super::upstream::Upstreams;
 use axum::body::{Body, Bytes};
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::uri::PathAndQuery;
 use axum::http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming as UpstreamBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
-
-/// The HTTP client to the pods: hyper's own, with a pool of kept-alive connections per pod.
-/// Plain HTTP inside the cluster, to IP addresses (no resolver), answers never decoded.
-pub(super) type Upstream = Client<HttpConnector, Full<Bytes>>;
-
-pub(super) fn upstream(connect_timeout: Duration) -> Upstream {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
-}
+use std::time::Instant;
 
 /// The fields the gateway reads; the rest of the body goes through untouched.
 #[derive(Deserialize)]
@@ -76,7 +60,11 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 impl Gateway {
     /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and the like.
-    pub(super) async fn proxy(self: Arc<Self>, request: Incoming) -> Response<Body> {
+    pub(super) async fn proxy(
+        self: Arc<Self>,
+        upstreams: &Upstreams,
+        request: Incoming,
+    ) -> Response<Body> {
         let started = Instant::now();
         let (label, outcome) = match self.route(&request.headers, &request.body) {
             Ok((routed, tenant)) => {
@@ -87,7 +75,8 @@ impl Gateway {
                 } else {
                     "-".into()
                 };
-                (label, self.serve(routed, tenant, request, started).await)
+                let served = self.serve(upstreams, routed, tenant, request, started);
+                (label, served.await)
             }
             Err(e) => ("-".to_string(), Err(e)),
         };
@@ -143,6 +132,7 @@ impl Gateway {
 
     async fn serve(
         &self,
+        upstreams: &Upstreams,
         routed: Routed,
         tenant: Option<Arc<Tenant>>,
         request: Incoming,
@@ -192,7 +182,10 @@ impl Gateway {
                 .clone(),
         );
         let forwarded = forwarded_headers(headers, self.keys.is_some());
-        let path = uri.path_and_query().cloned();
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut tried = Vec::new();
         let mut unavailable = None;
         for _ in 0..=self.settings.retries {
@@ -207,18 +200,25 @@ impl Gateway {
                 break;
             };
             tried.push(slot.addr);
-            let mut upstream = Request::new(Full::new(body.clone()));
-            *upstream.method_mut() = method.clone();
-            *upstream.uri_mut() = pod_uri(slot.authority().clone(), path.clone());
-            *upstream.headers_mut() = forwarded.clone();
-            let sent = self.http.request(upstream).await;
+            let upstream = || {
+                let mut upstream = Request::new(Full::new(body.clone()));
+                *upstream.method_mut() = method.clone();
+                *upstream.uri_mut() = Uri::from(path.clone());
+                *upstream.headers_mut() = forwarded.clone();
+                upstream
+                    .headers_mut()
+                    .insert(header::HOST, slot.host().clone());
+                upstream
+            };
+            let sent = upstreams.send(slot.addr, upstream).await;
             let reason = match sent {
                 Ok(answer) if answer.status() == StatusCode::SERVICE_UNAVAILABLE => {
                     unavailable = Some(answer);
                     "unavailable"
                 }
                 Ok(answer) => {
-                    let guards = (slot, permit, in_flight, self.draining.track());
+                    let release = upstreams.release_when_dropped();
+                    let guards = (slot, permit, in_flight, self.draining.track(), release);
                     return Ok(stream(answer, guards));
                 }
                 Err(e) if e.is_connect() => {
@@ -235,7 +235,10 @@ impl Gateway {
         }
         match unavailable {
             // Every pod was busy or draining: their own answer says so best.
-            Some(answer) => Ok(stream(answer, (permit, in_flight))),
+            Some(answer) => {
+                let release = upstreams.release_when_dropped();
+                Ok(stream(answer, (permit, in_flight, release)))
+            }
             None => Err(GatewayError::Upstream(served)),
         }
     }
@@ -341,15 +344,6 @@ fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap 
         forwarded.remove(header::AUTHORIZATION);
     }
     forwarded
-}
-
-/// `path` on the pod at `authority`, in the absolute form hyper's client takes.
-fn pod_uri(authority: Authority, path: Option<PathAndQuery>) -> Uri {
-    let mut parts = axum::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
-    Uri::from_parts(parts).expect("a socket address and a parsed path make a URI")
 }
 
 /// The upstream's answer passed on frame by frame. `guards` (the pod's slot, the key's
