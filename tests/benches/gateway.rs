@@ -282,22 +282,6 @@ async fn added_latency() {
         None => None,
     };
     let nginx = Nginx::start(server.addr);
-    // The gateways route before measuring (once they have synced their watches).
-    for addr in std::iter::once(gateway.addr).chain(base.as_ref().map(|b| b.addr)) {
-        let warm = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < warm {
-            let ok = reqwest::Client::new()
-                .post(format!("http://{addr}/v1/embeddings"))
-                .json(&json!({"model": "minilm", "input": "x"}))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ok {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
     // The proxies' processes (nginx's workers are its master's children), for the CPU each
     // spends per request.
     let mut targets = vec![
@@ -307,6 +291,24 @@ async fn added_latency() {
     ];
     if let Some(base) = &base {
         targets.push(("base", base.addr, Some(base.child.id())));
+    }
+    // Each proxy answers before measuring: nginx once it listens, the gateways once they
+    // have synced their watches.
+    for (name, addr, _) in &targets {
+        let warm = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = reqwest::Client::new()
+                .post(format!("http://{addr}/v1/embeddings"))
+                .json(&json!({"model": "minilm", "input": "x"}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < warm, "{name} did not answer within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     println!(
         "added latency, MiniLM embeddings of one sentence, {rounds} rounds x {per_connection} requests per connection"
