@@ -168,15 +168,12 @@ impl Upstreams {
 
     /// Hands the connections whose answer has been read to the shared pool.
     fn release(&self) {
-        let done: Vec<_> = {
-            let mut busy = lock(&self.busy);
-            let (done, busy_still) = std::mem::take(&mut busy.links)
-                .into_iter()
-                .partition(|(_, link)| link.sender.is_ready());
-            busy.links = busy_still;
-            done
-        };
-        for (addr, link) in done {
+        // Busy's lock, then the pool's: nothing takes them the other way round.
+        let mut busy = lock(&self.busy);
+        for (addr, link) in busy
+            .links
+            .extract_if(.., |(_, link)| link.sender.is_ready())
+        {
             self.idle.put(addr, link);
         }
     }
