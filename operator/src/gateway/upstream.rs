@@ -1,11 +1,11 @@
 //! The gateway's connections to pods. A connection carrying a request belongs to the client
 //! connection that sent it: its I/O is polled by that client connection's task (`Driver`,
-//! polled beside it by `kandle_listen::serve_each`), so a request and its answer never cross
-//! to another task or thread, as they would through a shared client's dispatch channel and
-//! connection tasks (nginx's shape: one event loop from client to pod and back). Between
-//! requests a connection waits in a pool shared by every client connection (`Idle`, bounded
-//! per pod, as nginx's keepalive pool), so a pod sees about as many connections as requests
-//! in flight, however many clients there are.
+//! polled beside it by `kandle_listen::serve_each`), so a request and its answer never pass
+//! to another task, as they would through a shared client's dispatch channel and connection
+//! tasks, each pass a wake-up, often on another thread (nginx's shape: one event loop from
+//! client to pod and back). Between requests a connection waits in a pool shared by every
+//! client connection (`Idle`, bounded per pod, as nginx's keepalive pool), so a pod sees
+//! about as many connections as requests in flight, however many clients there are.
 use axum::body::Bytes;
 use axum::http::{Request, Response};
 use http_body_util::Full;
