@@ -81,7 +81,7 @@ pub async fn serve<S, B>(
 /// `serve`, with a service made for each connection by `each`, and beside it a future
 /// polled by the connection's own task for as long as the connection lasts (work the
 /// connection's requests hand over, such as their connections onward, so it stays on the
-/// same task and thread).
+/// same task).
 pub async fn serve_each<S, B, D>(
     listener: TcpListener,
     each: impl Fn() -> (S, D),
