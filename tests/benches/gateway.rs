@@ -4,7 +4,10 @@
 //!    straight to it, through the gateway, and through nginx (Debian's, configured as a
 //!    plain keep-alive reverse proxy), at 1 and 64 connections, each connection sending to
 //!    the three in turn; p50 and p99 of each (the median over rounds), and what each proxy
-//!    adds to the direct figures.
+//!    adds to the direct figures. Then the same in front of a backend that answers at once
+//!    with the server's bytes: at 64 connections the server's batcher sets the latency by
+//!    where its batch boundaries fall, which hides what the proxies add; a backend with a
+//!    fixed service time leaves only the proxies to differ.
 //! 2. Scale from zero: the real operator (emulated API server, simulated kubelet) and the
 //!    gateway; from the first request for a model at zero replicas to its answer, split into
 //!    the decision (the operator's autoscaler reads the held request and scales the
@@ -41,27 +44,32 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The gateway as the chart runs it: its own process (the release `kandle-operator`),
-/// with the chart's RBAC. Run inside this benchmark instead, it would share the load
-/// generator's threads and be charged for the client's work, which nginx is not.
-struct GatewayProcess {
+/// The first argument that makes this binary the fixed backend.
+const FIXED_BACKEND: &str = "fixed-backend";
+
+/// A process of this benchmark's, listening on loopback, killed when dropped: the gateway
+/// as the chart runs it (its own process, the release `kandle-operator`, with the chart's
+/// RBAC), or the fixed backend. Run inside this benchmark instead, either would share the
+/// load generator's threads and be charged for the client's work, which nginx is not.
+struct Process {
     child: Child,
     addr: SocketAddr,
-    /// Its kubeconfig.
+    /// The gateway's kubeconfig, or the backend's answer.
     _dir: tempfile::TempDir,
 }
 
-impl GatewayProcess {
-    /// The release build's, or `KANDLE_BENCH_GATEWAY`'s (the images' `dist` build, say).
-    async fn start(api: &ApiServer) -> Self {
+impl Process {
+    /// The release build's gateway, or `KANDLE_BENCH_GATEWAY`'s (the images' `dist` build,
+    /// say).
+    async fn gateway(api: &ApiServer) -> Self {
         let binary = std::env::var_os("KANDLE_BENCH_GATEWAY").map_or_else(
             || server_binary().with_file_name("kandle-operator"),
             Into::into,
         );
-        Self::start_binary(api, binary).await
+        Self::gateway_binary(api, binary).await
     }
 
-    async fn start_binary(api: &ApiServer, binary: std::path::PathBuf) -> Self {
+    async fn gateway_binary(api: &ApiServer, binary: std::path::PathBuf) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let view = api.as_user(Policy::chart_gateway("kandle-system"));
         let listening = loopback::serve(view, dir.path()).await.unwrap();
@@ -84,9 +92,42 @@ impl GatewayProcess {
             _dir: dir,
         }
     }
+
+    /// This binary as a backend that answers every request with `answer`, at once.
+    async fn fixed_backend(answer: &[u8]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("answer.json");
+        std::fs::write(&file, answer).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .arg(FIXED_BACKEND)
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let addr = logged_address(child.stdout.take().unwrap(), "the fixed backend").await;
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
 }
 
-impl Drop for GatewayProcess {
+/// Serves the fixed backend: the file's bytes as JSON for every request, after reading its
+/// body, and where it listens logged as kandle's processes log it.
+async fn fixed_backend(answer: std::path::PathBuf) {
+    let answer = bytes::Bytes::from(std::fs::read(answer).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    println!("{}", json!({"fields": {"address": address}}));
+    let app = axum::Router::new().fallback(move |_: bytes::Bytes| {
+        let answer = answer.clone();
+        async move { ([(http::header::CONTENT_TYPE, "application/json")], answer) }
+    });
+    axum::serve(listener, app).await.unwrap();
+}
+
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -158,11 +199,10 @@ impl Drop for Nginx {
 /// carry that drift as its own.
 async fn load(
     targets: &[SocketAddr],
+    body: &bytes::Bytes,
     connections: usize,
     per_connection: usize,
 ) -> Vec<Vec<Duration>> {
-    let body = json!({"model": "minilm", "input": "a short sentence about serving models"});
-    let body = bytes::Bytes::from(serde_json::to_vec(&body).unwrap());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()
@@ -267,31 +307,72 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// The request every connection sends for `model`.
+fn embedding_request(model: &str) -> bytes::Bytes {
+    let body = json!({"model": model, "input": "a short sentence about serving models"});
+    serde_json::to_vec(&body).unwrap().into()
+}
+
 async fn added_latency() {
-    let rounds = env_or("KANDLE_BENCH_ROUNDS", 5);
-    let per_connection = env_or("KANDLE_BENCH_REQUESTS", 200);
     let server = ServerProcess::start(minilm_dir(), "minilm").await;
+    let answer = reqwest::Client::new()
+        .post(format!("http://{}/v1/embeddings", server.addr))
+        .header("content-type", "application/json")
+        .body(embedding_request("minilm"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let fixed = Process::fixed_backend(&answer).await;
     let api = ApiServer::default();
-    let spec = json!({"model": {"uri": "hf://org/m", "servedName": "minilm"}});
-    model(&api, "minilm", spec, json!({}), Phase::Ready).await;
-    endpoints(&api, "ml", "minilm", &[server.addr]).await;
-    let gateway = GatewayProcess::start(&api).await;
+    for (name, addr) in [("minilm", server.addr), ("fixed", fixed.addr)] {
+        let spec = json!({"model": {"uri": "hf://org/m", "servedName": name}});
+        model(&api, name, spec, json!({}), Phase::Ready).await;
+        endpoints(&api, "ml", name, &[addr]).await;
+    }
+    let gateway = Process::gateway(&api).await;
     // A second gateway binary (a change's base, say), measured in the same interleaved run.
     let base = match std::env::var_os("KANDLE_BENCH_GATEWAY_BASE") {
-        Some(binary) => Some(GatewayProcess::start_binary(&api, binary.into()).await),
+        Some(binary) => Some(Process::gateway_binary(&api, binary.into()).await),
         None => None,
     };
-    let nginx = Nginx::start(server.addr);
+    let gateways: Vec<(&str, &Process)> = std::iter::once(("gateway", &gateway))
+        .chain(base.iter().map(|base| ("base", base)))
+        .collect();
+    let backends = [
+        ("MiniLM embeddings of one sentence", "minilm", server.addr),
+        (
+            "a backend answering the same bytes at once",
+            "fixed",
+            fixed.addr,
+        ),
+    ];
+    for (what, model, backend) in backends {
+        measure_proxies(what, &embedding_request(model), backend, &gateways).await;
+    }
+}
+
+/// What the gateways and an nginx in front of `backend` add to its latency for `body`.
+async fn measure_proxies(
+    what: &str,
+    body: &bytes::Bytes,
+    backend: SocketAddr,
+    gateways: &[(&str, &Process)],
+) {
+    let rounds = env_or("KANDLE_BENCH_ROUNDS", 5);
+    let per_connection = env_or("KANDLE_BENCH_REQUESTS", 200);
+    let nginx = Nginx::start(backend);
     // The proxies' processes (nginx's workers are its master's children), for the CPU each
     // spends per request.
-    let mut targets = vec![
-        ("direct", server.addr, None),
-        ("gateway", gateway.addr, Some(gateway.child.id())),
-        ("nginx", nginx.addr, Some(nginx.child.id())),
-    ];
-    if let Some(base) = &base {
-        targets.push(("base", base.addr, Some(base.child.id())));
-    }
+    let mut targets = vec![("direct", backend, None)];
+    targets.extend(
+        gateways
+            .iter()
+            .map(|(name, gateway)| (*name, gateway.addr, Some(gateway.child.id()))),
+    );
+    targets.push(("nginx", nginx.addr, Some(nginx.child.id())));
     // Each proxy answers before measuring: nginx once it listens, the gateways once they
     // have synced their watches.
     for (name, addr, _) in &targets {
@@ -299,7 +380,8 @@ async fn added_latency() {
         loop {
             let ok = reqwest::Client::new()
                 .post(format!("http://{addr}/v1/embeddings"))
-                .json(&json!({"model": "minilm", "input": "x"}))
+                .header("content-type", "application/json")
+                .body(body.clone())
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200);
@@ -310,9 +392,7 @@ async fn added_latency() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    println!(
-        "added latency, MiniLM embeddings of one sentence, {rounds} rounds x {per_connection} requests per connection"
-    );
+    println!("added latency, {what}, {rounds} rounds x {per_connection} requests per connection");
     for connections in connection_counts() {
         let per = if connections == 1 {
             per_connection
@@ -328,7 +408,11 @@ async fn added_latency() {
         let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(p)).collect();
         let addrs: Vec<SocketAddr> = targets.iter().map(|(_, addr, _)| *addr).collect();
         for _ in 0..rounds {
-            for (i, times) in load(&addrs, connections, per).await.iter().enumerate() {
+            for (i, times) in load(&addrs, body, connections, per)
+                .await
+                .iter()
+                .enumerate()
+            {
                 p50[i].push(percentile(times, 0.5));
                 p99[i].push(percentile(times, 0.99));
             }
@@ -360,7 +444,7 @@ async fn added_latency() {
 async fn scale_from_zero() {
     let env = Emulated::start();
     let t = env.target();
-    let gateway = GatewayProcess::start(&env.server).await;
+    let gateway = Process::gateway(&env.server).await;
     env.load.read_gateway(gateway.addr);
     t.create(
         "sleepy",
@@ -412,6 +496,10 @@ async fn scale_from_zero() {
 
 #[tokio::main]
 async fn main() {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some(FIXED_BACKEND) {
+        return fixed_backend(args.next().unwrap().into()).await;
+    }
     added_latency().await;
     scale_from_zero().await;
 }
