@@ -301,9 +301,10 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
 
     /// Picks each running sequence's rows for this step, giving it the blocks they need
     /// (setting the newest sequences back when there are too few), then admits waiting
-    /// sequences in order while the budget and the pool allow. Prompt chunks leave room in
-    /// the budget for every later decoding sequence's token, so a long prompt slows the
-    /// others' steps but does not stall them. Returns (index into `running`, rows) pairs.
+    /// sequences in order while the budget and the pool allow, passing over any whose prefix
+    /// another is computing. Prompt chunks leave room in the budget for every later decoding
+    /// sequence's token, so a long prompt slows the others' steps but does not stall them.
+    /// Returns (index into `running`, rows) pairs.
     fn plan(&mut self) -> Vec<(usize, usize)> {
         let decoding = |s: &Sequence<'_>| s.tokens.len() - s.cached == 1;
         let mut budget = self.limits.max_step_tokens;
@@ -333,8 +334,10 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             budget -= rows;
             i += 1;
         }
+        // Waiting sequences passed over this step (see below) keep their place.
+        let mut next = 0;
         while budget > 0 && self.running.len() < self.limits.max_running {
-            let Some(seq) = self.waiting.front_mut() else {
+            let Some(seq) = self.waiting.get_mut(next) else {
                 break;
             };
             // Cached blocks of its prefix, leaving at least one token to compute: the last
@@ -344,6 +347,18 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
                 None => (seq.tokens.len() - 1) / BLOCK_TOKENS,
             };
             let (hits, prefix) = self.pool.reuse(&seq.tokens, reusable, &mut seq.blocks);
+            // A running sequence is computing the next block of its prefix (requests that
+            // share a system prompt, arriving together): it waits until the cache has that
+            // block rather than compute it again beside it, as SGLang does; the sequences
+            // after it go ahead.
+            if self.limits.prefix_caching
+                && hits < reusable
+                && being_computed(&self.running, &seq.tokens[..(hits + 1) * BLOCK_TOKENS])
+            {
+                self.pool.release(&mut seq.blocks);
+                next += 1;
+                continue;
+            }
             let cached = hits * BLOCK_TOKENS;
             let rows = (seq.tokens.len() - cached).min(budget).min(seq.row_cap());
             if !self.pool.take(
@@ -360,7 +375,7 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
                     .inc_by(seq.tokens.len() as u64);
                 self.metrics.prefix_cache_hits.inc_by(cached as u64);
             }
-            let seq = self.waiting.pop_front().expect("front exists");
+            let seq = self.waiting.remove(next).expect("it was there");
             planned.push((self.running.len(), rows));
             self.running.push(seq);
             budget -= rows;
@@ -506,6 +521,15 @@ impl<'a, M: LanguageModel> Scheduler<'a, M> {
             .kv_cache_blocks_used
             .set((self.limits.kv_blocks - self.pool.available()) as i64);
     }
+}
+
+/// Whether a running sequence starts with `prefix` and has yet to compute its end. Running,
+/// it will (each step plans it while the budget lasts), and its full blocks then go to the
+/// prefix cache; or it leaves first.
+fn being_computed(running: &[Sequence<'_>], prefix: &[u32]) -> bool {
+    running
+        .iter()
+        .any(|r| r.cached < prefix.len() && r.tokens.starts_with(prefix))
 }
 
 /// Offers the blocks the sequence has filled since the last step to the prefix cache.
@@ -982,5 +1006,30 @@ mod tests {
                 assert_eq!(metrics.prefix_cache_hits.get(), 0);
             }
         }
+    }
+
+    /// Two requests with the same prompt arriving together: the second waits for the first
+    /// to fill the prefix cache and computes only the rest (without that, both compute the
+    /// whole prompt in the same step and neither finds a cached block). Both get the text
+    /// they would get alone.
+    #[tokio::test]
+    async fn a_prefix_shared_by_requests_arriving_together_is_computed_once() {
+        let (engine, metrics) = engine_with(vec![], Counting::default(), ROOMY);
+        // Keeps the engine stepping, so the two below arrive between steps, together. It
+        // starts at another token, so no block of its matches theirs.
+        let busy = engine
+            .submit(job(counting_prompt(0, 10), 500, &[]))
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let prompt = counting_prompt(3, 70);
+        let twins = [0, 1].map(|_| engine.submit(job(prompt.clone(), 5, &[])).unwrap());
+        for rx in twins {
+            let (text, ..) = collect(rx).await;
+            assert_eq!(text, counting_text(&prompt, 5));
+        }
+        drop(busy);
+        // The first's 70 prompt tokens made 4 full blocks (64 tokens).
+        assert_eq!(metrics.prefix_cache_hits.get(), 64);
+        assert_eq!(metrics.prefix_cache_queries.get(), 10 + 70 + 70);
     }
 }
