@@ -357,6 +357,14 @@ pub async fn run(
         Duration::from_secs(args.connect_timeout_seconds.max(1)),
     );
     tokio::spawn(gateway.clone().forget_gone_pods());
+    let idle = gateway.idle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(upstream::SWEEP_EVERY);
+        loop {
+            every.tick().await;
+            idle.sweep();
+        }
+    });
     let limits = ConnectionLimits {
         max_connections: args.max_connections,
         header_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),

@@ -23,6 +23,9 @@ use tokio::net::TcpStream;
 
 /// Idle connections kept per pod.
 const IDLE_PER_POD: usize = 64;
+/// How often the idle connections are looked at for pods having closed them (kandle-server
+/// closes a connection idle for its header timeout, 15 s by default).
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum UpstreamError {
@@ -81,6 +84,14 @@ impl Idle {
     /// Closes the connections to pods that are gone.
     pub(super) fn retain(&self, alive: impl Fn(&SocketAddr) -> bool) {
         lock(&self.0).retain(|addr, _| alive(addr));
+    }
+
+    /// Lets go of the idle connections that pods have closed: nothing polls an idle
+    /// connection, so each would otherwise hold a socket, half closed, until taken.
+    pub(super) fn sweep(&self) {
+        for links in lock(&self.0).values_mut() {
+            links.retain_mut(|link| !link.closed());
+        }
     }
 }
 
@@ -255,6 +266,8 @@ mod tests {
         /// Closes it without answering when the next request comes: the pod's idle
         /// timeout and that request crossed.
         CloseOnNext,
+        /// Closes it a moment after answering, once the gateway has put it back as idle.
+        CloseIdle,
     }
 
     /// A pod on loopback answering `GET`s with `ok`, counting the connections it accepts.
@@ -280,6 +293,10 @@ mod tests {
                         }
                         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                         if stream.write_all(answer).await.is_err() || then == Then::Close {
+                            return;
+                        }
+                        if then == Then::CloseIdle {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                             return;
                         }
                         answered = true;
@@ -334,6 +351,26 @@ mod tests {
             }
             assert_eq!(accepted.load(Ordering::SeqCst), 3);
         }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_lets_go_of_idle_connections_the_pod_closed_and_keeps_the_others() {
+        let (closing, _) = pod(Then::CloseIdle).await;
+        let (open, _) = pod(Then::KeepAlive).await;
+        let idle = Arc::new(Idle::default());
+        let upstreams = client_connection(&idle);
+        for addr in [closing, open] {
+            assert_eq!(get(&upstreams, addr).await.unwrap(), "ok");
+        }
+        let idle_to = |addr| lock(&idle.0).get(&addr).map_or(0, Vec::len);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            (idle_to(closing), idle_to(open)),
+            (1, 1),
+            "closed, still held"
+        );
+        idle.sweep();
+        assert_eq!((idle_to(closing), idle_to(open)), (0, 1));
     }
 
     #[tokio::test]
