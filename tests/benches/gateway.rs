@@ -321,6 +321,7 @@ async fn added_latency() {
         .body(embedding_request("minilm"))
         .send()
         .await
+        .and_then(reqwest::Response::error_for_status)
         .unwrap()
         .bytes()
         .await
