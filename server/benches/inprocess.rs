@@ -336,6 +336,8 @@ where
 
 #[tokio::main]
 async fn main() {
+    // As kandle-server sets its allocator up.
+    kandle_server::heap::keep_freed_buffers();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

@@ -17,6 +17,7 @@ pub mod cpus;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
+pub mod heap;
 pub mod http;
 pub mod logging;
 pub mod memory;

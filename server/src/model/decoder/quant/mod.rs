@@ -41,6 +41,9 @@ const GROUP: usize = 8;
 /// Groups per work item: enough to share out a decode step's few hundred rows among the
 /// threads while the pool's per-item cost stays noise.
 const GROUPS_PER_ITEM: usize = 2;
+/// Rows of activations in a panel (see `Matrix::matmul`): one 8-row tile, whose quantized
+/// blocks (44 bytes each) fit in L1 beside a few groups' weights.
+const PANEL_ROWS: usize = 8;
 
 /// The GGUF block formats with a kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,23 +288,31 @@ impl Matrix {
                             cols => unsafe { dst.write(at, &v[..cols]) },
                         }
                     };
-                    for g in range.start * GROUPS_PER_ITEM..groups.min(range.end * GROUPS_PER_ITEM)
-                    {
-                        let (w, write) = (self.group(g), |r, v| write(r, g, v));
-                        let tiles = Tiles {
-                            kernel,
-                            packing: self.packing,
-                            w,
-                            m,
-                            x_row: &x_row,
-                            write: &write,
-                        };
-                        let mut r = 0;
-                        if kernel.registers() >= 32 {
-                            r = tiles.run::<8>(r);
+                    let first = range.start * GROUPS_PER_ITEM;
+                    let last = groups.min(range.end * GROUPS_PER_ITEM);
+                    // Rows a panel at a time, each panel against every group here: its
+                    // quantized rows stay in L1 while the groups' weights pass over them.
+                    // Group by group over all rows read every row again from L2 for each
+                    // group, and a 256-row prefill's matmuls ran at 65% of 8 rows' speed.
+                    for from in (0..m).step_by(PANEL_ROWS) {
+                        let end = m.min(from + PANEL_ROWS);
+                        for g in first..last {
+                            let (w, write) = (self.group(g), |r, v| write(r, g, v));
+                            let tiles = Tiles {
+                                kernel,
+                                packing: self.packing,
+                                w,
+                                end,
+                                x_row: &x_row,
+                                write: &write,
+                            };
+                            let mut r = from;
+                            if kernel.registers() >= 32 {
+                                r = tiles.run::<8>(r);
+                            }
+                            r = tiles.run::<4>(r);
+                            tiles.run::<1>(r);
                         }
-                        r = tiles.run::<4>(r);
-                        tiles.run::<1>(r);
                     }
                 },
             );
@@ -317,7 +328,8 @@ struct Tiles<'a, X, W> {
     kernel: Kernel,
     packing: Packing,
     w: &'a [u8],
-    m: usize,
+    /// The row after the last.
+    end: usize,
     x_row: &'a X,
     write: &'a W,
 }
@@ -326,7 +338,7 @@ impl<'x, X: Fn(usize) -> &'x [Q8], W: Fn(usize, [f32; GROUP])> Tiles<'_, X, W> {
     /// Rows `from..` in whole tiles of `R`; returns the first row left.
     fn run<const R: usize>(&self, from: usize) -> usize {
         let mut r0 = from;
-        while r0 + R <= self.m {
+        while r0 + R <= self.end {
             let x: [&[Q8]; R] = std::array::from_fn(|t| (self.x_row)(r0 + t));
             let dots = self.kernel.dots(self.packing, self.w, &x);
             for (t, v) in dots.into_iter().enumerate() {
@@ -361,7 +373,7 @@ const SIGN: u8 = 0x80;
 /// 32 activations as 8-bit integers: `x ≈ d * q`, with `s = d * Σq` for the minimum's term
 /// and `sum = Σq` for the signed weights' offset.
 #[derive(Clone, Copy)]
-#[repr(C, align(32))]
+#[repr(C)]
 struct Q8 {
     qs: [i8; BLOCK],
     d: f32,
