@@ -96,14 +96,51 @@ pub(super) fn dots_q5_1_vnni<const R: usize>(w: &[u8], x: &[&[Q8]; R]) -> [[f32;
     unsafe { bytes::<R, true, false>(w, x) }
 }
 
+/// `$body` for `$r` from 0 to `$rows - 1` (at most 8), written out rather than looped: as a
+/// loop, which the compiler kept for 8 rows, the accumulators lived on the stack, loaded and
+/// stored for every block and row beside a bounds check and a load of the row's address.
+macro_rules! each_row {
+    ($rows:ident, $r:ident => $body:expr) => {
+        each_row!(@ $rows, $r, $body, 0 1 2 3 4 5 6 7)
+    };
+    (@ $rows:ident, $r:ident, $body:expr, $($i:literal)*) => {{
+        const { assert!($rows <= 8, "tiles are at most 8 rows") };
+        $(if $i < $rows {
+            let $r = $i;
+            $body;
+        })*
+    }};
+}
+
+/// Each row's first block, once every row is checked to hold a block for each of `w`'s group
+/// blocks, so the loops read them unchecked.
+#[inline(always)]
+fn block_rows<const R: usize>(w: &[u8], packing: Packing, x: &[&[Q8]; R]) -> [*const Q8; R] {
+    let blocks = w.len() / packing.group_block_bytes();
+    assert!(
+        x.iter().all(|row| row.len() >= blocks),
+        "a row is short of blocks"
+    );
+    x.map(|row| row.as_ptr())
+}
+
+/// Activations `y`'s 4 bytes from number `4c`, in every 32-bit lane.
+///
+/// Safety: the CPU has AVX2; `c < 8`.
+#[inline(always)]
+unsafe fn y4(y: &Q8, c: usize) -> __m256i {
+    // SAFETY: `qs` is 32 bytes.
+    unsafe { _mm256_set1_epi32(y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned()) }
+}
+
 /// Safety: the CPU has AVX2, FMA and F16C, and AVX-512 VNNI and VL when `VNNI`; called only
 /// from a wrapper enabling them, so the intrinsics inline.
 #[inline(always)]
 unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[f32; GROUP]; R] {
     unsafe {
         let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
+        let rows = block_rows(w, Packing::Nibbles, x);
         for (b, block) in w
             .chunks_exact(Packing::Nibbles.group_block_bytes())
             .enumerate()
@@ -122,35 +159,45 @@ unsafe fn q4_1<const R: usize, const VNNI: bool>(w: &[u8], x: &[&[Q8]; R]) -> [[
                     _mm256_and_si256(_mm256_srli_epi16::<4>(raw[c - 4]), low)
                 }
             });
-            for r in 0..R {
-                let y = &x[r][b];
-                // `qs` is 32 bytes.
-                let y4 = |c: usize| {
-                    _mm256_set1_epi32(y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned())
-                };
-                let sum = if VNNI {
-                    // Two chains: one of 8 dependent `dpbusd`s waited on their latency.
-                    let mut sums = [_mm256_setzero_si256(); 2];
-                    for (c, q) in q.iter().enumerate() {
-                        sums[c % 2] = _mm256_dpbusd_epi32(sums[c % 2], *q, y4(c));
-                    }
-                    _mm256_add_epi32(sums[0], sums[1])
-                } else {
-                    // u4 x i8 pairs: at most 2 * 15 * 127 each, so 8 of them fit in i16.
-                    let sum16 = q
-                        .iter()
-                        .enumerate()
-                        .fold(_mm256_setzero_si256(), |s, (c, q)| {
-                            _mm256_add_epi16(s, _mm256_maddubs_epi16(*q, y4(c)))
-                        });
-                    _mm256_madd_epi16(sum16, ones)
-                };
-                let sum = _mm256_cvtepi32_ps(sum);
-                acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
-                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);
-            }
+            // SAFETY: `block_rows` checked that every row has block `b`.
+            each_row!(R, r => acc[r] = q4_1_row::<VNNI>(acc[r], &q, d, m, &*rows[r].add(b)));
         }
         store(acc)
+    }
+}
+
+/// One row's block added to its 8 sums.
+///
+/// Safety: as [`q4_1`].
+#[inline(always)]
+unsafe fn q4_1_row<const VNNI: bool>(
+    acc: __m256,
+    q: &[__m256i; 8],
+    d: __m256,
+    m: __m256,
+    y: &Q8,
+) -> __m256 {
+    unsafe {
+        let sum = if VNNI {
+            // Two chains: one of 8 dependent `dpbusd`s waited on their latency.
+            let mut sums = [_mm256_setzero_si256(); 2];
+            for (c, q) in q.iter().enumerate() {
+                sums[c % 2] = _mm256_dpbusd_epi32(sums[c % 2], *q, y4(y, c));
+            }
+            _mm256_add_epi32(sums[0], sums[1])
+        } else {
+            // u4 x i8 pairs: at most 2 * 15 * 127 each, so 8 of them fit in i16.
+            let sum16 = q
+                .iter()
+                .enumerate()
+                .fold(_mm256_setzero_si256(), |s, (c, q)| {
+                    _mm256_add_epi16(s, _mm256_maddubs_epi16(*q, y4(y, c)))
+                });
+            _mm256_madd_epi16(sum16, _mm256_set1_epi16(1))
+        };
+        let sum = _mm256_cvtepi32_ps(sum);
+        let acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc);
+        _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc)
     }
 }
 
@@ -168,7 +215,6 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
     x: &[&[Q8]; R],
 ) -> [[f32; GROUP]; R] {
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         let packing = if SIGNED {
             Packing::Signed
         } else {
@@ -176,6 +222,7 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
         };
         let values = packing.values_at();
         let mut acc = [_mm256_setzero_ps(); R];
+        let rows = block_rows(w, packing, x);
         for (b, block) in w.chunks_exact(packing.group_block_bytes()).enumerate() {
             // Scales, then minimums (unsigned only), then 8 vectors of 32 values.
             let p = block.as_ptr();
@@ -195,40 +242,56 @@ unsafe fn bytes<const R: usize, const VNNI: bool, const SIGNED: bool>(
             } else {
                 q
             };
-            for r in 0..R {
-                let y = &x[r][b];
-                // Two chains, as in `q4_1`.
-                let mut sums = [_mm256_setzero_si256(); 2];
-                for c in 0..8 {
-                    // `qs` is 32 bytes.
-                    let y4 =
-                        _mm256_set1_epi32(y.qs.as_ptr().add(4 * c).cast::<i32>().read_unaligned());
-                    let y4 = if SIGNED && !VNNI {
-                        _mm256_sign_epi8(y4, q[c])
-                    } else {
-                        y4
-                    };
-                    let sum = &mut sums[c % 2];
-                    *sum = if VNNI {
-                        _mm256_dpbusd_epi32(*sum, unsigned[c], y4)
-                    } else {
-                        let pairs = _mm256_maddubs_epi16(unsigned[c], y4);
-                        _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones))
-                    };
-                }
-                let mut sum = _mm256_add_epi32(sums[0], sums[1]);
-                if SIGNED && VNNI {
-                    // Σ (q + 128) y - 128 Σy: exact, as every sum here.
-                    sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * y.sum));
-                }
-                let sum = _mm256_cvtepi32_ps(sum);
-                acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc[r]);
-                if !SIGNED {
-                    acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[r]);
-                }
-            }
+            // SAFETY: `block_rows` checked that every row has block `b`.
+            each_row!(R, r => acc[r] = bytes_row::<VNNI, SIGNED>(
+                acc[r], &q, &unsigned, d, m, &*rows[r].add(b)
+            ));
         }
         store(acc)
+    }
+}
+
+/// One row's block added to its 8 sums (`q` the weights, `unsigned` what `maddubs` takes).
+///
+/// Safety: as [`q4_1`].
+#[inline(always)]
+unsafe fn bytes_row<const VNNI: bool, const SIGNED: bool>(
+    acc: __m256,
+    q: &[__m256i; 8],
+    unsigned: &[__m256i; 8],
+    d: __m256,
+    m: __m256,
+    y: &Q8,
+) -> __m256 {
+    unsafe {
+        // Two chains, as in `q4_1`.
+        let mut sums = [_mm256_setzero_si256(); 2];
+        for c in 0..8 {
+            let y4 = if SIGNED && !VNNI {
+                _mm256_sign_epi8(y4(y, c), q[c])
+            } else {
+                y4(y, c)
+            };
+            let sum = &mut sums[c % 2];
+            *sum = if VNNI {
+                _mm256_dpbusd_epi32(*sum, unsigned[c], y4)
+            } else {
+                let pairs = _mm256_maddubs_epi16(unsigned[c], y4);
+                _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+            };
+        }
+        let mut sum = _mm256_add_epi32(sums[0], sums[1]);
+        if SIGNED && VNNI {
+            // Σ (q + 128) y - 128 Σy: exact, as every sum here.
+            sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * y.sum));
+        }
+        let sum = _mm256_cvtepi32_ps(sum);
+        let acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc);
+        if SIGNED {
+            acc
+        } else {
+            _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc)
+        }
     }
 }
 
