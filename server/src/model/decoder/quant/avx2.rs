@@ -195,9 +195,24 @@ unsafe fn q4_1_row<const VNNI: bool>(
                 });
             _mm256_madd_epi16(sum16, _mm256_set1_epi16(1))
         };
+        scaled(acc, sum, d, Some(m), y)
+    }
+}
+
+/// `acc` plus a block's integer sums for 8 weight rows scaled by the rows' `d` and the
+/// activations', plus the rows' minimums `m` (formats that have them) times the activations' `s`.
+///
+/// Safety: the CPU has AVX2 and FMA.
+#[inline(always)]
+unsafe fn scaled(acc: __m256, sum: __m256i, d: __m256, m: Option<__m256>, y: &Q8) -> __m256 {
+    // SAFETY: as this function's.
+    unsafe {
         let sum = _mm256_cvtepi32_ps(sum);
         let acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc);
-        _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc)
+        match m {
+            Some(m) => _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc),
+            None => acc,
+        }
     }
 }
 
@@ -285,13 +300,7 @@ unsafe fn bytes_row<const VNNI: bool, const SIGNED: bool>(
             // Σ (q + 128) y - 128 Σy: exact, as every sum here.
             sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * y.sum));
         }
-        let sum = _mm256_cvtepi32_ps(sum);
-        let acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(y.d)), acc);
-        if SIGNED {
-            acc
-        } else {
-            _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc)
-        }
+        scaled(acc, sum, d, (!SIGNED).then_some(m), y)
     }
 }
 
