@@ -19,7 +19,8 @@
 //! nginx (`apt-get install nginx-light`); run with `cargo bench -p kandle-tests --bench
 //! gateway`. `KANDLE_BENCH_ROUNDS` (default 5), `KANDLE_BENCH_REQUESTS` (per
 //! connection and round, default 200) and `KANDLE_BENCH_CONNECTIONS` (default `1,64`) size
-//! it; `KANDLE_BENCH_GATEWAY` picks another `kandle-operator` to measure (the images' build:
+//! it; `KANDLE_BENCH_BACKENDS` (`minilm`, `fixed`, comma-separated; default both) picks the
+//! backends, to profile one; `KANDLE_BENCH_GATEWAY` picks another `kandle-operator` to measure (the images' build:
 //! `cargo build --profile dist -p kandle-operator`, then `$PWD/target/dist/kandle-operator`:
 //! absolute, as cargo runs benches from the package's folder), and
 //! `KANDLE_BENCH_GATEWAY_BASE` adds a second one to the same run as `base` (a change against
@@ -350,7 +351,11 @@ async fn added_latency() {
             fixed.addr,
         ),
     ];
+    let only = std::env::var("KANDLE_BENCH_BACKENDS").unwrap_or_default();
     for (what, model, backend) in backends {
+        if !only.is_empty() && !only.split(',').any(|name| name.trim() == model) {
+            continue;
+        }
         measure_proxies(what, &embedding_request(model), backend, &gateways).await;
     }
 }
