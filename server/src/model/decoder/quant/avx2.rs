@@ -111,11 +111,16 @@ macro_rules! each_row {
         })*
     }};
 }
+pub(super) use each_row;
 
 /// Each row's first block, once every row is checked to hold a block for each of `w`'s group
 /// blocks, so the loops read them unchecked.
 #[inline(always)]
-fn block_rows<const R: usize>(w: &[u8], packing: Packing, x: &[&[Q8]; R]) -> [*const Q8; R] {
+pub(super) fn block_rows<const R: usize>(
+    w: &[u8],
+    packing: Packing,
+    x: &[&[Q8]; R],
+) -> [*const Q8; R] {
     let blocks = w.len() / packing.group_block_bytes();
     assert!(
         x.iter().all(|row| row.len() >= blocks),
@@ -312,7 +317,7 @@ unsafe fn bytes_row<const VNNI: bool, const SIGNED: bool>(
 ///
 /// Safety: the CPU has SSE (every x86-64 does); a prefetch never faults, whatever the address.
 #[inline(always)]
-unsafe fn prefetch<const R: usize>(p: *const u8, bytes: usize) {
+pub(super) unsafe fn prefetch<const R: usize>(p: *const u8, bytes: usize) {
     const AHEAD: usize = 1024;
     if R > 1 {
         for line in (0..bytes).step_by(64) {
