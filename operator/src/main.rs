@@ -94,7 +94,10 @@ async fn main() -> ExitCode {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // Coloured only on a terminal: a pod's logs get no escape codes.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),

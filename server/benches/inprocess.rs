@@ -14,6 +14,8 @@
 //! tabular MODEL_DIR ROWS_JSON ITERS BATCH...
 //!                                       seconds per predict of BATCH rows (tiled from the
 //!                                       JSON rows, null for missing)
+//!
+//! `KANDLE_KERNELS` picks the kernels as for the server (`portable`, `avx2`, `vnni`).
 use kandle_server::cli::{DeviceArg, DtypeArg, KernelsArg};
 use kandle_server::engine::SamplingParams;
 use kandle_server::engine::generation::{Event, GenerationEngine, GenerationJob, Limits};
@@ -30,13 +32,18 @@ fn model(path: &str) -> kandle_server::model::LoadedModel {
         task: None,
         dtype: DtypeArg::Auto,
         device: DeviceArg::Cpu,
-        // `KANDLE_BENCH_KERNELS=portable`: candle's operations, to compare kandle's kernels.
-        kernels: match std::env::var("KANDLE_BENCH_KERNELS").as_deref() {
-            Ok("portable") => KernelsArg::Portable,
-            _ => KernelsArg::Auto,
-        },
+        kernels: kernels_arg(),
     })
     .unwrap()
+}
+
+/// `KANDLE_KERNELS`, as the server reads it: `portable` for candle's operations, `avx2` or
+/// `vnni` to keep kandle's kernels to that instruction set, to compare them.
+fn kernels_arg() -> KernelsArg {
+    use clap::ValueEnum;
+    std::env::var("KANDLE_KERNELS").map_or(KernelsArg::Auto, |v| {
+        KernelsArg::from_str(&v, true).expect("KANDLE_KERNELS: auto, portable, avx2 or vnni")
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -218,6 +225,7 @@ fn best(times: usize, mut f: impl FnMut()) -> f64 {
 
 fn kernels() {
     use kandle_server::model::decoder::quant::{BLOCK, Format, Matrix};
+    kernels_arg().limit_instruction_set().unwrap();
     let pool = candle_core::utils::barrier_pool();
     // Bigger than any last-level cache, as a model's weights are.
     let words = vec![1u64; 32 << 20];

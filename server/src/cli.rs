@@ -159,10 +159,15 @@ pub enum DeviceArg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelsArg {
-    /// kandle's own kernels on the CPU in f32, candle's operations elsewhere.
+    /// kandle's own kernels on the CPU in f32, with the best instruction set the CPU has;
+    /// candle's operations elsewhere.
     Auto,
     /// candle's device-independent operations everywhere: on the CPU, the code a GPU runs.
     Portable,
+    /// kandle's kernels with AVX2, FMA and F16C at most (no AVX-512), to compare.
+    Avx2,
+    /// kandle's kernels with AVX-512 VNNI on 256-bit vectors at most, to compare.
+    Vnni,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -243,6 +248,8 @@ pub struct ServeArgs {
     /// `portable` runs the CPU on candle's device-independent operations, the code a GPU
     /// runs, instead of kandle's own kernels: slower; for checking GPU code paths on a
     /// machine without one, or ruling kandle's kernels out when an output looks wrong.
+    /// `avx2` and `vnni` keep kandle's kernels to that instruction set (or the best below
+    /// it the CPU has).
     #[arg(long, env = "KANDLE_KERNELS", value_enum, default_value = "auto")]
     pub kernels: KernelsArg,
     /// Requests executed at once; more wait in the queue.

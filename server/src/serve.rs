@@ -125,7 +125,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     tracing::info!(
         model = %model_name, task = info.task.as_str(), dtype = %info.dtype, device = %info.device,
-        context_length = info.context_length, load_seconds, "model ready"
+        context_length = info.context_length, load_seconds,
+        cpu_kernels = %args.kernels.cpu_name(), "model ready"
     );
 
     let edge = Arc::new(Edge::new(&args, metrics, api_keys));

@@ -45,6 +45,23 @@ async fn loads_and_lists_the_model() {
     assert_eq!(models["data"][0]["object"], "model");
 }
 
+/// `--kernels avx2` keeps kandle's CPU kernels to AVX2 (or below, on a CPU without it), as
+/// the startup log says, and the server answers as usual.
+#[cfg(target_arch = "x86_64")]
+#[tokio::test]
+async fn the_kernels_flag_keeps_the_cpu_kernels_to_an_instruction_set() {
+    let (_dir, server) = start_tiny(&TinyLlama::FAST, &["--kernels", "avx2"]);
+    let avx2 = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    let want = format!("cpu_kernels={}", if avx2 { "avx2" } else { "portable" });
+    let logs = server.logs.lock().unwrap().join("\n");
+    assert!(logs.contains(&want), "no {want} in the logs:\n{logs}");
+    let body = chat("Hello there", json!({"temperature": 0, "max_tokens": 4}));
+    let (status, answer) = post(&server, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
 #[tokio::test]
 async fn greedy_is_deterministic_and_counts_usage() {
     let (_dir, server) = tiny();

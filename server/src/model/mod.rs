@@ -39,6 +39,8 @@ pub enum LoadError {
     Template(#[from] minijinja::Error),
     #[error("this build has no CUDA support; rebuild with `--features cuda`")]
     NoCuda,
+    #[error(transparent)]
+    Kernels(#[from] decoder::quant::KernelsChosen),
 }
 
 impl LoadError {
@@ -170,6 +172,7 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
         return Err(LoadError::Missing(path.clone()));
     }
     let device = device(opts.device)?;
+    opts.kernels.limit_instruction_set()?;
     let task = opts.task.map(Task::from);
     if let Some(file) = gguf::find_gguf(path)? {
         return gguf::load(&file, task, &device, opts.kernels);

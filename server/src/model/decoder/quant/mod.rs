@@ -417,6 +417,45 @@ impl Q8 {
     }
 }
 
+/// The CPU kernels, chosen once per process.
+static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+
+/// The kernels' names, plainest first; a CPU runs the first few.
+const KERNEL_NAMES: [&str; 4] = ["portable", "avx2", "vnni", "avx512"];
+
+/// `cap_kernels` came after the kernels were chosen otherwise (by an earlier model's load).
+#[derive(Debug, thiserror::Error)]
+#[error("the CPU kernels are {chosen} already in this process; they cannot be limited to {wanted}")]
+pub struct KernelsChosen {
+    chosen: &'static str,
+    wanted: String,
+}
+
+/// Keeps the CPU kernels, for the rest of the process, to the instruction set `name` (one of
+/// `portable`, `avx2`, `vnni`), or to the best below it this CPU has.
+pub(crate) fn cap_kernels(name: &str) -> std::result::Result<(), KernelsChosen> {
+    let supported = Kernel::supported();
+    let at = KERNEL_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .expect("one of the kernels' names");
+    let capped = supported[at.min(supported.len() - 1)];
+    let chosen = *KERNEL.get_or_init(|| capped);
+    if chosen.name() == capped.name() {
+        Ok(())
+    } else {
+        Err(KernelsChosen {
+            chosen: chosen.name(),
+            wanted: name.to_owned(),
+        })
+    }
+}
+
+/// The CPU kernels' name (`portable`, `avx2`, `vnni` or `avx512`).
+pub(crate) fn kernels_name() -> &'static str {
+    Kernel::detect().name()
+}
+
 /// Whether the CPU kernels run their AVX2 code (chosen once per process, as for these).
 pub fn avx2() -> bool {
     !matches!(Kernel::detect(), Kernel::Portable)
@@ -436,16 +475,10 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The best kernel this CPU runs, chosen once per process; `KANDLE_KERNELS` (`portable`,
-    /// `avx2`, `vnni`) names a plainer one, to compare them.
+    /// The kernel chosen for this process: the best this CPU runs, unless `cap_kernels` chose
+    /// a plainer one first.
     fn detect() -> Self {
-        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *KERNEL.get_or_init(|| {
-            let supported = Self::supported();
-            let cap = std::env::var("KANDLE_KERNELS").unwrap_or_default();
-            let capped = supported.iter().position(|k| k.name() == cap);
-            supported[capped.unwrap_or(supported.len() - 1)]
-        })
+        *KERNEL.get_or_init(|| *Self::supported().last().expect("portable"))
     }
 
     fn name(self) -> &'static str {
@@ -460,7 +493,7 @@ impl Kernel {
         }
     }
 
-    /// Every kernel this CPU runs, plainest first.
+    /// Every kernel this CPU runs, plainest first: the first few of `KERNEL_NAMES`.
     fn supported() -> Vec<Self> {
         #[allow(unused_mut)]
         let mut kernels = vec![Self::Portable];
