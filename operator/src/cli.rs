@@ -250,6 +250,9 @@ pub struct GatewayArgs {
         default_value_t = 30
     )]
     pub shutdown_grace_seconds: u64,
+    /// Serving threads, each an event loop of its own (0: one per CPU the container may use).
+    #[arg(long, env = "KANDLE_GATEWAY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
     #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
 }
@@ -267,6 +270,11 @@ impl GatewayArgs {
             hold_retry_after: Duration::from_secs(30),
             max_body_bytes: self.max_body_bytes,
             body_timeout: Duration::from_secs(self.body_timeout_seconds.max(1)),
+            // The standard library counts the CPUs the cgroup's quota allows.
+            workers: match self.workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
         }
     }
 }

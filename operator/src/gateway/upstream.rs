@@ -4,8 +4,9 @@
 //! to another task, as they would through a shared client's dispatch channel and connection
 //! tasks, each pass a wake-up, often on another thread (nginx's shape: one event loop from
 //! client to pod and back). Between requests a connection waits in a pool shared by every
-//! client connection (`Idle`, bounded per pod, as nginx's keepalive pool), so a pod sees
-//! about as many connections as requests in flight, however many clients there are.
+//! client connection of its serving thread (`Idle`, bounded per pod, as nginx's keepalive
+//! pool per worker), so a pod sees about as many connections as requests in flight, however
+//! many clients there are.
 use axum::body::Bytes;
 use axum::http::{Request, Response};
 use http_body_util::Full;
@@ -58,7 +59,8 @@ impl Link {
     }
 }
 
-/// Idle connections to pods, shared by every client connection.
+/// Idle connections to pods, shared by every client connection of a serving thread (each
+/// connection's I/O belongs to the thread that opened it).
 #[derive(Default)]
 pub struct Idle(Mutex<HashMap<SocketAddr, Vec<Link>>>);
 
