@@ -47,7 +47,7 @@ pub struct Settings {
     pub hold_retry_after: Duration,
     pub max_body_bytes: usize,
     pub body_timeout: Duration,
-    /// Serving threads, each with its own event loop (see `run`).
+    /// Serving threads, each with its own event loop (see `serving_threads`).
     pub workers: usize,
 }
 
@@ -353,8 +353,8 @@ pub fn watch_keys(
 /// Threads serving `listener`, one per worker, each on a single-threaded runtime of its own
 /// that accepts connections, serves their requests and keeps its own connections to pods:
 /// nginx's shape, an event loop per core. On tokio's work-stealing runtime the two workers
-/// woke each other through futexes (0.4 a request at 64 connections, `strace -c`) and a
-/// request's I/O could be picked up by either. They stop when `stopped` says so or its
+/// woke each other through futexes (0.4 calls a request at 64 connections, `strace -c`) and
+/// a request's I/O could be picked up by either. They stop when `stopped` says so or its
 /// sender is dropped (`run`'s future, dropped).
 fn serving_threads(
     gateway: &Arc<Gateway>,
