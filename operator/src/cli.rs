@@ -251,8 +251,13 @@ pub struct GatewayArgs {
     )]
     pub shutdown_grace_seconds: u64,
     /// Serving threads, each an event loop of its own (0: one per CPU the container may use).
-    #[arg(long, env = "KANDLE_GATEWAY_WORKERS", default_value_t = 0)]
-    pub workers: usize,
+    #[arg(
+        long,
+        env = "KANDLE_GATEWAY_WORKERS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u16).range(..=1024)
+    )]
+    pub workers: u16,
     #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
 }
@@ -273,7 +278,7 @@ impl GatewayArgs {
             // The standard library counts the CPUs the cgroup's quota allows.
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
-                n => n,
+                n => usize::from(n),
             },
         }
     }
