@@ -20,7 +20,8 @@
 //! gateway`. `KANDLE_BENCH_ROUNDS` (default 5), `KANDLE_BENCH_REQUESTS` (per
 //! connection and round, default 200) and `KANDLE_BENCH_CONNECTIONS` (default `1,64`) size
 //! it; `KANDLE_BENCH_BACKENDS` (`minilm`, `fixed`, comma-separated; default both) picks the
-//! backends, to profile one; `KANDLE_BENCH_GATEWAY` picks another `kandle-operator` to measure (the images' build:
+//! backends, to profile one; `KANDLE_BENCH_GATEWAY` picks another `kandle-operator` to
+//! measure (the images' build:
 //! `cargo build --profile dist -p kandle-operator`, then `$PWD/target/dist/kandle-operator`:
 //! absolute, as cargo runs benches from the package's folder), and
 //! `KANDLE_BENCH_GATEWAY_BASE` adds a second one to the same run as `base` (a change against
