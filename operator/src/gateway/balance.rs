@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
 pub enum Routing {
@@ -20,7 +20,7 @@ pub enum Routing {
 /// Requests in flight per pod, counted by this gateway.
 #[derive(Default)]
 pub struct Balancer {
-    pods: Mutex<HashMap<SocketAddr, Arc<Pod>>>,
+    pods: RwLock<HashMap<SocketAddr, Arc<Pod>>>,
     /// Rotates the starting point among equally loaded pods.
     turn: AtomicUsize,
 }
@@ -71,87 +71,96 @@ impl Balancer {
         prefix: Option<&[u8]>,
         load_factor: f64,
     ) -> Option<Slot> {
-        let candidates: Vec<SocketAddr> = endpoints
-            .iter()
-            .filter(|e| !tried.contains(e))
-            .copied()
-            .collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        let pods: Vec<Arc<Pod>> = {
-            let mut map = self.pods.lock().expect("not poisoned");
-            candidates
-                .iter()
-                .map(|e| {
-                    map.entry(*e)
-                        .or_insert_with(|| Arc::new(Pod::new(*e)))
-                        .clone()
-                })
-                .collect()
+        let candidates = || endpoints.iter().copied().filter(|e| !tried.contains(e));
+        // Every request looks its pods up, under a read lock the serving threads share; a
+        // pod not seen before (no load yet) is added once, under the write lock.
+        let (addr, known) = {
+            let pods = read(&self.pods);
+            let load = |addr: &SocketAddr| {
+                pods.get(addr)
+                    .map_or(0, |p| p.in_flight.load(Ordering::Acquire))
+            };
+            let addr = match prefix {
+                Some(prefix) => {
+                    affine(&candidates().collect::<Vec<_>>(), load, prefix, load_factor)
+                }
+                None => least(
+                    candidates(),
+                    load,
+                    self.turn.fetch_add(1, Ordering::Relaxed),
+                ),
+            }?;
+            (addr, pods.get(&addr).cloned())
         };
-        let loads: Vec<usize> = pods
-            .iter()
-            .map(|p| p.in_flight.load(Ordering::Acquire))
-            .collect();
-        let index = match prefix {
-            Some(prefix) => affine(&candidates, &loads, prefix, load_factor),
-            None => {
-                let start = self.turn.fetch_add(1, Ordering::Relaxed);
-                least(&loads, start)
-            }
-        };
-        let pod = pods[index].clone();
+        let pod = known.unwrap_or_else(|| {
+            let mut pods = self.pods.write().unwrap_or_else(PoisonError::into_inner);
+            pods.entry(addr)
+                .or_insert_with(|| Arc::new(Pod::new(addr)))
+                .clone()
+        });
         pod.in_flight.fetch_add(1, Ordering::AcqRel);
-        Some(Slot {
-            pod,
-            addr: candidates[index],
-        })
+        Some(Slot { pod, addr })
     }
 
     /// Requests in flight on `addr` through this gateway.
     pub fn in_flight(&self, addr: SocketAddr) -> usize {
-        let map = self.pods.lock().expect("not poisoned");
-        map.get(&addr)
+        read(&self.pods)
+            .get(&addr)
             .map_or(0, |p| p.in_flight.load(Ordering::Acquire))
     }
 
     /// Forgets pods that are gone and idle, so the map does not grow with pod churn.
     pub fn retain(&self, alive: impl Fn(&SocketAddr) -> bool) {
-        let mut map = self.pods.lock().expect("not poisoned");
+        let mut map = self.pods.write().unwrap_or_else(PoisonError::into_inner);
         map.retain(|addr, pod| alive(addr) || pod.in_flight.load(Ordering::Acquire) > 0);
     }
 }
 
-/// The least loaded, the first such from `start` round the list.
-fn least(loads: &[usize], start: usize) -> usize {
-    (0..loads.len())
-        .map(|i| (start + i) % loads.len())
-        .min_by_key(|&i| loads[i])
-        .expect("not empty")
+/// The lock is held for lookups and inserts that cannot panic.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The least loaded candidate, the first such from `start` round the list; without
+/// collecting them, as every request in the default mode comes here.
+fn least(
+    candidates: impl Iterator<Item = SocketAddr> + Clone,
+    load: impl Fn(&SocketAddr) -> usize,
+    start: usize,
+) -> Option<SocketAddr> {
+    let n = candidates.clone().count();
+    let first = start % n.max(1);
+    candidates
+        .enumerate()
+        .min_by_key(|(i, addr)| (load(addr), (i + n - first) % n))
+        .map(|(_, addr)| addr)
 }
 
 /// Rendezvous hashing: pods ranked by a hash of (prefix, pod), the first whose load stays
 /// within `load_factor` times the mean (counting this request) taken.
-fn affine(candidates: &[SocketAddr], loads: &[usize], prefix: &[u8], load_factor: f64) -> usize {
-    let total: usize = loads.iter().sum::<usize>() + 1;
-    let bound = (total as f64 / candidates.len() as f64 * load_factor).ceil() as usize;
-    let mut ranked: Vec<(u64, usize)> = candidates
+fn affine(
+    candidates: &[SocketAddr],
+    load: impl Fn(&SocketAddr) -> usize,
+    prefix: &[u8],
+    load_factor: f64,
+) -> Option<SocketAddr> {
+    let total: usize = candidates.iter().map(&load).sum::<usize>() + 1;
+    let bound = (total as f64 / candidates.len().max(1) as f64 * load_factor).ceil() as usize;
+    let mut ranked: Vec<(u64, SocketAddr)> = candidates
         .iter()
-        .enumerate()
-        .map(|(i, addr)| {
+        .map(|addr| {
             let mut h = DefaultHasher::new();
             prefix.hash(&mut h);
             addr.hash(&mut h);
-            (h.finish(), i)
+            (h.finish(), *addr)
         })
         .collect();
     ranked.sort_unstable_by(|a, b| b.cmp(a));
     ranked
         .iter()
-        .map(|&(_, i)| i)
-        .find(|&i| loads[i] < bound.max(1))
-        .unwrap_or_else(|| least(loads, 0))
+        .map(|&(_, addr)| addr)
+        .find(|addr| load(addr) < bound.max(1))
+        .or_else(|| least(candidates.iter().copied(), load, 0))
 }
 
 #[cfg(test)]

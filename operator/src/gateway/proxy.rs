@@ -81,16 +81,14 @@ impl Gateway {
             Err(e) => ("-".to_string(), Err(e)),
         };
         let response = outcome.unwrap_or_else(axum::response::IntoResponse::into_response);
-        self.metrics
-            .requests
-            .get_or_create(&super::metrics::ModelCode {
-                model: label.clone(),
-                code: response.status().as_u16(),
-            })
-            .inc();
+        let key = super::metrics::ModelCode {
+            model: label,
+            code: response.status().as_u16(),
+        };
+        self.metrics.requests.get_or_create(&key).inc();
         self.metrics
             .duration
-            .get_or_create(&ModelLabel { model: label })
+            .get_or_create(&ModelLabel { model: key.model })
             .observe(started.elapsed().as_secs_f64());
         response
     }
@@ -199,7 +197,6 @@ impl Gateway {
             ) else {
                 break;
             };
-            tried.push(slot.addr);
             let upstream = || {
                 let mut upstream = Request::new(Full::new(body.clone()));
                 *upstream.method_mut() = method.clone();
@@ -232,6 +229,7 @@ impl Gateway {
                 }
             };
             self.count_upstream_error(&served, reason);
+            tried.push(slot.addr);
         }
         match unavailable {
             // Every pod was busy or draining: their own answer says so best.
@@ -336,14 +334,23 @@ impl Drop for Tracked {
 /// and minus its API key when the gateway checked it (the key is the gateway's, not the
 /// pod's).
 fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap {
-    let framing = [header::HOST, header::CONTENT_LENGTH];
-    for name in HOP_BY_HOP.iter().chain(&framing) {
-        forwarded.remove(name);
-    }
+    remove_hop_by_hop(&mut forwarded);
+    forwarded.remove(header::HOST);
+    forwarded.remove(header::CONTENT_LENGTH);
     if keys_checked {
         forwarded.remove(header::AUTHORIZATION);
     }
     forwarded
+}
+
+/// Removes the headers that belong to one connection. Most messages carry none: one look
+/// at each of their few headers costs less than a removal (a hash and a probe) per name.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+    }
 }
 
 /// The upstream's answer passed on frame by frame. `guards` (the pod's slot, the key's
@@ -351,9 +358,7 @@ fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap 
 /// body then closes its connection, which cancels the work on the pod.
 fn stream<G: Send + Unpin + 'static>(answer: Response<UpstreamBody>, guards: G) -> Response<Body> {
     let (mut parts, body) = answer.into_parts();
-    for name in &HOP_BY_HOP {
-        parts.headers.remove(name);
-    }
+    remove_hop_by_hop(&mut parts.headers);
     Response::from_parts(
         parts,
         Body::new(Guarded {
