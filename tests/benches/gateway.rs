@@ -3,11 +3,12 @@
 //! 1. Added latency: MiniLM embeddings of one short sentence from one kandle-server, sent
 //!    straight to it, through the gateway, and through nginx (Debian's, configured as a
 //!    plain keep-alive reverse proxy), at 1 and 64 connections, each connection sending to
-//!    the three in turn; p50 and p99 of each (the median over rounds), and what each proxy
-//!    adds to the direct figures. Then the same in front of a backend that answers at once
-//!    with the server's bytes: at 64 connections the server's batcher sets the latency by
-//!    where its batch boundaries fall, which hides what the proxies add; a backend with a
-//!    fixed service time leaves only the proxies to differ.
+//!    the three in turn, in an order that changes every turn; p50 and p99 of each (the
+//!    median over rounds), and what each proxy adds to the direct figures. Then the same
+//!    in front of a backend that answers at once with the server's bytes: at 64
+//!    connections the server's batcher sets the latency by where its batch boundaries
+//!    fall, which hides what the proxies add; a backend with a fixed service time leaves
+//!    only the proxies to differ.
 //! 2. Scale from zero: the real operator (emulated API server, simulated kubelet) and the
 //!    gateway; from the first request for a model at zero replicas to its answer, split into
 //!    the decision (the operator's autoscaler reads the held request and scales the
@@ -217,9 +218,9 @@ async fn load(
         let (client, urls, body) = (client.clone(), urls.clone(), body.clone());
         tokio::spawn(async move {
             let mut times = vec![Vec::with_capacity(per_connection); urls.len()];
-            for i in 0..per_connection * urls.len() {
-                // Connections start at different targets, so each target always has its share.
-                let target = (c + i) % urls.len();
+            // Connections take different orders at any moment, so each target always has its
+            // share, and change order every turn, so no target always follows the same one.
+            for target in (0..per_connection).flat_map(|turn| order(urls.len(), c + turn)) {
                 let start = Instant::now();
                 let response = client
                     .post(&urls[target])
@@ -297,6 +298,20 @@ fn connection_counts() -> Vec<usize> {
                 .collect()
         })
         .unwrap_or_else(|| vec![1, 64])
+}
+
+/// The `k`th of the orders of `n` targets (`k`'s digits in the factorial number system
+/// pick each next one). With one fixed order the target after the direct requests was
+/// measured behind the others in front of kandle-server at 64 connections, whichever
+/// binary it was: its requests met the embedding batcher at the same phase every time.
+fn order(n: usize, mut k: usize) -> Vec<usize> {
+    let mut left: Vec<usize> = (0..n).collect();
+    let mut order = Vec::with_capacity(n);
+    for radix in (1..=n).rev() {
+        order.push(left.remove(k % radix));
+        k /= radix;
+    }
+    order
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
