@@ -6,9 +6,9 @@
 //!    the three in turn, in an order that changes every turn; p50 and p99 of each (the
 //!    median over rounds), and what each proxy adds to the direct figures. Then the same
 //!    in front of a backend that answers at once with the server's bytes: at 64
-//!    connections the server's batcher sets the latency by where its batch boundaries
-//!    fall, which hides what the proxies add; a backend with a fixed service time leaves
-//!    only the proxies to differ.
+//!    connections the server's batcher sets most of the latency by where its batch
+//!    boundaries fall, which blurs what the proxies add; a backend with a fixed service
+//!    time leaves only the proxies to differ.
 //! 2. Scale from zero: the real operator (emulated API server, simulated kubelet) and the
 //!    gateway; from the first request for a model at zero replicas to its answer, split into
 //!    the decision (the operator's autoscaler reads the held request and scales the
