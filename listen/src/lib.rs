@@ -4,8 +4,6 @@
 //! shortly after shutdown. A silent or slow client costs one slot for a bounded time,
 //! never a file descriptor for good. HTTP/1.1 only: what the OpenAI clients, kubelet probes
 //! and Prometheus speak, and the protocol whose timeouts hyper bounds.
-mod beside;
-
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::{Request, Response};
@@ -74,24 +72,6 @@ pub async fn serve<S, B>(
     S: App<B>,
     B: Body,
 {
-    let each = || (app.clone(), std::future::pending());
-    serve_each(listener, each, limits, shutdown).await;
-}
-
-/// `serve`, with a service made for each connection by `each`, and beside it a future
-/// polled by the connection's own task for as long as the connection lasts (work the
-/// connection's requests hand over, such as their connections onward, so it stays on the
-/// same task).
-pub async fn serve_each<S, B, D>(
-    listener: TcpListener,
-    each: impl Fn() -> (S, D),
-    limits: ConnectionLimits,
-    shutdown: impl Future<Output = ()>,
-) where
-    S: App<B>,
-    B: Body,
-    D: Future<Output = Infallible> + Send + 'static,
-{
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
@@ -113,11 +93,10 @@ pub async fn serve_each<S, B, D>(
         let Some((stream, permit)) = accepted else {
             continue;
         };
-        let (service, beside) = each();
-        let service = TowerToHyperService::new(service);
+        let service = TowerToHyperService::new(app.clone());
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
-            if let Err(error) = beside::Beside::new(connection, beside).await {
+            if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection closed");
             }
             drop(permit);

@@ -111,26 +111,14 @@ impl Gateway {
         })
     }
 
-    /// What serves each client connection of serving thread `worker`: the gateway's HTTP
-    /// service (the OpenAI routes it forwards, then axum's router for the rest), and the
-    /// driver of that connection's connections to pods, for the connection's task to poll
-    /// beside it.
-    fn connections(
-        self: &Arc<Self>,
-        worker: usize,
-    ) -> impl Fn() -> (Service, upstream::Driver) + use<> {
-        let gateway = self.clone();
-        let router = self.router();
-        let idle = self.idle[worker].clone();
-        move || {
-            let (upstreams, driver) =
-                upstream::Upstreams::new(idle.clone(), gateway.connect_timeout);
-            let service = Service {
-                gateway: gateway.clone(),
-                router: router.clone(),
-                upstreams,
-            };
-            (service, driver)
+    /// What serves the client connections of serving thread `worker`: the gateway's HTTP
+    /// service (the OpenAI routes it forwards, then axum's router for the rest), with that
+    /// thread's connections to pods.
+    fn service(self: &Arc<Self>, worker: usize) -> Service {
+        Service {
+            gateway: self.clone(),
+            router: self.router(),
+            upstreams: upstream::Upstreams::new(self.idle[worker].clone(), self.connect_timeout),
         }
     }
 
@@ -371,7 +359,7 @@ fn serving_threads(
                 let _in = runtime.enter();
                 TcpListener::from_std(listener.try_clone()?)?
             };
-            let connections = gateway.connections(worker);
+            let service = gateway.service(worker);
             let mut stopped = stopped.clone();
             std::thread::Builder::new()
                 .name(format!("gateway-{worker}"))
@@ -379,12 +367,7 @@ fn serving_threads(
                     let stop = async move {
                         let _ = stopped.wait_for(|stop| *stop).await;
                     };
-                    runtime.block_on(kandle_listen::serve_each(
-                        listener,
-                        connections,
-                        limits,
-                        stop,
-                    ));
+                    runtime.block_on(kandle_listen::serve(listener, service, limits, stop));
                 })
         })
         .collect()

@@ -6,13 +6,11 @@ use super::error::GatewayError;
 use super::keys::{Limited, Tenant};
 use super::metrics::{Deployment, ModelLabel, UpstreamError};
 use super::table::Model;
-use super::upstream::Upstreams;
+use super::upstream::{Outgoing, PodBody, UpstreamError as UpstreamFailure, Upstreams};
 use axum::body::{Body, Bytes};
 use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, Method, Response, StatusCode, Uri, header};
 use http_body::{Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming as UpstreamBody;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -179,11 +177,15 @@ impl Gateway {
                 })
                 .clone(),
         );
-        let forwarded = forwarded_headers(headers, self.keys.is_some());
-        let path = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let outgoing = Outgoing {
+            method,
+            path: uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            headers: forwarded_headers(headers, self.keys.is_some()),
+            body,
+        };
         let mut tried = Vec::new();
         let mut unavailable = None;
         for _ in 0..=self.settings.retries {
@@ -197,25 +199,14 @@ impl Gateway {
             ) else {
                 break;
             };
-            let upstream = || {
-                let mut upstream = Request::new(Full::new(body.clone()));
-                *upstream.method_mut() = method.clone();
-                *upstream.uri_mut() = Uri::from(path.clone());
-                *upstream.headers_mut() = forwarded.clone();
-                upstream
-                    .headers_mut()
-                    .insert(header::HOST, slot.host().clone());
-                upstream
-            };
-            let sent = upstreams.send(slot.addr, upstream).await;
+            let sent = upstreams.send(slot.addr, slot.host(), &outgoing).await;
             let reason = match sent {
                 Ok(answer) if answer.status() == StatusCode::SERVICE_UNAVAILABLE => {
                     unavailable = Some(answer);
                     "unavailable"
                 }
                 Ok(answer) => {
-                    let release = upstreams.release_when_dropped();
-                    let guards = (slot, permit, in_flight, self.draining.track(), release);
+                    let guards = (slot, permit, in_flight, self.draining.track());
                     return Ok(stream(answer, guards));
                 }
                 Err(e) if e.is_connect() => {
@@ -233,10 +224,7 @@ impl Gateway {
         }
         match unavailable {
             // Every pod was busy or draining: their own answer says so best.
-            Some(answer) => {
-                let release = upstreams.release_when_dropped();
-                Ok(stream(answer, (permit, in_flight, release)))
-            }
+            Some(answer) => Ok(stream(answer, (permit, in_flight))),
             None => Err(GatewayError::Upstream(served)),
         }
     }
@@ -330,58 +318,57 @@ impl Drop for Tracked {
     }
 }
 
-/// The client's headers minus hop-by-hop ones and the framing the HTTP client sets again,
-/// and minus its API key when the gateway checked it (the key is the gateway's, not the
-/// pod's).
+/// The client's headers minus hop-by-hop ones and the framing the gateway writes again,
+/// minus its API key when the gateway checked it (the key is the gateway's, not the pod's),
+/// and minus `Expect`: the gateway has read the whole body already, and a pod's `100
+/// Continue` would be for the gateway.
 fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap {
-    remove_hop_by_hop(&mut forwarded);
+    if forwarded.keys().any(is_hop_by_hop) {
+        for name in &HOP_BY_HOP {
+            forwarded.remove(name);
+        }
+    }
     forwarded.remove(header::HOST);
     forwarded.remove(header::CONTENT_LENGTH);
+    forwarded.remove(header::EXPECT);
     if keys_checked {
         forwarded.remove(header::AUTHORIZATION);
     }
     forwarded
 }
 
-/// Removes the headers that belong to one connection. Most messages carry none: one look
-/// at each of their few headers costs less than a removal (a hash and a probe) per name.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        for name in &HOP_BY_HOP {
-            headers.remove(name);
-        }
-    }
+/// Whether a header belongs to one connection. Most messages carry none: one look at each
+/// of their few headers costs less than a removal (a hash and a probe) per name.
+pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
 }
 
-/// The upstream's answer passed on frame by frame. `guards` (the pod's slot, the key's
-/// permit, gauges) live until the body ends or the client goes, and dropping the upstream
-/// body then closes its connection, which cancels the work on the pod.
-fn stream<G: Send + Unpin + 'static>(answer: Response<UpstreamBody>, guards: G) -> Response<Body> {
-    let (mut parts, body) = answer.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
-    Response::from_parts(
-        parts,
+/// The pod's answer passed on frame by frame. `guards` (the pod's slot, the key's permit,
+/// gauges) live until the body ends or the client goes, and dropping the pod's body then
+/// closes its connection, which cancels the work on the pod.
+fn stream<G: Send + Unpin + 'static>(answer: Response<PodBody>, guards: G) -> Response<Body> {
+    answer.map(|body| {
         Body::new(Guarded {
             body,
             _guards: guards,
-        }),
-    )
+        })
+    })
 }
 
 /// A pod's answer body, holding what must live as long as it does.
 struct Guarded<G> {
-    body: UpstreamBody,
+    body: PodBody,
     _guards: G,
 }
 
 impl<G: Unpin> http_body::Body for Guarded<G> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamFailure;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamFailure>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
