@@ -78,16 +78,13 @@ impl Link {
         !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    /// Reads more from the pod into `read`; `Ok(0)` once it has closed.
+    /// Reads more from the pod into `read`; `Ok(0)` once it has closed. Through tokio's
+    /// `AsyncRead`, which takes a short read to mean the socket is drained: `closed` and the
+    /// next answer's first read then wait for the socket's word instead of each trying a
+    /// read that would block (two system calls a request).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            self.read.reserve(READ_BYTES);
-            match self.stream.try_read_buf(&mut self.read) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                done => return Poll::Ready(done),
-            }
-        }
+        self.read.reserve(READ_BYTES);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
     }
 
     async fn fill(&mut self) -> std::io::Result<usize> {
