@@ -323,6 +323,8 @@ impl Drop for Tracked {
 /// and minus `Expect`: the gateway has read the whole body already, and a pod's `100
 /// Continue` would be for the gateway.
 fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap {
+    // Most requests carry none: one look at each of their few headers costs less than a
+    // removal (a hash and a probe) per name.
     if forwarded.keys().any(is_hop_by_hop) {
         for name in &HOP_BY_HOP {
             forwarded.remove(name);
@@ -337,8 +339,7 @@ fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap 
     forwarded
 }
 
-/// Whether a header belongs to one connection. Most messages carry none: one look at each
-/// of their few headers costs less than a removal (a hash and a probe) per name.
+/// Whether a header belongs to one connection.
 pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
