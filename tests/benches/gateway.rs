@@ -414,7 +414,10 @@ async fn measure_proxies(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    println!("added latency, {what}, {rounds} rounds x {per_connection} requests per connection");
+    println!(
+        "added latency, {what}, {rounds} rounds x {per_connection} requests per connection and \
+         target (above one connection an eighth of that, at least 10)"
+    );
     for connections in connection_counts() {
         let per = if connections == 1 {
             per_connection
