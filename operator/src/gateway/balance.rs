@@ -20,7 +20,8 @@ pub enum Routing {
 /// Requests in flight per pod, counted by this gateway.
 #[derive(Default)]
 pub struct Balancer {
-    pods: RwLock<HashMap<SocketAddr, Arc<Pod>>>,
+    /// By pod address, from the API server, not from callers: foldhash, not SipHash.
+    pods: RwLock<HashMap<SocketAddr, Arc<Pod>, foldhash::fast::RandomState>>,
     /// Rotates the starting point among equally loaded pods.
     turn: AtomicUsize,
 }

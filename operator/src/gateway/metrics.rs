@@ -6,6 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelCode {
@@ -51,6 +53,19 @@ pub struct Metrics {
     pub held: Family<Deployment, Gauge>,
     pub hold_wait: Family<ModelLabel, Histogram>,
     pub limited: Family<KeyReason, Counter>,
+    /// Each model's series that every request touches, by served name.
+    by_model: RwLock<HashMap<Arc<str>, Arc<ModelSeries>, foldhash::fast::RandomState>>,
+}
+
+/// The series of one model (its served name, or `-`) that every request touches, found
+/// once per request: through the families each was a lookup by label set, a String to
+/// build and hash (SipHash) under a lock, three times a request.
+pub struct ModelSeries {
+    model: Arc<str>,
+    /// `requests{code="200"}`, nearly every answer's, made on the first.
+    ok: OnceLock<Counter>,
+    pub duration: Histogram,
+    pub in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -66,6 +81,7 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(0.01, 2.0, 16))
             }),
             limited: Family::default(),
+            by_model: RwLock::default(),
             registry: Registry::with_prefix(PREFIX),
         };
         let registry = &mut metrics.registry;
@@ -111,6 +127,47 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The series of the model served as `served` (a known model's name, or `-`: a caller's
+    /// made-up names are not series).
+    pub fn model(&self, served: &str) -> Arc<ModelSeries> {
+        let known = self.by_model.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = known.get(served) {
+            return series.clone();
+        }
+        drop(known);
+        let mut all = self
+            .by_model
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        all.entry(served.into())
+            .or_insert_with(|| {
+                let label = ModelLabel {
+                    model: served.to_string(),
+                };
+                Arc::new(ModelSeries {
+                    model: served.into(),
+                    ok: OnceLock::new(),
+                    duration: self.duration.get_or_create(&label).clone(),
+                    in_flight: self.in_flight.get_or_create(&label).clone(),
+                })
+            })
+            .clone()
+    }
+
+    /// Counts a request `series`' model answered with `code`.
+    pub fn answered(&self, series: &ModelSeries, code: u16) {
+        let count = |code| {
+            self.requests.get_or_create_owned(&ModelCode {
+                model: series.model.to_string(),
+                code,
+            })
+        };
+        match code {
+            200 => series.ok.get_or_init(|| count(200)).inc(),
+            _ => count(code).inc(),
+        };
+    }
+
     pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)

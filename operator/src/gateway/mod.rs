@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use kandle_listen::ConnectionLimits;
 use keys::Keys;
+use proxy::GatewayBody;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -115,11 +116,11 @@ impl Gateway {
     /// service (the OpenAI routes it forwards, then axum's router for the rest), with that
     /// thread's connections to pods.
     fn service(self: &Arc<Self>, worker: usize) -> Service {
-        Service {
+        Service(Arc::new(Worker {
             gateway: self.clone(),
             router: self.router(),
             upstreams: upstream::Upstreams::new(self.idle[worker].clone(), self.connect_timeout),
-        }
+        }))
     }
 
     fn router(self: &Arc<Self>) -> Router {
@@ -172,45 +173,49 @@ const FORWARDED: [&str; 4] = [
     "/v1/rerank",
 ];
 
-/// The gateway as hyper calls it. Forwarded requests go straight to the proxy: through
-/// axum's router each also paid for its routing, its boxed service clone and its
-/// matched-path extension, per request, for four fixed paths.
+/// The gateway as hyper calls it, cloned for every request. Forwarded requests go straight
+/// to the proxy: through axum's router each also paid for its routing, its boxed service
+/// clone and its matched-path extension, per request, for four fixed paths.
 #[derive(Clone)]
-pub struct Service {
+struct Service(Arc<Worker>);
+
+/// What a serving thread's requests share.
+struct Worker {
     gateway: Arc<Gateway>,
     router: Router,
     upstreams: upstream::Upstreams,
 }
 
 impl tower::Service<Request<Incoming>> for Service {
-    type Response = Response;
+    type Response = Response<GatewayBody>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+    type Future = BoxFuture<'static, Result<Response<GatewayBody>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let worker = self.0.clone();
         if FORWARDED.contains(&request.uri().path()) {
-            let gateway = self.gateway.clone();
-            let upstreams = self.upstreams.clone();
-            return Box::pin(async move { Ok(forward(gateway, upstreams, request).await) });
+            return Box::pin(async move { Ok(forward(&worker, request).await) });
         }
-        Box::pin(tower::ServiceExt::oneshot(self.router.clone(), request))
+        Box::pin(async move {
+            let router = worker.router.clone();
+            Ok(proxy::own(
+                tower::ServiceExt::oneshot(router, request).await?,
+            ))
+        })
     }
 }
 
-async fn forward(
-    gateway: Arc<Gateway>,
-    upstreams: upstream::Upstreams,
-    request: Request<Incoming>,
-) -> Response {
+async fn forward(worker: &Worker, request: Request<Incoming>) -> Response<GatewayBody> {
+    let gateway = &worker.gateway;
     if request.method() != Method::POST {
-        return GatewayError::MethodNotAllowed.into_response();
+        return proxy::own(GatewayError::MethodNotAllowed.into_response());
     }
     if gateway.draining.refusing.load(Ordering::Acquire) {
-        return GatewayError::Draining.into_response();
+        return proxy::own(GatewayError::Draining.into_response());
     }
     let (parts, body) = request.into_parts();
     let limit = gateway.settings.max_body_bytes;
@@ -218,19 +223,19 @@ async fn forward(
         gateway.settings.body_timeout,
         Limited::new(body, limit).collect(),
     );
-    let body = match read.await {
-        Err(_) => {
-            return GatewayError::BodyTimeout(gateway.settings.body_timeout.as_secs())
-                .into_response();
-        }
-        Ok(Err(e)) if e.is::<LengthLimitError>() => {
-            return GatewayError::PayloadTooLarge(limit).into_response();
-        }
-        Ok(Err(e)) => {
-            let message = format!("Could not read the request body: {e}");
-            return GatewayError::InvalidRequest(message).into_response();
-        }
-        Ok(Ok(body)) => body.to_bytes(),
+    let read = match read.await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Err(_) => Err(GatewayError::BodyTimeout(
+            gateway.settings.body_timeout.as_secs(),
+        )),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(GatewayError::PayloadTooLarge(limit)),
+        Ok(Err(e)) => Err(GatewayError::InvalidRequest(format!(
+            "Could not read the request body: {e}"
+        ))),
+    };
+    let body = match read {
+        Ok(body) => body,
+        Err(e) => return proxy::own(e.into_response()),
     };
     let tracked = gateway.draining.track();
     let request = proxy::Incoming {
@@ -239,7 +244,7 @@ async fn forward(
         headers: parts.headers,
         body,
     };
-    let response = gateway.clone().proxy(&upstreams, request).await;
+    let response = gateway.proxy(&worker.upstreams, request).await;
     drop(tracked);
     response
 }

@@ -1,15 +1,17 @@
 //! One request's way through the gateway: read and peek at the body, check the key, find
 //! the model, hold while it has no ready pod, then forward to a pod, retrying on another
 //! while nothing has been answered, and pass the answer back as it comes.
-use super::Gateway;
+use super::balance::Slot;
 use super::error::GatewayError;
-use super::keys::{Limited, Tenant};
-use super::metrics::{Deployment, ModelLabel, UpstreamError};
+use super::keys::{Limited, Permit, Tenant};
+use super::metrics::{Deployment, ModelLabel, ModelSeries, UpstreamError};
 use super::table::Model;
-use super::upstream::{Outgoing, PodBody, UpstreamError as UpstreamFailure, Upstreams};
+use super::upstream::{Outgoing, PodBody, Upstreams};
+use super::{DrainGuard, Gateway};
 use axum::body::{Body, Bytes};
 use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, Method, Response, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, Response, StatusCode, Uri, header};
+use axum::response::IntoResponse;
 use http_body::{Frame, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
@@ -46,48 +48,31 @@ struct Routed {
     prefix: Option<Vec<u8>>,
 }
 
-/// Headers that belong to one connection (RFC 9110 §7.6.1), never passed on.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-];
-
 impl Gateway {
     /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and the like.
     pub(super) async fn proxy(
-        self: Arc<Self>,
+        &self,
         upstreams: &Upstreams,
         request: Incoming,
-    ) -> Response<Body> {
+    ) -> Response<GatewayBody> {
         let started = Instant::now();
-        let (label, outcome) = match self.route(&request.headers, &request.body) {
+        let (series, outcome) = match self.route(&request.headers, &request.body) {
             Ok((routed, tenant)) => {
+                let model = self.table.borrow().get(&routed.model).cloned();
                 // Labelled by served names only: a caller's made-up names are not series.
-                let known = self.table.borrow().get(&routed.model).is_some();
-                let label = if known {
-                    routed.model.clone()
-                } else {
-                    "-".into()
-                };
-                let served = self.serve(upstreams, routed, tenant, request, started);
-                (label, served.await)
+                let series = self
+                    .metrics
+                    .model(model.as_ref().map_or("-", |m| &m.served));
+                let outcome = self
+                    .serve(upstreams, routed, model, tenant, request, &series)
+                    .await;
+                (series, outcome)
             }
-            Err(e) => ("-".to_string(), Err(e)),
+            Err(e) => (self.metrics.model("-"), Err(e)),
         };
-        let response = outcome.unwrap_or_else(axum::response::IntoResponse::into_response);
-        let key = super::metrics::ModelCode {
-            model: label,
-            code: response.status().as_u16(),
-        };
-        self.metrics.requests.get_or_create(&key).inc();
-        self.metrics
-            .duration
-            .get_or_create(&ModelLabel { model: key.model })
-            .observe(started.elapsed().as_secs_f64());
+        let response = outcome.unwrap_or_else(|e| own(e.into_response()));
+        self.metrics.answered(&series, response.status().as_u16());
+        series.duration.observe(started.elapsed().as_secs_f64());
         response
     }
 
@@ -126,14 +111,16 @@ impl Gateway {
         Ok((Routed { model, prefix }, tenant))
     }
 
+    /// Sends the request to a ready pod of `model`, the one it names.
     async fn serve(
         &self,
         upstreams: &Upstreams,
         routed: Routed,
+        model: Option<Arc<Model>>,
         tenant: Option<Arc<Tenant>>,
         request: Incoming,
-        started: Instant,
-    ) -> Result<Response<Body>, GatewayError> {
+        series: &ModelSeries,
+    ) -> Result<Response<GatewayBody>, GatewayError> {
         let Incoming {
             method,
             uri,
@@ -141,12 +128,7 @@ impl Gateway {
             body,
         } = request;
         let served = routed.model;
-        let model = self
-            .table
-            .borrow()
-            .get(&served)
-            .cloned()
-            .ok_or_else(|| GatewayError::ModelNotFound(served.clone()))?;
+        let model = model.ok_or_else(|| GatewayError::ModelNotFound(served.clone()))?;
         let permit = match &tenant {
             Some(t) if !t.may_call(&model) => return Err(GatewayError::Forbidden(served)),
             Some(t) => Some(t.admit(Instant::now()).map_err(|limit| {
@@ -168,31 +150,29 @@ impl Gateway {
             })?),
             None => None,
         };
-        let model = self.ready_model(model, started).await?;
-        let in_flight = Tracked::inc(
-            self.metrics
-                .in_flight
-                .get_or_create(&ModelLabel {
-                    model: served.clone(),
-                })
-                .clone(),
-        );
+        let mut model = self.ready_model(model).await?;
+        let in_flight = Tracked::inc(series.in_flight.clone());
         let outgoing = Outgoing {
             method,
             path: uri
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            headers: forwarded_headers(headers, self.keys.is_some()),
+            headers,
+            key_checked: self.keys.is_some(),
             body,
         };
         let mut tried = Vec::new();
         let mut unavailable = None;
-        for _ in 0..=self.settings.retries {
+        for attempt in 0..=self.settings.retries {
             // The pods as they are now: some may have become ready or gone since the last try.
-            let current = self.table.borrow().get(&served).cloned();
+            if attempt > 0
+                && let Some(current) = self.table.borrow().get(&served)
+            {
+                model = current.clone();
+            }
             let Some(slot) = self.balancer.pick(
-                &current.as_ref().unwrap_or(&model).endpoints,
+                &model.endpoints,
                 &tried,
                 routed.prefix.as_deref(),
                 self.settings.affinity_load_factor,
@@ -206,8 +186,7 @@ impl Gateway {
                     "unavailable"
                 }
                 Ok(answer) => {
-                    let guards = (slot, permit, in_flight, self.draining.track());
-                    return Ok(stream(answer, guards));
+                    return Ok(self.pass_on(answer, Some(slot), permit, in_flight));
                 }
                 Err(e) if e.is_connect() => {
                     tracing::debug!(model = %served, pod = %slot.addr, error = %e, "pod refused; trying another");
@@ -224,9 +203,30 @@ impl Gateway {
         }
         match unavailable {
             // Every pod was busy or draining: their own answer says so best.
-            Some(answer) => Ok(stream(answer, (permit, in_flight))),
+            Some(answer) => Ok(self.pass_on(answer, None, permit, in_flight)),
             None => Err(GatewayError::Upstream(served)),
         }
+    }
+
+    /// A pod's answer, passed on with what must live as long as it: its place on the pod,
+    /// the key's permit, and the counts of requests in flight.
+    fn pass_on(
+        &self,
+        answer: Response<PodBody>,
+        slot: Option<Slot>,
+        permit: Option<Permit>,
+        in_flight: Tracked,
+    ) -> Response<GatewayBody> {
+        let guards = Guards {
+            _slot: slot,
+            _permit: permit,
+            _in_flight: in_flight,
+            _draining: self.draining.track(),
+        };
+        answer.map(|body| GatewayBody::Pod {
+            body,
+            _guards: guards,
+        })
     }
 
     fn count_upstream_error(&self, model: &str, reason: &'static str) {
@@ -241,11 +241,7 @@ impl Gateway {
 
     /// The model once it has a ready pod: at once, or after holding the request (bounded in
     /// number and time) while the autoscaler, which reads the held count, starts one.
-    async fn ready_model(
-        &self,
-        model: Arc<Model>,
-        started: Instant,
-    ) -> Result<Arc<Model>, GatewayError> {
+    async fn ready_model(&self, model: Arc<Model>) -> Result<Arc<Model>, GatewayError> {
         // Pods of an earlier spec may still serve a model whose current spec failed.
         if !model.endpoints.is_empty() {
             return Ok(model);
@@ -253,6 +249,13 @@ impl Gateway {
         if let Some(why) = &model.failed {
             return Err(GatewayError::ModelFailed(model.served.clone(), why.clone()));
         }
+        // Boxed: every request's future would otherwise carry room for this rare wait.
+        Box::pin(self.hold(model)).await
+    }
+
+    /// Holds a request for `model` (bounded in number and time) until it has a ready pod.
+    async fn hold(&self, model: Arc<Model>) -> Result<Arc<Model>, GatewayError> {
+        let started = Instant::now();
         let served = model.served.clone();
         let gauge = self
             .metrics
@@ -318,66 +321,55 @@ impl Drop for Tracked {
     }
 }
 
-/// The client's headers minus hop-by-hop ones and the framing the gateway writes again,
-/// minus its API key when the gateway checked it (the key is the gateway's, not the pod's),
-/// and minus `Expect`: the gateway has read the whole body already, and a pod's `100
-/// Continue` would be for the gateway.
-fn forwarded_headers(mut forwarded: HeaderMap, keys_checked: bool) -> HeaderMap {
-    // Most requests carry none: one look at each of their few headers costs less than a
-    // removal (a hash and a probe) per name.
-    if forwarded.keys().any(is_hop_by_hop) {
-        for name in &HOP_BY_HOP {
-            forwarded.remove(name);
-        }
-    }
-    forwarded.remove(header::HOST);
-    forwarded.remove(header::CONTENT_LENGTH);
-    forwarded.remove(header::EXPECT);
-    if keys_checked {
-        forwarded.remove(header::AUTHORIZATION);
-    }
-    forwarded
+/// What the gateway answers with: a pod's answer, passed on frame by frame, or its own.
+pub(super) enum GatewayBody {
+    /// Dropping the pod's body before its end closes its connection, which cancels the work
+    /// on the pod.
+    Pod {
+        body: PodBody,
+        _guards: Guards,
+    },
+    Own(Body),
 }
 
-/// Whether a header belongs to one connection.
-pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+/// The gateway's own answer (an error, a model list, metrics).
+pub(super) fn own(response: axum::response::Response) -> Response<GatewayBody> {
+    response.map(GatewayBody::Own)
 }
 
-/// The pod's answer passed on frame by frame. `guards` (the pod's slot, the key's permit,
-/// gauges) live until the body ends or the client goes, and dropping the pod's body then
-/// closes its connection, which cancels the work on the pod.
-fn stream<G: Send + Unpin + 'static>(answer: Response<PodBody>, guards: G) -> Response<Body> {
-    answer.map(|body| {
-        Body::new(Guarded {
-            body,
-            _guards: guards,
-        })
-    })
+/// What lives as long as a pod's answer is passed on.
+pub(super) struct Guards {
+    _slot: Option<Slot>,
+    _permit: Option<Permit>,
+    _in_flight: Tracked,
+    _draining: DrainGuard,
 }
 
-/// A pod's answer body, holding what must live as long as it does.
-struct Guarded<G> {
-    body: PodBody,
-    _guards: G,
-}
-
-impl<G: Unpin> http_body::Body for Guarded<G> {
+impl http_body::Body for GatewayBody {
     type Data = Bytes;
-    type Error = UpstreamFailure;
+    type Error = axum::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamFailure>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        match self.get_mut() {
+            Self::Pod { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Own(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            Self::Pod { body, .. } => body.is_end_stream(),
+            Self::Own(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            Self::Pod { body, .. } => body.size_hint(),
+            Self::Own(body) => body.size_hint(),
+        }
     }
 }

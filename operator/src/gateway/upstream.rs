@@ -18,11 +18,14 @@ mod framing;
 
 use axum::body::Bytes;
 use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use axum::http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header,
+};
 use bytes::{Buf, BytesMut};
 use framing::{Framing, Step};
 use http_body::{Frame, SizeHint};
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,9 +95,11 @@ impl Link {
     }
 }
 
-/// Idle connections to pods, shared by every client connection of a serving thread.
+/// Idle connections to pods, shared by every client connection of a serving thread. Keyed
+/// by pod addresses, which come from the API server, not from callers: hashed with
+/// foldhash, not SipHash.
 #[derive(Default)]
-pub struct Idle(Mutex<HashMap<SocketAddr, Vec<Link>>>);
+pub struct Idle(Mutex<HashMap<SocketAddr, Vec<Link>, foldhash::fast::RandomState>>);
 
 impl Idle {
     /// An idle connection to `addr` still open, the most recently used first.
@@ -136,18 +141,49 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Headers that belong to one connection (RFC 9110 §7.6.1), never passed on.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Whether a header belongs to one connection.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
 /// A request for pods: all of it but `Host`, which names each pod. Never `HEAD` (the
 /// gateway forwards `POST`s), whose answers would carry a length but no body.
 pub(super) struct Outgoing {
     pub method: Method,
     pub path: PathAndQuery,
-    /// Checked by the HTTP server that read them (no line breaks), less those that belong to
-    /// one connection and the framing, which is written here.
+    /// The client's, checked by the HTTP server that read them (no line breaks); those
+    /// that are not the pod's are left out as the head is written (`forwards`).
     pub headers: HeaderMap,
+    /// Whether the gateway checked the caller's API key, which is then the gateway's, not
+    /// the pod's.
+    pub key_checked: bool,
     pub body: Bytes,
 }
 
 impl Outgoing {
+    /// Whether a client's header goes on to the pod: not one that belongs to one
+    /// connection, nor the framing and `Host`, written here for the pod, nor `Expect` (the
+    /// gateway has read the whole body; a pod's `100 Continue` would be for the gateway), nor
+    /// the API key the gateway checked. Skipped as the head is written: removing them from
+    /// the map would cost a hash and a probe per name, for every request.
+    fn forwards(&self, name: &HeaderName) -> bool {
+        !(is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::EXPECT
+            || (self.key_checked && name == header::AUTHORIZATION))
+    }
+
     /// The head, written byte by byte: `format!`'s machinery would be more code to run per
     /// request, often cold.
     fn head(&self, host: &HeaderValue) -> Vec<u8> {
@@ -164,7 +200,7 @@ impl Outgoing {
         ] {
             head.extend_from_slice(part);
         }
-        for (name, value) in &self.headers {
+        for (name, value) in self.headers.iter().filter(|(name, _)| self.forwards(name)) {
             for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
                 head.extend_from_slice(part);
             }
@@ -215,7 +251,9 @@ impl Upstreams {
                 Err(failed) => return Err(failed.error),
             }
         }
-        let link = self.connect(addr).await?;
+        // Boxed: most requests find an idle connection, and their futures need not carry
+        // room for a connect.
+        let link = Box::pin(self.connect(addr)).await?;
         match exchange(link, &head, &request.body).await {
             Ok(answer) => Ok(self.answer(addr, answer)),
             Err(failed) => Err(failed.error),
@@ -263,14 +301,17 @@ async fn exchange(mut link: Link, head: &[u8], body: &[u8]) -> Result<(Head, Lin
         .await
         .map_err(|e| unanswered(e.into()))?;
     loop {
-        match parse_head(&mut link.read) {
-            Ok(Some(head)) => return Ok((head, link)),
-            Ok(None) => {}
-            Err(error) => {
-                return Err(Failed {
-                    error,
-                    unanswered: false,
-                });
+        // Idle connections come back with nothing unread: no parse before the first read.
+        if !link.read.is_empty() {
+            match parse_head(&mut link.read) {
+                Ok(Some(head)) => return Ok((head, link)),
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        unanswered: false,
+                    });
+                }
             }
         }
         let answered = !link.read.is_empty();
@@ -301,10 +342,13 @@ struct Head {
 /// The final answer's head, taken off the front of `read`, once all of it is there;
 /// interim answers (`100 Continue`) before it are skipped.
 fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
+    let parser = httparse::ParserConfig::default();
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut headers);
-        let length = match parsed.parse(read) {
+        // Left uninitialised: filling 100 empty headers wrote 3 KiB for every parse.
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let length = match parser.parse_response_with_uninit_headers(&mut parsed, read, &mut fields)
+        {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) if read.len() < MAX_HEAD_BYTES => return Ok(None),
             Ok(httparse::Status::Partial) => {
@@ -326,39 +370,61 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
         } else {
             Version::HTTP_10
         };
-        let head = head_of(status, version, parsed.headers)?;
-        read.advance(length);
+        // Where each header lies: the values kept then share the head's bytes, where a copy
+        // and an allocation of each cost more than the rest of the parse.
+        let base = read.as_ptr() as usize;
+        let span = |part: &[u8]| {
+            let start = part.as_ptr() as usize - base;
+            [start as u32, (start + part.len()) as u32]
+        };
+        let mut places = [Place::default(); MAX_HEADERS];
+        for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
+            *place = Place {
+                name: span(field.name.as_bytes()),
+                value: span(field.value),
+            };
+        }
+        let fields = parsed.headers.len();
+        let bytes = read.split_to(length).freeze();
+        let head = head_of(status, version, &bytes, &places[..fields])?;
         if !status.is_informational() {
             return Ok(Some(head));
         }
     }
 }
 
+/// Where one header's name and value lie in an answer's head, each from start to end.
+#[derive(Clone, Copy, Default)]
+struct Place {
+    name: [u32; 2],
+    value: [u32; 2],
+}
+
 fn head_of(
     status: StatusCode,
     version: Version,
-    fields: &[httparse::Header<'_>],
+    bytes: &Bytes,
+    places: &[Place],
 ) -> Result<Head, UpstreamError> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    let range = |[start, end]: [u32; 2]| start as usize..end as usize;
+    let mut headers = HeaderMap::with_capacity(places.len());
     let mut length = None;
     let mut chunked = false;
     // HTTP/1.0 closes after each answer unless it says otherwise; kandle's pods speak 1.1.
     let mut reuse = version == Version::HTTP_11;
-    for field in fields {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
+    for place in places {
+        let name = HeaderName::from_bytes(&bytes[range(place.name)])
             .map_err(|_| UpstreamError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| UpstreamError::Malformed("invalid header value"))?;
-        if name == axum::http::header::CONTENT_LENGTH {
-            let n = framing::content_length(field.value)?;
+        let value = &bytes[range(place.value)];
+        if name == header::CONTENT_LENGTH {
+            let n = framing::content_length(value)?;
             if length.is_some_and(|m| m != n) {
                 return Err(UpstreamError::Malformed("conflicting Content-Length"));
             }
             length = Some(n);
-        } else if name == axum::http::header::TRANSFER_ENCODING {
+        } else if name == header::TRANSFER_ENCODING {
             // Only chunked, the last coding, frames a body this reads.
-            chunked = field
-                .value
+            chunked = value
                 .rsplit(|b| *b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
@@ -367,15 +433,16 @@ fn head_of(
                     "a transfer coding other than chunked",
                 ));
             }
-        } else if name == axum::http::header::CONNECTION {
+        } else if name == header::CONNECTION {
             if value
-                .as_bytes()
                 .split(|b| *b == b',')
                 .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
             {
                 reuse = false;
             }
-        } else if !super::proxy::is_hop_by_hop(&name) {
+        } else if !is_hop_by_hop(&name) {
+            let value = HeaderValue::from_maybe_shared(bytes.slice(range(place.value)))
+                .map_err(|_| UpstreamError::Malformed("invalid header value"))?;
             headers.append(name, value);
         }
     }
@@ -578,6 +645,7 @@ mod tests {
             method: Method::POST,
             path: PathAndQuery::from_static("/v1/embeddings?x=1"),
             headers,
+            key_checked: false,
             body: Bytes::from_static(b"{}"),
         }
     }
@@ -636,6 +704,40 @@ mod tests {
               content-length: 2\r\nx-request-id: abc\r\n\r\n"
             ]
         );
+    }
+
+    #[test]
+    fn the_head_leaves_out_what_is_not_the_pods() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("host", "gateway.example"),
+            ("content-length", "99"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("expect", "100-continue"),
+            ("authorization", "Bearer sk-1"),
+            ("content-type", "application/json"),
+            ("x-request-id", "abc"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        let host = HeaderValue::from_static("pod.example:8080");
+        let mut outgoing = request(headers);
+        let head = |outgoing: &Outgoing| String::from_utf8(outgoing.head(&host)).unwrap();
+        let start = "POST /v1/embeddings?x=1 HTTP/1.1\r\nhost: pod.example:8080\r\n\
+            content-length: 2\r\n";
+        let rest = "content-type: application/json\r\nx-request-id: abc\r\n\r\n";
+        assert_eq!(
+            head(&outgoing),
+            format!("{start}authorization: Bearer sk-1\r\n{rest}"),
+            "a key the gateway did not check is the pod's"
+        );
+        outgoing.key_checked = true;
+        assert_eq!(head(&outgoing), format!("{start}{rest}"));
     }
 
     #[tokio::test]
