@@ -370,8 +370,9 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
         } else {
             Version::HTTP_10
         };
-        // Where each header lies: the values kept then share the head's bytes, where a copy
-        // and an allocation of each cost more than the rest of the parse.
+        // Where each header lies (a head is read up to 64 KiB: offsets fit in u32): the
+        // values kept then share the head's bytes, where a copy and an allocation of each
+        // cost more than the rest of the parse.
         let base = read.as_ptr() as usize;
         let span = |part: &[u8]| {
             let start = part.as_ptr() as usize - base;
