@@ -2,6 +2,7 @@
 mod common;
 
 use common::{TinyLlama, status_of, venv_bin};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,18 +17,27 @@ impl Drop for Moto {
 }
 
 fn moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(venv_bin("moto_server"))
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    // Port 0, and the address from moto's "Running on" line: a port picked beforehand could
+    // be taken by another test's server in between.
+    let mut child = Command::new(venv_bin("moto_server"))
+        .args(["-H", "127.0.0.1", "-p", "0"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start moto_server from the test virtualenv (scripts/test installs it)");
-    let url = format!("http://127.0.0.1:{port}");
+    let (found, address) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    // moto logs every request to stderr: read it to the end, or it would block on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(url) = line.split("Running on ").nth(1) {
+                let _ = found.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = address
+        .recv_timeout(Duration::from_secs(30))
+        .expect("moto_server did not say where it listens");
     let deadline = Instant::now() + Duration::from_secs(30);
     while status_of(&format!("{url}/")).is_none() {
         assert!(Instant::now() < deadline, "moto_server did not start");

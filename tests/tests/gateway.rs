@@ -89,10 +89,13 @@ async fn smol_behind_gateway(
     (pod, gateway)
 }
 
-/// An address where nothing listens: a pod that died.
-fn dead_pod() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+/// An address where nothing listens, a pod that died: a socket bound but not listening,
+/// which refuses connections and, while it lives, keeps the port from another test's server
+/// (a port bound and let go could be handed to one).
+fn dead_pod() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
 }
 
 async fn wait_listed(gateway: &Gateway, names: &[&str], key: Option<&str>) -> Value {
@@ -301,7 +304,8 @@ async fn spreads_requests_by_load_and_retries_pods_that_refuse() {
     let api = ApiServer::default();
     let spec = json!({"model": {"uri": "hf://org/m", "servedName": "smol"}});
     model(&api, "chat", spec, json!({}), Phase::Ready).await;
-    endpoints(&api, "ml", "chat", &[a.addr, b.addr, dead_pod()]).await;
+    let (dead, _bound) = dead_pod();
+    endpoints(&api, "ml", "chat", &[a.addr, b.addr, dead]).await;
     let gateway = start_gateway(&api, &[]).await;
     wait_listed(&gateway, &["smol"], None).await;
 
