@@ -16,6 +16,8 @@ pub enum GatewayError {
     NotFound,
     #[error("This endpoint takes POST requests only")]
     MethodNotAllowed,
+    #[error("The request's head is over 64 KiB or 100 headers")]
+    HeadTooLarge,
     #[error("Request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
     #[error("The request body did not arrive within {0} s")]
@@ -49,6 +51,7 @@ impl GatewayError {
             Self::InvalidRequest(_) | Self::MissingModel => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -64,9 +67,10 @@ impl GatewayError {
 
     fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
         match self {
-            Self::InvalidRequest(_) | Self::MissingModel | Self::PayloadTooLarge(_) => {
-                ("invalid_request_error", None)
-            }
+            Self::InvalidRequest(_)
+            | Self::MissingModel
+            | Self::HeadTooLarge
+            | Self::PayloadTooLarge(_) => ("invalid_request_error", None),
             Self::BodyTimeout(_) => ("invalid_request_error", Some("timeout")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::NotFound => ("invalid_request_error", Some("not_found")),

@@ -2,9 +2,13 @@
 //! routed by their `model` to that model's ready pods (`watch`, `table`), spread by load or
 //! prompt prefix (`balance`), held while a model scaled to zero starts (`proxy`; the held
 //! count is a metric the operator's autoscaler reads), and checked against API keys and
-//! their limits (`keys`).
+//! their limits (`keys`). Both of its sides speak HTTP/1.1 on the sockets themselves
+//! (`front` to clients, `upstream` to pods), on one event loop per serving thread.
 pub mod balance;
 pub mod error;
+mod framing;
+mod front;
+mod head;
 pub mod keys;
 pub mod metrics;
 pub mod proxy;
@@ -14,22 +18,18 @@ pub mod watch;
 
 use crate::cli::GatewayArgs;
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use error::GatewayError;
-use futures::future::BoxFuture;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use kandle_listen::ConnectionLimits;
 use keys::Keys;
 use proxy::GatewayBody;
-use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use table::Table;
 use tokio::net::TcpListener;
@@ -112,15 +112,14 @@ impl Gateway {
         })
     }
 
-    /// What serves the client connections of serving thread `worker`: the gateway's HTTP
-    /// service (the OpenAI routes it forwards, then axum's router for the rest), with that
-    /// thread's connections to pods.
-    fn service(self: &Arc<Self>, worker: usize) -> Service {
-        Service(Arc::new(Worker {
+    /// What answers the requests of serving thread `worker`: the OpenAI routes it
+    /// forwards, then axum's router for the rest, with that thread's connections to pods.
+    fn worker(self: &Arc<Self>, worker: usize) -> Worker {
+        Worker {
             gateway: self.clone(),
             router: self.router(),
             upstreams: upstream::Upstreams::new(self.idle[worker].clone(), self.connect_timeout),
-        }))
+        }
     }
 
     fn router(self: &Arc<Self>) -> Router {
@@ -173,12 +172,6 @@ const FORWARDED: [&str; 4] = [
     "/v1/rerank",
 ];
 
-/// The gateway as hyper calls it, cloned for every request. Forwarded requests go straight
-/// to the proxy: through axum's router each also paid for its routing, its boxed service
-/// clone and its matched-path extension, per request, for four fixed paths.
-#[derive(Clone)]
-struct Service(Arc<Worker>);
-
 /// What a serving thread's requests share.
 struct Worker {
     gateway: Arc<Gateway>,
@@ -186,30 +179,23 @@ struct Worker {
     upstreams: upstream::Upstreams,
 }
 
-impl tower::Service<Request<Incoming>> for Service {
-    type Response = Response<GatewayBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<GatewayBody>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let worker = self.0.clone();
+impl front::Answer for Worker {
+    /// Forwarded requests go straight to the proxy: through axum's router each would also
+    /// pay for its routing, a boxed service clone and a matched-path extension, for four
+    /// fixed paths.
+    async fn answer(&self, request: Request<Bytes>) -> Response<GatewayBody> {
         if FORWARDED.contains(&request.uri().path()) {
-            return Box::pin(async move { Ok(forward(&worker, request).await) });
+            return forward(self, request).await;
         }
-        Box::pin(async move {
-            let router = worker.router.clone();
-            Ok(proxy::own(
-                tower::ServiceExt::oneshot(router, request).await?,
-            ))
-        })
+        let request = request.map(axum::body::Body::from);
+        match tower::ServiceExt::oneshot(self.router.clone(), request).await {
+            Ok(response) => proxy::own(response),
+            Err(never) => match never {},
+        }
     }
 }
 
-async fn forward(worker: &Worker, request: Request<Incoming>) -> Response<GatewayBody> {
+async fn forward(worker: &Worker, request: Request<Bytes>) -> Response<GatewayBody> {
     let gateway = &worker.gateway;
     if request.method() != Method::POST {
         return proxy::own(GatewayError::MethodNotAllowed.into_response());
@@ -218,25 +204,6 @@ async fn forward(worker: &Worker, request: Request<Incoming>) -> Response<Gatewa
         return proxy::own(GatewayError::Draining.into_response());
     }
     let (parts, body) = request.into_parts();
-    let limit = gateway.settings.max_body_bytes;
-    let read = tokio::time::timeout(
-        gateway.settings.body_timeout,
-        Limited::new(body, limit).collect(),
-    );
-    let read = match read.await {
-        Ok(Ok(body)) => Ok(body.to_bytes()),
-        Err(_) => Err(GatewayError::BodyTimeout(
-            gateway.settings.body_timeout.as_secs(),
-        )),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(GatewayError::PayloadTooLarge(limit)),
-        Ok(Err(e)) => Err(GatewayError::InvalidRequest(format!(
-            "Could not read the request body: {e}"
-        ))),
-    };
-    let body = match read {
-        Ok(body) => body,
-        Err(e) => return proxy::own(e.into_response()),
-    };
     let tracked = gateway.draining.track();
     let request = proxy::Incoming {
         method: parts.method,
@@ -355,8 +322,13 @@ fn serving_threads(
     limits: ConnectionLimits,
     stopped: &tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let requests = Arc::new(front::Limits {
+        header_timeout: limits.header_timeout,
+        body_timeout: gateway.settings.body_timeout,
+        max_body_bytes: gateway.settings.max_body_bytes,
+    });
     (0..gateway.idle.len())
-        .map(|worker| {
+        .map(|index| {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -364,15 +336,25 @@ fn serving_threads(
                 let _in = runtime.enter();
                 TcpListener::from_std(listener.try_clone()?)?
             };
-            let service = gateway.service(worker);
+            let worker = Arc::new(gateway.worker(index));
+            let requests = requests.clone();
             let mut stopped = stopped.clone();
             std::thread::Builder::new()
-                .name(format!("gateway-{worker}"))
+                .name(format!("gateway-{index}"))
                 .spawn(move || {
                     let stop = async move {
                         let _ = stopped.wait_for(|stop| *stop).await;
                     };
-                    runtime.block_on(kandle_listen::serve(listener, service, limits, stop));
+                    let serve = kandle_listen::serve_connections(
+                        listener,
+                        limits,
+                        stop,
+                        move |stream, closing| {
+                            let (worker, requests) = (worker.clone(), requests.clone());
+                            async move { front::serve(stream, &*worker, &requests, closing).await }
+                        },
+                    );
+                    runtime.block_on(serve);
                 })
         })
         .collect()

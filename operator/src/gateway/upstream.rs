@@ -14,15 +14,12 @@
 //! A pod is a remote like any other: an answer's head is bounded in size and headers, its
 //! framing checked (`Content-Length`, chunked, or until close), and a connection is reused
 //! only when its answer ended exactly where its framing said.
-mod framing;
-
+use super::framing::{Framing, Step};
+use super::head::{self, MAX_HEAD_BYTES, MAX_HEADERS, is_hop_by_hop};
 use axum::body::Bytes;
 use axum::http::uri::PathAndQuery;
-use axum::http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header,
-};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use bytes::{Buf, BytesMut};
-use framing::{Framing, Step};
 use http_body::{Frame, SizeHint};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -39,10 +36,6 @@ const IDLE_PER_POD: usize = 64;
 /// How often the idle connections are looked at for pods having closed them (kandle-server
 /// closes a connection idle for its header timeout, 15 s by default).
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// The most an answer's head (status line and headers) may take, and its trailers.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// The most headers an answer may have.
-const MAX_HEADERS: usize = 100;
 /// What one read asks of the socket.
 const READ_BYTES: usize = 16 * 1024;
 
@@ -139,21 +132,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Headers that belong to one connection (RFC 9110 §7.6.1), never passed on.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-];
-
-/// Whether a header belongs to one connection.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
 }
 
 /// A request for pods: all of it but `Host`, which names each pod. Never `HEAD` (the
@@ -365,92 +343,28 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, UpstreamError> {
         }
         let status = StatusCode::from_u16(code)
             .map_err(|_| UpstreamError::Malformed("status code out of range"))?;
-        let version = if parsed.version == Some(1) {
-            Version::HTTP_11
-        } else {
-            Version::HTTP_10
-        };
-        // Where each header lies (a head is read up to 64 KiB: offsets fit in u32): the
-        // values kept then share the head's bytes, where a copy and an allocation of each
-        // cost more than the rest of the parse.
-        let base = read.as_ptr() as usize;
-        let span = |part: &[u8]| {
-            let start = part.as_ptr() as usize - base;
-            [start as u32, (start + part.len()) as u32]
-        };
-        let mut places = [Place::default(); MAX_HEADERS];
-        for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
-            *place = Place {
-                name: span(field.name.as_bytes()),
-                value: span(field.value),
-            };
-        }
-        let fields = parsed.headers.len();
+        // HTTP/1.0 closes after each answer unless it says otherwise; kandle's pods speak 1.1.
+        let http11 = parsed.version == Some(1);
+        let mut places = [head::Place::default(); MAX_HEADERS];
+        let fields = head::place(read, parsed.headers, &mut places);
         let bytes = read.split_to(length).freeze();
-        let head = head_of(status, version, &bytes, &places[..fields])?;
+        let fields = head::fields(&bytes, &places[..fields]).map_err(UpstreamError::Malformed)?;
         if !status.is_informational() {
-            return Ok(Some(head));
+            return Ok(Some(head_of(status, http11, fields)));
         }
     }
 }
 
-/// Where one header's name and value lie in an answer's head, each from start to end.
-#[derive(Clone, Copy, Default)]
-struct Place {
-    name: [u32; 2],
-    value: [u32; 2],
-}
-
-fn head_of(
-    status: StatusCode,
-    version: Version,
-    bytes: &Bytes,
-    places: &[Place],
-) -> Result<Head, UpstreamError> {
-    let range = |[start, end]: [u32; 2]| start as usize..end as usize;
-    let mut headers = HeaderMap::with_capacity(places.len());
-    let mut length = None;
-    let mut chunked = false;
-    // HTTP/1.0 closes after each answer unless it says otherwise; kandle's pods speak 1.1.
-    let mut reuse = version == Version::HTTP_11;
-    for place in places {
-        let name = HeaderName::from_bytes(&bytes[range(place.name)])
-            .map_err(|_| UpstreamError::Malformed("invalid header name"))?;
-        let value = &bytes[range(place.value)];
-        if name == header::CONTENT_LENGTH {
-            let n = framing::content_length(value)?;
-            if length.is_some_and(|m| m != n) {
-                return Err(UpstreamError::Malformed("conflicting Content-Length"));
-            }
-            length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
-            // Only chunked, the last coding, frames a body this reads.
-            chunked = value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            if !chunked {
-                return Err(UpstreamError::Malformed(
-                    "a transfer coding other than chunked",
-                ));
-            }
-        } else if name == header::CONNECTION {
-            if value
-                .split(|b| *b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-            {
-                reuse = false;
-            }
-        } else if !is_hop_by_hop(&name) {
-            let value = HeaderValue::from_maybe_shared(bytes.slice(range(place.value)))
-                .map_err(|_| UpstreamError::Malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
-    }
-    let framing = if status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+fn head_of(status: StatusCode, http11: bool, fields: head::Fields) -> Head {
+    let head::Fields {
+        headers,
+        length,
+        chunked,
+        close,
+        keep_alive,
+    } = fields;
+    let mut reuse = if http11 { !close } else { keep_alive };
+    let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         Framing::Length(0)
     } else if chunked {
         // RFC 9112 §6.3: chunked wins over a Content-Length sent beside it, but a pod that
@@ -463,12 +377,12 @@ fn head_of(
         reuse = false;
         Framing::UntilClose
     };
-    Ok(Head {
+    Head {
         status,
         headers,
         framing,
         reuse,
-    })
+    }
 }
 
 /// An answer's body, read from the pod's connection as it is polled. Once it has ended as
@@ -506,7 +420,11 @@ impl http_body::Body for PodBody {
             let Some(link) = body.link.as_mut() else {
                 return Poll::Ready(None);
             };
-            match body.framing.step(&mut link.read)? {
+            match body
+                .framing
+                .step(&mut link.read)
+                .map_err(UpstreamError::Malformed)?
+            {
                 Step::Data { bytes, last } => {
                     if last {
                         body.end();

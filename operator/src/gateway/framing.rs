@@ -1,24 +1,24 @@
-//! Where an answer's body ends (RFC 9112 §6): after `Content-Length` bytes, after the last
-//! chunk and its trailers, or when the pod closes the connection. Bodies are passed on as
-//! read, chunk data as it comes, never gathered; only chunk-size lines and trailers wait
-//! whole in the read buffer, and those are bounded.
-use super::{MAX_HEAD_BYTES, UpstreamError};
+//! Where a body ends (RFC 9112 §6): after `Content-Length` bytes, after the last chunk and
+//! its trailers, or when the sender closes the connection; for clients' requests and pods'
+//! answers alike. Bodies are taken as read, chunk data as it comes; only chunk-size lines
+//! and trailers wait whole in the read buffer, and those are bounded.
+use super::head::MAX_HEAD_BYTES;
 use axum::body::Bytes;
 use bytes::{Buf, BytesMut};
 
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
-/// How an answer's body is delimited, and how far it has been read.
+/// How a body is delimited, and how far it has been read.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Framing {
     /// This many bytes more.
     Length(u64),
     Chunked(Chunk),
-    /// Until the pod closes the connection.
+    /// Until the sender closes the connection.
     UntilClose,
     Done,
-    /// The pod broke the framing: nothing past this is passed on.
+    /// The sender broke the framing: nothing past this is passed on.
     Failed(&'static str),
 }
 
@@ -51,11 +51,11 @@ impl Framing {
     }
 
     /// The body's next step, taken off the front of `read`.
-    pub(super) fn step(&mut self, read: &mut BytesMut) -> Result<Step, UpstreamError> {
+    pub(super) fn step(&mut self, read: &mut BytesMut) -> Result<Step, &'static str> {
         self.settle(read);
         let available = read.len() as u64;
         let (taken, next) = match *self {
-            Self::Failed(why) => return Err(UpstreamError::Malformed(why)),
+            Self::Failed(why) => return Err(why),
             Self::Done => return Ok(Step::End),
             _ if available == 0 => return Ok(Step::More),
             Self::Length(left) => {
@@ -124,7 +124,7 @@ impl Framing {
                         }
                         Ok(Some(end)) => {
                             // Trailers are not passed on: kandle's pods send none, and
-                            // the client's HTTP/1.1 framing is the gateway's own.
+                            // each side's HTTP/1.1 framing is the gateway's own.
                             read.advance(end + 2);
                             Self::Chunked(Chunk::Trailers(seen + end + 2))
                         }
@@ -165,15 +165,15 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
 }
 
 /// A `Content-Length` value: decimal digits only.
-pub(super) fn content_length(value: &[u8]) -> Result<u64, UpstreamError> {
-    let invalid = || UpstreamError::Malformed("an invalid Content-Length");
+pub(super) fn content_length(value: &[u8]) -> Result<u64, &'static str> {
+    let invalid = "an invalid Content-Length";
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
-        return Err(invalid());
+        return Err(invalid);
     }
     std::str::from_utf8(value)
         .ok()
         .and_then(|digits| digits.parse().ok())
-        .ok_or_else(invalid)
+        .ok_or(invalid)
 }
 
 #[cfg(test)]
@@ -186,7 +186,7 @@ mod tests {
         mut framing: Framing,
         wire: &[u8],
         piece: usize,
-    ) -> Result<(Vec<u8>, bool, Vec<u8>), UpstreamError> {
+    ) -> Result<(Vec<u8>, bool, Vec<u8>), &'static str> {
         let mut read = BytesMut::new();
         let mut data = Vec::new();
         let mut pieces = wire.chunks(piece);
@@ -267,8 +267,7 @@ mod tests {
             (b"5 x\nhello", "a bare line feed"),
             (b"2\r\nok\r\n0\r\nx: 1\n\r\n", "a bare line feed"),
         ] {
-            let error = read_in_pieces(Framing::chunked(), wire, 1).unwrap_err();
-            assert_eq!(error.to_string(), UpstreamError::Malformed(why).to_string());
+            assert_eq!(read_in_pieces(Framing::chunked(), wire, 1), Err(why));
         }
         let mut read = BytesMut::from(&b"2\r\nokX"[..]);
         let mut framing = Framing::chunked();
