@@ -50,6 +50,9 @@ pub(super) struct Limits {
     /// From the head until the whole body is in.
     pub body_timeout: Duration,
     pub max_body_bytes: usize,
+    /// How long a write may wait for a client that does not read (nginx's `send_timeout`):
+    /// past it the connection closes, and a pod's answer with it.
+    pub send_timeout: Duration,
 }
 
 /// What answers a connection's requests.
@@ -69,6 +72,7 @@ pub(super) async fn serve(
     let mut client = Client {
         stream,
         read: BytesMut::new(),
+        send_timeout: limits.send_timeout,
     };
     loop {
         let received = tokio::select! {
@@ -140,6 +144,7 @@ struct Received {
 struct Client {
     stream: TcpStream,
     read: BytesMut,
+    send_timeout: Duration,
 }
 
 /// A request's head: all of it but the body.
@@ -411,7 +416,9 @@ impl Client {
         }
         let mut slices = &mut slices[..count];
         while !slices.is_empty() {
-            let n = self.stream.write_vectored(slices).await?;
+            let n = tokio::time::timeout(self.send_timeout, self.stream.write_vectored(slices))
+                .await
+                .map_err(|_| std::io::ErrorKind::TimedOut)??;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
@@ -547,11 +554,13 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// Answers `POST` with what it received, `GET /stream` with a body of unknown length
-    /// sent in two parts a moment apart, `GET /slow` never (noting when it is dropped), and
-    /// anything else with its method and path.
+    /// sent in two parts a moment apart, `GET /slow` never and `GET /endless` with a body
+    /// that never ends (each noting when it is dropped), and anything else with its method
+    /// and path.
     #[derive(Default)]
     struct Echo {
         slow_dropped: Arc<AtomicBool>,
+        endless_dropped: Arc<AtomicBool>,
     }
 
     struct NoteDrop(Arc<AtomicBool>);
@@ -570,6 +579,13 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     (n < 2).then(|| (Ok::<_, std::io::Error>(format!("part{n};")), n + 1))
                 })),
+                (_, "/endless") => {
+                    let noted = NoteDrop(self.endless_dropped.clone());
+                    Body::from_stream(futures::stream::repeat_with(move || {
+                        let _keep = &noted;
+                        Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 64 * 1024]))
+                    }))
+                }
                 (_, "/slow") => {
                     let _noted = NoteDrop(self.slow_dropped.clone());
                     std::future::pending::<()>().await;
@@ -585,6 +601,7 @@ mod tests {
         header_timeout: Duration::from_millis(300),
         body_timeout: Duration::from_millis(300),
         max_body_bytes: 64,
+        send_timeout: Duration::from_millis(300),
     };
 
     /// A front on loopback answering with `echo` until `shutdown` resolves.
@@ -826,14 +843,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!echo.slow_dropped.load(Ordering::SeqCst));
         drop(stream);
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while !echo.slow_dropped.load(Ordering::SeqCst) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "still answering a client gone"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_set(&echo.slow_dropped, "still answering a client gone").await;
 
         let mut idle = TcpStream::connect(addr).await.unwrap();
         idle.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
@@ -846,6 +856,32 @@ mod tests {
             started.elapsed() < LIMITS.header_timeout,
             "closed on shutdown, not by timeout"
         );
+    }
+
+    /// Waits until `flag` is set, for at most 3 s.
+    async fn until_set(flag: &AtomicBool, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while !flag.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_let_go_after_the_send_timeout() {
+        let echo = Arc::new(Echo::default());
+        let addr = front(echo.clone(), std::future::pending()).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /endless HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        until_set(
+            &echo.endless_dropped,
+            "still answering a client that reads nothing",
+        )
+        .await;
+        drop(stream);
     }
 
     #[test]

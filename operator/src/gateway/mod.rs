@@ -164,6 +164,9 @@ impl Gateway {
     }
 }
 
+/// How long a write to a client may wait for it to read (nginx's default `send_timeout`).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The paths whose requests go to a model's pods.
 const FORWARDED: [&str; 4] = [
     "/v1/chat/completions",
@@ -326,6 +329,7 @@ fn serving_threads(
         header_timeout: limits.header_timeout,
         body_timeout: gateway.settings.body_timeout,
         max_body_bytes: gateway.settings.max_body_bytes,
+        send_timeout: SEND_TIMEOUT,
     });
     (0..gateway.idle.len())
         .map(|index| {
