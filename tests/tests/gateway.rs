@@ -12,6 +12,7 @@ use kandle_tests::serving::{ServerProcess, endpoints, minilm_dir, model, smollm2
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A gateway serving on loopback until dropped.
 struct Gateway {
@@ -274,6 +275,19 @@ async fn routes_each_model_to_its_pods_and_refuses_bad_requests_in_openai_shape(
         (status, error["code"].as_str()),
         (405, Some("method_not_allowed"))
     );
+    // A body over the limit is refused from its Content-Length, before a byte of it is read.
+    let mut raw = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    raw.write_all(b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: 999999999\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(
+        answer.contains("\"type\":\"invalid_request_error\""),
+        "{answer}"
+    );
 
     let metrics = gateway_metrics(&gateway).await;
     assert!(
@@ -291,6 +305,15 @@ async fn routes_each_model_to_its_pods_and_refuses_bad_requests_in_openai_shape(
             &["model=\"-\"", "code=\"400\""]
         ),
         2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "kandle_gateway_requests_total",
+            &["model=\"-\"", "code=\"413\""]
+        ),
+        1.0,
         "{metrics}"
     );
 }

@@ -59,6 +59,9 @@ pub(super) struct Limits {
 pub(super) trait Answer {
     fn answer(&self, request: Request<Bytes>)
     -> impl Future<Output = Response<GatewayBody>> + Send;
+
+    /// Counts a request refused before it could be answered (its head or body).
+    fn refused(&self, status: StatusCode);
 }
 
 /// Serves one client connection until the client closes it, it fails, a request is
@@ -86,9 +89,9 @@ pub(super) async fn serve(
             Err(Stop::Close) => return,
             Err(Stop::Refuse(error)) => {
                 tracing::debug!(%error, "request refused");
-                let _ = client
-                    .respond(proxy::own(error.into_response()), &Asked::refused())
-                    .await;
+                let response = proxy::own(error.into_response());
+                answerer.refused(response.status());
+                let _ = client.respond(response, &Asked::refused()).await;
                 client.linger().await;
                 return;
             }
@@ -561,6 +564,7 @@ mod tests {
     struct Echo {
         slow_dropped: Arc<AtomicBool>,
         endless_dropped: Arc<AtomicBool>,
+        refused: std::sync::Mutex<Vec<u16>>,
     }
 
     struct NoteDrop(Arc<AtomicBool>);
@@ -594,6 +598,10 @@ mod tests {
                 (method, path) => Body::from(format!("{method} {path}")),
             };
             proxy::own(Response::new(body))
+        }
+
+        fn refused(&self, status: StatusCode) {
+            self.refused.lock().unwrap().push(status.as_u16());
         }
     }
 
@@ -722,7 +730,8 @@ mod tests {
 
     #[tokio::test]
     async fn ambiguous_oversized_or_broken_requests_are_refused_in_openai_shape() {
-        let addr = front(Arc::default(), std::future::pending()).await;
+        let echo = Arc::new(Echo::default());
+        let addr = front(echo.clone(), std::future::pending()).await;
         for (wire, status, says) in [
             (
                 &b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"[..],
@@ -769,6 +778,11 @@ mod tests {
         }
         let (line, _) = refused(addr, &huge).await;
         assert_eq!(line, "HTTP/1.1 431 Request Header Fields Too Large");
+        // Each refusal is counted, for the gateway's metrics.
+        assert_eq!(
+            *echo.refused.lock().unwrap(),
+            [400, 400, 400, 413, 413, 400, 400, 400, 431]
+        );
     }
 
     #[tokio::test]

@@ -196,6 +196,12 @@ impl front::Answer for Worker {
             Err(never) => match never {},
         }
     }
+
+    /// Refusals count as answers for no model: none was read yet.
+    fn refused(&self, status: StatusCode) {
+        let metrics = &self.gateway.metrics;
+        metrics.answered(&metrics.model("-"), status.as_u16());
+    }
 }
 
 async fn forward(worker: &Worker, request: Request<Bytes>) -> Response<GatewayBody> {
