@@ -15,6 +15,7 @@
 use super::error::GatewayError;
 use super::framing::{Framing, Step};
 use super::head::{self, MAX_HEAD_BYTES, MAX_HEADERS};
+use super::link::Link;
 use super::proxy::{self, GatewayBody};
 use axum::body::Bytes;
 use axum::http::{Method, Request, Response, StatusCode, Uri, Version, header};
@@ -27,15 +28,11 @@ use kandle_listen::Closing;
 use std::cell::RefCell;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// What one read asks of the socket, when the buffer has less than `MIN_READ` free.
-const READ_BYTES: usize = 16 * 1024;
-const MIN_READ: usize = 1024;
 /// After refusing a request whose body was not read, how long and how much of it is read
 /// and dropped before closing: closing with unread bytes would reset the connection, and
 /// the client could lose the answer that says why (RFC 9112 §9.6).
@@ -73,8 +70,7 @@ pub(super) async fn serve(
     mut closing: Closing,
 ) {
     let mut client = Client {
-        stream,
-        read: BytesMut::new(),
+        link: Link::new(stream),
         send_timeout: limits.send_timeout,
     };
     loop {
@@ -82,7 +78,7 @@ pub(super) async fn serve(
             biased;
             received = client.request(limits) => received,
             // A closing server closes connections between requests; a head begun is read.
-            () = closing.wait(), if client.read.is_empty() => return,
+            () = closing.wait(), if client.link.read.is_empty() => return,
         };
         let received = match received {
             Ok(received) => received,
@@ -145,8 +141,7 @@ struct Received {
 
 /// A client connection and what has been read from it and not yet taken.
 struct Client {
-    stream: TcpStream,
-    read: BytesMut,
+    link: Link,
     send_timeout: Duration,
 }
 
@@ -158,22 +153,6 @@ struct RequestHead {
 }
 
 impl Client {
-    /// Reads more into `read`; `Ok(0)` once the client has closed. A short read tells tokio
-    /// the socket is drained, so the next wait costs no system call that would block. The
-    /// buffer grows only when nearly full: while a request is answered its head and body
-    /// still hold the buffer they were read into, and asking for a full read's room then
-    /// would move to a new one for every request.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < MIN_READ {
-            self.read.reserve(READ_BYTES);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
-    }
-
-    async fn fill(&mut self) -> std::io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx)).await
-    }
-
     /// The next request, head and body, each within its time.
     async fn request(&mut self, limits: &Limits) -> Result<Received, Stop> {
         let head = tokio::time::timeout(limits.header_timeout, self.head())
@@ -215,12 +194,12 @@ impl Client {
     async fn head(&mut self) -> Result<RequestHead, Stop> {
         loop {
             // A connection kept alive comes back with nothing unread: no parse before a read.
-            if !self.read.is_empty()
-                && let Some(head) = parse_head(&mut self.read).map_err(Stop::Refuse)?
+            if !self.link.read.is_empty()
+                && let Some(head) = parse_head(&mut self.link.read).map_err(Stop::Refuse)?
             {
                 return Ok(head);
             }
-            match self.fill().await {
+            match self.link.fill().await {
                 Ok(1..) => {}
                 Ok(0) | Err(_) => return Err(Stop::Close),
             }
@@ -239,7 +218,7 @@ impl Client {
         let mut first: Option<Bytes> = None;
         let mut gathered = BytesMut::new();
         loop {
-            let step = framing.step(&mut self.read).map_err(|why| {
+            let step = framing.step(&mut self.link.read).map_err(|why| {
                 Stop::Refuse(GatewayError::InvalidRequest(format!(
                     "The request body's chunked framing is broken: {why}"
                 )))
@@ -265,12 +244,13 @@ impl Client {
                 Step::End => {}
                 Step::More => {
                     if std::mem::take(&mut expects_continue) {
-                        self.stream
+                        self.link
+                            .stream
                             .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                             .await
                             .map_err(|_| Stop::Close)?;
                     }
-                    match self.fill().await {
+                    match self.link.fill().await {
                         Ok(1..) => continue,
                         Ok(0) | Err(_) => return Err(Stop::Close),
                     }
@@ -286,10 +266,10 @@ impl Client {
     async fn gone(&mut self) {
         std::future::poll_fn(|cx| {
             loop {
-                if self.read.len() >= MAX_HEAD_BYTES {
+                if self.link.read.len() >= MAX_HEAD_BYTES {
                     return Poll::Pending;
                 }
-                match self.poll_fill(cx) {
+                match self.link.poll_fill(cx) {
                     Poll::Ready(Ok(1..)) => {}
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
                     Poll::Pending => return Poll::Pending,
@@ -419,9 +399,10 @@ impl Client {
         }
         let mut slices = &mut slices[..count];
         while !slices.is_empty() {
-            let n = tokio::time::timeout(self.send_timeout, self.stream.write_vectored(slices))
-                .await
-                .map_err(|_| std::io::ErrorKind::TimedOut)??;
+            let n =
+                tokio::time::timeout(self.send_timeout, self.link.stream.write_vectored(slices))
+                    .await
+                    .map_err(|_| std::io::ErrorKind::TimedOut)??;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
@@ -433,12 +414,12 @@ impl Client {
     /// After a refusal: says it has finished, then reads and drops what the client still
     /// sends, for a bounded time and amount, before the connection closes.
     async fn linger(&mut self) {
-        let _ = self.stream.shutdown().await;
+        let _ = self.link.stream.shutdown().await;
         let mut dropped = 0;
         let mut scratch = [0u8; 4096];
         let _ = tokio::time::timeout(LINGER, async {
             while dropped < LINGER_BYTES {
-                match self.stream.read(&mut scratch).await {
+                match self.link.stream.read(&mut scratch).await {
                     Ok(n @ 1..) => dropped += n,
                     _ => return,
                 }

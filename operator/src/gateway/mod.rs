@@ -10,6 +10,7 @@ mod framing;
 mod front;
 mod head;
 pub mod keys;
+mod link;
 pub mod metrics;
 pub mod proxy;
 pub mod table;

@@ -16,6 +16,7 @@
 //! only when its answer ended exactly where its framing said.
 use super::framing::{Framing, Step};
 use super::head::{self, MAX_HEAD_BYTES, MAX_HEADERS, is_hop_by_hop};
+use super::link::Link;
 use axum::body::Bytes;
 use axum::http::uri::PathAndQuery;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
@@ -36,8 +37,6 @@ const IDLE_PER_POD: usize = 64;
 /// How often the idle connections are looked at for pods having closed them (kandle-server
 /// closes a connection idle for its header timeout, 15 s by default).
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// What one read asks of the socket.
-const READ_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum UpstreamError {
@@ -60,31 +59,12 @@ impl UpstreamError {
     }
 }
 
-/// An HTTP/1.1 connection to a pod, and what has been read from it and not yet handed on.
-struct Link {
-    stream: TcpStream,
-    read: BytesMut,
-}
-
 impl Link {
     /// Whether the pod has closed it (or sent what nobody asked for), seen without waiting:
     /// a read is tried only when the socket has said it is readable.
     fn closed(&self) -> bool {
         let mut byte = [0; 1];
         !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-    }
-
-    /// Reads more from the pod into `read`; `Ok(0)` once it has closed. Through tokio's
-    /// `AsyncRead`, which takes a short read to mean the socket is drained: `closed` and the
-    /// next answer's first read then wait for the socket's word instead of each trying a
-    /// read that would block (two system calls a request).
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        self.read.reserve(READ_BYTES);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
-    }
-
-    async fn fill(&mut self) -> std::io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 }
 
@@ -244,10 +224,7 @@ impl Upstreams {
             .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
             .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
-        Ok(Link {
-            stream,
-            read: BytesMut::new(),
-        })
+        Ok(Link::new(stream))
     }
 
     fn answer(&self, addr: SocketAddr, (head, link): (Head, Link)) -> Response<PodBody> {
