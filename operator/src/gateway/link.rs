@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::net::TcpStream;
 
-/// What one read asks of the socket, when the buffer has less than `MIN_READ` free.
+/// The room a read asks for; below `MIN_READ` left, a buffer still shared is replaced.
 const READ_BYTES: usize = 16 * 1024;
 const MIN_READ: usize = 1024;
 
@@ -24,11 +24,13 @@ impl Link {
 
     /// Reads more into `read`; `Ok(0)` once the peer has closed. Through tokio's
     /// `AsyncRead`, which takes a short read to mean the socket is drained: the next wait
-    /// then costs no system call that would block. The buffer grows only when nearly
-    /// full: what was split off it (a head, a body's bytes) holds it while it is passed on,
-    /// and asking for a full read's room then would move to a new buffer every time.
+    /// then costs no system call that would block. A read gets a full read's room when the
+    /// buffer can give it back in place (nothing split off it still alive); while what was
+    /// split off (a head, a body's bytes) still holds it, the room left is used as long as
+    /// there is some, rather than moving to a new buffer for every read.
     pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < MIN_READ {
+        let room = self.read.capacity() - self.read.len();
+        if room < READ_BYTES && !self.read.try_reclaim(READ_BYTES) && room < MIN_READ {
             self.read.reserve(READ_BYTES);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
