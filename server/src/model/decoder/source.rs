@@ -182,22 +182,20 @@ impl Source for Gguf {
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let (dtype, dims, range) = self.locate(name)?;
         check_shape(name, &dims, &[rows, cols])?;
-        let format = match dtype {
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q5_0 => Some(Format::Q5_0),
-            GgmlDType::Q5_1 => Some(Format::Q5_1),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
-            _ => None,
-        };
-        if let Some(format) = format
-            && self.kernels.own_cpu(&self.device, DType::F32)
-        {
-            return Ok(Matrix::Quantized(quant::Matrix::new(
-                format,
-                &self.map[range],
-                rows,
-                cols,
-            )?));
+        if self.kernels.own_cpu(&self.device, DType::F32) {
+            let bytes = &self.map[range];
+            let own = |format| quant::Matrix::new(format, bytes, rows, cols);
+            let matrix = match dtype {
+                GgmlDType::Q4_1 => Some(own(Format::Q4_1)),
+                GgmlDType::Q5_0 => Some(own(Format::Q5_0)),
+                GgmlDType::Q5_1 => Some(own(Format::Q5_1)),
+                GgmlDType::Q8_0 => Some(own(Format::Q8_0)),
+                GgmlDType::Q4K => Some(quant::Matrix::from_q4_k(bytes, rows, cols)),
+                _ => None,
+            };
+            if let Some(matrix) = matrix {
+                return Ok(Matrix::Quantized(matrix?));
+            }
         }
         Ok(Matrix::Candle(QMatMul::from_qtensor(self.tensor(name)?)?))
     }

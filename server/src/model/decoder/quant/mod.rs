@@ -1,4 +1,5 @@
-//! GGUF Q4_1, Q5_0, Q5_1 and Q8_0 matrices multiplied on the CPU by kernels of kandle's own.
+//! GGUF Q4_1, Q5_0, Q5_1 and Q8_0 matrices (and Q4_K, rewritten as Q4_1 at load: `q4_k`)
+//! multiplied on the CPU by kernels of kandle's own.
 //! candle 0.11 has only scalar loops for Q4_1 and the Q5 formats on x86 (Q4_1's was 79% of
 //! SmolLM2's decode time), and its Q8_0 kernel
 //! takes one activation row at a time, so a batch of rows costs as many passes over the
@@ -35,10 +36,13 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod q4_k;
 
 use crate::model::disjoint::DisjointOut;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
+use rayon::prelude::*;
+use std::borrow::Cow;
 
 pub const BLOCK: usize = 32;
 /// Weight rows interleaved in one group.
@@ -195,22 +199,51 @@ impl Matrix {
                 bytes.len()
             );
         }
-        let packing = format.packing();
+        let row_bytes = blocks * block_bytes;
+        Ok(Self::pack(format, rows, cols, |r| {
+            Cow::Borrowed(&bytes[r * row_bytes..(r + 1) * row_bytes])
+        }))
+    }
+
+    /// The matrix from its GGUF Q4_K super-blocks, kept as Q4_1 (see `q4_k`).
+    pub fn from_q4_k(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        let row_bytes = q4_k::row_bytes(bytes, rows, cols)?;
+        Ok(Self::pack(Format::Q4_1, rows, cols, |r| {
+            Cow::Owned(q4_k::as_q4_1(&bytes[r * row_bytes..(r + 1) * row_bytes]))
+        }))
+    }
+
+    /// The groups of rows in parallel, each row's GGUF blocks given by `row` (a load spends
+    /// most of its time here, largely in the kernel's zeroing of the new pages).
+    fn pack<'a>(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        row: impl Fn(usize) -> Cow<'a, [u8]> + Sync,
+    ) -> Self {
+        let (packing, blocks, block_bytes) = (format.packing(), cols / BLOCK, format.block_bytes());
         let group_block = packing.group_block_bytes();
         let mut packed = vec![0u8; rows.div_ceil(GROUP) * blocks * group_block];
-        for (r, row) in bytes.chunks_exact(blocks * block_bytes).enumerate() {
-            let (g, lane) = (r / GROUP, r % GROUP);
-            for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-                let dst = &mut packed[(g * blocks + b) * group_block..][..group_block];
-                format.pack(block, lane, dst);
-            }
-        }
-        Ok(Self {
+        packed
+            .par_chunks_mut(blocks * group_block)
+            .enumerate()
+            .for_each(|(g, group)| {
+                for lane in 0..GROUP.min(rows - g * GROUP) {
+                    let row = row(g * GROUP + lane);
+                    for (block, dst) in row
+                        .chunks_exact(block_bytes)
+                        .zip(group.chunks_exact_mut(group_block))
+                    {
+                        format.pack(block, lane, dst);
+                    }
+                }
+            });
+        Self {
             packing,
             packed,
             rows,
             cols,
-        })
+        }
     }
 
     pub fn cols(&self) -> usize {
